@@ -1,0 +1,66 @@
+//! MNIST, CIFAR-10 and CIFAR-100 for NoProp training, read from their
+//! canonical files into host memory.
+//!
+//! What this crate does:
+//!
+//! - parses MNIST's IDX files (raw or gzip) and the binary versions of
+//!   CIFAR-10 and CIFAR-100 (unpacked, or straight from the official
+//!   `.tar.gz`), checking every header, length, count and label, and naming
+//!   the offending file in every [`DataError`];
+//! - normalises pixels per channel with each data set's training statistics
+//!   ([`Normalization`]) into a [`Dataset`] of `f32` images in NCHW order;
+//! - cuts shuffled passes into batches with a seeded ChaCha8 stream
+//!   ([`Batcher`]), so that a run resumed mid-training sees the same batches;
+//! - with the `download` feature, fetches the official files and verifies
+//!   their checksums before anything can load them (`download` module).
+//!
+//! What it deliberately does not do: it has no tensor library dependency
+//! (batches are plain `Vec<f32>` that the trainer copies to its device), no
+//! data augmentation, no logging, and it never touches the network unless the
+//! `download` feature is on and a download function is called.
+//!
+//! Where the files are looked for is decided by [`resolve_data_dir`]: an
+//! explicit folder, else `$NOPROP_DATA/<kind>`, else `./data/<kind>`.
+//!
+//! ```
+//! use noprop_data::{Batcher, DatasetKind, Split};
+//!
+//! // Write four tiny 28x28 images in MNIST's IDX layout, then load them.
+//! let dir = tempfile::tempdir()?;
+//! let pixels: Vec<u8> = (0..4 * 784).map(|i| (i % 256) as u8).collect();
+//! DatasetKind::Mnist.write(dir.path(), Split::Train, &pixels, &[3, 1, 4, 1])?;
+//! let train = DatasetKind::Mnist.load(dir.path(), Split::Train)?;
+//! assert_eq!((train.len(), train.image_len()), (4, 784));
+//!
+//! // One reproducible shuffled pass in batches of two.
+//! let mut images = Vec::new();
+//! let mut labels = Vec::new();
+//! for batch in Batcher::new(train.len(), 2, 42, 0)?.batches() {
+//!     noprop_data::gather_into(&train, batch, &mut images, &mut labels);
+//!     assert_eq!(images.len(), 2 * 784);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
+
+mod batch;
+mod cifar;
+mod dataset;
+#[cfg(feature = "download")]
+pub mod download;
+mod error;
+mod files;
+pub mod idx;
+mod kind;
+mod mnist;
+
+pub use batch::{gather, gather_into, pass_stream, Batcher};
+pub use cifar::{load_cifar10, load_cifar100};
+pub use dataset::{
+    Dataset, Normalization, CIFAR100_MEAN, CIFAR100_STD, CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN,
+    MNIST_STD,
+};
+pub use error::DataError;
+pub use kind::{ensure_mnist, resolve_data_dir, DatasetKind, Split, DATA_ENV};
+pub use mnist::{load_mnist, MNIST_FILES};
