@@ -130,7 +130,12 @@ pub fn gather(data: &Dataset, indices: &[usize]) -> (Vec<f32>, Vec<u32>) {
 /// # Panics
 ///
 /// If an index is not below `data.len()`.
-pub fn gather_into(data: &Dataset, indices: &[usize], images: &mut Vec<f32>, labels: &mut Vec<u32>) {
+pub fn gather_into(
+    data: &Dataset,
+    indices: &[usize],
+    images: &mut Vec<f32>,
+    labels: &mut Vec<u32>,
+) {
     images.clear();
     labels.clear();
     images.reserve(indices.len() * data.image_len());
@@ -193,13 +198,22 @@ mod tests {
     #[test]
     fn a_small_last_batch_can_be_dropped() {
         let keep = Batcher::new(9, 4, 1, 0).unwrap();
-        assert_eq!(keep.batches().map(<[usize]>::len).collect::<Vec<_>>(), [4, 4, 1]);
+        assert_eq!(
+            keep.batches().map(<[usize]>::len).collect::<Vec<_>>(),
+            [4, 4, 1]
+        );
         let drop = keep.clone().min_batch_len(2);
         assert_eq!(drop.num_batches(), 2);
-        assert_eq!(drop.batches().map(<[usize]>::len).collect::<Vec<_>>(), [4, 4]);
+        assert_eq!(
+            drop.batches().map(<[usize]>::len).collect::<Vec<_>>(),
+            [4, 4]
+        );
         let even = Batcher::new(8, 4, 1, 0).unwrap().min_batch_len(2);
         assert_eq!(even.num_batches(), 2);
-        assert!(matches!(Batcher::new(8, 0, 1, 0), Err(DataError::ZeroBatchSize)));
+        assert!(matches!(
+            Batcher::new(8, 0, 1, 0),
+            Err(DataError::ZeroBatchSize)
+        ));
     }
 
     #[test]
@@ -220,8 +234,16 @@ mod tests {
     #[test]
     fn gather_into_reuses_and_replaces_buffers() {
         let pixels: Vec<u8> = (0..12).collect();
-        let ds = Dataset::from_u8(&pixels, vec![0, 1, 2], 1, 2, 2, 3, &Normalization::unit_range(1))
-            .unwrap();
+        let ds = Dataset::from_u8(
+            &pixels,
+            vec![0, 1, 2],
+            1,
+            2,
+            2,
+            3,
+            &Normalization::unit_range(1),
+        )
+        .unwrap();
         let mut images = vec![9.0; 100];
         let mut labels = vec![7; 3];
         gather_into(&ds, &[2, 0], &mut images, &mut labels);

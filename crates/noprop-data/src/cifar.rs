@@ -121,7 +121,11 @@ pub(crate) fn locate(dir: &Path, spec: &Spec, split: Split) -> Result<Source, Da
     if unpacked.is_dir() {
         return Ok(Source::Dir(unpacked));
     }
-    if spec.files(split).iter().all(|name| dir.join(name).is_file()) {
+    if spec
+        .files(split)
+        .iter()
+        .all(|name| dir.join(name).is_file())
+    {
         return Ok(Source::Dir(dir.to_path_buf()));
     }
     let archive = dir.join(spec.archive);
@@ -200,7 +204,10 @@ pub(crate) fn read_members(
 ) -> Result<Vec<Option<Vec<u8>>>, DataError> {
     let io_err = |e| DataError::io(archive, e);
     let reader = open_maybe_gz(archive).map_err(io_err)?;
-    let wanted: Vec<PathBuf> = names.iter().map(|name| Path::new(folder).join(name)).collect();
+    let wanted: Vec<PathBuf> = names
+        .iter()
+        .map(|name| Path::new(folder).join(name))
+        .collect();
     let mut found: Vec<Option<Vec<u8>>> = vec![None; names.len()];
     let mut tar = tar::Archive::new(reader);
     for entry in tar.entries().map_err(io_err)? {
@@ -267,7 +274,10 @@ fn load(dir: &Path, split: Split, spec: &Spec) -> Result<Dataset, DataError> {
         }
     }
 
-    let count: usize = files.iter().map(|(_, bytes)| bytes.len() / record_len).sum();
+    let count: usize = files
+        .iter()
+        .map(|(_, bytes)| bytes.len() / record_len)
+        .sum();
     let table = PixelTable::new(&spec.normalization(), 3)?;
     let mut images = Vec::with_capacity(count * PIXELS);
     let mut labels = Vec::with_capacity(count);

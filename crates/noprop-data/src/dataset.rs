@@ -132,6 +132,10 @@ impl PixelTable {
     /// `image` must hold `channels` planes of equal size.
     pub(crate) fn extend(&self, out: &mut Vec<f32>, image: &[u8]) {
         let plane = image.len() / self.tables.len();
+        if plane == 0 {
+            // An IDX file may hold zero images; `chunks_exact(0)` would panic.
+            return;
+        }
         for (table, bytes) in self.tables.iter().zip(image.chunks_exact(plane)) {
             out.extend(bytes.iter().map(|&p| table[usize::from(p)]));
         }
@@ -342,11 +346,19 @@ mod tests {
         ));
         assert!(matches!(
             Dataset::from_u8(&[0; 8], vec![0, 10], 1, 2, 2, 10, &norm),
-            Err(DataError::InvalidLabel { index: 1, label: 10, classes: 10 })
+            Err(DataError::InvalidLabel {
+                index: 1,
+                label: 10,
+                classes: 10
+            })
         ));
         assert!(matches!(
             Dataset::from_u8(&[0; 4], vec![0], 1, 2, 2, 10, &Normalization::cifar10()),
-            Err(DataError::NormalizationChannels { channels: 1, means: 3, stds: 3 })
+            Err(DataError::NormalizationChannels {
+                channels: 1,
+                means: 3,
+                stds: 3
+            })
         ));
         let zero_std = Normalization {
             mean: vec![0.5],
@@ -361,8 +373,16 @@ mod tests {
     #[test]
     fn subset_take_and_counts() {
         let pixels: Vec<u8> = (0..4).collect();
-        let ds = Dataset::from_u8(&pixels, vec![0, 1, 1, 2], 1, 1, 1, 3, &Normalization::unit_range(1))
-            .unwrap();
+        let ds = Dataset::from_u8(
+            &pixels,
+            vec![0, 1, 1, 2],
+            1,
+            1,
+            1,
+            3,
+            &Normalization::unit_range(1),
+        )
+        .unwrap();
         let sub = ds.subset(&[3, 0, 3]).unwrap();
         assert_eq!(sub.labels, vec![2, 0, 2]);
         assert_eq!(sub.images, vec![3.0 / 255.0, 0.0, 3.0 / 255.0]);

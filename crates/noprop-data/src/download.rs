@@ -200,7 +200,8 @@ fn download_to(url: &str, path: &Path) -> Result<(), DataError> {
         if n == 0 {
             break;
         }
-        file.write_all(&buf[..n]).map_err(|e| DataError::io(path, e))?;
+        file.write_all(&buf[..n])
+            .map_err(|e| DataError::io(path, e))?;
     }
     file.sync_all().map_err(|e| DataError::io(path, e))
 }
@@ -265,7 +266,7 @@ mod tests {
     /// Serves the given files over HTTP/1.1 on a loopback port, answering at
     /// most `max_requests` requests and giving up after 20 seconds, so the
     /// thread always ends by itself. Unknown paths get a 404.
-    fn serve(files: HashMap<String, Vec<u8>>, max_requests: usize) -> String {
+    fn serve(files: Served, max_requests: usize) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}/", listener.local_addr().unwrap());
@@ -288,9 +289,11 @@ mod tests {
         url
     }
 
-    fn answer(stream: TcpStream, files: &HashMap<String, Vec<u8>>) {
+    fn answer(stream: TcpStream, files: &Served) {
         stream.set_nonblocking(false).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut reader = std::io::BufReader::new(stream);
         let mut request_line = String::new();
         if reader.read_line(&mut request_line).is_err() {
@@ -312,7 +315,9 @@ mod tests {
             "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
+        let _ = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body));
     }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -325,9 +330,12 @@ mod tests {
         hex(&Sha256::digest(bytes))
     }
 
+    /// Files served by name.
+    type Served = HashMap<String, Vec<u8>>;
+
     /// Tiny MNIST files (3 training and 2 test images) as served, gzipped,
     /// and the table of their decompressed SHA-256s.
-    fn tiny_mnist() -> (HashMap<String, Vec<u8>>, Vec<(String, String)>) {
+    fn tiny_mnist() -> (Served, Vec<(String, String)>) {
         let contents = [
             idx::encode(&[3, 28, 28], &vec![7u8; 3 * 784]),
             idx::encode(&[3], &[1, 2, 3]),
@@ -344,7 +352,10 @@ mod tests {
     }
 
     fn borrowed(table: &[(String, String)]) -> Vec<(&str, &str)> {
-        table.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+        table
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect()
     }
 
     fn entries(dir: &Path) -> Vec<String> {
@@ -362,7 +373,10 @@ mod tests {
         let url = serve(files, 4);
         let dest = tempfile::tempdir().unwrap();
         fetch_mnist(dest.path(), &url, &borrowed(&table)).unwrap();
-        let mut expected: Vec<String> = mnist::MNIST_FILES.iter().map(|n| format!("{n}.gz")).collect();
+        let mut expected: Vec<String> = mnist::MNIST_FILES
+            .iter()
+            .map(|n| format!("{n}.gz"))
+            .collect();
         expected.sort();
         assert_eq!(entries(dest.path()), expected);
         let train = load_mnist(dest.path(), Split::Train).unwrap();
@@ -408,7 +422,10 @@ mod tests {
         let path = dest.path().join("train-images-idx3-ubyte");
         std::fs::write(&path, b"not mnist").unwrap();
         let err = fetch_mnist(dest.path(), "http://127.0.0.1:9/", &borrowed(&table)).unwrap_err();
-        assert!(matches!(&err, DataError::Checksum { location, .. } if location.contains("train-images")), "{err}");
+        assert!(
+            matches!(&err, DataError::Checksum { location, .. } if location.contains("train-images")),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"not mnist");
     }
 
@@ -419,7 +436,10 @@ mod tests {
         let url = serve(files, 1);
         let dest = tempfile::tempdir().unwrap();
         let err = fetch_mnist(dest.path(), &url, &borrowed(&table)).unwrap_err();
-        assert!(matches!(&err, DataError::Download { url, .. } if url.ends_with("train-images-idx3-ubyte.gz")), "{err}");
+        assert!(
+            matches!(&err, DataError::Download { url, .. } if url.ends_with("train-images-idx3-ubyte.gz")),
+            "{err}"
+        );
         assert!(entries(dest.path()).is_empty());
     }
 
@@ -434,7 +454,11 @@ mod tests {
             header.set_mode(0o644);
             header.set_cksum();
             builder
-                .append_data(&mut header, format!("cifar-10-batches-bin/{name}"), record.as_slice())
+                .append_data(
+                    &mut header,
+                    format!("cifar-10-batches-bin/{name}"),
+                    record.as_slice(),
+                )
                 .unwrap();
         }
         gzip(&builder.into_inner().unwrap())
@@ -446,7 +470,13 @@ mod tests {
         let md5 = hex(&Md5::digest(&archive));
         let url = serve(HashMap::from([("c10.tar.gz".to_string(), archive)]), 1);
         let dest = tempfile::tempdir().unwrap();
-        fetch_cifar(dest.path(), &format!("{url}c10.tar.gz"), &cifar::CIFAR10, &md5).unwrap();
+        fetch_cifar(
+            dest.path(),
+            &format!("{url}c10.tar.gz"),
+            &cifar::CIFAR10,
+            &md5,
+        )
+        .unwrap();
         // The downloaded archive is gone; the unpacked folder loads.
         assert_eq!(entries(dest.path()), vec!["cifar-10-batches-bin"]);
         let train = load_cifar10(dest.path(), Split::Train).unwrap();
@@ -454,16 +484,33 @@ mod tests {
         let test = load_cifar10(dest.path(), Split::Test).unwrap();
         assert_eq!(test.labels, vec![5]);
         // Present now, so nothing is fetched (the server is gone).
-        fetch_cifar(dest.path(), &format!("{url}c10.tar.gz"), &cifar::CIFAR10, &md5).unwrap();
+        fetch_cifar(
+            dest.path(),
+            &format!("{url}c10.tar.gz"),
+            &cifar::CIFAR10,
+            &md5,
+        )
+        .unwrap();
     }
 
     #[test]
     fn cifar_download_with_a_wrong_checksum_leaves_no_file() {
-        let url = serve(HashMap::from([("c10.tar.gz".to_string(), tiny_cifar10_archive())]), 1);
+        let url = serve(
+            HashMap::from([("c10.tar.gz".to_string(), tiny_cifar10_archive())]),
+            1,
+        );
         let dest = tempfile::tempdir().unwrap();
-        let err = fetch_cifar(dest.path(), &format!("{url}c10.tar.gz"), &cifar::CIFAR10, CIFAR10_MD5)
-            .unwrap_err();
-        assert!(matches!(&err, DataError::Checksum { expected, .. } if expected == CIFAR10_MD5), "{err}");
+        let err = fetch_cifar(
+            dest.path(),
+            &format!("{url}c10.tar.gz"),
+            &cifar::CIFAR10,
+            CIFAR10_MD5,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, DataError::Checksum { expected, .. } if expected == CIFAR10_MD5),
+            "{err}"
+        );
         assert!(entries(dest.path()).is_empty());
     }
 
@@ -479,7 +526,9 @@ mod tests {
     fn real_mnist_matches_the_published_checksums() {
         let dir = std::env::var_os(crate::DATA_ENV)
             .map(|root| PathBuf::from(root).join("mnist"))
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist"));
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist")
+            });
         for (name, expected) in MNIST_SHA256 {
             let path = mnist::find_file(&dir, name).expect("the MNIST file is present");
             check(path.display(), expected, sha256_of_content(&path).unwrap()).unwrap();

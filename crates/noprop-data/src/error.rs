@@ -156,7 +156,9 @@ pub enum DataError {
 
     /// A normalisation does not have one mean and one standard deviation per
     /// channel.
-    #[error("normalisation for {channels} channels has {means} means and {stds} standard deviations")]
+    #[error(
+        "normalisation for {channels} channels has {means} means and {stds} standard deviations"
+    )]
     NormalizationChannels {
         /// The number of channels of the images.
         channels: usize,

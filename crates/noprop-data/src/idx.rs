@@ -124,7 +124,10 @@ mod tests {
         }
         assert!(matches!(
             parse(&bytes, Path::new("x"), IMAGES_MAGIC),
-            Err(DataError::Truncated { expected_len: u64::MAX, .. })
+            Err(DataError::Truncated {
+                expected_len: u64::MAX,
+                ..
+            })
         ));
     }
 
@@ -132,11 +135,19 @@ mod tests {
     fn short_header_is_truncated() {
         assert!(matches!(
             parse(&[0, 0, 8], Path::new("x"), LABELS_MAGIC),
-            Err(DataError::Truncated { expected_len: 4, found_len: 3, .. })
+            Err(DataError::Truncated {
+                expected_len: 4,
+                found_len: 3,
+                ..
+            })
         ));
         assert!(matches!(
             parse(&[0, 0, 8, 1, 0, 0], Path::new("x"), LABELS_MAGIC),
-            Err(DataError::Truncated { expected_len: 8, found_len: 6, .. })
+            Err(DataError::Truncated {
+                expected_len: 8,
+                found_len: 6,
+                ..
+            })
         ));
     }
 
@@ -146,7 +157,11 @@ mod tests {
         bytes.push(0);
         assert!(matches!(
             parse(&bytes, Path::new("x"), LABELS_MAGIC),
-            Err(DataError::TrailingBytes { expected_len: 10, found_len: 11, .. })
+            Err(DataError::TrailingBytes {
+                expected_len: 10,
+                found_len: 11,
+                ..
+            })
         ));
     }
 }

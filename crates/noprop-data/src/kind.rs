@@ -58,7 +58,11 @@ pub enum DatasetKind {
 
 impl DatasetKind {
     /// All kinds, in a fixed order.
-    pub const ALL: [DatasetKind; 3] = [DatasetKind::Mnist, DatasetKind::Cifar10, DatasetKind::Cifar100];
+    pub const ALL: [DatasetKind; 3] = [
+        DatasetKind::Mnist,
+        DatasetKind::Cifar10,
+        DatasetKind::Cifar100,
+    ];
 
     /// The short name, which is also the folder name under the data root.
     pub fn name(self) -> &'static str {
@@ -147,7 +151,13 @@ impl DatasetKind {
     /// values; `labels` one class per image. MNIST is written as raw IDX
     /// files; CIFAR as the unpacked record files, with CIFAR-10's training
     /// split spread over its five files (so it needs at least five images).
-    pub fn write(self, dir: &Path, split: Split, pixels: &[u8], labels: &[u32]) -> Result<(), DataError> {
+    pub fn write(
+        self,
+        dir: &Path,
+        split: Split,
+        pixels: &[u8],
+        labels: &[u32],
+    ) -> Result<(), DataError> {
         match self {
             DatasetKind::Mnist => mnist::write(dir, split, pixels, labels),
             DatasetKind::Cifar10 => cifar::write(&cifar::CIFAR10, dir, split, pixels, labels),
@@ -265,7 +275,10 @@ mod tests {
         for kind in DatasetKind::ALL {
             assert_eq!(kind.to_string().parse::<DatasetKind>().unwrap(), kind);
         }
-        assert_eq!("CIFAR-100".parse::<DatasetKind>().unwrap(), DatasetKind::Cifar100);
+        assert_eq!(
+            "CIFAR-100".parse::<DatasetKind>().unwrap(),
+            DatasetKind::Cifar100
+        );
         assert!(matches!(
             "imagenet".parse::<DatasetKind>(),
             Err(DataError::UnknownDataset { name }) if name == "imagenet"
@@ -300,7 +313,10 @@ mod tests {
             resolve_with_env(DatasetKind::Cifar100, None, Some("".into())),
             Path::new("data/cifar100")
         );
-        assert_eq!(resolve_with_env(DatasetKind::Mnist, None, None), Path::new("data/mnist"));
+        assert_eq!(
+            resolve_with_env(DatasetKind::Mnist, None, None),
+            Path::new("data/mnist")
+        );
     }
 
     #[test]

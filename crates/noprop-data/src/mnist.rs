@@ -118,7 +118,12 @@ fn checked_labels(labels: &[u8], path: &Path) -> Result<Vec<u32>, DataError> {
 
 /// Writes one split in the canonical uncompressed IDX layout that
 /// [`load_mnist`] reads.
-pub(crate) fn write(dir: &Path, split: Split, pixels: &[u8], labels: &[u32]) -> Result<(), DataError> {
+pub(crate) fn write(
+    dir: &Path,
+    split: Split,
+    pixels: &[u8],
+    labels: &[u32],
+) -> Result<(), DataError> {
     let n = labels.len();
     if pixels.len() != n * SIDE * SIDE {
         return Err(DataError::ShapeMismatch {

@@ -47,10 +47,6 @@ impl ConvGeom {
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.pad == 0
     }
-    /// Multiply-adds times two of the forward pass, for throughput reports.
-    pub(crate) fn forward_flops(&self) -> f64 {
-        2.0 * (self.batch * self.cout * self.kdim() * self.n()) as f64
-    }
 }
 
 /// The range of output columns `ox` whose input column `ox + kx - pad` lies

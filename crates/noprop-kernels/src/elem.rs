@@ -1,7 +1,7 @@
 //! The element types the fast kernels run on, raw output buffers, and per-thread
 //! scratch pools.
 
-use candle_core::{CpuStorage, WithDType};
+use candle_core::WithDType;
 use std::cell::RefCell;
 
 /// A float type the fast kernels support: `f32` for training, `f64` for
@@ -13,11 +13,6 @@ pub(crate) trait Elem: WithDType + gemm_elem::Sealed {
     /// Runs `f` on this thread's pool of spare scratch vectors for `Self`, or
     /// returns `None` while the thread is being torn down.
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R>;
-
-    /// Wraps an owned vector as candle CPU storage.
-    fn into_storage(v: Vec<Self>) -> CpuStorage {
-        Self::to_cpu_storage_owned(v)
-    }
 }
 
 mod gemm_elem {

@@ -1,0 +1,66 @@
+//! The crate's error type.
+
+use candle_core::DType;
+
+/// Why a kernel refused its inputs. Public functions return
+/// [`candle_core::Result`] so that they compose with candle code; these errors
+/// reach the caller wrapped in [`candle_core::Error::Wrapped`], and their
+/// messages name the offending argument and shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// An input is not a rank-4 NCHW tensor.
+    #[error("{op}: `{arg}` must have rank 4 (NCHW), got shape {shape:?}")]
+    NotRank4 {
+        op: &'static str,
+        arg: &'static str,
+        shape: Vec<usize>,
+    },
+    /// The convolution kernel is not `k x k`.
+    #[error("conv2d: the kernel must be square, got {kh}x{kw}")]
+    NonSquareKernel { kh: usize, kw: usize },
+    /// The kernel's input channels differ from the input's.
+    #[error("conv2d: the input has {x} channels but the kernel expects {w}")]
+    ChannelMismatch { x: usize, w: usize },
+    /// The bias is not a vector with one entry per output channel.
+    #[error("conv2d: the bias has shape {shape:?}, expected [{cout}]")]
+    BiasShape { shape: Vec<usize>, cout: usize },
+    /// The padded input is smaller than the kernel.
+    #[error("conv2d: a {k}x{k} kernel with padding {padding} does not fit a {h}x{w} input")]
+    KernelTooLarge {
+        k: usize,
+        padding: usize,
+        h: usize,
+        w: usize,
+    },
+    /// A channel count or the kernel size is zero.
+    #[error("conv2d: zero-sized channel or kernel dimension (input {x:?}, kernel {w:?})")]
+    EmptyDims { x: Vec<usize>, w: Vec<usize> },
+    /// An argument's dtype differs from the input's.
+    #[error("{op}: `{arg}` has dtype {found:?} but `x` has {expected:?}")]
+    DTypeMismatch {
+        op: &'static str,
+        arg: &'static str,
+        found: DType,
+        expected: DType,
+    },
+    /// The input is smaller than one 2x2 window.
+    #[error("max_pool2x2: the input is {h}x{w}, smaller than the 2x2 window")]
+    PoolTooSmall { h: usize, w: usize },
+    /// A fast kernel was handed storage it cannot read directly. The public
+    /// functions route such tensors elsewhere, so this signals a bug.
+    #[error("{op}: the fast kernel needs a contiguous CPU tensor for `{arg}`")]
+    NotHostContiguous { op: &'static str, arg: &'static str },
+    /// The fast kernels run on `f32` and `f64` only.
+    #[error("{op}: the fast kernels support f32 and f64, not {dtype:?}")]
+    UnsupportedDType { op: &'static str, dtype: DType },
+    /// A [`crate::Kernels`] name that is neither `fast` nor `stock`.
+    #[error("unknown kernels {0:?}: expected \"fast\" or \"stock\"")]
+    UnknownKernels(String),
+}
+
+impl From<KernelError> for candle_core::Error {
+    fn from(e: KernelError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}

@@ -1,0 +1,300 @@
+//! The candle custom ops that put the host kernels of [`crate::conv`] and
+//! [`crate::pool`] into candle's autograd graph.
+
+use crate::conv::{self, ConvGeom, Wanted};
+use crate::elem::Elem;
+use crate::pool::{self, PoolGeom};
+use crate::KernelError;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use std::sync::OnceLock;
+
+const CONV: &str = "conv2d";
+const POOL: &str = "max_pool2x2";
+
+/// The contiguous elements of a CPU storage under `layout`.
+fn host_slice<'a, T: Elem>(
+    s: &'a CpuStorage,
+    layout: &Layout,
+    op: &'static str,
+    arg: &'static str,
+) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or(KernelError::NotHostContiguous { op, arg })?;
+    Ok(&data[start..end])
+}
+
+/// The contiguous elements of a storage that must live on the CPU.
+fn storage_slice<'a, T: Elem>(
+    s: &'a Storage,
+    layout: &Layout,
+    op: &'static str,
+    arg: &'static str,
+) -> Result<&'a [T]> {
+    match s {
+        Storage::Cpu(s) => host_slice(s, layout, op, arg),
+        _ => Err(KernelError::NotHostContiguous { op, arg }.into()),
+    }
+}
+
+/// A host vector as a CPU tensor of `shape`, moved rather than copied.
+fn host_tensor<T: Elem>(v: Vec<T>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu)
+}
+
+/// The convolution geometry of validated `x` and `w` dims.
+pub(crate) fn conv_geom(x: &[usize], w: &[usize], pad: usize) -> ConvGeom {
+    ConvGeom {
+        batch: x[0],
+        cin: x[1],
+        h: x[2],
+        w: x[3],
+        cout: w[0],
+        k: w[2],
+        pad,
+    }
+}
+
+/// The settings shared by the with- and without-bias convolution ops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvOp {
+    pub padding: usize,
+    pub relu: bool,
+    pub input_grad: bool,
+}
+
+impl ConvOp {
+    fn name(&self) -> &'static str {
+        if self.relu {
+            "noprop-conv2d-relu"
+        } else {
+            "noprop-conv2d"
+        }
+    }
+
+    fn fwd<T: Elem>(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = conv_geom(xl.dims(), wl.dims(), self.padding);
+        let x = host_slice::<T>(xs, xl, CONV, "x")?;
+        let w = host_slice::<T>(ws, wl, CONV, "w")?;
+        let b = bias
+            .map(|(bs, bl)| host_slice::<T>(bs, bl, CONV, "b"))
+            .transpose()?;
+        let out = conv::forward(&g, x, w, b, self.relu);
+        let shape = Shape::from((g.batch, g.cout, g.ho(), g.wo()));
+        Ok((T::to_cpu_storage_owned(out), shape))
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        match x.0.dtype() {
+            DType::F32 => self.fwd::<f32>(x, w, b),
+            DType::F64 => self.fwd::<f64>(x, w, b),
+            dtype => Err(KernelError::UnsupportedDType { op: CONV, dtype }.into()),
+        }
+    }
+
+    fn bwd_typed<T: Elem>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        wanted: Wanted,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let g = conv_geom(x.dims(), w.dims(), self.padding);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let relu_out = if self.relu {
+            Some(storage_slice::<T>(&rs, rl, CONV, "output")?)
+        } else {
+            None
+        };
+        let grads = conv::backward(
+            &g,
+            storage_slice::<T>(&xs, xl, CONV, "x")?,
+            storage_slice::<T>(&ws, wl, CONV, "w")?,
+            relu_out,
+            storage_slice::<T>(&gs, gl, CONV, "grad")?,
+            wanted,
+        );
+        Ok([
+            grads.x.map(|v| host_tensor(v, x.shape())).transpose()?,
+            grads.w.map(|v| host_tensor(v, w.shape())).transpose()?,
+            grads
+                .b
+                .map(|v| host_tensor(v, &Shape::from(g.cout)))
+                .transpose()?,
+        ])
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        // Only gradients that reach a tracked tensor are computed; the input
+        // gradient additionally needs the caller's consent, since the first
+        // layer's input is data.
+        let wanted = Wanted {
+            x: self.input_grad && x.track_op(),
+            w: w.track_op(),
+            b: b.is_some_and(Tensor::track_op),
+        };
+        // Gradients that arrive through broadcasts can have zero strides.
+        let grad = grad.contiguous()?;
+        match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, w, res, &grad, wanted),
+            DType::F64 => self.bwd_typed::<f64>(x, w, res, &grad, wanted),
+            dtype => Err(KernelError::UnsupportedDType { op: CONV, dtype }.into()),
+        }
+    }
+}
+
+/// `conv2d(x, w)` without bias, as a binary custom op.
+pub(crate) struct ConvNoBias(pub ConvOp);
+
+impl CustomOp2 for ConvNoBias {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd((xs, xl), (ws, wl), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, _] = self.0.bwd(x, w, None, res, grad)?;
+        Ok((dx, dw))
+    }
+}
+
+/// `conv2d(x, w) + b`, as a ternary custom op.
+pub(crate) struct ConvBias(pub ConvOp);
+
+impl CustomOp3 for ConvBias {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu_fwd((xs, xl), (ws, wl), Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [dx, dw, db] = self.0.bwd(x, w, Some(b), res, grad)?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// 2x2 max-pooling whose forward pass remembers each window's winner, so the
+/// backward pass routes the whole gradient there.
+#[derive(Default)]
+pub(crate) struct MaxPoolOp {
+    argmax: OnceLock<Vec<u8>>,
+}
+
+impl MaxPoolOp {
+    fn geom(dims: &[usize]) -> PoolGeom {
+        PoolGeom {
+            planes: dims[0] * dims[1],
+            h: dims[2],
+            w: dims[3],
+        }
+    }
+
+    fn fwd<T: Elem>(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let g = Self::geom(dims);
+        let (out, argmax) = pool::forward(&g, host_slice::<T>(s, l, POOL, "x")?);
+        // candle runs a custom op's forward once per op value, so the slot is
+        // empty here; were it not, the winners would be the same anyway.
+        let _ = self.argmax.set(argmax);
+        let shape = Shape::from((dims[0], dims[1], g.ho(), g.wo()));
+        Ok((T::to_cpu_storage_owned(out), shape))
+    }
+
+    fn bwd_typed<T: Elem>(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let g = Self::geom(x.dims());
+        let (gs, gl) = grad.storage_and_layout();
+        let grad_out = storage_slice::<T>(&gs, gl, POOL, "grad")?;
+        let recomputed;
+        let argmax = match self.argmax.get() {
+            Some(a) => a,
+            None => {
+                let (xs, xl) = x.storage_and_layout();
+                recomputed = pool::forward(&g, storage_slice::<T>(&xs, xl, POOL, "x")?).1;
+                &recomputed
+            }
+        };
+        host_tensor(pool::backward(&g, argmax, grad_out), x.shape())
+    }
+}
+
+impl CustomOp1 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "noprop-max-pool2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        match s.dtype() {
+            DType::F32 => self.fwd::<f32>(s, l),
+            DType::F64 => self.fwd::<f64>(s, l),
+            dtype => Err(KernelError::UnsupportedDType { op: POOL, dtype }.into()),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let dx = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, &grad)?,
+            DType::F64 => self.bwd_typed::<f64>(x, &grad)?,
+            dtype => return Err(KernelError::UnsupportedDType { op: POOL, dtype }.into()),
+        };
+        Ok(Some(dx))
+    }
+}

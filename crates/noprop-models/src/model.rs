@@ -1,0 +1,215 @@
+//! A whole NoProp-DT model: `T` independent blocks, the classifier head
+//! `f_out` and the class embedding `W_embed`.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarMap;
+use noprop_core::{sub_seed, Denoiser};
+
+use crate::dt_block::{dt_block, DtBlock, DtBlockConfig};
+use crate::init::seeded_var_builder;
+use crate::layers::{linear, softmax_embed, Linear, Mode};
+use crate::ModelError;
+
+/// Sub-seed stream for parameter initialisation (see [`noprop_core::sub_seed`]).
+pub const STREAM_INIT: u64 = 1;
+
+/// How the class embedding `W_embed` `[m, d]` is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingKind {
+    /// `W_embed = I_m`, fixed, `d = m`.
+    OneHot,
+}
+
+/// Shapes of a [`DtModel`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DtModelConfig {
+    /// Configuration shared by every block.
+    pub block: DtBlockConfig,
+    /// Number of blocks `T`.
+    pub blocks: usize,
+    /// The class embedding.
+    pub embedding: EmbeddingKind,
+}
+
+/// `T` blocks, the head `f_out: R^d -> R^m`, and `W_embed`.
+///
+/// Each block's parameters live in their own `VarMap` (named `blocks.{t}.…`
+/// with `t` in `1..=T`), so that block `t`'s optimizer can never touch
+/// another block; the head's are named `head.weight` and `head.bias`, and the
+/// embedding is `embed`.
+pub struct DtModel {
+    cfg: DtModelConfig,
+    blocks: Vec<DtBlock>,
+    block_vars: Vec<VarMap>,
+    head: Linear,
+    head_vars: VarMap,
+    embed: Tensor,
+}
+
+impl DtModel {
+    /// Builds a model with parameters initialised from `seed`. Each block and
+    /// the head draw from their own sub-stream, so changing `T` does not change
+    /// the initial values of the blocks that remain.
+    pub fn new(cfg: DtModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        if cfg.blocks == 0 {
+            return Err(ModelError::Config("a model needs at least one block".into()));
+        }
+        let d = cfg.block.latent_dim;
+        let m = cfg.block.classes;
+        let embed = match cfg.embedding {
+            EmbeddingKind::OneHot => {
+                if d != m {
+                    return Err(ModelError::Config(format!(
+                        "one-hot embeddings need d = m, got d = {d}, m = {m}"
+                    )));
+                }
+                Tensor::eye(m, dtype, device)?
+            }
+        };
+        let mut blocks = Vec::with_capacity(cfg.blocks);
+        let mut block_vars = Vec::with_capacity(cfg.blocks);
+        for t in 1..=cfg.blocks {
+            let vars = VarMap::new();
+            let vb = seeded_var_builder(&vars, sub_seed(seed, &[STREAM_INIT, t as u64]), dtype, device);
+            blocks.push(dt_block(cfg.block, vb.pp(format!("blocks.{t}")))?);
+            block_vars.push(vars);
+        }
+        let head_vars = VarMap::new();
+        let vb = seeded_var_builder(&head_vars, sub_seed(seed, &[STREAM_INIT, 0]), dtype, device);
+        let head = linear(d, m, vb.pp("head"))?;
+        Ok(Self { cfg, blocks, block_vars, head, head_vars, embed })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &DtModelConfig {
+        &self.cfg
+    }
+
+    /// Block `t` in `1..=T`.
+    pub fn block(&self, t: usize) -> &DtBlock {
+        &self.blocks[t - 1]
+    }
+
+    /// The variables of block `t` in `1..=T` (parameters and BatchNorm buffers).
+    pub fn block_vars(&self, t: usize) -> &VarMap {
+        &self.block_vars[t - 1]
+    }
+
+    /// The classifier head `f_out`.
+    pub fn head(&self) -> &Linear {
+        &self.head
+    }
+
+    /// The head's variables.
+    pub fn head_vars(&self) -> &VarMap {
+        &self.head_vars
+    }
+
+    /// `W_embed` `[m, d]`.
+    pub fn embed(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// Block `t`'s prediction `uhat_t(z, x)`.
+    pub fn denoise_mode(&self, t: usize, z: &Tensor, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        self.blocks[t - 1].forward(z, x, &self.embed, mode)
+    }
+
+    /// Class logits `f_out(z)` `[B, m]`.
+    pub fn classify(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        self.head.forward(z)
+    }
+
+    /// Every tensor of the model under its checkpoint name, sorted by name.
+    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for vm in self.block_vars.iter().chain(std::iter::once(&self.head_vars)) {
+            if let Ok(data) = vm.data().lock() {
+                for (k, v) in data.iter() {
+                    out.insert(k.clone(), v.as_tensor().clone());
+                }
+            }
+        }
+        out.insert("embed".to_string(), self.embed.clone());
+        out
+    }
+
+    /// Overwrites every parameter and buffer with the tensor of the same name.
+    /// Every name must be present with the right shape; extra names are an error too.
+    pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
+        let mut seen = 0usize;
+        for vm in self.block_vars.iter().chain(std::iter::once(&self.head_vars)) {
+            let data = vm.data().lock().map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+            for (name, var) in data.iter() {
+                let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+                if src.dims() != var.dims() {
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: src.dims().to_vec(),
+                    });
+                }
+                var.set(&src.to_dtype(var.dtype())?.to_device(var.device())?)?;
+                seen += 1;
+            }
+        }
+        match tensors.get("embed") {
+            Some(e) if e.dims() == self.embed.dims() => {
+                let diff = (e.to_dtype(DType::F64)? - self.embed.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                if diff > 0.0 {
+                    return Err(ModelError::Config("the checkpoint's fixed embedding differs from this model's".into()));
+                }
+            }
+            Some(e) => {
+                return Err(ModelError::ShapeMismatch {
+                    name: "embed".into(),
+                    expected: self.embed.dims().to_vec(),
+                    found: e.dims().to_vec(),
+                })
+            }
+            None => return Err(ModelError::MissingTensor { name: "embed".into() }),
+        }
+        seen += 1;
+        if seen != tensors.len() {
+            let known = self.named_tensors();
+            let extra = tensors.keys().find(|k| !known.contains_key(*k)).cloned().unwrap_or_default();
+            return Err(ModelError::UnexpectedTensor { name: extra });
+        }
+        Ok(())
+    }
+
+    /// The number of trainable scalars in one block.
+    pub fn block_parameter_count(&self) -> usize {
+        self.block_vars[0]
+            .data()
+            .lock()
+            .map(|d| d.iter().filter(|(k, _)| !crate::layers::is_buffer(k)).map(|(_, v)| v.elem_count()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Image features of every block for `x` (evaluation mode), to be reused
+    /// across several sampling runs on the same images.
+    pub fn image_features(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        self.blocks.iter().map(|b| b.image_features(x, &mut Mode::Eval)).collect()
+    }
+
+    /// `uhat_t` from precomputed image features (evaluation mode).
+    pub fn denoise_from_features(&self, t: usize, z: &Tensor, fx: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.blocks[t - 1].logits_from_features(z, fx, &mut Mode::Eval)?;
+        softmax_embed(&logits, &self.embed)
+    }
+}
+
+impl Denoiser for DtModel {
+    fn blocks(&self) -> usize {
+        self.cfg.blocks
+    }
+    fn latent_dim(&self) -> usize {
+        self.cfg.block.latent_dim
+    }
+    fn denoise(&self, t: usize, z: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.denoise_mode(t, z, x, &mut Mode::Eval)
+    }
+}
