@@ -1,1 +1,385 @@
-fn main() {}
+//! `noprop`: train, evaluate and inspect NoProp models.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use noprop_data::{DatasetKind, Split};
+use noprop_train::{fit, load_for_eval, Config, DeviceData, DtTrainer, RunData, RunDir};
+use serde_json::json;
+
+mod bench;
+mod progress;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The default configuration, embedded so that `noprop train` works anywhere.
+pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../../configs/mnist-dt-onehot.toml");
+const DEFAULT_CONFIG_NAME: &str = "mnist-dt-onehot";
+
+#[derive(Parser)]
+#[command(name = "noprop", version, about = "Train neural networks block by block with NoProp (Li, Teh, Pascanu 2025)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model; writes a run folder with config, metrics and checkpoints.
+    Train(TrainArgs),
+    /// Evaluate a run folder (its newest checkpoint) or a checkpoint file.
+    Eval(EvalArgs),
+    /// Time training steps and inference of the Figure-6 model (synthetic inputs).
+    Bench(BenchArgs),
+    /// Fetch data sets.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Args)]
+pub(crate) struct Common {
+    /// cpu, cuda or metal (cuda and metal need a build with that feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Worker threads for CPU kernels (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Data folder (else the config's, else $NOPROP_DATA/<dataset>, else ./data/<dataset>).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Print a JSON summary on stdout at the end.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// Config file (TOML or JSON); default: the embedded configs/mnist-dt-onehot.toml.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Continue the run in this folder from its newest checkpoint.
+    #[arg(long, conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    /// Override the number of epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Override the seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run folder to create (default: runs/<config>-<UTC time>).
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Train on the first N training images only.
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    /// Override the number of stochastic inference runs per evaluation.
+    #[arg(long)]
+    eval_runs: Option<usize>,
+    /// Override the kernels: fast or stock.
+    #[arg(long)]
+    kernels: Option<String>,
+    /// Download the data set if it is missing.
+    #[arg(long)]
+    download: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A run folder or a model .safetensors checkpoint.
+    path: PathBuf,
+    /// Number of stochastic inference runs (default: the run's config).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Evaluate on the first N test images only.
+    #[arg(long)]
+    test_limit: Option<usize>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Config whose model is timed (default: the embedded MNIST DT config).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Timed training steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Minibatch size of the training step.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Images in the timed T-step inference.
+    #[arg(long, default_value_t = 1000)]
+    pub infer_batch: usize,
+    /// fast or stock.
+    #[arg(long)]
+    pub kernels: Option<String>,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download a data set into a folder, verifying checksums.
+    Download {
+        /// mnist, cifar10 or cifar100.
+        #[arg(long, default_value = "mnist")]
+        dataset: String,
+        /// Destination (default: $NOPROP_DATA/<dataset> or ./data/<dataset>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NOPROP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Data { command } => data(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(crate) fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
+        "metal" => Device::new_metal(0).context("cannot open Metal device 0 (was noprop built with --features metal?)"),
+        other => bail!("unknown device {other:?}: expected cpu, cuda or metal"),
+    }
+}
+
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
+    if let Some(n) = threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle's CPU matmul reads RAYON_NUM_THREADS; our kernels use rayon's global pool.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    Ok(rayon::current_num_threads())
+}
+
+pub(crate) fn parse_config(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+    parse_config_text(&text, path.extension().and_then(|e| e.to_str()) == Some("json"))
+        .with_context(|| format!("invalid config {}", path.display()))
+}
+
+pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<Config> {
+    if json {
+        Ok(serde_json::from_str(text)?)
+    } else {
+        Ok(toml::from_str(text)?)
+    }
+}
+
+fn data_dir(kind: DatasetKind, flag: Option<&Path>, config: Option<&Path>) -> PathBuf {
+    noprop_data::resolve_data_dir(kind, flag.or(config))
+}
+
+fn load_data(cfg: &Config, flag: Option<&Path>, download: bool, dev: &Device) -> Result<RunData> {
+    let kind = cfg.data.dataset;
+    let dir = data_dir(kind, flag, cfg.data.dir.as_deref());
+    kind.ensure(&dir, download).with_context(|| format!("{kind} data not found in {}", dir.display()))?;
+    let mut train = kind.load(&dir, Split::Train)?;
+    let mut test = kind.load(&dir, Split::Test)?;
+    if cfg.data.train_limit > 0 {
+        train = train.take(cfg.data.train_limit);
+    }
+    if cfg.data.test_limit > 0 {
+        test = test.take(cfg.data.test_limit);
+    }
+    let train = DeviceData::new(&train, DType::F32, dev)?;
+    let test = DeviceData::new(&test, DType::F32, dev)?;
+    let subset = match cfg.eval.train_subset {
+        0 => None,
+        n => Some(train.head(n)?),
+    };
+    Ok(RunData { train, test, train_subset: subset })
+}
+
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+enum Target {
+    Resume(RunDir),
+    New(PathBuf),
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let threads = set_threads(args.common.threads)?;
+    let dev = device(&args.common.device)?;
+    let command: Vec<String> = std::env::args().collect();
+    let (target, mut cfg) = match &args.resume {
+        Some(dir) => {
+            let run = RunDir::open(dir)?;
+            let cfg = run.config()?;
+            (Target::Resume(run), cfg)
+        }
+        None => {
+            let (cfg, name) = match &args.config {
+                Some(p) => (parse_config(p)?, p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()),
+                None => (parse_config_text(DEFAULT_CONFIG, false).context("embedded default config")?, DEFAULT_CONFIG_NAME.to_string()),
+            };
+            let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{name}-{}", utc_stamp())));
+            (Target::New(out), cfg)
+        }
+    };
+    // Overrides. On resume only the number of epochs may change (to extend a run).
+    if let Some(e) = args.epochs {
+        cfg.train.epochs = e;
+    }
+    match target {
+        Target::New(_) => {
+            if let Some(s) = args.seed {
+                cfg.train.seed = s;
+            }
+            if let Some(n) = args.train_limit {
+                cfg.data.train_limit = n;
+            }
+            if let Some(n) = args.test_limit {
+                cfg.data.test_limit = n;
+            }
+            if let Some(k) = args.eval_runs {
+                cfg.eval.runs = k;
+            }
+            if let Some(k) = &args.kernels {
+                cfg.model.kernels = k.clone();
+            }
+        }
+        Target::Resume(_) => {
+            if args.seed.is_some() || args.train_limit.is_some() || args.test_limit.is_some() || args.kernels.is_some() || args.eval_runs.is_some() {
+                bail!("--resume continues a run with its own config; only --epochs may be changed");
+            }
+        }
+    }
+    let valid = cfg.clone().validate()?;
+    let data = load_data(&cfg, args.common.data.as_deref(), args.download, &dev)?;
+    let mut trainer = DtTrainer::new(valid, dev.clone())?;
+    let run = match target {
+        Target::Resume(run) => {
+            let epoch = run.restore_latest(&mut trainer).context("cannot restore the newest checkpoint")?;
+            run.truncate_metrics_after(epoch)?;
+            run.record_resume(epoch, &command)?;
+            eprintln!("resuming {} after epoch {epoch}", run.path().display());
+            run
+        }
+        Target::New(out) => {
+            let meta = json!({
+                "noprop_version": env!("CARGO_PKG_VERSION"),
+                "git_sha": option_env!("NOPROP_GIT_SHA"),
+                "device": format!("{dev:?}"),
+                "threads": threads,
+                "seed": cfg.train.seed,
+                "seed_streams": {"init": noprop_models::STREAM_INIT, "shuffle": noprop_train::dt::streams::SHUFFLE,
+                                 "noise": noprop_train::dt::streams::NOISE, "dropout": noprop_train::dt::streams::DROPOUT,
+                                 "eval": noprop_train::dt::streams::EVAL},
+                "command": command,
+                "block_parameters": trainer.model().block_parameter_count(),
+            });
+            RunDir::create(&out, &cfg, meta)?
+        }
+    };
+    eprintln!("run folder: {}", run.path().display());
+    let mut obs = progress::Progress::new(std::io::stderr().is_terminal());
+    let report = fit(&mut trainer, &data, Some(&run), &mut obs)?;
+    obs.finish();
+    if args.common.json {
+        let epochs: Vec<_> = run.metrics()?.into_iter().filter(|v| v["event"] == "epoch").collect();
+        println!(
+            "{}",
+            json!({
+                "run_dir": run.path(),
+                "epochs": trainer.epochs_done(),
+                "train_seconds": trainer.train_seconds(),
+                "epoch_seconds": epochs.iter().map(|v| v["epoch_seconds"].clone()).collect::<Vec<_>>(),
+                "eval": report,
+            })
+        );
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    set_threads(args.common.threads)?;
+    let dev = device(&args.common.device)?;
+    let checkpoint = if args.path.is_dir() {
+        let run = RunDir::open(&args.path)?;
+        run.latest_model()?.with_context(|| format!("{} has no checkpoint yet", args.path.display()))?
+    } else {
+        args.path.clone()
+    };
+    let mut trainer = load_for_eval(&checkpoint, &dev).with_context(|| format!("cannot load {}", checkpoint.display()))?;
+    let mut cfg = trainer.config().raw().clone();
+    if let Some(k) = args.runs {
+        cfg.eval.runs = k;
+    }
+    if let Some(n) = args.test_limit {
+        cfg.data.test_limit = n;
+    }
+    if cfg != *trainer.config().raw() {
+        trainer.set_eval_config(cfg.eval.clone())?;
+    }
+    let data = load_data(&cfg, args.common.data.as_deref(), false, &dev)?;
+    let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), trainer.epochs_done())?;
+    if args.common.json {
+        println!("{}", json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report}));
+    } else {
+        println!("{}", progress::describe_eval(&report));
+    }
+    Ok(())
+}
+
+fn data(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::Download { dataset, dir } => {
+            let kind: DatasetKind = dataset.parse()?;
+            let dir = data_dir(kind, dir.as_deref(), None);
+            kind.ensure(&dir, true).with_context(|| format!("downloading {kind} into {}", dir.display()))?;
+            eprintln!("{kind} is ready in {}", dir.display());
+            Ok(())
+        }
+    }
+}

@@ -150,7 +150,6 @@ impl<T> Mat<T> {
 /// `dst` must be valid for `m * n` writes (and reads when accumulating), the
 /// operands must describe in-bounds matrices, and nothing else may access
 /// `dst` meanwhile.
-#[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: Elem>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
@@ -207,9 +206,7 @@ fn epilogue<T: Elem>(out: &mut [T], n: usize, bias: Option<&[T]>, relu: bool) {
             }),
             (true, false) => row.iter_mut().for_each(|v| *v += b),
             (false, true) => row.iter_mut().for_each(|v| {
-                if !(*v > T::ZERO) {
-                    *v = T::ZERO;
-                }
+                *v = if *v > T::ZERO { *v } else { T::ZERO };
             }),
             (false, false) => {}
         }
@@ -387,7 +384,9 @@ pub(crate) fn backward<T: Elem>(
         w: wanted
             .w
             .then(|| total_w.unwrap_or_else(|| vec![T::ZERO; g.cout * kdim])),
-        b: wanted.b.then(|| total_b.unwrap_or_else(|| vec![T::ZERO; g.cout])),
+        b: wanted
+            .b
+            .then(|| total_b.unwrap_or_else(|| vec![T::ZERO; g.cout])),
     }
 }
 

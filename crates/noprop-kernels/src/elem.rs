@@ -3,12 +3,18 @@
 
 use candle_core::WithDType;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// A float type the fast kernels support: `f32` for training, `f64` for
 /// finite-difference tests.
 pub(crate) trait Elem: WithDType + gemm_elem::Sealed {
     const ZERO: Self;
     const ONE: Self;
+
+    fn is_nan(self) -> bool;
+
+    /// The larger of two numbers, ignoring a NaN (one `maxss`, no branch).
+    fn max_num(self, other: Self) -> Self;
 
     /// Runs `f` on this thread's pool of spare scratch vectors for `Self`, or
     /// returns `None` while the thread is being torn down.
@@ -29,6 +35,14 @@ macro_rules! impl_elem {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
 
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
+
+            fn max_num(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+
             fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R> {
                 thread_local! {
                     static POOL: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
@@ -41,8 +55,8 @@ macro_rules! impl_elem {
 impl_elem!(f32);
 impl_elem!(f64);
 
-/// How many spare vectors one thread keeps per element type. The kernels use at
-/// most four at once, so a few more covers nested use without hoarding memory.
+/// How many spare vectors one thread keeps per element type. A kernel holds at
+/// most three at once, so this covers nested use without hoarding memory.
 const MAX_POOLED: usize = 8;
 
 /// A scratch vector borrowed from the current thread's pool and returned to it
@@ -144,11 +158,16 @@ impl<T: Copy> Output<T> {
         OutPtr(self.buf.as_mut_ptr())
     }
 
+    /// The whole buffer as uninitialised slots, for safe parallel writes.
+    pub(crate) fn slots(&mut self) -> &mut [MaybeUninit<T>] {
+        &mut self.buf.spare_capacity_mut()[..self.len]
+    }
+
     /// Declares the buffer fully written and returns it.
     ///
     /// # Safety
     /// Every one of the `len` elements must have been written through
-    /// [`Output::ptr`].
+    /// [`Output::ptr`] or [`Output::slots`].
     pub(crate) unsafe fn finish(mut self) -> Vec<T> {
         self.buf.set_len(self.len);
         self.buf

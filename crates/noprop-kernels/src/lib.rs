@@ -20,10 +20,12 @@
 //!   as PyTorch does.
 //!
 //! Every function also takes a [`Kernels`] choice (the `_with` variants). The
-//! fast kernels run on contiguous-or-not `f32`/`f64` tensors on the CPU;
-//! everything else (CUDA, Metal, half precision) and [`Kernels::Stock`] use
-//! candle's own ops, with a correct max-pool gradient built from `max`, so one
-//! call works on every device and the stock path serves as the tests' oracle.
+//! fast kernels run on `f32` and `f64` tensors on the CPU, copying strided
+//! views to a contiguous layout first (a copy autograd sees); everything else
+//! (CUDA, Metal, half precision) and [`Kernels::Stock`] use candle's own ops,
+//! with a correct max-pool gradient built from `max`, so one call works on
+//! every device and the stock path serves as the tests' oracle. The kernels
+//! run on rayon's global thread pool.
 //!
 //! What this crate does not do: strides other than 1, dilation, groups,
 //! non-square kernels or pooling windows other than 2x2; GPU kernels; second
@@ -64,8 +66,8 @@ use std::str::FromStr;
 /// Which implementation an op uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Kernels {
-    /// This crate's kernels where they apply (contiguous or not, `f32`/`f64`,
-    /// CPU), candle's ops elsewhere.
+    /// This crate's kernels where they apply (`f32`/`f64` on the CPU, any
+    /// layout), candle's ops elsewhere.
     #[default]
     Fast,
     /// candle's ops everywhere: the reference, and the path for GPUs.
@@ -174,8 +176,10 @@ pub fn conv2d_relu_with(
 /// - `x`: `[batch, c, h, w]` with `h, w >= 2`
 /// - result: `[batch, c, h / 2, w / 2]` (odd sizes round down)
 ///
-/// The stock path reduces with `max` over a reshaped window; its gradient
-/// splits equally among tied maxima instead of picking the first.
+/// The stock path reduces with `max` over a reshaped window, whose gradient
+/// goes in full to every tied maximum rather than to the first. Inside the
+/// network that is harmless: windows tie mostly at the zeros of a ReLU, whose
+/// own gradient then masks them out.
 pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
     max_pool2x2_with(Kernels::Fast, x)
 }

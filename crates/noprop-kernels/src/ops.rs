@@ -118,11 +118,11 @@ impl ConvOp {
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let (rs, rl) = res.storage_and_layout();
-        let relu_out = if self.relu {
-            Some(storage_slice::<T>(&rs, rl, CONV, "output")?)
-        } else {
-            None
+        // The fused ReLU's mask comes from its output.
+        let res_guard = self.relu.then(|| res.storage_and_layout());
+        let relu_out = match &res_guard {
+            Some((rs, rl)) => Some(storage_slice::<T>(rs, rl, CONV, "output")?),
+            None => None,
         };
         let grads = conv::backward(
             &g,

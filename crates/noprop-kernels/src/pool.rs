@@ -28,20 +28,28 @@ fn planes_per_task(plane_len: usize) -> usize {
     (16 * 1024 / plane_len.max(1)).max(1)
 }
 
-/// The window offsets in scan order: top-left, top-right, bottom-left,
-/// bottom-right. Ties go to the earliest, as in PyTorch.
-#[inline]
+/// The maximum of a window given in scan order (top-left, top-right,
+/// bottom-left, bottom-right) and its offset there, the earliest on ties as in
+/// PyTorch. A NaN wins its window so that it propagates.
+///
+/// Random data makes every comparison a coin flip, so the common path is
+/// branch-free: `max` instructions for the value, integer arithmetic on the
+/// equality flags for the offset.
+#[inline(always)]
 fn window_argmax<T: Elem>(v: [T; 4]) -> (T, u8) {
-    let (mut best, mut at) = (v[0], 0u8);
-    for (i, &c) in v.iter().enumerate().skip(1) {
-        // A NaN wins over numbers and is kept once found, so it propagates.
-        let best_is_nan = best != best;
-        if !best_is_nan && (c > best || c != c) {
-            best = c;
-            at = i as u8;
-        }
+    let [a, b, c, d] = v;
+    if a.is_nan() | b.is_nan() | c.is_nan() | d.is_nan() {
+        return first_nan(v);
     }
-    (best, at)
+    let m = a.max_num(b).max_num(c.max_num(d));
+    let at = u8::from(a != m) * (1 + u8::from(b != m) * (1 + u8::from(c != m)));
+    (m, at)
+}
+
+#[cold]
+fn first_nan<T: Elem>(v: [T; 4]) -> (T, u8) {
+    let at = v.iter().position(|x| x.is_nan()).unwrap_or(0);
+    (v[at], at as u8)
 }
 
 /// Returns the pooled values `[planes, ho, wo]` and, per window, the offset
@@ -51,33 +59,29 @@ pub(crate) fn forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u8>) {
     let out_len = g.planes * ho * wo;
     let mut out = Output::<T>::new(out_len);
     let mut arg = Output::<u8>::new(out_len);
-    let (out_ptr, arg_ptr) = (out.ptr(), arg.ptr());
-    let plane = |p: usize| {
-        let xp = &x[p * h * w..][..h * w];
-        for oy in 0..ho {
-            let top = &xp[2 * oy * w..][..w];
-            let bottom = &xp[(2 * oy + 1) * w..][..w];
-            let base = (p * ho + oy) * wo;
-            for ox in 0..wo {
-                let (v, a) = window_argmax([
-                    top[2 * ox],
-                    top[2 * ox + 1],
-                    bottom[2 * ox],
-                    bottom[2 * ox + 1],
-                ]);
-                // SAFETY: plane `p` owns the output range `p * ho * wo..`.
-                unsafe {
-                    out_ptr.at(base + ox).write(v);
-                    arg_ptr.at(base + ox).write(a);
+    out.slots()
+        .par_chunks_mut(ho * wo)
+        .zip(arg.slots().par_chunks_mut(ho * wo))
+        .enumerate()
+        .with_min_len(planes_per_task(h * w))
+        .for_each(|(p, (op, ap))| {
+            let xp = &x[p * h * w..][..h * w];
+            for (oy, (orow, arow)) in op
+                .chunks_exact_mut(wo)
+                .zip(ap.chunks_exact_mut(wo))
+                .enumerate()
+            {
+                let top = &xp[2 * oy * w..][..2 * wo];
+                let bottom = &xp[(2 * oy + 1) * w..][..2 * wo];
+                let windows = top.chunks_exact(2).zip(bottom.chunks_exact(2));
+                for ((o, a), (t, b)) in orow.iter_mut().zip(arow.iter_mut()).zip(windows) {
+                    let (v, at) = window_argmax([t[0], t[1], b[0], b[1]]);
+                    o.write(v);
+                    a.write(at);
                 }
             }
-        }
-    };
-    (0..g.planes)
-        .into_par_iter()
-        .with_min_len(planes_per_task(h * w))
-        .for_each(plane);
-    // SAFETY: each plane wrote all of its `ho * wo` windows.
+        });
+    // SAFETY: the chunks cover both buffers and every window wrote its slot.
     unsafe { (out.finish(), arg.finish()) }
 }
 
@@ -85,22 +89,38 @@ pub(crate) fn forward<T: Elem>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u8>) {
 /// element, including a dropped odd row or column, gets zero.
 pub(crate) fn backward<T: Elem>(g: &PoolGeom, argmax: &[u8], grad_out: &[T]) -> Vec<T> {
     let (h, w, ho, wo) = (g.h, g.w, g.ho(), g.wo());
-    let mut dx = vec![T::ZERO; g.planes * h * w];
-    dx.par_chunks_mut(h * w)
-        .with_min_len(planes_per_task(h * w))
+    let mut dx = Output::<T>::new(g.planes * h * w);
+    dx.slots()
+        .par_chunks_mut(h * w)
         .enumerate()
+        .with_min_len(planes_per_task(h * w))
         .for_each(|(p, dp)| {
             let base = p * ho * wo;
             let (gp, ap) = (&grad_out[base..][..ho * wo], &argmax[base..][..ho * wo]);
-            for oy in 0..ho {
-                for ox in 0..wo {
-                    let i = oy * wo + ox;
-                    let a = usize::from(ap[i]);
-                    dp[(2 * oy + a / 2) * w + 2 * ox + a % 2] = gp[i];
+            let pick = |won: bool, v: T| if won { v } else { T::ZERO };
+            for (oy, (grow, arow)) in gp.chunks_exact(wo).zip(ap.chunks_exact(wo)).enumerate() {
+                let (top, bottom) = dp[2 * oy * w..][..2 * w].split_at_mut(w);
+                let windows = top.chunks_exact_mut(2).zip(bottom.chunks_exact_mut(2));
+                for ((&gv, &at), (t, b)) in grow.iter().zip(arow).zip(windows) {
+                    t[0].write(pick(at == 0, gv));
+                    t[1].write(pick(at == 1, gv));
+                    b[0].write(pick(at == 2, gv));
+                    b[1].write(pick(at == 3, gv));
+                }
+                if w % 2 == 1 {
+                    top[w - 1].write(T::ZERO);
+                    bottom[w - 1].write(T::ZERO);
                 }
             }
+            if h % 2 == 1 {
+                dp[(h - 1) * w..].iter_mut().for_each(|v| {
+                    v.write(T::ZERO);
+                });
+            }
         });
-    dx
+    // SAFETY: every plane wrote its `2 * ho` full rows and, for odd sizes, the
+    // last row and column.
+    unsafe { dx.finish() }
 }
 
 #[cfg(test)]

@@ -1,0 +1,332 @@
+//! Run configuration: a raw, deserialised form (`Config`) that is checked once
+//! by [`Config::validate`] into [`ValidConfig`], with one error variant per rule.
+
+use std::path::PathBuf;
+
+use noprop_core::{DiscreteSchedule, ScheduleSpec};
+use noprop_data::DatasetKind;
+use noprop_models::Kernels;
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+/// Which NoProp variant (or baseline) a run trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// NoProp-DT, Algorithm 1.
+    Dt,
+}
+
+impl Method {
+    /// The name used in configs and checkpoint metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dt => "dt",
+        }
+    }
+}
+
+/// The class embedding (spec section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Embedding {
+    /// `W_embed = I_m`, fixed, `d = m`.
+    OneHot,
+}
+
+/// How the blocks are visited during an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOrder {
+    /// Algorithm 1: for t = 1..T, one full pass over the data for block t.
+    Sequential,
+}
+
+/// `[data]`: which data set and where it lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist`, `cifar10` or `cifar100`.
+    #[serde(with = "dataset_kind")]
+    pub dataset: DatasetKind,
+    /// The data folder; when absent, `$NOPROP_DATA/<dataset>` or `./data/<dataset>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Use only the first N training examples (0: all of them).
+    #[serde(default)]
+    pub train_limit: usize,
+    /// Use only the first N test examples (0: all of them).
+    #[serde(default)]
+    pub test_limit: usize,
+}
+
+mod dataset_kind {
+    use noprop_data::DatasetKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(k: &DatasetKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(k.name())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DatasetKind, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `[model]`: the network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The training method.
+    pub method: Method,
+    /// Number of blocks `T` (10 in the paper).
+    pub blocks: usize,
+    /// The class embedding.
+    pub embedding: Embedding,
+    /// Dropout probability of the image path (0.2 in Figure 6).
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// `fast` (hand-written CPU kernels) or `stock` (candle's ops).
+    #[serde(default = "default_kernels")]
+    pub kernels: String,
+}
+
+fn default_dropout() -> f64 {
+    0.2
+}
+fn default_kernels() -> String {
+    "fast".into()
+}
+
+/// `[train]`: optimisation (Table 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Number of epochs; one DT epoch is `T` passes over the data.
+    pub epochs: usize,
+    /// Minibatch size.
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW (decoupled) weight decay.
+    pub weight_decay: f64,
+    /// The denoising weight `eta` of eq. 61.
+    pub eta: f64,
+    /// The root seed; initialisation, shuffling, noise and dropout use sub-streams of it.
+    #[serde(default)]
+    pub seed: u64,
+    /// The order in which blocks are trained.
+    #[serde(default = "default_order")]
+    pub order: TrainOrder,
+}
+
+fn default_order() -> TrainOrder {
+    TrainOrder::Sequential
+}
+
+/// `[eval]`: how accuracy is measured after each epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Number of stochastic inference runs averaged (5 in the paper).
+    #[serde(default = "default_runs")]
+    pub runs: usize,
+    /// Also report deterministic inference (eps = 0).
+    #[serde(default = "default_true")]
+    pub deterministic: bool,
+    /// Evaluation batch size.
+    #[serde(default = "default_eval_batch")]
+    pub batch_size: usize,
+    /// Train accuracy is measured on the first N training examples (0: skip).
+    #[serde(default = "default_train_subset")]
+    pub train_subset: usize,
+    /// Evaluate every N epochs (and always after the last one).
+    #[serde(default = "default_one")]
+    pub every: usize,
+}
+
+fn default_runs() -> usize {
+    5
+}
+fn default_true() -> bool {
+    true
+}
+fn default_eval_batch() -> usize {
+    1000
+}
+fn default_train_subset() -> usize {
+    10_000
+}
+fn default_one() -> usize {
+    1
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            runs: default_runs(),
+            deterministic: true,
+            batch_size: default_eval_batch(),
+            train_subset: default_train_subset(),
+            every: 1,
+        }
+    }
+}
+
+/// `[checkpoint]`: what the run folder keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// How many epoch checkpoints to keep (the newest ones); 0 keeps all.
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+}
+
+fn default_keep() -> usize {
+    2
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { keep_last: default_keep() }
+    }
+}
+
+/// A run configuration as written in a TOML or JSON file; unknown fields are errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Data set.
+    pub data: DataConfig,
+    /// Network.
+    pub model: ModelConfig,
+    /// Noise schedule (cosine by default).
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+    /// Optimisation.
+    pub train: OptimConfig,
+    /// Evaluation.
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Checkpoints.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// A configuration that passed [`Config::validate`].
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    raw: Config,
+    schedule: DiscreteSchedule,
+    kernels: Kernels,
+}
+
+impl ValidConfig {
+    /// The configuration as given (and as written to the run folder).
+    pub fn raw(&self) -> &Config {
+        &self.raw
+    }
+    /// The validated schedule.
+    pub fn schedule(&self) -> &DiscreteSchedule {
+        &self.schedule
+    }
+    /// The kernels to run the image path with.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+}
+
+fn positive(name: &'static str, v: f64) -> Result<(), TrainError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(TrainError::InvalidConfig { field: name, reason: format!("must be a finite number > 0, got {v}") })
+    }
+}
+
+fn non_negative(name: &'static str, v: f64) -> Result<(), TrainError> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(TrainError::InvalidConfig { field: name, reason: format!("must be a finite number >= 0, got {v}") })
+    }
+}
+
+fn at_least(name: &'static str, v: usize, min: usize) -> Result<(), TrainError> {
+    if v >= min {
+        Ok(())
+    } else {
+        Err(TrainError::InvalidConfig { field: name, reason: format!("must be at least {min}, got {v}") })
+    }
+}
+
+impl Config {
+    /// Checks every rule once and builds the schedule.
+    pub fn validate(self) -> Result<ValidConfig, TrainError> {
+        at_least("model.blocks", self.model.blocks, 1)?;
+        at_least("train.epochs", self.train.epochs, 1)?;
+        at_least("train.batch_size", self.train.batch_size, 2)?;
+        positive("train.lr", self.train.lr)?;
+        non_negative("train.weight_decay", self.train.weight_decay)?;
+        non_negative("train.eta", self.train.eta)?;
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return Err(TrainError::InvalidConfig {
+                field: "model.dropout",
+                reason: format!("must lie in [0, 1), got {}", self.model.dropout),
+            });
+        }
+        at_least("eval.runs", self.eval.runs, 1)?;
+        at_least("eval.batch_size", self.eval.batch_size, 1)?;
+        at_least("eval.every", self.eval.every, 1)?;
+        let kernels = match self.model.kernels.as_str() {
+            "fast" => Kernels::Fast,
+            "stock" => Kernels::Stock,
+            other => {
+                return Err(TrainError::InvalidConfig {
+                    field: "model.kernels",
+                    reason: format!("must be \"fast\" or \"stock\", got {other:?}"),
+                })
+            }
+        };
+        let (_, h, w) = self.data.dataset.shape();
+        if h % 4 != 0 || w % 4 != 0 {
+            return Err(TrainError::InvalidConfig { field: "data.dataset", reason: "images must be a multiple of 4 wide".into() });
+        }
+        let schedule = self
+            .schedule
+            .build(self.model.blocks)
+            .map_err(|e| TrainError::InvalidConfig { field: "schedule", reason: e.to_string() })?;
+        Ok(ValidConfig { raw: self, schedule, kernels })
+    }
+
+    /// The paper's NoProp-DT settings for `dataset` (Table 3), one-hot embedding.
+    pub fn paper_dt(dataset: DatasetKind) -> Self {
+        let epochs = match dataset {
+            DatasetKind::Mnist => 100,
+            _ => 150,
+        };
+        Config {
+            data: DataConfig { dataset, dir: None, train_limit: 0, test_limit: 0 },
+            model: ModelConfig {
+                method: Method::Dt,
+                blocks: 10,
+                embedding: Embedding::OneHot,
+                dropout: 0.2,
+                kernels: default_kernels(),
+            },
+            schedule: ScheduleSpec::default(),
+            train: OptimConfig {
+                epochs,
+                batch_size: 128,
+                lr: 1e-3,
+                weight_decay: 1e-3,
+                eta: 0.1,
+                seed: 0,
+                order: TrainOrder::Sequential,
+            },
+            eval: EvalConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}

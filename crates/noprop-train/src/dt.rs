@@ -1,0 +1,384 @@
+//! NoProp-DT training (Algorithm 1) and evaluation with the eq. 3 sampler.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
+use noprop_data::{pass_stream, Batcher, Dataset};
+use noprop_models::{layers::is_buffer, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
+
+use crate::config::{Embedding, ValidConfig};
+use crate::observer::{EvalReport, Event, Observer, PassMetrics};
+use crate::optim::{AdamW, AdamWParams};
+use crate::TrainError;
+
+/// Sub-seed streams derived from the run's seed (see [`noprop_core::sub_seed`]).
+pub mod streams {
+    /// Minibatch order of each (epoch, block) pass.
+    pub const SHUFFLE: u64 = 2;
+    /// q-sampling noise of each pass.
+    pub const NOISE: u64 = 3;
+    /// Dropout masks of each pass.
+    pub const DROPOUT: u64 = 4;
+    /// Sampling noise of the evaluation after each epoch.
+    pub const EVAL: u64 = 5;
+}
+
+/// A data set moved to the device once: images `[N, C, H, W]` and labels `[N]`.
+pub struct DeviceData {
+    images: Tensor,
+    labels: Tensor,
+    host_labels: Vec<u32>,
+}
+
+impl DeviceData {
+    /// Copies `ds` to `device` in `dtype`.
+    pub fn new(ds: &Dataset, dtype: DType, device: &Device) -> Result<Self, TrainError> {
+        let n = ds.len();
+        let images = Tensor::from_slice(&ds.images, (n, ds.channels, ds.height, ds.width), device)?.to_dtype(dtype)?;
+        let labels = Tensor::from_slice(&ds.labels, n, device)?;
+        Ok(Self { images, labels, host_labels: ds.labels.clone() })
+    }
+
+    /// The number of examples.
+    pub fn len(&self) -> usize {
+        self.host_labels.len()
+    }
+
+    /// True when there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.host_labels.is_empty()
+    }
+
+    /// The first `n` examples.
+    pub fn head(&self, n: usize) -> Result<Self, TrainError> {
+        let n = n.min(self.len());
+        Ok(Self {
+            images: self.images.narrow(0, 0, n)?,
+            labels: self.labels.narrow(0, 0, n)?,
+            host_labels: self.host_labels[..n].to_vec(),
+        })
+    }
+
+    fn batch(&self, idx: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
+        let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
+        let ids = Tensor::from_vec(ids, idx.len(), self.images.device())?;
+        Ok((self.images.index_select(&ids, 0)?, self.labels.index_select(&ids, 0)?))
+    }
+}
+
+/// The model, its optimizers and the training clock: everything a checkpoint holds.
+pub struct DtTrainer {
+    cfg: ValidConfig,
+    device: Device,
+    model: DtModel,
+    block_opts: Vec<AdamW>,
+    head_opt: AdamW,
+    epochs_done: usize,
+    train_seconds: f64,
+}
+
+fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    vars.data()
+        .lock()
+        .map(|d| d.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+impl DtTrainer {
+    /// A fresh model initialised from the config's seed.
+    pub fn new(cfg: ValidConfig, device: Device) -> Result<Self, TrainError> {
+        let raw = cfg.raw();
+        let (c, h, w) = raw.data.dataset.shape();
+        let m = raw.data.dataset.num_classes();
+        let embedding = match raw.model.embedding {
+            Embedding::OneHot => EmbeddingKind::OneHot,
+        };
+        let model_cfg = DtModelConfig {
+            block: DtBlockConfig {
+                in_channels: c,
+                height: h,
+                width: w,
+                latent_dim: m,
+                classes: m,
+                dropout: raw.model.dropout,
+                kernels: cfg.kernels(),
+            },
+            blocks: raw.model.blocks,
+            embedding,
+        };
+        let model = DtModel::new(model_cfg, raw.train.seed, DType::F32, &device)?;
+        let params = AdamWParams::new(raw.train.lr, raw.train.weight_decay);
+        let block_opts = (1..=raw.model.blocks)
+            .map(|t| AdamW::new(trainable(model.block_vars(t)), params))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let head_opt = AdamW::new(trainable(model.head_vars()), params)?;
+        Ok(Self { cfg, device, model, block_opts, head_opt, epochs_done: 0, train_seconds: 0.0 })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &DtModel {
+        &self.model
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &ValidConfig {
+        &self.cfg
+    }
+
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Epochs completed so far.
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+
+    /// Seconds spent in training steps so far (across resumes).
+    pub fn train_seconds(&self) -> f64 {
+        self.train_seconds
+    }
+
+    /// One Algorithm 1 update of block `t` (and the head) on a minibatch;
+    /// returns `(total, ce, kl, denoise)`.
+    pub fn train_step(
+        &mut self,
+        t: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<[f64; 4], TrainError> {
+        let sched = self.cfg.schedule();
+        let eta = self.cfg.raw().train.eta;
+        let u = self.model.embed().index_select(y, 0)?;
+        let z_prev = q_sample(&u, sched.alpha_bar(t - 1), noise)?;
+        let z_last = q_sample(&u, sched.alpha_bar(sched.blocks()), noise)?;
+        let uhat = self.model.denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
+        let logits = self.model.classify(&z_last)?;
+        let loss = dt_loss(&logits, y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, eta))?;
+        let grads = loss.total.backward()?;
+        self.block_opts[t - 1].step(&grads)?;
+        self.head_opt.step(&grads)?;
+        let v = |t: &Tensor| -> Result<f64, TrainError> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        Ok([v(&loss.total)?, v(&loss.cross_entropy)?, v(&loss.kl)?, v(&loss.denoise)?])
+    }
+
+    /// Epoch `epochs_done + 1` of Algorithm 1: for t = 1..T, one shuffled pass over `data`.
+    pub fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
+        let epoch = self.epochs_done + 1;
+        let raw = self.cfg.raw().clone();
+        let seed = raw.train.seed;
+        let mut passes = Vec::with_capacity(raw.model.blocks);
+        for t in 1..=raw.model.blocks {
+            observer.on_event(&Event::PassStart { epoch, block: t });
+            let start = Instant::now();
+            let stream = pass_stream(epoch as u64, t as u64);
+            let batcher = Batcher::new(data.len(), raw.train.batch_size, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), stream)?
+                .min_batch_len(2);
+            let mut noise = NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, t as u64]);
+            let mut drop = NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, t as u64]);
+            let mut sums = [0.0f64; 4];
+            let mut count = 0usize;
+            for idx in batcher.batches() {
+                let (x, y) = data.batch(idx)?;
+                let l = self.train_step(t, &x, &y, &mut noise, &mut drop)?;
+                if !l[0].is_finite() {
+                    return Err(TrainError::Diverged { epoch, block: t, loss: l[0] });
+                }
+                for (s, v) in sums.iter_mut().zip(l) {
+                    *s += v;
+                }
+                count += 1;
+                observer.on_event(&Event::Step { loss: l[0] });
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            self.train_seconds += seconds;
+            let n = count.max(1) as f64;
+            let pass = PassMetrics {
+                epoch,
+                block: t,
+                loss: sums[0] / n,
+                ce: sums[1] / n,
+                kl: sums[2] / n,
+                denoise: sums[3] / n,
+                batches: count,
+                seconds,
+            };
+            observer.on_event(&Event::PassEnd(&pass));
+            passes.push(pass);
+        }
+        self.epochs_done = epoch;
+        Ok(passes)
+    }
+
+    /// Test accuracy of the eq. 3 sampler (mean and standard error over
+    /// `eval.runs` stochastic runs, and deterministic if configured), and
+    /// train accuracy on `train_subset` if given. Draws come from a stream
+    /// fixed by the seed and `epoch`.
+    pub fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
+        let start = Instant::now();
+        let ev = &self.cfg.raw().eval;
+        let seed = self.cfg.raw().train.seed;
+        let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 0]);
+        let runs = accuracy_runs(&self.model, self.cfg.schedule(), test, ev.runs, Inference::Stochastic, ev.batch_size, &mut rng)?;
+        let k = runs.len() as f64;
+        let mean = runs.iter().sum::<f64>() / k;
+        let se = if runs.len() > 1 {
+            (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt()
+        } else {
+            0.0
+        };
+        let det = if ev.deterministic {
+            let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 1]);
+            Some(accuracy_runs(&self.model, self.cfg.schedule(), test, 1, Inference::Deterministic, ev.batch_size, &mut rng)?[0])
+        } else {
+            None
+        };
+        let train_acc = match train_subset {
+            Some(d) if !d.is_empty() => {
+                let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 2]);
+                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, 1, Inference::Stochastic, ev.batch_size, &mut rng)?[0])
+            }
+            _ => None,
+        };
+        Ok(EvalReport {
+            epoch,
+            test_acc: mean,
+            test_acc_se: se,
+            test_acc_runs: runs,
+            test_acc_deterministic: det,
+            train_acc,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The model's tensors and the checkpoint metadata for the current epoch.
+    pub fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
+        let mut meta = HashMap::new();
+        meta.insert("format".into(), "noprop/1".into());
+        meta.insert("method".into(), self.cfg.raw().model.method.name().into());
+        meta.insert("epoch".into(), self.epochs_done.to_string());
+        meta.insert("train_seconds".into(), format!("{:.3}", self.train_seconds));
+        meta.insert("config".into(), serde_json::to_string(self.cfg.raw()).unwrap_or_default());
+        (self.model.named_tensors(), meta)
+    }
+
+    /// The optimizers' state (moments and step counts).
+    pub fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
+        let mut tensors = self.head_opt.state("");
+        let mut steps = vec![self.head_opt.steps()];
+        for opt in &self.block_opts {
+            tensors.extend(opt.state(""));
+            steps.push(opt.steps());
+        }
+        let mut meta = HashMap::new();
+        meta.insert("epoch".into(), self.epochs_done.to_string());
+        meta.insert("steps".into(), serde_json::to_string(&steps).unwrap_or_default());
+        (tensors, meta)
+    }
+
+    /// Restores the state saved by [`Self::model_checkpoint`] and [`Self::optimizer_checkpoint`].
+    pub fn restore(
+        &mut self,
+        model: &BTreeMap<String, Tensor>,
+        model_meta: &HashMap<String, String>,
+        optim: &BTreeMap<String, Tensor>,
+        optim_meta: &HashMap<String, String>,
+    ) -> Result<(), TrainError> {
+        let bad = |reason: String| TrainError::Resume { reason };
+        let epoch: usize = model_meta.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| bad("checkpoint has no epoch".into()))?;
+        let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
+        if optim_epoch != epoch {
+            return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
+        }
+        let steps: Vec<u64> = optim_meta
+            .get("steps")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("optimizer state has no step counts".into()))?;
+        if steps.len() != self.block_opts.len() + 1 {
+            return Err(bad(format!("optimizer state has {} step counts, expected {}", steps.len(), self.block_opts.len() + 1)));
+        }
+        self.model.load_tensors(model)?;
+        self.head_opt.load_state("", optim, steps[0]).map_err(bad)?;
+        for (opt, &s) in self.block_opts.iter_mut().zip(&steps[1..]) {
+            opt.load_state("", optim, s).map_err(bad)?;
+        }
+        self.epochs_done = epoch;
+        self.train_seconds = model_meta.get("train_seconds").and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        Ok(())
+    }
+}
+
+/// Accuracy (percent) of `runs` independent sampling runs over `data`.
+///
+/// The image path does not depend on `z`, so each block's image features are
+/// computed once per batch and shared by all runs, which are stacked into one
+/// batch of `runs * B` latents.
+pub fn accuracy_runs(
+    model: &DtModel,
+    sched: &noprop_core::DiscreteSchedule,
+    data: &DeviceData,
+    runs: usize,
+    mode: Inference,
+    batch_size: usize,
+    rng: &mut NoiseRng,
+) -> Result<Vec<f64>, TrainError> {
+    let n = data.len();
+    let d = model.config().block.latent_dim;
+    let mut correct = vec![0usize; runs];
+    let dev = data.images.device();
+    let mut start = 0;
+    while start < n {
+        let b = batch_size.min(n - start);
+        let x = data.images.narrow(0, start, b)?;
+        let feats = model.image_features(&x)?;
+        let rows = runs * b;
+        let mut z = rng.randn(&[rows, d], x.dtype(), dev)?;
+        for t in 1..=sched.blocks() {
+            let fx = Tensor::cat(&vec![&feats[t - 1]; runs], 0)?;
+            let uhat = model.denoise_from_features(t, &z, &fx)?;
+            let eps = match mode {
+                Inference::Stochastic => Some(rng.randn(&[rows, d], x.dtype(), dev)?),
+                Inference::Deterministic => None,
+            };
+            z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
+        }
+        let pred: Vec<u32> = model.classify(&z)?.argmax(D::Minus1)?.to_vec1()?;
+        let labels = &data.host_labels[start..start + b];
+        for (r, c) in correct.iter_mut().enumerate() {
+            *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
+        }
+        start += b;
+    }
+    Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+}
+
+/// A trainer restored from a model checkpoint file alone (weights and the
+/// config in its metadata), for evaluation; optimizer state is not loaded.
+pub fn load_for_eval(path: &std::path::Path, device: &Device) -> Result<DtTrainer, TrainError> {
+    let (tensors, meta) = crate::checkpoint::load_safetensors(path, device)?;
+    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+    let cfg: crate::Config = meta
+        .get("config")
+        .ok_or_else(|| bad("no config in its metadata (not written by noprop?)".into()))
+        .and_then(|c| serde_json::from_str(c).map_err(|e| bad(format!("config in metadata: {e}"))))?;
+    let mut trainer = DtTrainer::new(cfg.validate()?, device.clone())?;
+    trainer.model.load_tensors(&tensors)?;
+    trainer.epochs_done = meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(0);
+    trainer.train_seconds = meta.get("train_seconds").and_then(|e| e.parse().ok()).unwrap_or(0.0);
+    Ok(trainer)
+}
+
+impl DtTrainer {
+    /// Replaces the evaluation settings (for `noprop eval` with other run counts).
+    pub fn set_eval_config(&mut self, eval: crate::config::EvalConfig) -> Result<(), TrainError> {
+        let mut raw = self.cfg.raw().clone();
+        raw.eval = eval;
+        self.cfg = raw.validate()?;
+        Ok(())
+    }
+}
