@@ -161,7 +161,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the causes print.
+            let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
     }
@@ -198,7 +200,15 @@ pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<Config> {
     if json {
         Ok(serde_json::from_str(text)?)
     } else {
-        Ok(toml::from_str(text)?)
+        toml::from_str(text).map_err(|e| {
+            // toml's Display draws a multi-line snippet; keep errors to one line.
+            let at = e.span().map(|s| {
+                let line = text[..s.start].matches('\n').count() + 1;
+                let col = s.start - text[..s.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {col}: ")
+            });
+            anyhow::anyhow!("{}{}", at.unwrap_or_default(), e.message().trim())
+        })
     }
 }
 

@@ -224,7 +224,13 @@ impl DtTrainer {
         let ev = &self.cfg.raw().eval;
         let seed = self.cfg.raw().train.seed;
         let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 0]);
-        let runs = accuracy_runs(&self.model, self.cfg.schedule(), test, ev.runs, Inference::Stochastic, ev.batch_size, &mut rng)?;
+        // The stochastic runs and the deterministic one share each batch's image features.
+        let mut modes = vec![Inference::Stochastic; ev.runs];
+        if ev.deterministic {
+            modes.push(Inference::Deterministic);
+        }
+        let mut runs = accuracy_runs(&self.model, self.cfg.schedule(), test, &modes, ev.batch_size, &mut rng)?;
+        let det = if ev.deterministic { runs.pop() } else { None };
         let k = runs.len() as f64;
         let mean = runs.iter().sum::<f64>() / k;
         let se = if runs.len() > 1 {
@@ -232,16 +238,10 @@ impl DtTrainer {
         } else {
             0.0
         };
-        let det = if ev.deterministic {
-            let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 1]);
-            Some(accuracy_runs(&self.model, self.cfg.schedule(), test, 1, Inference::Deterministic, ev.batch_size, &mut rng)?[0])
-        } else {
-            None
-        };
         let train_acc = match train_subset {
             Some(d) if !d.is_empty() => {
                 let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 2]);
-                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, 1, Inference::Stochastic, ev.batch_size, &mut rng)?[0])
+                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, &[Inference::Stochastic], ev.batch_size, &mut rng)?[0])
             }
             _ => None,
         };
@@ -313,20 +313,20 @@ impl DtTrainer {
     }
 }
 
-/// Accuracy (percent) of `runs` independent sampling runs over `data`.
+/// Accuracy (percent) over `data` of one sampling run per entry of `modes`.
 ///
 /// The image path does not depend on `z`, so each block's image features are
 /// computed once per batch and shared by all runs, which are stacked into one
-/// batch of `runs * B` latents.
+/// batch of `runs * B` latents; deterministic runs get `eps = 0`.
 pub fn accuracy_runs(
     model: &DtModel,
     sched: &noprop_core::DiscreteSchedule,
     data: &DeviceData,
-    runs: usize,
-    mode: Inference,
+    modes: &[Inference],
     batch_size: usize,
     rng: &mut NoiseRng,
 ) -> Result<Vec<f64>, TrainError> {
+    let runs = modes.len();
     let n = data.len();
     let d = model.config().block.latent_dim;
     let mut correct = vec![0usize; runs];
@@ -338,12 +338,20 @@ pub fn accuracy_runs(
         let feats = model.image_features(&x)?;
         let rows = runs * b;
         let mut z = rng.randn(&[rows, d], x.dtype(), dev)?;
+        // Rows of deterministic runs get no sampling noise.
+        let noise_mask: Vec<f32> = modes
+            .iter()
+            .flat_map(|m| std::iter::repeat_n(if *m == Inference::Stochastic { 1f32 } else { 0.0 }, b))
+            .collect();
+        let noise_mask = Tensor::from_vec(noise_mask, (rows, 1), dev)?.to_dtype(x.dtype())?;
+        let any_noise = modes.contains(&Inference::Stochastic);
         for t in 1..=sched.blocks() {
-            let fx = Tensor::cat(&vec![&feats[t - 1]; runs], 0)?;
+            let fx = if runs == 1 { feats[t - 1].clone() } else { Tensor::cat(&vec![&feats[t - 1]; runs], 0)? };
             let uhat = model.denoise_from_features(t, &z, &fx)?;
-            let eps = match mode {
-                Inference::Stochastic => Some(rng.randn(&[rows, d], x.dtype(), dev)?),
-                Inference::Deterministic => None,
+            let eps = if any_noise {
+                Some(rng.randn(&[rows, d], x.dtype(), dev)?.broadcast_mul(&noise_mask)?)
+            } else {
+                None
             };
             z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
         }

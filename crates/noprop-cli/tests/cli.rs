@@ -1,0 +1,243 @@
+//! End-to-end tests of the `noprop` binary on tiny synthetic MNIST-format
+//! files: a run folder is complete, `eval` reads it, bad input fails with one
+//! line, and a run killed mid-epoch resumes to the same weights as a run
+//! that was never interrupted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use noprop_data::{DatasetKind, Split};
+
+fn noprop() -> Command {
+    let mut c = Command::cargo_bin("noprop").unwrap();
+    c.env_remove("NOPROP_DATA").env("RAYON_NUM_THREADS", "2");
+    c
+}
+
+/// Writes a tiny MNIST in the canonical IDX format.
+fn write_mnist(dir: &Path, train: usize, test: usize) {
+    for (split, n) in [(Split::Train, train), (Split::Test, test)] {
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 10).collect();
+        let mut pixels = vec![0u8; n * 784];
+        for (i, &y) in labels.iter().enumerate() {
+            for r in (y as usize * 2)..(y as usize * 2 + 4) {
+                for c in 0..28 {
+                    pixels[i * 784 + r * 28 + c] = 200;
+                }
+            }
+            pixels[i * 784 + (i * 31) % 784] = 255;
+        }
+        DatasetKind::Mnist.write(dir, split, &pixels, &labels).unwrap();
+    }
+}
+
+fn write_config(path: &Path, epochs: usize, extra: &str) {
+    let text = format!(
+        r#"
+[data]
+dataset = "mnist"
+[model]
+method = "dt"
+blocks = 3
+embedding = "one-hot"
+[train]
+epochs = {epochs}
+batch_size = 16
+lr = 1e-3
+weight_decay = 1e-3
+eta = 0.1
+seed = 4
+[eval]
+runs = 2
+batch_size = 50
+train_subset = 32
+[checkpoint]
+keep_last = 0
+{extra}
+"#
+    );
+    std::fs::write(path, text).unwrap();
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn fixture(train: usize) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    write_mnist(&root.join("mnist"), train, 50);
+    Fixture { _tmp: tmp, root }
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn checkpoint_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn train_writes_a_complete_run_folder_and_eval_reads_it() {
+    let f = fixture(64);
+    let cfg = f.root.join("tiny.toml");
+    write_config(&cfg, 2, "");
+    let run = f.root.join("run");
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(f.root.join("mnist"))
+        .arg("--out")
+        .arg(&run)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["epochs"], 2);
+    assert!(summary["eval"]["test_acc"].as_f64().unwrap() >= 0.0);
+    for file in ["config.json", "meta.json", "metrics.jsonl", "checkpoints/epoch-0002/model.safetensors", "checkpoints/epoch-0002/optimizer.safetensors"] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["seed"], 4);
+    assert!(meta["command"].as_array().unwrap().len() > 3);
+    let m = metrics(&run);
+    assert_eq!(m.iter().filter(|v| v["event"] == "pass").count(), 6);
+    assert_eq!(m.iter().filter(|v| v["event"] == "eval").count(), 2);
+    let names: Vec<String> = checkpoint_tensors(&run.join("checkpoints/epoch-0002/model.safetensors")).into_iter().map(|x| x.0).collect();
+    assert!(names.contains(&"blocks.3.img.conv1.weight".to_string()));
+    assert!(names.contains(&"head.bias".to_string()));
+    assert!(names.contains(&"embed".to_string()));
+    assert!(!names.iter().any(|n| n.starts_with("blocks.4")));
+
+    let out = noprop().arg("eval").arg(&run).arg("--data").arg(f.root.join("mnist")).args(["--json", "--runs", "3"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["epoch"], 2);
+    assert_eq!(v["eval"]["test_acc_runs"].as_array().unwrap().len(), 3);
+}
+
+fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error:") && last.contains(needle), "expected an error naming {needle:?}, got {err}");
+}
+
+#[test]
+fn bad_input_gives_a_one_line_error() {
+    let f = fixture(32);
+    let data = f.root.join("mnist");
+    // An unknown field.
+    let cfg = f.root.join("unknown.toml");
+    write_config(&cfg, 1, "[extra]\nfoo = 1\n");
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    assert_one_line_error(&out, "unknown field");
+    // T = 0 and a negative learning rate.
+    for (from, to, needle) in [("blocks = 3", "blocks = 0", "model.blocks"), ("lr = 1e-3", "lr = -1e-3", "train.lr")] {
+        let cfg = f.root.join("bad.toml");
+        write_config(&cfg, 1, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
+        std::fs::write(&cfg, text).unwrap();
+        let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+        assert_one_line_error(&out, needle);
+    }
+    // Missing data.
+    let cfg = f.root.join("ok.toml");
+    write_config(&cfg, 1, "");
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(f.root.join("nowhere")).output().unwrap();
+    assert_one_line_error(&out, "nowhere");
+    // Corrupt data: a truncated image file.
+    let broken = f.root.join("broken");
+    write_mnist(&broken, 32, 50);
+    let img = broken.join("train-images-idx3-ubyte");
+    let bytes = std::fs::read(&img).unwrap();
+    std::fs::write(&img, &bytes[..bytes.len() - 100]).unwrap();
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&broken).output().unwrap();
+    assert_one_line_error(&out, "train-images-idx3-ubyte");
+    // An unreadable checkpoint.
+    let bad = f.root.join("bad.safetensors");
+    std::fs::write(&bad, b"garbage").unwrap();
+    let out = noprop().arg("eval").arg(&bad).arg("--data").arg(&data).output().unwrap();
+    assert_one_line_error(&out, "bad.safetensors");
+    // Not a run folder.
+    let out = noprop().args(["train", "--resume"]).arg(&f.root).output().unwrap();
+    assert_one_line_error(&out, "not a run folder");
+}
+
+#[test]
+fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
+    let f = fixture(400);
+    let cfg = f.root.join("tiny.toml");
+    write_config(&cfg, 3, "");
+    let data = f.root.join("mnist");
+
+    let straight = f.root.join("straight");
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).arg("--out").arg(&straight).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let killed = f.root.join("killed");
+    let mut child = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&killed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = killed.join("checkpoints/epoch-0001/model.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !first.is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint after 300 s");
+        assert!(child.try_wait().unwrap().is_none(), "training exited early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let it get into epoch 2's passes, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !metrics(&killed).iter().any(|v| v["event"] == "pass" && v["epoch"] == 2) {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.join("checkpoints/epoch-0003").exists(), "the run finished before it was killed");
+
+    let out = noprop().args(["train", "--resume"]).arg(&killed).arg("--data").arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let m = metrics(&killed);
+    let epochs: Vec<u64> = m.iter().filter(|v| v["event"] == "epoch").map(|v| v["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, vec![1, 2, 3]);
+    for e in 1..=3u64 {
+        let passes: Vec<u64> = m.iter().filter(|v| v["event"] == "pass" && v["epoch"] == e).map(|v| v["block"].as_u64().unwrap()).collect();
+        assert_eq!(passes, vec![1, 2, 3], "epoch {e}");
+        assert_eq!(m.iter().filter(|v| v["event"] == "eval" && v["epoch"] == e).count(), 1);
+    }
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["resumes"][0]["from_epoch"], 1);
+    assert_eq!(
+        checkpoint_tensors(&killed.join("checkpoints/epoch-0003/model.safetensors")),
+        checkpoint_tensors(&straight.join("checkpoints/epoch-0003/model.safetensors")),
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let evals = |m: &[serde_json::Value]| m.iter().filter(|v| v["event"] == "eval").map(|v| v["test_acc_runs"].clone()).collect::<Vec<_>>();
+    assert_eq!(evals(&m), evals(&metrics(&straight)));
+}
