@@ -65,9 +65,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let infer = DeviceData::new(&infer, DType::F32, &dev)?;
     let sched = trainer.config().schedule().clone();
     let mut r = NoiseRng::new(3);
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, &mut r)?;
+    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, noprop_core::ClassProbability::Softmax, &mut r)?;
     let t0 = Instant::now();
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, &mut r)?;
+    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, noprop_core::ClassProbability::Softmax, &mut r)?;
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
     let batches_per_epoch = 60_000usize.div_ceil(args.batch);

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use noprop_data::{DatasetKind, Split};
-use noprop_train::{fit, load_for_eval, Config, DeviceData, DtTrainer, RunData, RunDir};
+use noprop_train::{build_trainer, fit, load_for_eval, Config, DeviceData, RunData, RunDir};
 use serde_json::json;
 
 mod bench;
@@ -105,6 +105,15 @@ struct EvalArgs {
     /// Evaluate on the first N test images only.
     #[arg(long)]
     test_limit: Option<usize>,
+    /// CT/FM: integration steps (default: the run's config, 1000).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// CT/FM: eq3, euler or heun.
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Train accuracy on the first N training images (0: skip).
+    #[arg(long)]
+    train_subset: Option<usize>,
     #[command(flatten)]
     common: Common,
 }
@@ -216,7 +225,7 @@ fn data_dir(kind: DatasetKind, flag: Option<&Path>, config: Option<&Path>) -> Pa
     noprop_data::resolve_data_dir(kind, flag.or(config))
 }
 
-fn load_data(cfg: &Config, flag: Option<&Path>, download: bool, dev: &Device) -> Result<RunData> {
+fn load_data(cfg: &Config, flag: Option<&Path>, download: bool, dev: &Device) -> Result<(RunData, noprop_data::Dataset)> {
     let kind = cfg.data.dataset;
     let dir = data_dir(kind, flag, cfg.data.dir.as_deref());
     kind.ensure(&dir, download).with_context(|| format!("{kind} data not found in {}", dir.display()))?;
@@ -228,13 +237,14 @@ fn load_data(cfg: &Config, flag: Option<&Path>, download: bool, dev: &Device) ->
     if cfg.data.test_limit > 0 {
         test = test.take(cfg.data.test_limit);
     }
-    let train = DeviceData::new(&train, DType::F32, dev)?;
+    let host = train;
+    let train = DeviceData::new(&host, DType::F32, dev)?;
     let test = DeviceData::new(&test, DType::F32, dev)?;
     let subset = match cfg.eval.train_subset {
         0 => None,
         n => Some(train.head(n)?),
     };
-    Ok(RunData { train, test, train_subset: subset })
+    Ok((RunData { train, test, train_subset: subset }, host))
 }
 
 fn utc_stamp() -> String {
@@ -306,11 +316,12 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     }
     let valid = cfg.clone().validate()?;
-    let data = load_data(&cfg, args.common.data.as_deref(), args.download, &dev)?;
-    let mut trainer = DtTrainer::new(valid, dev.clone())?;
+    let (data, host_train) = load_data(&cfg, args.common.data.as_deref(), args.download, &dev)?;
+    let mut trainer = build_trainer(valid, dev.clone(), Some(&host_train))?;
+    drop(host_train);
     let run = match target {
         Target::Resume(run) => {
-            let epoch = run.restore_latest(&mut trainer).context("cannot restore the newest checkpoint")?;
+            let epoch = run.restore_latest(trainer.as_mut()).context("cannot restore the newest checkpoint")?;
             run.truncate_metrics_after(epoch)?;
             run.record_resume(epoch, &command)?;
             eprintln!("resuming {} after epoch {epoch}", run.path().display());
@@ -327,14 +338,19 @@ fn train(args: TrainArgs) -> Result<()> {
                                  "noise": noprop_train::dt::streams::NOISE, "dropout": noprop_train::dt::streams::DROPOUT,
                                  "eval": noprop_train::dt::streams::EVAL},
                 "command": command,
-                "block_parameters": trainer.model().block_parameter_count(),
+                "parameters": trainer
+                    .named_tensors()
+                    .iter()
+                    .filter(|(k, _)| !noprop_models::layers::is_buffer(k) && k.as_str() != "embed")
+                    .map(|(_, v)| v.elem_count())
+                    .sum::<usize>(),
             });
             RunDir::create(&out, &cfg, meta)?
         }
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = progress::Progress::new(std::io::stderr().is_terminal());
-    let report = fit(&mut trainer, &data, Some(&run), &mut obs)?;
+    let report = fit(trainer.as_mut(), &data, Some(&run), &mut obs)?;
     obs.finish();
     if args.common.json {
         let epochs: Vec<_> = run.metrics()?.into_iter().filter(|v| v["event"] == "epoch").collect();
@@ -369,10 +385,19 @@ fn eval(args: EvalArgs) -> Result<()> {
     if let Some(n) = args.test_limit {
         cfg.data.test_limit = n;
     }
+    if let Some(n) = args.steps {
+        cfg.eval.steps = n;
+    }
+    if let Some(s) = &args.sampler {
+        cfg.eval.sampler = serde_json::from_value(json!(s)).with_context(|| format!("unknown sampler {s:?}: expected eq3, euler or heun"))?;
+    }
+    if let Some(n) = args.train_subset {
+        cfg.eval.train_subset = n;
+    }
     if cfg != *trainer.config().raw() {
         trainer.set_eval_config(cfg.eval.clone())?;
     }
-    let data = load_data(&cfg, args.common.data.as_deref(), false, &dev)?;
+    let (data, _) = load_data(&cfg, args.common.data.as_deref(), false, &dev)?;
     let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), trainer.epochs_done())?;
     if args.common.json {
         println!("{}", json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report}));

@@ -24,6 +24,32 @@ pub enum CoreError {
         /// The number of blocks `T`.
         blocks: usize,
     },
+    /// A scalar argument outside its domain (for example a non-positive sigma).
+    #[error("argument {name} = {value} is invalid: {reason}")]
+    BadArgument {
+        /// The argument's name.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+        /// What it must satisfy.
+        reason: &'static str,
+    },
+    /// A parameter that [`LearnableSchedule::load`](crate::LearnableSchedule::load) needs is absent.
+    #[error("parameter {name} is missing")]
+    MissingParameter {
+        /// The parameter's name.
+        name: String,
+    },
+    /// A loaded parameter has the wrong shape.
+    #[error("parameter {name}: expected shape {expected:?}, got {found:?}")]
+    ParameterShape {
+        /// The parameter's name.
+        name: String,
+        /// The shape it must have.
+        expected: Vec<usize>,
+        /// The shape that was given.
+        found: Vec<usize>,
+    },
     /// An error from candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -90,7 +116,7 @@ pub(crate) fn check_shape(
         && dims
             .iter()
             .zip(expected)
-            .all(|(d, e)| e.map_or(true, |e| e == *d));
+            .all(|(d, e)| e.is_none_or(|e| e == *d));
     if ok {
         Ok(())
     } else {

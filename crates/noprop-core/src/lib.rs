@@ -4,9 +4,11 @@
 //! embedding; at inference the blocks run in turn from pure noise `z_0` to the
 //! (nearly) clean `z_T` with the update of eq. 3. This crate holds what any
 //! implementation needs and nothing that ties it to ours: noise schedules and
-//! their coefficients, q-sampling, the loss terms, the sampler, a seeded host
-//! random stream, and the [`Denoiser`] trait that a user's own network
-//! implements.
+//! their coefficients, q-sampling, the loss terms, the samplers, a seeded host
+//! random stream, and the traits that a user's own network implements:
+//! [`Denoiser`] for NoProp-DT, [`ContinuousDenoiser`] for NoProp-CT (with a
+//! fixed or learnable [`ContinuousSchedule`]) and [`VelocityField`] for
+//! NoProp-FM.
 //!
 //! It does no I/O, parses no arguments and installs no logger.
 //!
@@ -23,14 +25,30 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod class_probs;
+mod continuous;
+mod ct;
 mod error;
+mod fm;
 pub mod loss;
+mod ode;
 mod rng;
 mod sample;
 mod schedule;
 
+pub use class_probs::{radial_log_probs, ClassProbability};
+pub use continuous::{ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig};
+pub use ct::{
+    ct_denoise_loss, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_with, sample_ct_eq3, sample_ct_ode, sample_t,
+    ContinuousDenoiser, CtLoss,
+};
 pub use error::{CoreError, Result, ScheduleError};
+pub use fm::{
+    fm_extrapolate, fm_interpolate, fm_interpolate_with, fm_loss, fm_target, nearest_embedding, sample_fm,
+    VelocityField,
+};
 pub use loss::{cross_entropy, denoise_loss, dt_loss, kl_prior, log_softmax, DtLoss};
+pub use ode::OdeSolver;
 pub use rng::{sub_seed, NoiseRng};
-pub use sample::{dt_step, q_sample, q_sample_with, sample_dt, Denoiser, Inference};
-pub use schedule::{DiscreteSchedule, Eq3Coefficients, ScheduleSpec};
+pub use sample::{dt_step, eq3_update, q_sample, q_sample_with, sample_dt, Denoiser, Inference};
+pub use schedule::{coefficients_between, DiscreteSchedule, Eq3Coefficients, ScheduleSpec};

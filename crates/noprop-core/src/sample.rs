@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use crate::error::{check_shape, CoreError, Result};
 use crate::rng::NoiseRng;
-use crate::schedule::DiscreteSchedule;
+use crate::schedule::{DiscreteSchedule, Eq3Coefficients};
 
 /// A network that predicts the clean label embedding from a noisy one.
 ///
@@ -74,9 +74,32 @@ pub fn dt_step(
             found: uhat.dims().to_vec(),
         });
     }
-    let k = sched.coefficients(t);
+    eq3_update(sched.coefficients(t), uhat, z_prev, eps)
+}
+
+/// The eq. 3 update with given coefficients:
+/// `a uhat + b z_prev + sqrt(c) eps` (no noise when `eps` is `None`).
+/// [`dt_step`] and the continuous-time sampler both use it.
+///
+/// # Shapes
+/// `uhat`, `z_prev` and `eps`: `[B, d]`; returns `[B, d]`.
+pub fn eq3_update(k: Eq3Coefficients, uhat: &Tensor, z_prev: &Tensor, eps: Option<&Tensor>) -> Result<Tensor> {
+    if uhat.dims() != z_prev.dims() {
+        return Err(CoreError::Shape {
+            what: "eq3_update: uhat",
+            expected: format!("{:?} (the shape of z_prev)", z_prev.dims()),
+            found: uhat.dims().to_vec(),
+        });
+    }
     let mut z = ((uhat * k.a)? + (z_prev * k.b)?)?;
     if let Some(eps) = eps {
+        if eps.dims() != z_prev.dims() {
+            return Err(CoreError::Shape {
+                what: "eq3_update: eps",
+                expected: format!("{:?} (the shape of z_prev)", z_prev.dims()),
+                found: eps.dims().to_vec(),
+            });
+        }
         z = (z + (eps * k.c.sqrt())?)?;
     }
     Ok(z)

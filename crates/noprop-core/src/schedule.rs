@@ -93,6 +93,37 @@ pub struct Eq3Coefficients {
     pub c: f64,
 }
 
+/// The eq. 3 coefficients of one step from a time `s` to a later time `t`,
+/// given `abar_s = alpha_bar(s)` and `abar_t = alpha_bar(t)`.
+///
+/// With `alpha = abar_s / abar_t` (the fraction of signal the step adds):
+/// `a = sqrt(abar_t) (1 - alpha) / (1 - abar_s)`,
+/// `b = sqrt(alpha) (1 - abar_t) / (1 - abar_s)`,
+/// `c = (1 - abar_t) (1 - alpha) / (1 - abar_s)`.
+/// The discrete schedule uses it for consecutive blocks and the continuous-time
+/// sampler for consecutive grid points, so both share this one formula.
+///
+/// The caller must ensure `0 <= abar_s <= abar_t < 1` and `abar_t > 0`; then
+/// `a, b, c >= 0`, and the step keeps q's marginals: if `z_s ~ q(z_s|y)` and
+/// the prediction is `u_y`, then `z_t ~ q(z_t|y)`. Equal values give the
+/// identity step (`a = c = 0`, `b = 1`).
+pub fn coefficients_between(abar_s: f64, abar_t: f64) -> Eq3Coefficients {
+    let alpha = abar_s / abar_t;
+    let den = 1.0 - abar_s;
+    Eq3Coefficients {
+        a: abar_t.sqrt() * (1.0 - alpha) / den,
+        b: alpha.sqrt() * (1.0 - abar_t) / den,
+        c: (1.0 - abar_t) * (1.0 - alpha) / den,
+    }
+}
+
+impl Eq3Coefficients {
+    /// Same as [`coefficients_between`].
+    pub fn between(abar_s: f64, abar_t: f64) -> Self {
+        coefficients_between(abar_s, abar_t)
+    }
+}
+
 /// A validated discrete schedule `abar_0 < abar_1 < ... < abar_T`, all in `[0, 1)`,
 /// with every derived table precomputed in f64.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,15 +163,7 @@ impl DiscreteSchedule {
             c: f64::NAN,
         });
         for t in 1..abar.len() {
-            let (prev, cur) = (abar[t - 1], abar[t]);
-            // alpha_{t-1} = abar_{t-1} / abar_t: the fraction of signal added by step t.
-            let alpha_prev = prev / cur;
-            let den = 1.0 - prev;
-            coeffs.push(Eq3Coefficients {
-                a: cur.sqrt() * (1.0 - alpha_prev) / den,
-                b: alpha_prev.sqrt() * (1.0 - cur) / den,
-                c: (1.0 - cur) * (1.0 - alpha_prev) / den,
-            });
+            coeffs.push(coefficients_between(abar[t - 1], abar[t]));
         }
         Ok(Self { abar, snr, coeffs })
     }

@@ -118,7 +118,7 @@ fn col2im_add<T: Elem>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
 
 /// One row-major operand of a GEMM: a pointer plus its row and column strides.
 #[derive(Clone, Copy)]
-struct Mat<T> {
+pub(crate) struct Mat<T> {
     ptr: *const T,
     rs: usize,
     cs: usize,
@@ -126,7 +126,7 @@ struct Mat<T> {
 
 impl<T> Mat<T> {
     /// A row-major `[rows, cols]` matrix.
-    fn rows(s: &[T], cols: usize) -> Self {
+    pub(crate) fn rows(s: &[T], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             rs: cols,
@@ -134,7 +134,7 @@ impl<T> Mat<T> {
         }
     }
     /// The transpose of a row-major matrix with `cols` columns.
-    fn transposed(s: &[T], cols: usize) -> Self {
+    pub(crate) fn transposed(s: &[T], cols: usize) -> Self {
         Self {
             ptr: s.as_ptr(),
             rs: 1,
@@ -150,7 +150,7 @@ impl<T> Mat<T> {
 /// `dst` must be valid for `m * n` writes (and reads when accumulating), the
 /// operands must describe in-bounds matrices, and nothing else may access
 /// `dst` meanwhile.
-unsafe fn matmul<T: Elem>(
+pub(crate) unsafe fn matmul<T: Elem>(
     (m, n, k): (usize, usize, usize),
     dst: *mut T,
     accumulate: bool,

@@ -6,7 +6,7 @@ use candle_core::DType;
 /// [`candle_core::Result`] so that they compose with candle code; these errors
 /// reach the caller wrapped in [`candle_core::Error::Wrapped`], and their
 /// messages name the offending argument and shape.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KernelError {
     /// An input is not a rank-4 NCHW tensor.
@@ -54,6 +54,16 @@ pub enum KernelError {
     /// The fast kernels run on `f32` and `f64` only.
     #[error("{op}: the fast kernels support f32 and f64, not {dtype:?}")]
     UnsupportedDType { op: &'static str, dtype: DType },
+    /// `linear` arguments that do not fit `[batch, in]`, `[out, in]`, `[out]`.
+    #[error("linear: expected x [batch, in], w [out, in], b [out], got {x:?}, {w:?}, {b:?}")]
+    LinearShapes {
+        x: Vec<usize>,
+        w: Vec<usize>,
+        b: Vec<usize>,
+    },
+    /// A dropout probability outside `[0, 1)`.
+    #[error("dropout: the probability must lie in [0, 1), got {p}")]
+    DropoutProbability { p: f64 },
     /// A [`crate::Kernels`] name that is neither `fast` nor `stock`.
     #[error("unknown kernels {0:?}: expected \"fast\" or \"stock\"")]
     UnknownKernels(String),

@@ -15,6 +15,14 @@
 //!   `col2im(wᵀ · grad)`, skipped when the caller says the input is data.
 //!   [`conv2d_relu`] fuses bias and ReLU into the GEMM's epilogue and takes
 //!   the ReLU mask from its own output.
+//! - [`dropout`]: inverted dropout whose keep mask is a pure function of a
+//!   seed and each element's index (a counter-based SplitMix64 stream), so it
+//!   is drawn in parallel, identically for any thread count, and redrawn in
+//!   the backward pass instead of stored. The stock path multiplies by the
+//!   same mask built on the host.
+//! - [`linear`]: `x wᵀ + b` as one GEMM forward and one GEMM per gradient
+//!   backward, each in its argument's layout (candle's transpose + matmul +
+//!   broadcast add accumulates a strided weight gradient).
 //! - [`max_pool2x2`]: 2x2, stride-2 max-pooling whose gradient goes wholly to
 //!   the first maximum of each window; odd sizes drop the last row or column,
 //!   as PyTorch does.
@@ -52,8 +60,10 @@
 //! ```
 
 mod conv;
+mod dropout;
 mod elem;
 mod error;
+mod linear;
 mod ops;
 mod pool;
 
@@ -201,6 +211,80 @@ pub fn max_pool2x2_with(kernels: Kernels, x: &Tensor) -> Result<Tensor> {
         x.clone()
     };
     x.reshape((n, c, ho, 2, wo, 2))?.max(5)?.max(3)
+}
+
+/// A fully connected layer `x wᵀ + b`, on the fast kernels where they apply.
+///
+/// # Shapes
+/// - `x`: `[batch, in]`
+/// - `w`: `[out, in]`
+/// - `b`: `[out]`
+/// - result: `[batch, out]`
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    linear_with(Kernels::Fast, x, w, b)
+}
+
+/// [`linear`] on the chosen [`Kernels`].
+pub fn linear_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (xd, wd, bd) = (x.dims(), w.dims(), b.dims());
+    if xd.len() != 2 || wd.len() != 2 || xd[1] != wd[1] || bd != [wd[0]] {
+        return Err(KernelError::LinearShapes {
+            x: xd.to_vec(),
+            w: wd.to_vec(),
+            b: bd.to_vec(),
+        }
+        .into());
+    }
+    for (arg, t) in [("w", w), ("b", b)] {
+        if t.dtype() != x.dtype() {
+            return Err(KernelError::DTypeMismatch {
+                op: "linear",
+                arg,
+                found: t.dtype(),
+                expected: x.dtype(),
+            }
+            .into());
+        }
+    }
+    if kernels.fast_for(&[x, w, b]) {
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, ops::LinearOp);
+    }
+    x.matmul(&w.t()?)?.broadcast_add(b)
+}
+
+/// Inverted dropout: each element is zeroed with probability `p` and
+/// otherwise multiplied by `1 / (1 - p)`, on the fast kernels where they
+/// apply. The mask depends only on `seed` and the element's position, so the
+/// same seed gives the same mask on both paths and for any thread count.
+/// `p == 0` returns `x` unchanged.
+///
+/// # Shapes
+/// - `x`: any
+/// - result: the shape of `x`
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    dropout_with(Kernels::Fast, x, p, seed)
+}
+
+/// [`dropout`] on the chosen [`Kernels`].
+pub fn dropout_with(kernels: Kernels, x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(KernelError::DropoutProbability { p }.into());
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = dropout::Mask::new(p, seed);
+    if kernels.fast_for(&[x]) {
+        return x.contiguous()?.apply_op1(ops::DropoutOp(mask));
+    }
+    let n = x.elem_count();
+    let factors = match x.dtype() {
+        DType::F64 => Tensor::from_vec(mask.factors::<f64>(n), x.shape(), &candle_core::Device::Cpu)?,
+        _ => Tensor::from_vec(mask.factors::<f32>(n), x.shape(), &candle_core::Device::Cpu)?,
+    };
+    x.mul(&factors.to_dtype(x.dtype())?.to_device(x.device())?)
 }
 
 fn rank4<'a>(op: &'static str, arg: &'static str, t: &'a Tensor) -> Result<&'a [usize]> {

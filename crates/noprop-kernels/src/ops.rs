@@ -298,3 +298,134 @@ impl CustomOp1 for MaxPoolOp {
         Ok(Some(dx))
     }
 }
+
+const DROPOUT: &str = "dropout";
+
+/// Inverted dropout with a counter-based mask; the backward pass redraws the
+/// same mask from the seed instead of storing it.
+pub(crate) struct DropoutOp(pub crate::dropout::Mask);
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "noprop-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(self.0.apply(host_slice::<f32>(s, l, DROPOUT, "x")?)),
+            DType::F64 => CpuStorage::F64(self.0.apply(host_slice::<f64>(s, l, DROPOUT, "x")?)),
+            dtype => return Err(KernelError::UnsupportedDType { op: DROPOUT, dtype }.into()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let dx = match grad.dtype() {
+            DType::F32 => host_tensor(self.0.apply(storage_slice::<f32>(&gs, gl, DROPOUT, "grad")?), x.shape())?,
+            DType::F64 => host_tensor(self.0.apply(storage_slice::<f64>(&gs, gl, DROPOUT, "grad")?), x.shape())?,
+            dtype => return Err(KernelError::UnsupportedDType { op: DROPOUT, dtype }.into()),
+        };
+        Ok(Some(dx))
+    }
+}
+
+const LINEAR: &str = "linear";
+
+/// `x wᵀ + b` as a ternary custom op whose backward pass produces each
+/// gradient with one GEMM (or one sum), in its argument's layout.
+pub(crate) struct LinearOp;
+
+impl LinearOp {
+    fn geom(x: &[usize], w: &[usize]) -> crate::linear::LinearGeom {
+        crate::linear::LinearGeom { batch: x[0], inp: x[1], out: w[0] }
+    }
+
+    fn fwd<T: Elem>(
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = Self::geom(xl.dims(), wl.dims());
+        let y = crate::linear::forward(
+            &g,
+            host_slice::<T>(xs, xl, LINEAR, "x")?,
+            host_slice::<T>(ws, wl, LINEAR, "w")?,
+            host_slice::<T>(bs, bl, LINEAR, "b")?,
+        );
+        Ok((T::to_cpu_storage_owned(y), Shape::from((g.batch, g.out))))
+    }
+
+    fn bwd_typed<T: Elem>(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Self::geom(x.dims(), w.dims());
+        let (gs, gl) = grad.storage_and_layout();
+        let gr = storage_slice::<T>(&gs, gl, LINEAR, "grad")?;
+        let dx = if x.track_op() {
+            let (ws, wl) = w.storage_and_layout();
+            let dx = crate::linear::grad_x(&g, gr, storage_slice::<T>(&ws, wl, LINEAR, "w")?);
+            Some(host_tensor(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let (xs, xl) = x.storage_and_layout();
+            let dw = crate::linear::grad_w(&g, gr, storage_slice::<T>(&xs, xl, LINEAR, "x")?);
+            Some(host_tensor(dw, w.shape())?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(host_tensor(crate::linear::grad_b(&g, gr), b.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "noprop-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match xs.dtype() {
+            DType::F32 => Self::fwd::<f32>(xs, xl, ws, wl, bs, bl),
+            DType::F64 => Self::fwd::<f64>(xs, xl, ws, wl, bs, bl),
+            dtype => Err(KernelError::UnsupportedDType { op: LINEAR, dtype }.into()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        match x.dtype() {
+            DType::F32 => Self::bwd_typed::<f32>(x, w, b, &grad),
+            DType::F64 => Self::bwd_typed::<f64>(x, w, b, &grad),
+            dtype => Err(KernelError::UnsupportedDType { op: LINEAR, dtype }.into()),
+        }
+    }
+}

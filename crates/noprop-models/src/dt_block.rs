@@ -1,10 +1,11 @@
-//! The discrete-time denoising block of Figure 6 (left), for `d != C*H*W`.
+//! The discrete-time denoising block of Figure 6 (left).
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm1d, conv2d, dropout, linear, softmax_embed, BatchNorm1d, Conv2d, Linear, Mode};
-use crate::ops::{max_pool2x2, Kernels};
+use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
+use crate::layers::{batch_norm1d, linear, softmax_embed, BatchNorm1d, Linear, Mode};
+use crate::ops::Kernels;
 
 /// Shapes and options of a [`DtBlock`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -15,7 +16,7 @@ pub struct DtBlockConfig {
     pub height: usize,
     /// Image width `W` (a multiple of 4).
     pub width: usize,
-    /// Latent dimension `d`.
+    /// Latent dimension `d`; `d = C*H*W` selects the prototype label path.
     pub latent_dim: usize,
     /// Number of classes `m`.
     pub classes: usize,
@@ -26,10 +27,30 @@ pub struct DtBlockConfig {
 }
 
 impl DtBlockConfig {
-    /// Flattened size of the image path's last feature map, `128 (H/4) (W/4)`.
-    pub fn flat_features(&self) -> usize {
-        128 * (self.height / 4) * (self.width / 4)
+    /// True when `d = C*H*W`: `z` is an image and goes through its own image path.
+    pub fn prototype(&self) -> bool {
+        self.latent_dim == self.in_channels * self.height * self.width
     }
+
+    fn image(&self, input_grad: bool) -> ImagePathConfig {
+        ImagePathConfig {
+            channels: self.in_channels,
+            height: self.height,
+            width: self.width,
+            dropout: self.dropout,
+            kernels: self.kernels,
+            input_grad,
+            tail: ImageTail::BatchNorm,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum LabelPath {
+    /// `h1 = ReLU(BN(Linear d->256 (z)))`, `fz = h1 + BN(Linear(ReLU(BN(Linear(h1)))))`.
+    Mlp { fc1: Linear, bn1: BatchNorm1d, fc2: Linear, bn2: BatchNorm1d, fc3: Linear, bn3: BatchNorm1d },
+    /// `z` reshaped to `[B, C, H, W]` through a copy of the image path.
+    Image(ImagePath),
 }
 
 /// One block `uhat_t(z, x)`:
@@ -38,23 +59,15 @@ impl DtBlockConfig {
 /// image: conv3x3(C->32) ReLU maxpool2 dropout, conv3x3(32->64) ReLU dropout,
 ///        conv3x3(64->128) ReLU maxpool2 dropout, flatten, Linear 256, BN
 /// label: h1 = ReLU(BN(Linear d->256 (z))); fz = h1 + BN(Linear(ReLU(BN(Linear(h1)))))
+///        (for d = C*H*W: z as an image through its own image path)
 /// fuse:  [fx, fz] -> Linear 256 BN ReLU -> Linear 128 BN ReLU -> Linear m
 /// uhat = softmax(logits) @ W_embed
 /// ```
 #[derive(Debug, Clone)]
 pub struct DtBlock {
     cfg: DtBlockConfig,
-    conv1: Conv2d,
-    conv2: Conv2d,
-    conv3: Conv2d,
-    img_fc: Linear,
-    img_bn: BatchNorm1d,
-    z_fc1: Linear,
-    z_bn1: BatchNorm1d,
-    z_fc2: Linear,
-    z_bn2: BatchNorm1d,
-    z_fc3: Linear,
-    z_bn3: BatchNorm1d,
+    image: ImagePath,
+    label: LabelPath,
     fuse_fc1: Linear,
     fuse_bn1: BatchNorm1d,
     fuse_fc2: Linear,
@@ -65,25 +78,25 @@ pub struct DtBlock {
 /// Builds a block; parameter names are relative to `vb`'s prefix
 /// (`img.conv1.weight`, `label.fc1.weight`, `fuse.out.bias`, ...).
 pub fn dt_block(cfg: DtBlockConfig, vb: VarBuilder) -> candle_core::Result<DtBlock> {
-    if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
-        candle_core::bail!("the Figure-6 block needs H and W divisible by 4, got {}x{}", cfg.height, cfg.width);
-    }
-    let img = vb.pp("img");
     let lab = vb.pp("label");
     let fuse = vb.pp("fuse");
     // Construction order fixes the order of the seeded initialisation.
+    let image = image_path(cfg.image(false), vb.pp("img"))?;
+    let label = if cfg.prototype() {
+        LabelPath::Image(image_path(cfg.image(true), lab)?)
+    } else {
+        LabelPath::Mlp {
+            fc1: linear(cfg.latent_dim, 256, lab.pp("fc1"))?,
+            bn1: batch_norm1d(256, lab.pp("bn1"))?,
+            fc2: linear(256, 256, lab.pp("fc2"))?,
+            bn2: batch_norm1d(256, lab.pp("bn2"))?,
+            fc3: linear(256, 256, lab.pp("fc3"))?,
+            bn3: batch_norm1d(256, lab.pp("bn3"))?,
+        }
+    };
     Ok(DtBlock {
-        conv1: conv2d(cfg.in_channels, 32, 3, 1, false, img.pp("conv1"))?,
-        conv2: conv2d(32, 64, 3, 1, true, img.pp("conv2"))?,
-        conv3: conv2d(64, 128, 3, 1, true, img.pp("conv3"))?,
-        img_fc: linear(cfg.flat_features(), 256, img.pp("fc"))?,
-        img_bn: batch_norm1d(256, img.pp("bn"))?,
-        z_fc1: linear(cfg.latent_dim, 256, lab.pp("fc1"))?,
-        z_bn1: batch_norm1d(256, lab.pp("bn1"))?,
-        z_fc2: linear(256, 256, lab.pp("fc2"))?,
-        z_bn2: batch_norm1d(256, lab.pp("bn2"))?,
-        z_fc3: linear(256, 256, lab.pp("fc3"))?,
-        z_bn3: batch_norm1d(256, lab.pp("bn3"))?,
+        image,
+        label,
         fuse_fc1: linear(512, 256, fuse.pp("fc1"))?,
         fuse_bn1: batch_norm1d(256, fuse.pp("bn1"))?,
         fuse_fc2: linear(256, 128, fuse.pp("fc2"))?,
@@ -102,23 +115,23 @@ impl DtBlock {
     /// The image path `fx` `[B, 256]`; it does not depend on `z`, so inference
     /// can compute it once per image and reuse it across sampling runs.
     pub fn image_features(&self, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
-        let k = self.cfg.kernels;
-        let p = self.cfg.dropout;
-        let h = self.conv1.forward_relu(x, k)?;
-        let h = dropout(&max_pool2x2(k, &h)?, p, mode)?;
-        let h = dropout(&self.conv2.forward_relu(&h, k)?, p, mode)?;
-        let h = self.conv3.forward_relu(&h, k)?;
-        let h = dropout(&max_pool2x2(k, &h)?, p, mode)?;
-        let h = h.flatten_from(1)?;
-        self.img_bn.forward(&self.img_fc.forward(&h)?, mode)
+        self.image.forward(x, mode)
     }
 
     /// The logits `[B, m]` from the latent `z` `[B, d]` and image features `fx` `[B, 256]`.
     pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
-        let h1 = self.z_bn1.forward(&self.z_fc1.forward(z)?, mode)?.relu()?;
-        let h2 = self.z_bn2.forward(&self.z_fc2.forward(&h1)?, mode)?.relu()?;
-        let h2 = self.z_bn3.forward(&self.z_fc3.forward(&h2)?, mode)?;
-        let fz = (h1 + h2)?;
+        let fz = match &self.label {
+            LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => {
+                let h1 = bn1.forward(&fc1.forward(z)?, mode)?.relu()?;
+                let h2 = bn2.forward(&fc2.forward(&h1)?, mode)?.relu()?;
+                let h2 = bn3.forward(&fc3.forward(&h2)?, mode)?;
+                (h1 + h2)?
+            }
+            LabelPath::Image(path) => {
+                let c = &self.cfg;
+                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)?
+            }
+        };
         let h = Tensor::cat(&[fx, &fz], 1)?;
         let h = self.fuse_bn1.forward(&self.fuse_fc1.forward(&h)?, mode)?.relu()?;
         let h = self.fuse_bn2.forward(&self.fuse_fc2.forward(&h)?, mode)?.relu()?;

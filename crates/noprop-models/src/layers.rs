@@ -58,9 +58,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x W^T + b` on the chosen kernels.
+    pub fn forward_with(&self, kernels: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.rank() > 2 {
+            // Leading dimensions are batch dimensions, as in candle-nn.
+            let mut dims = x.dims().to_vec();
+            let flat = x.flatten_to(x.rank() - 2)?;
+            let y = noprop_kernels::linear_with(kernels, &flat, &self.weight, &self.bias)?;
+            *dims.last_mut().expect("rank > 2") = self.weight.dim(0)?;
+            return y.reshape(dims);
+        }
+        noprop_kernels::linear_with(kernels, x, &self.weight, &self.bias)
+    }
+}
+
 impl Module for Linear {
+    /// `x W^T + b` on the fast kernels where they apply (candle's ops on
+    /// other devices and dtypes).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+        self.forward_with(Kernels::Fast, x)
     }
 }
 
@@ -156,24 +173,23 @@ impl BatchNorm1d {
     }
 }
 
-/// Inverted dropout with probability `p`, masks drawn from the training stream.
+/// Inverted dropout with probability `p`, on the fast kernels where they
+/// apply; see [`dropout_with`].
 pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    dropout_with(Kernels::Fast, x, p, mode)
+}
+
+/// Inverted dropout with probability `p` on the chosen kernels. Each call
+/// takes one `u64` from the training stream as the seed of its mask, which
+/// `noprop-kernels` expands by element index, so the mask is the same for
+/// either kernels and any thread count.
+pub fn dropout_with(kernels: Kernels, x: &Tensor, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {
     match mode {
         Mode::Eval => Ok(x.clone()),
         Mode::Train(_) if p == 0.0 => Ok(x.clone()),
         Mode::Train(rng) => {
-            let n = x.elem_count();
-            let keep = 1.0 - p;
-            let threshold = (p * u32::MAX as f64) as u32;
-            let scale = (1.0 / keep) as f32;
-            let mut mask = vec![0f32; n];
-            let r = rng.rng_mut();
-            for v in mask.iter_mut() {
-                let u: u32 = rand::RngCore::next_u32(r);
-                *v = if u >= threshold { scale } else { 0.0 };
-            }
-            let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-            x.mul(&mask)
+            let seed = rand::RngCore::next_u64(rng.rng_mut());
+            noprop_kernels::dropout_with(kernels, x, p, seed)
         }
     }
 }

@@ -8,20 +8,25 @@
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
-//! use noprop_models::{DtModel, DtModelConfig, DtBlockConfig, EmbeddingKind, Kernels};
+//! use noprop_models::{ClassEmbedding, DtModel, DtModelConfig, DtBlockConfig, EmbeddingKind, Kernels};
 //! use noprop_core::Denoiser;
 //!
 //! let block = DtBlockConfig { in_channels: 1, height: 8, width: 8, latent_dim: 3, classes: 3,
 //!                             dropout: 0.2, kernels: Kernels::Stock };
+//! let embed = ClassEmbedding::one_hot(3, DType::F32, &Device::Cpu)?;
 //! let model = DtModel::new(DtModelConfig { block, blocks: 2, embedding: EmbeddingKind::OneHot },
-//!                          0, DType::F32, &Device::Cpu)?;
+//!                          embed, 0, DType::F32, &Device::Cpu)?;
 //! let x = Tensor::zeros((4, 1, 8, 8), DType::F32, &Device::Cpu)?;
 //! let z = Tensor::zeros((4, 3), DType::F32, &Device::Cpu)?;
 //! assert_eq!(model.denoise(1, &z, &x)?.dims(), &[4, 3]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod ct_model;
+mod ct_net;
 mod dt_block;
+mod embedding;
+mod image_path;
 mod init;
 pub mod layers;
 mod model;
@@ -30,7 +35,11 @@ pub mod ops;
 pub use dt_block::{dt_block, DtBlock, DtBlockConfig};
 pub use init::seeded_var_builder;
 pub use layers::Mode;
-pub use model::{DtModel, DtModelConfig, EmbeddingKind, STREAM_INIT};
+pub use ct_net::{ct_net, sinusoidal_embedding, CtNet, CtNetConfig};
+pub use embedding::{prototype_indices, ClassEmbedding, EmbeddingKind};
+pub use image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
+pub use ct_model::CtModel;
+pub use model::{DtModel, DtModelConfig, STREAM_INIT};
 pub use ops::Kernels;
 
 /// Errors of model construction and loading.

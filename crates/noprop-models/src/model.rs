@@ -8,19 +8,13 @@ use candle_nn::VarMap;
 use noprop_core::{sub_seed, Denoiser};
 
 use crate::dt_block::{dt_block, DtBlock, DtBlockConfig};
+use crate::embedding::{ClassEmbedding, EmbeddingKind};
 use crate::init::seeded_var_builder;
 use crate::layers::{linear, softmax_embed, Linear, Mode};
 use crate::ModelError;
 
 /// Sub-seed stream for parameter initialisation (see [`noprop_core::sub_seed`]).
 pub const STREAM_INIT: u64 = 1;
-
-/// How the class embedding `W_embed` `[m, d]` is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EmbeddingKind {
-    /// `W_embed = I_m`, fixed, `d = m`.
-    OneHot,
-}
 
 /// Shapes of a [`DtModel`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,7 +23,7 @@ pub struct DtModelConfig {
     pub block: DtBlockConfig,
     /// Number of blocks `T`.
     pub blocks: usize,
-    /// The class embedding.
+    /// The class embedding (its `latent_dim` must equal `block.latent_dim`).
     pub embedding: EmbeddingKind,
 }
 
@@ -45,29 +39,26 @@ pub struct DtModel {
     block_vars: Vec<VarMap>,
     head: Linear,
     head_vars: VarMap,
-    embed: Tensor,
+    embed: ClassEmbedding,
 }
 
 impl DtModel {
     /// Builds a model with parameters initialised from `seed`. Each block and
     /// the head draw from their own sub-stream, so changing `T` does not change
     /// the initial values of the blocks that remain.
-    pub fn new(cfg: DtModelConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+    pub fn new(cfg: DtModelConfig, embed: ClassEmbedding, seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         if cfg.blocks == 0 {
             return Err(ModelError::Config("a model needs at least one block".into()));
         }
         let d = cfg.block.latent_dim;
         let m = cfg.block.classes;
-        let embed = match cfg.embedding {
-            EmbeddingKind::OneHot => {
-                if d != m {
-                    return Err(ModelError::Config(format!(
-                        "one-hot embeddings need d = m, got d = {d}, m = {m}"
-                    )));
-                }
-                Tensor::eye(m, dtype, device)?
-            }
-        };
+        if embed.weight().dims() != [m, d] || embed.kind() != cfg.embedding {
+            return Err(ModelError::Config(format!(
+                "the {:?} embedding has shape {:?}, the blocks expect [{m}, {d}]",
+                embed.kind(),
+                embed.weight().dims()
+            )));
+        }
         let mut blocks = Vec::with_capacity(cfg.blocks);
         let mut block_vars = Vec::with_capacity(cfg.blocks);
         for t in 1..=cfg.blocks {
@@ -109,12 +100,17 @@ impl DtModel {
 
     /// `W_embed` `[m, d]`.
     pub fn embed(&self) -> &Tensor {
+        self.embed.weight()
+    }
+
+    /// The class embedding (with its variable when learned).
+    pub fn embedding(&self) -> &ClassEmbedding {
         &self.embed
     }
 
     /// Block `t`'s prediction `uhat_t(z, x)`.
     pub fn denoise_mode(&self, t: usize, z: &Tensor, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
-        self.blocks[t - 1].forward(z, x, &self.embed, mode)
+        self.blocks[t - 1].forward(z, x, self.embed.weight(), mode)
     }
 
     /// Class logits `f_out(z)` `[B, m]`.
@@ -132,7 +128,7 @@ impl DtModel {
                 }
             }
         }
-        out.insert("embed".to_string(), self.embed.clone());
+        out.insert("embed".to_string(), self.embed.weight().clone());
         out
     }
 
@@ -155,22 +151,7 @@ impl DtModel {
                 seen += 1;
             }
         }
-        match tensors.get("embed") {
-            Some(e) if e.dims() == self.embed.dims() => {
-                let diff = (e.to_dtype(DType::F64)? - self.embed.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                if diff > 0.0 {
-                    return Err(ModelError::Config("the checkpoint's fixed embedding differs from this model's".into()));
-                }
-            }
-            Some(e) => {
-                return Err(ModelError::ShapeMismatch {
-                    name: "embed".into(),
-                    expected: self.embed.dims().to_vec(),
-                    found: e.dims().to_vec(),
-                })
-            }
-            None => return Err(ModelError::MissingTensor { name: "embed".into() }),
-        }
+        load_embedding(&self.embed, tensors)?;
         seen += 1;
         if seen != tensors.len() {
             let known = self.named_tensors();
@@ -198,8 +179,28 @@ impl DtModel {
     /// `uhat_t` from precomputed image features (evaluation mode).
     pub fn denoise_from_features(&self, t: usize, z: &Tensor, fx: &Tensor) -> candle_core::Result<Tensor> {
         let logits = self.blocks[t - 1].logits_from_features(z, fx, &mut Mode::Eval)?;
-        softmax_embed(&logits, &self.embed)
+        softmax_embed(&logits, self.embed.weight())
     }
+}
+
+/// Loads `embed` into a learned embedding, or checks that a fixed one matches.
+pub(crate) fn load_embedding(embed: &ClassEmbedding, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
+    let w = embed.weight();
+    let e = tensors.get("embed").ok_or_else(|| ModelError::MissingTensor { name: "embed".into() })?;
+    if e.dims() != w.dims() {
+        return Err(ModelError::ShapeMismatch { name: "embed".into(), expected: w.dims().to_vec(), found: e.dims().to_vec() });
+    }
+    let e = e.to_dtype(w.dtype())?.to_device(w.device())?;
+    match embed.var() {
+        Some(var) => var.set(&e)?,
+        None => {
+            let diff = (e.to_dtype(DType::F64)? - w.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            if diff > 0.0 {
+                return Err(ModelError::Config("the checkpoint's fixed embedding differs from this model's".into()));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Denoiser for DtModel {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use noprop_core::{DiscreteSchedule, ScheduleSpec};
+use noprop_core::{ClassProbability, DiscreteSchedule, LearnableScheduleConfig, OdeSolver, ScheduleSpec};
 use noprop_data::DatasetKind;
 use noprop_models::Kernels;
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,10 @@ use crate::TrainError;
 pub enum Method {
     /// NoProp-DT, Algorithm 1.
     Dt,
+    /// NoProp-CT, Algorithm 2.
+    Ct,
+    /// NoProp-FM, Algorithm 3.
+    Fm,
 }
 
 impl Method {
@@ -23,6 +27,8 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Dt => "dt",
+            Method::Ct => "ct",
+            Method::Fm => "fm",
         }
     }
 }
@@ -33,6 +39,10 @@ impl Method {
 pub enum Embedding {
     /// `W_embed = I_m`, fixed, `d = m`.
     OneHot,
+    /// Learned, `d = model.embedding_dim` ("dim=20" in the paper).
+    Learned,
+    /// Learned, `d = C*H*W`, initialised from training images.
+    Prototype,
 }
 
 /// How the blocks are visited during an epoch.
@@ -90,6 +100,34 @@ pub struct ModelConfig {
     /// `fast` (hand-written CPU kernels) or `stock` (candle's ops).
     #[serde(default = "default_kernels")]
     pub kernels: String,
+    /// `d` of a learned embedding (20 in the paper).
+    #[serde(default = "default_embedding_dim")]
+    pub embedding_dim: usize,
+    /// Class probabilities: softmax (eq. 14) or radial (eq. 15-16).
+    #[serde(default)]
+    pub class_probability: ClassProbability,
+    /// CT/FM: dimension of the sinusoidal time embedding.
+    #[serde(default = "default_time_dim")]
+    pub time_dim: usize,
+    /// CT/FM: `t` is embedded as `time_scale * t` (not given by the paper).
+    #[serde(default = "default_time_scale")]
+    pub time_scale: f64,
+    /// FM: standard deviation `sigma` of the interpolation noise.
+    #[serde(default)]
+    pub fm_sigma: f64,
+    /// CT: the learnable noise schedule (Appendix B).
+    #[serde(default)]
+    pub ct_schedule: LearnableScheduleConfig,
+}
+
+fn default_embedding_dim() -> usize {
+    20
+}
+fn default_time_dim() -> usize {
+    64
+}
+fn default_time_scale() -> f64 {
+    1000.0
 }
 
 fn default_dropout() -> f64 {
@@ -119,6 +157,47 @@ pub struct OptimConfig {
     /// The order in which blocks are trained.
     #[serde(default = "default_order")]
     pub order: TrainOrder,
+    /// `adamw` (decoupled decay; Table 3 for DT) or `adam` (decay as an L2
+    /// term in the gradient, PyTorch's Adam; Table 3 for CT and FM).
+    #[serde(default = "default_optimizer")]
+    pub optimizer: Optimizer,
+}
+
+/// The optimizer family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// AdamW.
+    Adamw,
+    /// Adam with L2 weight decay.
+    Adam,
+}
+
+fn default_optimizer() -> Optimizer {
+    Optimizer::Adamw
+}
+
+/// How CT and FM integrate from t = 0 to t = 1 at inference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// CT: the eq. 3 update on the grid `k / steps`.
+    Eq3,
+    /// Euler steps of the probability-flow ODE (CT) or the flow (FM).
+    Euler,
+    /// Heun steps.
+    Heun,
+}
+
+impl Sampler {
+    /// The ODE solver, if this is one.
+    pub fn solver(self) -> Option<OdeSolver> {
+        match self {
+            Sampler::Eq3 => None,
+            Sampler::Euler => Some(OdeSolver::Euler),
+            Sampler::Heun => Some(OdeSolver::Heun),
+        }
+    }
 }
 
 fn default_order() -> TrainOrder {
@@ -144,6 +223,19 @@ pub struct EvalConfig {
     /// Evaluate every N epochs (and always after the last one).
     #[serde(default = "default_one")]
     pub every: usize,
+    /// CT/FM: integration steps from t = 0 to 1 (1000 in the paper).
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// CT/FM: the integrator (`eq3` for CT only).
+    #[serde(default = "default_sampler")]
+    pub sampler: Sampler,
+}
+
+fn default_steps() -> usize {
+    1000
+}
+fn default_sampler() -> Sampler {
+    Sampler::Eq3
 }
 
 fn default_runs() -> usize {
@@ -170,6 +262,8 @@ impl Default for EvalConfig {
             batch_size: default_eval_batch(),
             train_subset: default_train_subset(),
             every: 1,
+            steps: default_steps(),
+            sampler: default_sampler(),
         }
     }
 }
@@ -289,6 +383,20 @@ impl Config {
                 })
             }
         };
+        at_least("eval.steps", self.eval.steps, 1)?;
+        at_least("model.embedding_dim", self.model.embedding_dim, 1)?;
+        positive("model.time_scale", self.model.time_scale)?;
+        non_negative("model.fm_sigma", self.model.fm_sigma)?;
+        if self.model.time_dim == 0 || self.model.time_dim % 2 != 0 {
+            return Err(TrainError::InvalidConfig { field: "model.time_dim", reason: format!("must be even and positive, got {}", self.model.time_dim) });
+        }
+        self.model
+            .class_probability
+            .validate()
+            .map_err(|e| TrainError::InvalidConfig { field: "model.class_probability", reason: e.to_string() })?;
+        if self.model.method == Method::Fm && self.eval.sampler == Sampler::Eq3 {
+            return Err(TrainError::InvalidConfig { field: "eval.sampler", reason: "NoProp-FM integrates with \"euler\" or \"heun\"; \"eq3\" is for CT".into() });
+        }
         let (_, h, w) = self.data.dataset.shape();
         if h % 4 != 0 || w % 4 != 0 {
             return Err(TrainError::InvalidConfig { field: "data.dataset", reason: "images must be a multiple of 4 wide".into() });
@@ -314,6 +422,12 @@ impl Config {
                 embedding: Embedding::OneHot,
                 dropout: 0.2,
                 kernels: default_kernels(),
+                embedding_dim: default_embedding_dim(),
+                class_probability: ClassProbability::Softmax,
+                time_dim: default_time_dim(),
+                time_scale: default_time_scale(),
+                fm_sigma: 0.0,
+                ct_schedule: LearnableScheduleConfig::default(),
             },
             schedule: ScheduleSpec::default(),
             train: OptimConfig {
@@ -324,9 +438,27 @@ impl Config {
                 eta: 0.1,
                 seed: 0,
                 order: TrainOrder::Sequential,
+                optimizer: Optimizer::Adamw,
             },
             eval: EvalConfig::default(),
             checkpoint: CheckpointConfig::default(),
         }
+    }
+
+    /// The paper's NoProp-CT or NoProp-FM settings for `dataset` (Table 3):
+    /// Adam (L2 decay 1e-3), lr 1e-3, batch 128, eta 1; 100 / 500 / 1000 epochs.
+    pub fn paper_continuous(dataset: DatasetKind, method: Method) -> Self {
+        let mut c = Self::paper_dt(dataset);
+        c.model.method = method;
+        c.model.blocks = 1;
+        c.train.eta = 1.0;
+        c.train.optimizer = Optimizer::Adam;
+        c.train.epochs = match dataset {
+            DatasetKind::Mnist => 100,
+            DatasetKind::Cifar10 => 500,
+            DatasetKind::Cifar100 => 1000,
+        };
+        c.eval.sampler = if method == Method::Fm { Sampler::Euler } else { Sampler::Eq3 };
+        c
     }
 }

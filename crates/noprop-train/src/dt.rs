@@ -6,9 +6,10 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
 use noprop_data::{pass_stream, Batcher, Dataset};
-use noprop_models::{layers::is_buffer, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
+use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
-use crate::config::{Embedding, ValidConfig};
+use crate::config::{Embedding, EvalConfig, ValidConfig};
+use crate::trainer::{class_log_probs, mean_se, meta_epoch, model_meta, trainable, Trainer};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
@@ -61,7 +62,17 @@ impl DeviceData {
         })
     }
 
-    fn batch(&self, idx: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
+    /// Images `[N, C, H, W]` on the device.
+    pub fn images(&self) -> &Tensor {
+        &self.images
+    }
+
+    /// Labels on the host.
+    pub fn labels_host(&self) -> &[u32] {
+        &self.host_labels
+    }
+
+    pub(crate) fn batch(&self, idx: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
         let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, idx.len(), self.images.device())?;
         Ok((self.images.index_select(&ids, 0)?, self.labels.index_select(&ids, 0)?))
@@ -79,28 +90,62 @@ pub struct DtTrainer {
     train_seconds: f64,
 }
 
-fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
-    vars.data()
-        .lock()
-        .map(|d| d.iter().filter(|(k, _)| !is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
+/// The class embedding a config asks for; prototypes are initialised from
+/// `train` (zeros when it is `None`, for weights that will be loaded).
+pub fn build_embedding(cfg: &ValidConfig, train: Option<&Dataset>, device: &Device) -> Result<ClassEmbedding, TrainError> {
+    let raw = cfg.raw();
+    let (c, h, w) = raw.data.dataset.shape();
+    let m = raw.data.dataset.num_classes();
+    Ok(match raw.model.embedding {
+        Embedding::OneHot => ClassEmbedding::one_hot(m, DType::F32, device)?,
+        Embedding::Learned => {
+            let mut rng = NoiseRng::derived(raw.train.seed, &[noprop_models::STREAM_INIT, u64::MAX]);
+            ClassEmbedding::learned(m, raw.model.embedding_dim, &mut rng, DType::F32, device)?
+        }
+        Embedding::Prototype => {
+            let len = c * h * w;
+            let init = match train {
+                Some(ds) => {
+                    let idx = noprop_models::prototype_indices(&ds.images, &ds.labels, len, m, device)?;
+                    let rows: Vec<f32> = idx.iter().flat_map(|&i| ds.image(i).iter().copied()).collect();
+                    Tensor::from_vec(rows, (m, len), device)?
+                }
+                None => Tensor::zeros((m, len), DType::F32, device)?,
+            };
+            ClassEmbedding::prototype(&init)?
+        }
+    })
+}
+
+/// The model-level embedding kind of a config.
+pub(crate) fn embedding_kind(cfg: &ValidConfig) -> EmbeddingKind {
+    let raw = cfg.raw();
+    match raw.model.embedding {
+        Embedding::OneHot => EmbeddingKind::OneHot,
+        Embedding::Learned => EmbeddingKind::Learned { dim: raw.model.embedding_dim },
+        Embedding::Prototype => EmbeddingKind::Prototype,
+    }
 }
 
 impl DtTrainer {
-    /// A fresh model initialised from the config's seed.
+    /// A fresh model initialised from the config's seed (one-hot or learned embeddings).
     pub fn new(cfg: ValidConfig, device: Device) -> Result<Self, TrainError> {
+        Self::with_data(cfg, device, None)
+    }
+
+    /// A fresh model; prototype embeddings are initialised from `train`.
+    pub fn with_data(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         let raw = cfg.raw();
         let (c, h, w) = raw.data.dataset.shape();
         let m = raw.data.dataset.num_classes();
-        let embedding = match raw.model.embedding {
-            Embedding::OneHot => EmbeddingKind::OneHot,
-        };
+        let embedding = embedding_kind(&cfg);
+        let embed = build_embedding(&cfg, train, &device)?;
         let model_cfg = DtModelConfig {
             block: DtBlockConfig {
                 in_channels: c,
                 height: h,
                 width: w,
-                latent_dim: m,
+                latent_dim: embedding.latent_dim(m, c * h * w),
                 classes: m,
                 dropout: raw.model.dropout,
                 kernels: cfg.kernels(),
@@ -108,12 +153,17 @@ impl DtTrainer {
             blocks: raw.model.blocks,
             embedding,
         };
-        let model = DtModel::new(model_cfg, raw.train.seed, DType::F32, &device)?;
+        let model = DtModel::new(model_cfg, embed, raw.train.seed, DType::F32, &device)?;
         let params = AdamWParams::new(raw.train.lr, raw.train.weight_decay);
         let block_opts = (1..=raw.model.blocks)
             .map(|t| AdamW::new(trainable(model.block_vars(t)), params))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let head_opt = AdamW::new(trainable(model.head_vars()), params)?;
+        // The head and a learned embedding are shared by all blocks: one optimizer, stepped every minibatch.
+        let mut shared = trainable(model.head_vars());
+        if let Some(var) = model.embedding().var() {
+            shared.push(("embed".to_string(), var.clone()));
+        }
+        let head_opt = AdamW::new(shared, params)?;
         Ok(Self { cfg, device, model, block_opts, head_opt, epochs_done: 0, train_seconds: 0.0 })
     }
 
@@ -158,8 +208,9 @@ impl DtTrainer {
         let z_prev = q_sample(&u, sched.alpha_bar(t - 1), noise)?;
         let z_last = q_sample(&u, sched.alpha_bar(sched.blocks()), noise)?;
         let uhat = self.model.denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
-        let logits = self.model.classify(&z_last)?;
-        let loss = dt_loss(&logits, y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, eta))?;
+        // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
+        let logp = class_log_probs(&self.model.classify(&z_last)?, self.model.embed(), self.cfg.raw().model.class_probability)?;
+        let loss = dt_loss(&logp, y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, eta))?;
         let grads = loss.total.backward()?;
         self.block_opts[t - 1].step(&grads)?;
         self.head_opt.step(&grads)?;
@@ -229,19 +280,13 @@ impl DtTrainer {
         if ev.deterministic {
             modes.push(Inference::Deterministic);
         }
-        let mut runs = accuracy_runs(&self.model, self.cfg.schedule(), test, &modes, ev.batch_size, &mut rng)?;
+        let mut runs = accuracy_runs(&self.model, self.cfg.schedule(), test, &modes, ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?;
         let det = if ev.deterministic { runs.pop() } else { None };
-        let k = runs.len() as f64;
-        let mean = runs.iter().sum::<f64>() / k;
-        let se = if runs.len() > 1 {
-            (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt()
-        } else {
-            0.0
-        };
+        let (mean, se) = mean_se(&runs);
         let train_acc = match train_subset {
             Some(d) if !d.is_empty() => {
                 let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 2]);
-                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, &[Inference::Stochastic], ev.batch_size, &mut rng)?[0])
+                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, &[Inference::Stochastic], ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?[0])
             }
             _ => None,
         };
@@ -258,13 +303,7 @@ impl DtTrainer {
 
     /// The model's tensors and the checkpoint metadata for the current epoch.
     pub fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
-        let mut meta = HashMap::new();
-        meta.insert("format".into(), "noprop/1".into());
-        meta.insert("method".into(), self.cfg.raw().model.method.name().into());
-        meta.insert("epoch".into(), self.epochs_done.to_string());
-        meta.insert("train_seconds".into(), format!("{:.3}", self.train_seconds));
-        meta.insert("config".into(), serde_json::to_string(self.cfg.raw()).unwrap_or_default());
-        (self.model.named_tensors(), meta)
+        (self.model.named_tensors(), model_meta(&self.cfg, self.epochs_done, self.train_seconds))
     }
 
     /// The optimizers' state (moments and step counts).
@@ -290,7 +329,7 @@ impl DtTrainer {
         optim_meta: &HashMap<String, String>,
     ) -> Result<(), TrainError> {
         let bad = |reason: String| TrainError::Resume { reason };
-        let epoch: usize = model_meta.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| bad("checkpoint has no epoch".into()))?;
+        let (epoch, seconds) = meta_epoch(model_meta)?;
         let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
         if optim_epoch != epoch {
             return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
@@ -308,7 +347,7 @@ impl DtTrainer {
             opt.load_state("", optim, s).map_err(bad)?;
         }
         self.epochs_done = epoch;
-        self.train_seconds = model_meta.get("train_seconds").and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        self.train_seconds = seconds;
         Ok(())
     }
 }
@@ -324,6 +363,7 @@ pub fn accuracy_runs(
     data: &DeviceData,
     modes: &[Inference],
     batch_size: usize,
+    class_prob: noprop_core::ClassProbability,
     rng: &mut NoiseRng,
 ) -> Result<Vec<f64>, TrainError> {
     let runs = modes.len();
@@ -355,7 +395,7 @@ pub fn accuracy_runs(
             };
             z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
         }
-        let pred: Vec<u32> = model.classify(&z)?.argmax(D::Minus1)?.to_vec1()?;
+        let pred: Vec<u32> = class_log_probs(&model.classify(&z)?, model.embed(), class_prob)?.argmax(D::Minus1)?.to_vec1()?;
         let labels = &data.host_labels[start..start + b];
         for (r, c) in correct.iter_mut().enumerate() {
             *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
@@ -365,25 +405,46 @@ pub fn accuracy_runs(
     Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
 }
 
-/// A trainer restored from a model checkpoint file alone (weights and the
-/// config in its metadata), for evaluation; optimizer state is not loaded.
-pub fn load_for_eval(path: &std::path::Path, device: &Device) -> Result<DtTrainer, TrainError> {
-    let (tensors, meta) = crate::checkpoint::load_safetensors(path, device)?;
-    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
-    let cfg: crate::Config = meta
-        .get("config")
-        .ok_or_else(|| bad("no config in its metadata (not written by noprop?)".into()))
-        .and_then(|c| serde_json::from_str(c).map_err(|e| bad(format!("config in metadata: {e}"))))?;
-    let mut trainer = DtTrainer::new(cfg.validate()?, device.clone())?;
-    trainer.model.load_tensors(&tensors)?;
-    trainer.epochs_done = meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(0);
-    trainer.train_seconds = meta.get("train_seconds").and_then(|e| e.parse().ok()).unwrap_or(0.0);
-    Ok(trainer)
-}
-
-impl DtTrainer {
-    /// Replaces the evaluation settings (for `noprop eval` with other run counts).
-    pub fn set_eval_config(&mut self, eval: crate::config::EvalConfig) -> Result<(), TrainError> {
+impl Trainer for DtTrainer {
+    fn config(&self) -> &ValidConfig {
+        &self.cfg
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+    fn train_seconds(&self) -> f64 {
+        self.train_seconds
+    }
+    fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
+        DtTrainer::train_epoch(self, data, observer)
+    }
+    fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
+        DtTrainer::evaluate(self, test, train_subset, epoch)
+    }
+    fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
+        DtTrainer::model_checkpoint(self)
+    }
+    fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
+        DtTrainer::optimizer_checkpoint(self)
+    }
+    fn restore(
+        &mut self,
+        model: &BTreeMap<String, Tensor>,
+        model_meta: &HashMap<String, String>,
+        optim: &BTreeMap<String, Tensor>,
+        optim_meta: &HashMap<String, String>,
+    ) -> Result<(), TrainError> {
+        DtTrainer::restore(self, model, model_meta, optim, optim_meta)
+    }
+    fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, model_meta: &HashMap<String, String>) -> Result<(), TrainError> {
+        self.model.load_tensors(model)?;
+        (self.epochs_done, self.train_seconds) = meta_epoch(model_meta)?;
+        Ok(())
+    }
+    fn set_eval_config(&mut self, eval: EvalConfig) -> Result<(), TrainError> {
         let mut raw = self.cfg.raw().clone();
         raw.eval = eval;
         self.cfg = raw.validate()?;

@@ -18,13 +18,17 @@ use std::path::PathBuf;
 
 pub mod checkpoint;
 pub mod config;
+pub mod ct;
 pub mod dt;
 pub mod observer;
 pub mod optim;
 pub mod run;
+pub mod trainer;
 
 pub use config::{Config, ValidConfig};
-pub use dt::{load_for_eval, DeviceData, DtTrainer};
+pub use ct::CtTrainer;
+pub use dt::{DeviceData, DtTrainer};
+pub use trainer::{build_trainer, load_for_eval, Trainer};
 pub use observer::{EvalReport, Event, Observer, PassMetrics, Silent};
 pub use run::{fit, RunData, RunDir};
 

@@ -19,7 +19,8 @@ use serde_json::{json, Value};
 
 use crate::checkpoint::{load_safetensors, save_safetensors};
 use crate::config::Config;
-use crate::dt::{DeviceData, DtTrainer};
+use crate::dt::DeviceData;
+use crate::trainer::Trainer;
 use crate::observer::{EvalReport, Event, Observer};
 use crate::TrainError;
 
@@ -167,7 +168,7 @@ impl RunDir {
 
     /// Writes the trainer's state as the checkpoint of its current epoch and
     /// prunes old ones down to `keep_last` (0 keeps all).
-    pub fn save_checkpoint(&self, trainer: &DtTrainer, keep_last: usize) -> Result<PathBuf, TrainError> {
+    pub fn save_checkpoint(&self, trainer: &dyn Trainer, keep_last: usize) -> Result<PathBuf, TrainError> {
         let epoch = trainer.epochs_done();
         let final_dir = self.checkpoint_dir(epoch);
         let tmp = self.root.join("checkpoints").join(format!(".epoch-{epoch:04}.tmp"));
@@ -194,7 +195,7 @@ impl RunDir {
     }
 
     /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if none).
-    pub fn restore_latest(&self, trainer: &mut DtTrainer) -> Result<usize, TrainError> {
+    pub fn restore_latest(&self, trainer: &mut dyn Trainer) -> Result<usize, TrainError> {
         let Some(&epoch) = self.checkpoint_epochs()?.last() else { return Ok(0) };
         let dir = self.checkpoint_dir(epoch);
         let (model, model_meta) = load_safetensors(&dir.join("model.safetensors"), trainer.device())?;
@@ -219,7 +220,7 @@ pub struct RunData {
 /// evaluating, logging to `run` and checkpointing after every epoch. Returns
 /// the last evaluation.
 pub fn fit(
-    trainer: &mut DtTrainer,
+    trainer: &mut dyn Trainer,
     data: &RunData,
     run: Option<&RunDir>,
     observer: &mut dyn Observer,

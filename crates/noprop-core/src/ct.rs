@@ -1,0 +1,317 @@
+//! NoProp-CT (spec section 8, eq. 9, Algorithm 2): continuous-time sampling
+//! of `t`, q-sampling, the loss and the two samplers.
+//!
+//! One network `uhat(z, x, t)` serves every `t` in `[0, 1]`; the schedule is a
+//! [`ContinuousSchedule`], possibly learnable. Inference starts from
+//! `z_0 ~ N(0, I)` and runs to `t = 1`, either with the eq. 3 update on a grid
+//! ([`sample_ct_eq3`], the paper's) or along the probability-flow ODE
+//! ([`sample_ct_ode`]).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::continuous::{sigmoid_f64, softplus, ContinuousSchedule};
+use crate::error::{check_shape, CoreError, Result, ScheduleError};
+use crate::loss::cross_entropy;
+use crate::ode::{check_steps, grid, integrate, OdeSolver};
+use crate::rng::NoiseRng;
+use crate::sample::{eq3_update, Inference};
+use crate::schedule::coefficients_between;
+
+/// The continuous-time denoiser `uhat(z, x, t)` that a user's network implements.
+pub trait ContinuousDenoiser {
+    /// The dimension `d` of the latent.
+    fn latent_dim(&self) -> usize;
+    /// The prediction `uhat(z_t, x, t)` of the clean embedding.
+    ///
+    /// # Shapes
+    /// `z`: `[B, d]`, `x`: `[B, ...]`, `t`: `[B]`; returns `[B, d]`.
+    fn denoise(&self, z: &Tensor, x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// Draws `t_i ~ U(0, 1)` for a batch.
+///
+/// # Shapes
+/// Returns `[batch]`.
+pub fn sample_t(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng) -> Result<Tensor> {
+    Ok(rng.uniform(&[batch], 0.0, 1.0, dtype, device)?)
+}
+
+/// Samples `z_i ~ q(z_{t_i} | y_i) = N(sqrt(abar(t_i)) u_i, (1 - abar(t_i)) I)`,
+/// one time per row.
+///
+/// # Shapes
+/// `u`: `[B, d]`, `t`: `[B]`; returns `[B, d]`.
+pub fn q_sample_ct<S: ContinuousSchedule + ?Sized>(
+    sched: &S,
+    u: &Tensor,
+    t: &Tensor,
+    rng: &mut NoiseRng,
+) -> Result<Tensor> {
+    check_shape("q_sample_ct: u", u, &[None, None], "[B, d]")?;
+    let eps = rng.randn(u.dims(), u.dtype(), u.device())?;
+    q_sample_ct_with(sched, u, t, &eps)
+}
+
+/// [`q_sample_ct`] with the noise given. The factors are
+/// `sqrt(abar) = exp(-softplus(gamma) / 2)` and
+/// `sqrt(1 - abar) = exp(-softplus(-gamma) / 2)`, exact at both ends and with
+/// finite gradients into a learnable schedule.
+///
+/// # Shapes
+/// `u`, `eps`: `[B, d]`, `t`: `[B]`; returns `[B, d]`.
+pub fn q_sample_ct_with<S: ContinuousSchedule + ?Sized>(
+    sched: &S,
+    u: &Tensor,
+    t: &Tensor,
+    eps: &Tensor,
+) -> Result<Tensor> {
+    check_shape("q_sample_ct: u", u, &[None, None], "[B, d]")?;
+    check_shape("q_sample_ct: t", t, &[Some(u.dim(0)?)], "[B]")?;
+    if eps.dims() != u.dims() {
+        return Err(CoreError::Shape {
+            what: "q_sample_ct: eps",
+            expected: format!("{:?} (the shape of u)", u.dims()),
+            found: eps.dims().to_vec(),
+        });
+    }
+    let g = sched.gamma(t)?.to_dtype(u.dtype())?;
+    let signal = softplus(&g)?.affine(-0.5, 0.0)?.exp()?.unsqueeze(1)?;
+    let noise = softplus(&g.neg()?)?
+        .affine(-0.5, 0.0)?
+        .exp()?
+        .unsqueeze(1)?;
+    Ok((u.broadcast_mul(&signal)? + eps.broadcast_mul(&noise)?)?)
+}
+
+/// `KL(q(z_0|y) || N(0, I))` averaged over the batch, with `abar_0` a tensor so
+/// that a learnable schedule's `gamma(0)` receives its gradient:
+/// `0.5 (abar_0 ||u||^2 + d (1 - abar_0) - d - d log(1 - abar_0))`.
+///
+/// # Shapes
+/// `u`: `[B, d]`; `abar0`: `[]` or `[1]`; returns a scalar.
+pub fn kl_prior_tensor(u: &Tensor, abar0: &Tensor) -> Result<Tensor> {
+    check_shape("kl_prior_tensor: u", u, &[None, None], "[B, d]")?;
+    if abar0.elem_count() != 1 || abar0.rank() > 1 {
+        return Err(CoreError::Shape {
+            what: "kl_prior_tensor: abar0",
+            expected: "[] or [1]".to_string(),
+            found: abar0.dims().to_vec(),
+        });
+    }
+    let d = u.dim(1)? as f64;
+    let a = abar0.flatten_all()?.squeeze(0)?.to_dtype(u.dtype())?;
+    let sq = u.sqr()?.sum(1)?.mean(0)?;
+    // abar ||u||^2 + d (1 - abar) - d = abar (||u||^2 - d).
+    let first = (&a * (sq - d)?)?;
+    let log_term = (a.affine(-1.0, 1.0)?.log()? * d)?;
+    Ok(((first - log_term)? * 0.5)?)
+}
+
+/// The CT denoising term of eq. 9:
+/// `eta / (2B) sum_i SNR'(t_i) ||uhat_i - u_i||^2`, squared norm summed over `d`.
+///
+/// # Shapes
+/// `uhat`, `u`: `[B, d]`, `snr_prime`: `[B]`; returns a scalar.
+pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) -> Result<Tensor> {
+    check_shape("ct_denoise_loss: u", u, &[None, None], "[B, d]")?;
+    if uhat.dims() != u.dims() {
+        return Err(CoreError::Shape {
+            what: "ct_denoise_loss: uhat",
+            expected: format!("{:?} (the shape of u)", u.dims()),
+            found: uhat.dims().to_vec(),
+        });
+    }
+    check_shape(
+        "ct_denoise_loss: snr_prime",
+        snr_prime,
+        &[Some(u.dim(0)?)],
+        "[B]",
+    )?;
+    let sq = (uhat - u)?.sqr()?.sum(1)?;
+    let weighted = (sq * snr_prime.to_dtype(u.dtype())?)?;
+    Ok((weighted.mean(0)? * (eta / 2.0))?)
+}
+
+/// The three terms of the NoProp-CT loss (eq. 9) and their sum.
+#[derive(Debug, Clone)]
+pub struct CtLoss {
+    /// `-(1/B) sum log softmax(f_out(z_1))[y]`, with `z_1 ~ q(z_1|y)`.
+    pub cross_entropy: Tensor,
+    /// `(1/B) sum KL(q(z_0|y) || N(0, I))`.
+    pub kl: Tensor,
+    /// `eta / (2B) sum SNR'(t_i) ||uhat_i - u_i||^2`.
+    pub denoise: Tensor,
+    /// The sum of the three, to back-propagate.
+    pub total: Tensor,
+}
+
+/// Assembles the NoProp-CT loss of eq. 9.
+///
+/// Pass `snr_prime = sched.snr_derivative(t)` and
+/// `abar0 = sched.alpha_bar(&[0])`, as tensors, so that a learnable schedule
+/// is trained by the same loss (as in variational diffusion models).
+///
+/// # Shapes
+/// `head_logits_z1`: `[B, m]`, `targets`: `[B]`, `uhat`, `u`: `[B, d]`,
+/// `snr_prime`: `[B]`, `abar0`: `[]` or `[1]`; every term is a batch mean.
+pub fn ct_loss(
+    head_logits_z1: &Tensor,
+    targets: &Tensor,
+    uhat: &Tensor,
+    u: &Tensor,
+    snr_prime: &Tensor,
+    abar0: &Tensor,
+    eta: f64,
+) -> Result<CtLoss> {
+    let cross_entropy = cross_entropy(head_logits_z1, targets)?;
+    let kl = kl_prior_tensor(u, abar0)?;
+    let denoise = ct_denoise_loss(uhat, u, snr_prime, eta)?;
+    let total = ((&cross_entropy + &kl)? + &denoise)?;
+    Ok(CtLoss {
+        cross_entropy,
+        kl,
+        denoise,
+        total,
+    })
+}
+
+/// `gamma` and `gamma'` on the grid `k / steps`, checked to be finite with
+/// `gamma` non-increasing (alpha-bar non-decreasing).
+fn gamma_grid<S: ContinuousSchedule + ?Sized>(
+    sched: &S,
+    steps: usize,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    check_steps(steps)?;
+    let ts = grid(steps);
+    let (g, dg) = sched.gamma_table(&ts)?;
+    for (index, (&value, &d)) in g.iter().zip(&dg).enumerate() {
+        if !value.is_finite() {
+            return Err(ScheduleError::NotFinite { index, value }.into());
+        }
+        if !d.is_finite() {
+            return Err(ScheduleError::NotFinite { index, value: d }.into());
+        }
+        if index > 0 && value > g[index - 1] {
+            return Err(ScheduleError::NotIncreasing {
+                index,
+                prev: sigmoid_f64(-g[index - 1]),
+                value: sigmoid_f64(-value),
+            }
+            .into());
+        }
+    }
+    Ok((ts, g, dg))
+}
+
+fn time_column(t: f64, b: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    Ok(Tensor::full(t, (b,), device)?.to_dtype(dtype)?)
+}
+
+/// NoProp-CT inference with the eq. 3 update (spec section 8): from
+/// `z_0 ~ N(0, I)`, for `k = 1..=steps`,
+/// `z_{t_k} = a uhat(z_{t_{k-1}}, x, t_{k-1}) + b z_{t_{k-1}} + sqrt(c) eps`
+/// on the grid `t_k = k / steps`, with `a, b, c` from
+/// [`coefficients_between`]`(abar(t_{k-1}), abar(t_k))`. Returns `z_1`.
+/// The paper uses 1000 steps.
+///
+/// # Shapes
+/// `x`: `[B, ...]`; returns `[B, d]` in `x`'s dtype.
+pub fn sample_ct_eq3<D, S>(
+    den: &D,
+    sched: &S,
+    x: &Tensor,
+    steps: usize,
+    mode: Inference,
+    rng: &mut NoiseRng,
+) -> Result<Tensor>
+where
+    D: ContinuousDenoiser + ?Sized,
+    S: ContinuousSchedule + ?Sized,
+{
+    let (ts, g, _) = gamma_grid(sched, steps)?;
+    let abar: Vec<f64> = g.iter().map(|&g| sigmoid_f64(-g)).collect();
+    let b = x.dim(0)?;
+    let shape = [b, den.latent_dim()];
+    let mut z = rng.randn(&shape, x.dtype(), x.device())?;
+    for k in 1..=steps {
+        let t = time_column(ts[k - 1], b, x.dtype(), x.device())?;
+        let uhat = den.denoise(&z, x, &t)?;
+        let eps = match mode {
+            Inference::Stochastic => Some(rng.randn(&shape, x.dtype(), x.device())?),
+            Inference::Deterministic => None,
+        };
+        z = eq3_update(
+            coefficients_between(abar[k - 1], abar[k]),
+            &uhat,
+            &z,
+            eps.as_ref(),
+        )?;
+    }
+    Ok(z)
+}
+
+/// NoProp-CT inference along the probability-flow ODE, from `z_0 ~ N(0, I)`
+/// at `t = 0` to `t = 1`, with `steps` Euler or Heun steps on `t_k = k / steps`.
+///
+/// # The drift
+///
+/// Given `y`, the noising process has marginals
+/// `q(z_t | y) = N(sqrt(abar(t)) u, (1 - abar(t)) I)`, i.e.
+/// `z_t = sqrt(abar) u + sqrt(1 - abar) eps`. Holding `eps` fixed and
+/// differentiating in `t` gives a flow that carries each marginal to the next:
+///
+/// `dz/dt = abar' / (2 sqrt(abar)) u - abar' / (2 sqrt(1 - abar)) eps`,
+///
+/// and substituting `eps = (z - sqrt(abar) u) / sqrt(1 - abar)`:
+///
+/// `dz/dt = abar' / (2 (1 - abar)) (u / sqrt(abar) - z)`.
+///
+/// This is the probability-flow ODE of the variance-preserving SDE with
+/// `beta(t) = (log abar)'`, read in NoProp's direction (noise decreasing in
+/// `t`): `dz/dt = beta/2 (z + score)` with score `-(z - sqrt(abar) u) / (1 - abar)`
+/// simplifies to the same expression. With `abar = sigmoid(-gamma)`,
+/// `abar' = -gamma' abar (1 - abar)`, so
+///
+/// `dz/dt = (-gamma'(t) / 2) (sqrt(abar(t)) uhat - abar(t) z)`,
+///
+/// which has no division by `1 - abar` or `abar`. `u` is unknown at
+/// inference, so the denoiser's `uhat(z, x, t)` stands in: it estimates
+/// `E[u | z_t, x]`, which by Tweedie's formula turns the expression into the
+/// exact marginal score given `x`.
+///
+/// With a perfect denoiser (`uhat = u_y`) the ODE is linear and its solution is
+/// `z_1 = sqrt(abar(1)) u + sqrt((1 - abar(1)) / (1 - abar(0))) (z_0 - sqrt(abar(0)) u)`,
+/// that is `~ sqrt(abar(1)) u_y` up to a small multiple of `z_0`.
+///
+/// # Shapes
+/// `x`: `[B, ...]`; returns `[B, d]` in `x`'s dtype.
+pub fn sample_ct_ode<D, S>(
+    den: &D,
+    sched: &S,
+    x: &Tensor,
+    steps: usize,
+    solver: OdeSolver,
+    rng: &mut NoiseRng,
+) -> Result<Tensor>
+where
+    D: ContinuousDenoiser + ?Sized,
+    S: ContinuousSchedule + ?Sized,
+{
+    let (ts, g, dg) = gamma_grid(sched, steps)?;
+    let b = x.dim(0)?;
+    let z0 = rng.randn(&[b, den.latent_dim()], x.dtype(), x.device())?;
+    integrate(z0, steps, solver, |z, k| {
+        let abar = sigmoid_f64(-g[k]);
+        let rate = -dg[k] / 2.0;
+        let t = time_column(ts[k], b, x.dtype(), x.device())?;
+        let uhat = den.denoise(z, x, &t)?;
+        if uhat.dims() != z.dims() {
+            return Err(CoreError::Shape {
+                what: "sample_ct_ode: uhat",
+                expected: format!("{:?} (the shape of z)", z.dims()),
+                found: uhat.dims().to_vec(),
+            });
+        }
+        Ok(((uhat * (rate * abar.sqrt()))? - (z * (rate * abar))?)?)
+    })
+}

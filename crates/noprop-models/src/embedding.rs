@@ -1,0 +1,180 @@
+//! Class embeddings `W_embed` `[m, d]` (spec section 6).
+
+use candle_core::{DType, Device, Tensor, Var};
+use noprop_core::NoiseRng;
+
+/// How `W_embed` is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingKind {
+    /// `W_embed = I_m`, fixed, `d = m`.
+    OneHot,
+    /// Learned, `d` given ("dim=20" in the paper): semi-orthogonal rows when
+    /// `d >= m`, standard normal entries otherwise.
+    Learned {
+        /// The latent dimension `d`.
+        dim: usize,
+    },
+    /// Learned, `d = C*H*W`, initialised per class with a training image
+    /// (see [`prototype_init`]); the label path sees `z` as an image.
+    Prototype,
+}
+
+impl EmbeddingKind {
+    /// The latent dimension `d` for `m` classes and images of `image_len` values.
+    pub fn latent_dim(self, classes: usize, image_len: usize) -> usize {
+        match self {
+            EmbeddingKind::OneHot => classes,
+            EmbeddingKind::Learned { dim } => dim,
+            EmbeddingKind::Prototype => image_len,
+        }
+    }
+
+    /// True when `W_embed` is trained.
+    pub fn is_learned(self) -> bool {
+        !matches!(self, EmbeddingKind::OneHot)
+    }
+}
+
+/// `W_embed`, fixed or a trainable variable.
+#[derive(Debug, Clone)]
+pub struct ClassEmbedding {
+    kind: EmbeddingKind,
+    weight: Tensor,
+    var: Option<Var>,
+}
+
+impl ClassEmbedding {
+    /// The fixed identity.
+    pub fn one_hot(classes: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        Ok(Self { kind: EmbeddingKind::OneHot, weight: Tensor::eye(classes, dtype, device)?, var: None })
+    }
+
+    /// A learned `[m, d]` embedding: orthonormal rows when `d >= m`, N(0, 1) entries otherwise.
+    pub fn learned(classes: usize, dim: usize, rng: &mut NoiseRng, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+        let mut w = vec![0f32; classes * dim];
+        rng.fill_normal(&mut w);
+        if dim >= classes {
+            orthonormalise_rows(&mut w, classes, dim);
+        }
+        let var = Var::from_tensor(&Tensor::from_vec(w, (classes, dim), device)?.to_dtype(dtype)?)?;
+        Ok(Self { kind: EmbeddingKind::Learned { dim }, weight: var.as_tensor().clone(), var: Some(var) })
+    }
+
+    /// A learned embedding starting from `init` `[m, C*H*W]` (see [`prototype_init`]).
+    pub fn prototype(init: &Tensor) -> candle_core::Result<Self> {
+        let var = Var::from_tensor(init)?;
+        Ok(Self { kind: EmbeddingKind::Prototype, weight: var.as_tensor().clone(), var: Some(var) })
+    }
+
+    /// How it was made.
+    pub fn kind(&self) -> EmbeddingKind {
+        self.kind
+    }
+
+    /// `W_embed` `[m, d]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The trainable variable, if learned.
+    pub fn var(&self) -> Option<&Var> {
+        self.var.as_ref()
+    }
+}
+
+/// Gram-Schmidt on the rows of a row-major `[rows, cols]` matrix (rows <= cols), in f64.
+fn orthonormalise_rows(w: &mut [f32], rows: usize, cols: usize) {
+    let mut m: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    for i in 0..rows {
+        for j in 0..i {
+            let dot: f64 = (0..cols).map(|k| m[i * cols + k] * m[j * cols + k]).sum();
+            for k in 0..cols {
+                m[i * cols + k] -= dot * m[j * cols + k];
+            }
+        }
+        let norm = (0..cols).map(|k| m[i * cols + k].powi(2)).sum::<f64>().sqrt().max(1e-12);
+        for k in 0..cols {
+            m[i * cols + k] /= norm;
+        }
+    }
+    for (dst, src) in w.iter_mut().zip(m) {
+        *dst = src as f32;
+    }
+}
+
+/// The prototype initialisation: for each class, the training image whose
+/// median (Euclidean) distance to the other images of its class is smallest.
+/// Returns the index of that image per class.
+///
+/// `images` is row-major `[N, image_len]`; distances are computed with one
+/// matrix product per class on `device`.
+pub fn prototype_indices(
+    images: &[f32],
+    labels: &[u32],
+    image_len: usize,
+    classes: usize,
+    device: &Device,
+) -> candle_core::Result<Vec<usize>> {
+    let mut out = Vec::with_capacity(classes);
+    for c in 0..classes as u32 {
+        let members: Vec<usize> = labels.iter().enumerate().filter(|(_, &y)| y == c).map(|(i, _)| i).collect();
+        if members.is_empty() {
+            candle_core::bail!("class {c} has no training image to build its prototype from");
+        }
+        if members.len() <= 2 {
+            out.push(members[0]);
+            continue;
+        }
+        let mut rows = Vec::with_capacity(members.len() * image_len);
+        for &i in &members {
+            rows.extend_from_slice(&images[i * image_len..(i + 1) * image_len]);
+        }
+        let x = Tensor::from_vec(rows, (members.len(), image_len), device)?.to_dtype(DType::F64)?;
+        let sq = x.sqr()?.sum_keepdim(1)?;
+        // Squared distances |a|^2 + |b|^2 - 2 a.b; the median of squares orders like the median of distances.
+        let d2 = sq.broadcast_add(&sq.t()?)?.sub(&(x.matmul(&x.t()?)? * 2.0)?)?;
+        let d2: Vec<Vec<f64>> = d2.to_vec2()?;
+        let mut best = (f64::INFINITY, members[0]);
+        for (r, row) in d2.into_iter().enumerate() {
+            let mut others: Vec<f64> = row.into_iter().enumerate().filter(|(k, _)| *k != r).map(|(_, v)| v).collect();
+            let mid = (others.len() - 1) / 2;
+            let (_, med, _) = others.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
+            if *med < best.0 {
+                best = (*med, members[r]);
+            }
+        }
+        out.push(best.1);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learned_rows_are_orthonormal() {
+        let e = ClassEmbedding::learned(10, 20, &mut NoiseRng::new(0), DType::F64, &Device::Cpu).unwrap();
+        let w = e.weight();
+        let g: Vec<Vec<f64>> = w.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
+        for (i, row) in g.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-6, "G[{i}][{j}] = {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn prototype_picks_the_image_of_smallest_median_distance() {
+        // Class 0: 1-D "images" at 0, 1, 2, 10 -> medians of distances to the
+        // others: 0 -> 2, 1 -> 1, 2 -> 2 (of 1, 2, 8: median 2), 10 -> 9; pick value 1.
+        // Class 1: 5, 6, 50 -> medians 5 -> (1, 45) lower median 1, 6 -> (1, 44) 1, 50 -> 44;
+        // ties go to the first, value 5.
+        let images = [0.0f32, 5.0, 1.0, 6.0, 2.0, 50.0, 10.0];
+        let labels = [0u32, 1, 0, 1, 0, 1, 0];
+        let idx = prototype_indices(&images, &labels, 1, 2, &Device::Cpu).unwrap();
+        assert_eq!(idx, vec![2, 1]);
+        assert!(prototype_indices(&images, &labels, 1, 3, &Device::Cpu).is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! What every method's trainer offers the epoch loop and the run folder.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{Device, Tensor, D};
+use noprop_core::{radial_log_probs, ClassProbability};
+use noprop_data::Dataset;
+
+use crate::config::{EvalConfig, Method, ValidConfig};
+use crate::dt::{DeviceData, DtTrainer};
+use crate::observer::{EvalReport, Observer, PassMetrics};
+use crate::TrainError;
+
+/// A model with its optimizers and training clock.
+pub trait Trainer {
+    /// The validated configuration.
+    fn config(&self) -> &ValidConfig;
+    /// The device the model lives on.
+    fn device(&self) -> &Device;
+    /// Epochs completed so far.
+    fn epochs_done(&self) -> usize;
+    /// Seconds spent in training steps so far (across resumes).
+    fn train_seconds(&self) -> f64;
+    /// Trains epoch `epochs_done() + 1`; returns one entry per pass over the data.
+    fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError>;
+    /// Test accuracy (and train accuracy on `train_subset`) after `epoch`.
+    fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError>;
+    /// The model's tensors and checkpoint metadata.
+    fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>);
+    /// The optimizer state and its metadata.
+    fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>);
+    /// Restores both checkpoints (for `--resume`).
+    fn restore(
+        &mut self,
+        model: &BTreeMap<String, Tensor>,
+        model_meta: &HashMap<String, String>,
+        optim: &BTreeMap<String, Tensor>,
+        optim_meta: &HashMap<String, String>,
+    ) -> Result<(), TrainError>;
+    /// Loads weights only (for evaluation) and the epoch counter from metadata.
+    fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, model_meta: &HashMap<String, String>) -> Result<(), TrainError>;
+    /// Replaces the evaluation settings.
+    fn set_eval_config(&mut self, eval: EvalConfig) -> Result<(), TrainError>;
+    /// The model's tensors (as in the checkpoint).
+    fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.model_checkpoint().0
+    }
+}
+
+/// A trainer for the configured method. `train` is the training set, used
+/// to initialise prototype embeddings (pass `None` when weights will be loaded).
+pub fn build_trainer(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Box<dyn Trainer>, TrainError> {
+    Ok(match cfg.raw().model.method {
+        Method::Dt => Box::new(DtTrainer::with_data(cfg, device, train)?),
+        Method::Ct | Method::Fm => Box::new(crate::ct::CtTrainer::new(cfg, device, train)?),
+    })
+}
+
+/// A trainer restored from a model checkpoint file alone (weights and the
+/// config in its metadata), for evaluation; optimizer state is not loaded.
+pub fn load_for_eval(path: &std::path::Path, device: &Device) -> Result<Box<dyn Trainer>, TrainError> {
+    let (tensors, meta) = crate::checkpoint::load_safetensors(path, device)?;
+    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+    let cfg: crate::Config = meta
+        .get("config")
+        .ok_or_else(|| bad("no config in its metadata (not written by noprop?)".into()))
+        .and_then(|c| serde_json::from_str(c).map_err(|e| bad(format!("config in metadata: {e}"))))?;
+    let mut trainer = build_trainer(cfg.validate()?, device.clone(), None)?;
+    trainer.load_weights(&tensors, &meta)?;
+    Ok(trainer)
+}
+
+/// `log p(y | z)` `[B, m]` from the head's logits: softmax (eq. 14) or radial (eq. 15-16).
+pub fn class_log_probs(logits: &Tensor, w_embed: &Tensor, cp: ClassProbability) -> Result<Tensor, TrainError> {
+    Ok(match cp {
+        ClassProbability::Softmax => noprop_core::log_softmax(logits)?,
+        ClassProbability::Radial { sigma } => {
+            let p = candle_nn::ops::softmax(logits, D::Minus1)?;
+            radial_log_probs(&p.matmul(w_embed)?, w_embed, sigma)?
+        }
+    })
+}
+
+/// Mean and standard error of per-run accuracies.
+pub(crate) fn mean_se(runs: &[f64]) -> (f64, f64) {
+    let k = runs.len() as f64;
+    let mean = runs.iter().sum::<f64>() / k.max(1.0);
+    let se = if runs.len() > 1 { (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt() } else { 0.0 };
+    (mean, se)
+}
+
+/// Named trainable variables of a `VarMap` (BatchNorm buffers excluded).
+pub(crate) fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
+    vars.data()
+        .lock()
+        .map(|d| d.iter().filter(|(k, _)| !noprop_models::layers::is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
+/// Checkpoint metadata common to all methods.
+pub(crate) fn model_meta(cfg: &ValidConfig, epoch: usize, train_seconds: f64) -> HashMap<String, String> {
+    let mut meta = HashMap::new();
+    meta.insert("format".into(), "noprop/1".into());
+    meta.insert("method".into(), cfg.raw().model.method.name().into());
+    meta.insert("epoch".into(), epoch.to_string());
+    meta.insert("train_seconds".into(), format!("{train_seconds:.3}"));
+    meta.insert("config".into(), serde_json::to_string(cfg.raw()).unwrap_or_default());
+    meta
+}
+
+/// The epoch and training clock recorded in a model checkpoint.
+pub(crate) fn meta_epoch(meta: &HashMap<String, String>) -> Result<(usize, f64), TrainError> {
+    let epoch = meta.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| TrainError::Resume { reason: "checkpoint has no epoch".into() })?;
+    Ok((epoch, meta.get("train_seconds").and_then(|s| s.parse().ok()).unwrap_or(0.0)))
+}
+
+/// Adam's weight decay as PyTorch's `Adam` applies it: `g += wd * p` before
+/// the moment updates (an L2 term), for every variable in `vars` that has a
+/// gradient. Used with an [`AdamW`](crate::optim::AdamW) whose own decoupled
+/// decay is 0.
+pub(crate) fn add_l2(grads: &mut candle_core::backprop::GradStore, vars: &[(String, candle_core::Var)], wd: f64) -> Result<(), TrainError> {
+    if wd == 0.0 {
+        return Ok(());
+    }
+    for (_, var) in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            let g = (g + (var.as_tensor().detach() * wd)?)?;
+            grads.insert(var.as_tensor(), g);
+        }
+    }
+    Ok(())
+}
