@@ -160,7 +160,7 @@ fn checkpoint_round_trip_with_metadata() {
     assert_eq!(cfg, tiny_config(1));
     assert_same_tensors(&tensors, &a.model().named_tensors());
     let b = noprop_train::load_for_eval(&path, &dev).unwrap();
-    assert_same_tensors(&b.model().named_tensors(), &a.model().named_tensors());
+    assert_same_tensors(&b.named_tensors(), &a.model().named_tensors());
     assert_eq!(b.epochs_done(), 1);
     // A file that is not safetensors gives a typed error, not a panic.
     let bad = tmp.path().join("bad.safetensors");
