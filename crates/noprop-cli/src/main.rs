@@ -12,6 +12,7 @@ use noprop_train::{build_trainer, fit, load_for_eval, Config, DeviceData, RunDat
 use serde_json::json;
 
 mod bench;
+mod inspect;
 mod progress;
 
 #[global_allocator]
@@ -36,6 +37,11 @@ enum Command {
     Eval(EvalArgs),
     /// Time training steps and inference of the Figure-6 model (synthetic inputs).
     Bench(BenchArgs),
+    /// Look inside a run.
+    Inspect {
+        #[command(subcommand)]
+        command: InspectCommand,
+    },
     /// Fetch data sets.
     Data {
         #[command(subcommand)]
@@ -143,6 +149,21 @@ pub(crate) struct BenchArgs {
 }
 
 #[derive(Subcommand)]
+enum InspectCommand {
+    /// Write prototype class embeddings as a PNG (initial above learned; the paper's Figure 2).
+    Embeddings {
+        /// A run folder.
+        run: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        png: PathBuf,
+        /// Pixels per embedding pixel.
+        #[arg(long, default_value_t = 4)]
+        scale: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCommand {
     /// Download a data set into a folder, verifying checksums.
     Download {
@@ -165,6 +186,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench::run(args),
+        Command::Inspect { command: InspectCommand::Embeddings { run, png, scale } } => inspect::embeddings(&run, &png, scale.max(1)),
         Command::Data { command } => data(command),
     };
     match result {
@@ -345,7 +367,11 @@ fn train(args: TrainArgs) -> Result<()> {
                     .map(|(_, v)| v.elem_count())
                     .sum::<usize>(),
             });
-            RunDir::create(&out, &cfg, meta)?
+            let run = RunDir::create(&out, &cfg, meta)?;
+            if let Some(embed) = trainer.named_tensors().get("embed").filter(|_| cfg.model.embedding != noprop_train::config::Embedding::OneHot) {
+                inspect::save_initial(run.path(), embed)?;
+            }
+            run
         }
     };
     eprintln!("run folder: {}", run.path().display());

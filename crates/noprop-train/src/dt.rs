@@ -9,7 +9,7 @@ use noprop_data::{pass_stream, Batcher, Dataset};
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
 use crate::config::{Embedding, EvalConfig, ValidConfig};
-use crate::trainer::{class_log_probs, mean_se, meta_epoch, model_meta, trainable, Trainer};
+use crate::trainer::{add_l2, class_log_probs, mean_se, meta_epoch, model_meta, trainable, Trainer};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
@@ -86,6 +86,8 @@ pub struct DtTrainer {
     model: DtModel,
     block_opts: Vec<AdamW>,
     head_opt: AdamW,
+    /// With `optimizer = "adam"`: per block, then shared, the variables that get L2 decay.
+    l2: Option<(Vec<Vec<(String, candle_core::Var)>>, Vec<(String, candle_core::Var)>)>,
     epochs_done: usize,
     train_seconds: f64,
 }
@@ -154,7 +156,9 @@ impl DtTrainer {
             embedding,
         };
         let model = DtModel::new(model_cfg, embed, raw.train.seed, DType::F32, &device)?;
-        let params = AdamWParams::new(raw.train.lr, raw.train.weight_decay);
+        let adam = raw.train.optimizer == crate::config::Optimizer::Adam;
+        // Adam's decay is an L2 term added to the gradients; AdamW's is decoupled.
+        let params = AdamWParams::new(raw.train.lr, if adam { 0.0 } else { raw.train.weight_decay });
         let block_opts = (1..=raw.model.blocks)
             .map(|t| AdamW::new(trainable(model.block_vars(t)), params))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -163,8 +167,9 @@ impl DtTrainer {
         if let Some(var) = model.embedding().var() {
             shared.push(("embed".to_string(), var.clone()));
         }
+        let l2 = adam.then(|| ((1..=raw.model.blocks).map(|t| trainable(model.block_vars(t))).collect(), shared.clone()));
         let head_opt = AdamW::new(shared, params)?;
-        Ok(Self { cfg, device, model, block_opts, head_opt, epochs_done: 0, train_seconds: 0.0 })
+        Ok(Self { cfg, device, model, block_opts, head_opt, l2, epochs_done: 0, train_seconds: 0.0 })
     }
 
     /// The model.
@@ -211,7 +216,12 @@ impl DtTrainer {
         // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
         let logp = class_log_probs(&self.model.classify(&z_last)?, self.model.embed(), self.cfg.raw().model.class_probability)?;
         let loss = dt_loss(&logp, y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, eta))?;
-        let grads = loss.total.backward()?;
+        let mut grads = loss.total.backward()?;
+        if let Some((blocks, shared)) = &self.l2 {
+            let wd = self.cfg.raw().train.weight_decay;
+            add_l2(&mut grads, &blocks[t - 1], wd)?;
+            add_l2(&mut grads, shared, wd)?;
+        }
         self.block_opts[t - 1].step(&grads)?;
         self.head_opt.step(&grads)?;
         let v = |t: &Tensor| -> Result<f64, TrainError> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };

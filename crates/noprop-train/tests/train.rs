@@ -204,3 +204,39 @@ fn invalid_configs_are_rejected() {
     bad["train"]["learning_rate"] = serde_json::json!(0.1);
     assert!(serde_json::from_value::<Config>(bad).is_err());
 }
+
+#[test]
+fn continuous_methods_checkpoint_and_resume_exactly() {
+    use noprop_train::config::Method;
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    for method in [Method::Ct, Method::Fm] {
+        let mut cfg = Config::paper_continuous(DatasetKind::Mnist, method);
+        cfg.train.epochs = 2;
+        cfg.train.batch_size = 16;
+        cfg.eval.runs = 2;
+        cfg.eval.steps = 5;
+        cfg.eval.batch_size = 40;
+        cfg.checkpoint.keep_last = 0;
+        let tmp = tempfile::tempdir().unwrap();
+        let run_a = RunDir::create(&tmp.path().join("a"), &cfg, serde_json::json!({})).unwrap();
+        let mut a = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
+        let report_a = fit(a.as_mut(), &d, Some(&run_a), &mut Silent).unwrap().unwrap();
+        let names = a.named_tensors();
+        assert!(names.contains_key("net.img.conv1.weight") && names.contains_key("net.time.fc.weight"));
+        assert_eq!(names.contains_key("schedule.w1"), method == Method::Ct);
+
+        let mut one = cfg.clone();
+        one.train.epochs = 1;
+        let run_b = RunDir::create(&tmp.path().join("b"), &one, serde_json::json!({})).unwrap();
+        let mut b = noprop_train::build_trainer(one.validate().unwrap(), dev.clone(), None).unwrap();
+        fit(b.as_mut(), &d, Some(&run_b), &mut Silent).unwrap();
+        let mut c = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
+        run_b.restore_latest(c.as_mut()).unwrap();
+        let report_c = fit(c.as_mut(), &d, Some(&run_b), &mut Silent).unwrap().unwrap();
+        assert_same_tensors(&a.named_tensors(), &c.named_tensors());
+        assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs, "{method:?}");
+        let e = noprop_train::load_for_eval(&run_b.latest_model().unwrap().unwrap(), &dev).unwrap();
+        assert_same_tensors(&e.named_tensors(), &a.named_tensors());
+    }
+}

@@ -1,0 +1,70 @@
+//! `noprop inspect embeddings`: class embeddings as images (the paper's Figure 2).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use noprop_train::{checkpoint::load_safetensors, Config, RunDir};
+
+/// Renders `embed` `[m, C*H*W]` as a row of `m` tiles (one per class), pixels
+/// de-normalised with the data set's constants and clipped to [0, 1]; two
+/// rows (initial above learned) when the run saved its initial embedding.
+pub fn embeddings(run: &Path, out: &Path, scale: usize) -> Result<()> {
+    let dir = RunDir::open(run)?;
+    let cfg: Config = dir.config()?;
+    let latest = dir.latest_model()?.with_context(|| format!("{} has no checkpoint yet", run.display()))?;
+    let (tensors, _) = load_safetensors(&latest, &Device::Cpu)?;
+    let learned = tensors.get("embed").context("the checkpoint has no `embed` tensor")?;
+    let mut rows = vec![];
+    let init = run.join("embed-init.safetensors");
+    if init.is_file() {
+        let (t, _) = load_safetensors(&init, &Device::Cpu)?;
+        rows.push(t.get("embed").context("embed-init.safetensors has no `embed`")?.clone());
+    }
+    rows.push(learned.clone());
+    let kind = cfg.data.dataset;
+    let (c, h, w) = kind.shape();
+    let m = kind.num_classes();
+    for r in &rows {
+        if r.dims() != [m, c * h * w] {
+            bail!("the embedding has shape {:?}; only prototype embeddings ([{m}, {}]) are images", r.dims(), c * h * w);
+        }
+    }
+    let norm = kind.normalization();
+    let (tw, th) = (w * scale, h * scale);
+    let (width, height) = (m * (tw + 2), rows.len() * (th + 2));
+    let mut rgb = vec![255u8; width * height * 3];
+    for (ri, row) in rows.iter().enumerate() {
+        let v: Vec<Vec<f32>> = row.to_dtype(DType::F32)?.to_vec2()?;
+        for (class, img) in v.iter().enumerate() {
+            for y in 0..th {
+                for x in 0..tw {
+                    let (sy, sx) = (y / scale, x / scale);
+                    let px = |ch: usize| {
+                        let val = img[ch * h * w + sy * w + sx] * norm.std[ch] + norm.mean[ch];
+                        (val.clamp(0.0, 1.0) * 255.0).round() as u8
+                    };
+                    let (r, g, b) = if c == 1 { let g = px(0); (g, g, g) } else { (px(0), px(1), px(2)) };
+                    let (ox, oy) = (class * (tw + 2) + 1 + x, ri * (th + 2) + 1 + y);
+                    let o = (oy * width + ox) * 3;
+                    rgb[o..o + 3].copy_from_slice(&[r, g, b]);
+                }
+            }
+        }
+    }
+    let file = std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()?.write_image_data(&rgb)?;
+    Ok(())
+}
+
+/// Saves the initial class embedding of a new run (for the before/after figure).
+pub fn save_initial(run: &Path, embed: &Tensor) -> Result<()> {
+    let mut t = std::collections::BTreeMap::new();
+    t.insert("embed".to_string(), embed.clone());
+    noprop_train::checkpoint::save_safetensors(&run.join("embed-init.safetensors"), &t, Default::default())?;
+    Ok(())
+}
+
