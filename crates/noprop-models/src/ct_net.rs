@@ -1,7 +1,7 @@
 //! The continuous-time network of Figure 6 (right), shared by NoProp-CT and
 //! NoProp-FM: one network for all t, no BatchNorm anywhere.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
@@ -121,19 +121,20 @@ impl CtNet {
 
     /// Logits `[B, m]` from `z` `[B, d]`, times `t` `[B]` and image features.
     pub fn logits_from_features(&self, z: &Tensor, t: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        let k = self.cfg.kernels;
         let fz = match &self.label {
-            CtLabel::Linear(l) => l.forward(z)?.relu()?,
+            CtLabel::Linear(l) => l.forward_with(k, z)?.relu()?,
             CtLabel::Image(path) => {
                 let c = &self.cfg;
                 path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)?
             }
         };
         let te = sinusoidal_embedding(&t.to_dtype(DType::F64)?, self.cfg.time_dim, self.cfg.time_scale)?.to_dtype(z.dtype())?;
-        let ft = self.time_fc.forward(&te)?.relu()?;
+        let ft = self.time_fc.forward_with(k, &te)?.relu()?;
         let h = Tensor::cat(&[fx, &fz, &ft], 1)?;
-        let h = self.fc1.forward(&h)?.relu()?;
-        let h = self.fc2.forward(&h)?.relu()?;
-        self.out.forward(&h)
+        let h = self.fc1.forward_with(k, &h)?.relu()?;
+        let h = self.fc2.forward_with(k, &h)?.relu()?;
+        self.out.forward_with(k, &h)
     }
 
     /// Logits `[B, m]`.

@@ -1,6 +1,6 @@
 //! The discrete-time denoising block of Figure 6 (left).
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
 use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
@@ -120,11 +120,12 @@ impl DtBlock {
 
     /// The logits `[B, m]` from the latent `z` `[B, d]` and image features `fx` `[B, 256]`.
     pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        let k = self.cfg.kernels;
         let fz = match &self.label {
             LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => {
-                let h1 = bn1.forward(&fc1.forward(z)?, mode)?.relu()?;
-                let h2 = bn2.forward(&fc2.forward(&h1)?, mode)?.relu()?;
-                let h2 = bn3.forward(&fc3.forward(&h2)?, mode)?;
+                let h1 = bn1.forward(&fc1.forward_with(k, z)?, mode)?.relu()?;
+                let h2 = bn2.forward(&fc2.forward_with(k, &h1)?, mode)?.relu()?;
+                let h2 = bn3.forward(&fc3.forward_with(k, &h2)?, mode)?;
                 (h1 + h2)?
             }
             LabelPath::Image(path) => {
@@ -133,9 +134,9 @@ impl DtBlock {
             }
         };
         let h = Tensor::cat(&[fx, &fz], 1)?;
-        let h = self.fuse_bn1.forward(&self.fuse_fc1.forward(&h)?, mode)?.relu()?;
-        let h = self.fuse_bn2.forward(&self.fuse_fc2.forward(&h)?, mode)?.relu()?;
-        self.fuse_out.forward(&h)
+        let h = self.fuse_bn1.forward(&self.fuse_fc1.forward_with(k, &h)?, mode)?.relu()?;
+        let h = self.fuse_bn2.forward(&self.fuse_fc2.forward_with(k, &h)?, mode)?.relu()?;
+        self.fuse_out.forward_with(k, &h)
     }
 
     /// `uhat = softmax(logits) @ W_embed` `[B, d]`.

@@ -1,9 +1,9 @@
 //! The convolutional image path shared by the Figure-6 networks.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm1d, conv2d, dropout, linear, BatchNorm1d, Conv2d, Linear, Mode};
+use crate::layers::{batch_norm1d, conv2d, dropout_with, linear, BatchNorm1d, Conv2d, Linear, Mode};
 use crate::ops::{max_pool2x2, Kernels};
 
 /// What follows the image path's Linear layer.
@@ -73,11 +73,11 @@ impl ImagePath {
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
         let (k, p) = (self.kernels, self.dropout);
         let h = self.conv1.forward_relu(x, k)?;
-        let h = dropout(&max_pool2x2(k, &h)?, p, mode)?;
-        let h = dropout(&self.conv2.forward_relu(&h, k)?, p, mode)?;
+        let h = dropout_with(k, &max_pool2x2(k, &h)?, p, mode)?;
+        let h = dropout_with(k, &self.conv2.forward_relu(&h, k)?, p, mode)?;
         let h = self.conv3.forward_relu(&h, k)?;
-        let h = dropout(&max_pool2x2(k, &h)?, p, mode)?;
-        let h = self.fc.forward(&h.flatten_from(1)?)?;
+        let h = dropout_with(k, &max_pool2x2(k, &h)?, p, mode)?;
+        let h = self.fc.forward_with(k, &h.flatten_from(1)?)?;
         match &self.bn {
             Some(bn) => bn.forward(&h, mode),
             None => h.relu(),
