@@ -9,14 +9,14 @@ use noprop_core::{
     ct_loss, fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, q_sample_ct, sample_ct_eq3, sample_ct_ode,
     sample_fm, sample_t, ContinuousDenoiser, ContinuousSchedule, Inference, LearnableSchedule, NoiseRng, VelocityField,
 };
-use noprop_data::{pass_stream, Batcher, Dataset};
+use noprop_data::Dataset;
 use noprop_models::{CtModel, CtNetConfig, Mode};
 
 use crate::config::{EvalConfig, Method, Optimizer, Sampler, ValidConfig};
 use crate::dt::{build_embedding, embedding_kind, streams, DeviceData};
-use crate::observer::{EvalReport, Event, Observer, PassMetrics};
+use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, class_log_probs, mean_se, meta_epoch, model_meta, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
 use crate::TrainError;
 
 /// Sub-seed stream of the learnable schedule's initialisation.
@@ -219,33 +219,9 @@ impl Trainer for CtTrainer {
 
     fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
-        let raw = self.cfg.raw().clone();
-        let seed = raw.train.seed;
-        observer.on_event(&Event::PassStart { epoch, block: 0 });
-        let start = Instant::now();
-        let batcher = Batcher::new(data.len(), raw.train.batch_size, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), pass_stream(epoch as u64, 0))?
-            .min_batch_len(2);
-        let mut noise = NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, 0]);
-        let mut drop = NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, 0]);
-        let mut sums = [0.0f64; 4];
-        let mut count = 0usize;
-        for idx in batcher.batches() {
-            let (x, y) = data.batch(idx)?;
-            let l = self.train_step(&x, &y, &mut noise, &mut drop)?;
-            if !l[0].is_finite() {
-                return Err(TrainError::Diverged { epoch, block: 0, loss: l[0] });
-            }
-            for (s, v) in sums.iter_mut().zip(l) {
-                *s += v;
-            }
-            count += 1;
-            observer.on_event(&Event::Step { loss: l[0] });
-        }
-        let seconds = start.elapsed().as_secs_f64();
-        self.train_seconds += seconds;
-        let n = count.max(1) as f64;
-        let pass = PassMetrics { epoch, block: 0, loss: sums[0] / n, ce: sums[1] / n, kl: sums[2] / n, denoise: sums[3] / n, batches: count, seconds };
-        observer.on_event(&Event::PassEnd(&pass));
+        let (seed, batch) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size);
+        let pass = run_pass(data, seed, batch, epoch, 0, observer, |x, y, noise, drop| self.train_step(x, y, noise, drop))?;
+        self.train_seconds += pass.seconds;
         self.epochs_done = epoch;
         Ok(vec![pass])
     }
@@ -299,12 +275,7 @@ impl Trainer for CtTrainer {
         optim_meta: &HashMap<String, String>,
     ) -> Result<(), TrainError> {
         let bad = |reason: String| TrainError::Resume { reason };
-        let (epoch, _) = meta_epoch(model_meta)?;
-        let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
-        if optim_epoch != epoch {
-            return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
-        }
-        let steps: Vec<u64> = optim_meta.get("steps").and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| bad("optimizer state has no step counts".into()))?;
+        let (_, _, steps) = check_resume(model_meta, optim_meta, 1)?;
         self.load_weights(model, model_meta)?;
         self.opt.load_state("", optim, steps.first().copied().unwrap_or(0)).map_err(bad)
     }

@@ -5,12 +5,12 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
 use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
-use noprop_data::{pass_stream, Batcher, Dataset};
+use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
 use crate::config::{Embedding, EvalConfig, ValidConfig};
-use crate::trainer::{add_l2, class_log_probs, mean_se, meta_epoch, model_meta, trainable, Trainer};
-use crate::observer::{EvalReport, Event, Observer, PassMetrics};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
+use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
 
@@ -231,45 +231,11 @@ impl DtTrainer {
     /// Epoch `epochs_done + 1` of Algorithm 1: for t = 1..T, one shuffled pass over `data`.
     pub fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
-        let raw = self.cfg.raw().clone();
-        let seed = raw.train.seed;
-        let mut passes = Vec::with_capacity(raw.model.blocks);
-        for t in 1..=raw.model.blocks {
-            observer.on_event(&Event::PassStart { epoch, block: t });
-            let start = Instant::now();
-            let stream = pass_stream(epoch as u64, t as u64);
-            let batcher = Batcher::new(data.len(), raw.train.batch_size, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), stream)?
-                .min_batch_len(2);
-            let mut noise = NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, t as u64]);
-            let mut drop = NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, t as u64]);
-            let mut sums = [0.0f64; 4];
-            let mut count = 0usize;
-            for idx in batcher.batches() {
-                let (x, y) = data.batch(idx)?;
-                let l = self.train_step(t, &x, &y, &mut noise, &mut drop)?;
-                if !l[0].is_finite() {
-                    return Err(TrainError::Diverged { epoch, block: t, loss: l[0] });
-                }
-                for (s, v) in sums.iter_mut().zip(l) {
-                    *s += v;
-                }
-                count += 1;
-                observer.on_event(&Event::Step { loss: l[0] });
-            }
-            let seconds = start.elapsed().as_secs_f64();
-            self.train_seconds += seconds;
-            let n = count.max(1) as f64;
-            let pass = PassMetrics {
-                epoch,
-                block: t,
-                loss: sums[0] / n,
-                ce: sums[1] / n,
-                kl: sums[2] / n,
-                denoise: sums[3] / n,
-                batches: count,
-                seconds,
-            };
-            observer.on_event(&Event::PassEnd(&pass));
+        let (seed, batch, blocks) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size, self.cfg.raw().model.blocks);
+        let mut passes = Vec::with_capacity(blocks);
+        for t in 1..=blocks {
+            let pass = run_pass(data, seed, batch, epoch, t, observer, |x, y, noise, drop| self.train_step(t, x, y, noise, drop))?;
+            self.train_seconds += pass.seconds;
             passes.push(pass);
         }
         self.epochs_done = epoch;
@@ -339,18 +305,7 @@ impl DtTrainer {
         optim_meta: &HashMap<String, String>,
     ) -> Result<(), TrainError> {
         let bad = |reason: String| TrainError::Resume { reason };
-        let (epoch, seconds) = meta_epoch(model_meta)?;
-        let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
-        if optim_epoch != epoch {
-            return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
-        }
-        let steps: Vec<u64> = optim_meta
-            .get("steps")
-            .and_then(|s| serde_json::from_str(s).ok())
-            .ok_or_else(|| bad("optimizer state has no step counts".into()))?;
-        if steps.len() != self.block_opts.len() + 1 {
-            return Err(bad(format!("optimizer state has {} step counts, expected {}", steps.len(), self.block_opts.len() + 1)));
-        }
+        let (epoch, seconds, steps) = check_resume(model_meta, optim_meta, self.block_opts.len() + 1)?;
         self.model.load_tensors(model)?;
         self.head_opt.load_state("", optim, steps[0]).map_err(bad)?;
         for (opt, &s) in self.block_opts.iter_mut().zip(&steps[1..]) {

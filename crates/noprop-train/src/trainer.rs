@@ -3,12 +3,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{Device, Tensor, D};
-use noprop_core::{radial_log_probs, ClassProbability};
+use noprop_core::{radial_log_probs, ClassProbability, NoiseRng};
 use noprop_data::Dataset;
 
 use crate::config::{EvalConfig, Method, ValidConfig};
 use crate::dt::{DeviceData, DtTrainer};
-use crate::observer::{EvalReport, Observer, PassMetrics};
+use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::TrainError;
 
 /// A model with its optimizers and training clock.
@@ -129,4 +129,77 @@ pub(crate) fn add_l2(grads: &mut candle_core::backprop::GradStore, vars: &[(Stri
         }
     }
     Ok(())
+}
+
+/// One shuffled pass over `data` for `block` (0 for the single network of CT
+/// and FM) in `epoch`: draws the minibatch order, q-noise and dropout from
+/// the streams keyed by (seed, epoch, block), calls `step` per minibatch
+/// (which returns `[total, ce, kl, denoise]`), reports to `observer`, and
+/// returns the pass's mean losses.
+pub(crate) fn run_pass(
+    data: &DeviceData,
+    seed: u64,
+    batch_size: usize,
+    epoch: usize,
+    block: usize,
+    observer: &mut dyn Observer,
+    mut step: impl FnMut(&Tensor, &Tensor, &mut NoiseRng, &mut NoiseRng) -> Result<[f64; 4], TrainError>,
+) -> Result<PassMetrics, TrainError> {
+    use crate::dt::streams;
+    observer.on_event(&Event::PassStart { epoch, block });
+    let start = std::time::Instant::now();
+    let stream = noprop_data::pass_stream(epoch as u64, block as u64);
+    let batcher = noprop_data::Batcher::new(data.len(), batch_size, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), stream)?.min_batch_len(2);
+    let mut noise = NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, block as u64]);
+    let mut drop = NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, block as u64]);
+    let mut sums = [0.0f64; 4];
+    let mut count = 0usize;
+    for idx in batcher.batches() {
+        let (x, y) = data.batch(idx)?;
+        let l = step(&x, &y, &mut noise, &mut drop)?;
+        if !l[0].is_finite() {
+            return Err(TrainError::Diverged { epoch, block, loss: l[0] });
+        }
+        for (s, v) in sums.iter_mut().zip(l) {
+            *s += v;
+        }
+        count += 1;
+        observer.on_event(&Event::Step { loss: l[0] });
+    }
+    let n = count.max(1) as f64;
+    let pass = PassMetrics {
+        epoch,
+        block,
+        loss: sums[0] / n,
+        ce: sums[1] / n,
+        kl: sums[2] / n,
+        denoise: sums[3] / n,
+        batches: count,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    observer.on_event(&Event::PassEnd(&pass));
+    Ok(pass)
+}
+
+/// Checks that a model and an optimizer checkpoint belong to the same epoch;
+/// returns that epoch, the training clock and the optimizers' step counts.
+pub(crate) fn check_resume(
+    model_meta: &HashMap<String, String>,
+    optim_meta: &HashMap<String, String>,
+    optimizers: usize,
+) -> Result<(usize, f64, Vec<u64>), TrainError> {
+    let bad = |reason: String| TrainError::Resume { reason };
+    let (epoch, seconds) = meta_epoch(model_meta)?;
+    let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
+    if optim_epoch != epoch {
+        return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
+    }
+    let steps: Vec<u64> = optim_meta
+        .get("steps")
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| bad("optimizer state has no step counts".into()))?;
+    if steps.len() != optimizers {
+        return Err(bad(format!("optimizer state has {} step counts, expected {optimizers}", steps.len())));
+    }
+    Ok((epoch, seconds, steps))
 }
