@@ -251,3 +251,31 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     let evals = |m: &[serde_json::Value]| m.iter().filter(|v| v["event"] == "eval").map(|v| v["test_acc_runs"].clone()).collect::<Vec<_>>();
     assert_eq!(evals(&m), evals(&metrics(&straight)));
 }
+
+#[test]
+fn prototype_embeddings_render_as_png() {
+    let f = fixture(40);
+    let cfg = f.root.join("proto.toml");
+    write_config(&cfg, 1, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("embedding = \"one-hot\"", "embedding = \"prototype\"").replace("blocks = 3", "blocks = 1");
+    std::fs::write(&cfg, text).unwrap();
+    let run = f.root.join("run");
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(f.root.join("mnist")).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(run.join("embed-init.safetensors").is_file());
+    let png = f.root.join("fig2.png");
+    let out = noprop().args(["inspect", "embeddings"]).arg(&run).arg("--png").arg(&png).args(["--scale", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    let info = reader.info();
+    // Ten tiles of 28x28 at scale 2 with a 2-pixel border, two rows (initial, learned).
+    assert_eq!((info.width, info.height), (10 * 58, 2 * 58));
+    // A one-hot run has no image embedding to draw.
+    let onehot = f.root.join("onehot.toml");
+    write_config(&onehot, 1, "");
+    let run2 = f.root.join("run2");
+    assert!(noprop().args(["train", "--config"]).arg(&onehot).arg("--data").arg(f.root.join("mnist")).arg("--out").arg(&run2).output().unwrap().status.success());
+    let out = noprop().args(["inspect", "embeddings"]).arg(&run2).arg("--png").arg(&png).output().unwrap();
+    assert_one_line_error(&out, "prototype");
+}
