@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
-use noprop_train::{dt::accuracy_runs, DeviceData, DtTrainer};
+use noprop_train::{dt::accuracy_runs, DeviceData, DtTrainer, Trainer};
 use serde_json::json;
 
 use crate::{device, parse_config, parse_config_text, set_threads, BenchArgs, DEFAULT_CONFIG};

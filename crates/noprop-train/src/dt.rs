@@ -177,26 +177,6 @@ impl DtTrainer {
         &self.model
     }
 
-    /// The validated configuration.
-    pub fn config(&self) -> &ValidConfig {
-        &self.cfg
-    }
-
-    /// The device the model lives on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Epochs completed so far.
-    pub fn epochs_done(&self) -> usize {
-        self.epochs_done
-    }
-
-    /// Seconds spent in training steps so far (across resumes).
-    pub fn train_seconds(&self) -> f64 {
-        self.train_seconds
-    }
-
     /// One Algorithm 1 update of block `t` (and the head) on a minibatch;
     /// returns `(total, ce, kl, denoise)`.
     pub fn train_step(
@@ -228,93 +208,6 @@ impl DtTrainer {
         Ok([v(&loss.total)?, v(&loss.cross_entropy)?, v(&loss.kl)?, v(&loss.denoise)?])
     }
 
-    /// Epoch `epochs_done + 1` of Algorithm 1: for t = 1..T, one shuffled pass over `data`.
-    pub fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
-        let epoch = self.epochs_done + 1;
-        let (seed, batch, blocks) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size, self.cfg.raw().model.blocks);
-        let mut passes = Vec::with_capacity(blocks);
-        for t in 1..=blocks {
-            let pass = run_pass(data, seed, batch, epoch, t, observer, |x, y, noise, drop| self.train_step(t, x, y, noise, drop))?;
-            self.train_seconds += pass.seconds;
-            passes.push(pass);
-        }
-        self.epochs_done = epoch;
-        Ok(passes)
-    }
-
-    /// Test accuracy of the eq. 3 sampler (mean and standard error over
-    /// `eval.runs` stochastic runs, and deterministic if configured), and
-    /// train accuracy on `train_subset` if given. Draws come from a stream
-    /// fixed by the seed and `epoch`.
-    pub fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
-        let start = Instant::now();
-        let ev = &self.cfg.raw().eval;
-        let seed = self.cfg.raw().train.seed;
-        let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 0]);
-        // The stochastic runs and the deterministic one share each batch's image features.
-        let mut modes = vec![Inference::Stochastic; ev.runs];
-        if ev.deterministic {
-            modes.push(Inference::Deterministic);
-        }
-        let mut runs = accuracy_runs(&self.model, self.cfg.schedule(), test, &modes, ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?;
-        let det = if ev.deterministic { runs.pop() } else { None };
-        let (mean, se) = mean_se(&runs);
-        let train_acc = match train_subset {
-            Some(d) if !d.is_empty() => {
-                let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 2]);
-                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, &[Inference::Stochastic], ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?[0])
-            }
-            _ => None,
-        };
-        Ok(EvalReport {
-            epoch,
-            test_acc: mean,
-            test_acc_se: se,
-            test_acc_runs: runs,
-            test_acc_deterministic: det,
-            train_acc,
-            seconds: start.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// The model's tensors and the checkpoint metadata for the current epoch.
-    pub fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
-        (self.model.named_tensors(), model_meta(&self.cfg, self.epochs_done, self.train_seconds))
-    }
-
-    /// The optimizers' state (moments and step counts).
-    pub fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
-        let mut tensors = self.head_opt.state("");
-        let mut steps = vec![self.head_opt.steps()];
-        for opt in &self.block_opts {
-            tensors.extend(opt.state(""));
-            steps.push(opt.steps());
-        }
-        let mut meta = HashMap::new();
-        meta.insert("epoch".into(), self.epochs_done.to_string());
-        meta.insert("steps".into(), serde_json::to_string(&steps).unwrap_or_default());
-        (tensors, meta)
-    }
-
-    /// Restores the state saved by [`Self::model_checkpoint`] and [`Self::optimizer_checkpoint`].
-    pub fn restore(
-        &mut self,
-        model: &BTreeMap<String, Tensor>,
-        model_meta: &HashMap<String, String>,
-        optim: &BTreeMap<String, Tensor>,
-        optim_meta: &HashMap<String, String>,
-    ) -> Result<(), TrainError> {
-        let bad = |reason: String| TrainError::Resume { reason };
-        let (epoch, seconds, steps) = check_resume(model_meta, optim_meta, self.block_opts.len() + 1)?;
-        self.model.load_tensors(model)?;
-        self.head_opt.load_state("", optim, steps[0]).map_err(bad)?;
-        for (opt, &s) in self.block_opts.iter_mut().zip(&steps[1..]) {
-            opt.load_state("", optim, s).map_err(bad)?;
-        }
-        self.epochs_done = epoch;
-        self.train_seconds = seconds;
-        Ok(())
-    }
 }
 
 /// Accuracy (percent) over `data` of one sampling run per entry of `modes`.
@@ -383,18 +276,75 @@ impl Trainer for DtTrainer {
     fn train_seconds(&self) -> f64 {
         self.train_seconds
     }
+    /// Epoch `epochs_done + 1` of Algorithm 1: for t = 1..T, one shuffled pass over `data`.
     fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
-        DtTrainer::train_epoch(self, data, observer)
+        let epoch = self.epochs_done + 1;
+        let (seed, batch, blocks) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size, self.cfg.raw().model.blocks);
+        let mut passes = Vec::with_capacity(blocks);
+        for t in 1..=blocks {
+            let pass = run_pass(data, seed, batch, epoch, t, observer, |x, y, noise, drop| self.train_step(t, x, y, noise, drop))?;
+            self.train_seconds += pass.seconds;
+            passes.push(pass);
+        }
+        self.epochs_done = epoch;
+        Ok(passes)
     }
+
+    /// Test accuracy of the eq. 3 sampler (mean and standard error over
+    /// `eval.runs` stochastic runs, and deterministic if configured), and
+    /// train accuracy on `train_subset` if given. Draws come from a stream
+    /// fixed by the seed and `epoch`.
     fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
-        DtTrainer::evaluate(self, test, train_subset, epoch)
+        let start = Instant::now();
+        let ev = &self.cfg.raw().eval;
+        let seed = self.cfg.raw().train.seed;
+        let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 0]);
+        // The stochastic runs and the deterministic one share each batch's image features.
+        let mut modes = vec![Inference::Stochastic; ev.runs];
+        if ev.deterministic {
+            modes.push(Inference::Deterministic);
+        }
+        let mut runs = accuracy_runs(&self.model, self.cfg.schedule(), test, &modes, ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?;
+        let det = if ev.deterministic { runs.pop() } else { None };
+        let (mean, se) = mean_se(&runs);
+        let train_acc = match train_subset {
+            Some(d) if !d.is_empty() => {
+                let mut rng = NoiseRng::derived(seed, &[streams::EVAL, epoch as u64, 2]);
+                Some(accuracy_runs(&self.model, self.cfg.schedule(), d, &[Inference::Stochastic], ev.batch_size, self.cfg.raw().model.class_probability, &mut rng)?[0])
+            }
+            _ => None,
+        };
+        Ok(EvalReport {
+            epoch,
+            test_acc: mean,
+            test_acc_se: se,
+            test_acc_runs: runs,
+            test_acc_deterministic: det,
+            train_acc,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
+
+    /// The model's tensors and the checkpoint metadata for the current epoch.
     fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
-        DtTrainer::model_checkpoint(self)
+        (self.model.named_tensors(), model_meta(&self.cfg, self.epochs_done, self.train_seconds))
     }
+
+    /// The optimizers' state (moments and step counts).
     fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>) {
-        DtTrainer::optimizer_checkpoint(self)
+        let mut tensors = self.head_opt.state("");
+        let mut steps = vec![self.head_opt.steps()];
+        for opt in &self.block_opts {
+            tensors.extend(opt.state(""));
+            steps.push(opt.steps());
+        }
+        let mut meta = HashMap::new();
+        meta.insert("epoch".into(), self.epochs_done.to_string());
+        meta.insert("steps".into(), serde_json::to_string(&steps).unwrap_or_default());
+        (tensors, meta)
     }
+
+    /// Restores the state saved by [`Self::model_checkpoint`] and [`Self::optimizer_checkpoint`].
     fn restore(
         &mut self,
         model: &BTreeMap<String, Tensor>,
@@ -402,7 +352,16 @@ impl Trainer for DtTrainer {
         optim: &BTreeMap<String, Tensor>,
         optim_meta: &HashMap<String, String>,
     ) -> Result<(), TrainError> {
-        DtTrainer::restore(self, model, model_meta, optim, optim_meta)
+        let bad = |reason: String| TrainError::Resume { reason };
+        let (epoch, seconds, steps) = check_resume(model_meta, optim_meta, self.block_opts.len() + 1)?;
+        self.model.load_tensors(model)?;
+        self.head_opt.load_state("", optim, steps[0]).map_err(bad)?;
+        for (opt, &s) in self.block_opts.iter_mut().zip(&steps[1..]) {
+            opt.load_state("", optim, s).map_err(bad)?;
+        }
+        self.epochs_done = epoch;
+        self.train_seconds = seconds;
+        Ok(())
     }
     fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, model_meta: &HashMap<String, String>) -> Result<(), TrainError> {
         self.model.load_tensors(model)?;

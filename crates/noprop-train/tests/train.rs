@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use noprop_core::{dt_loss, q_sample, NoiseRng};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::Mode;
-use noprop_train::{checkpoint, fit, Config, DeviceData, DtTrainer, RunData, RunDir, Silent};
+use noprop_train::{checkpoint, fit, Config, DeviceData, DtTrainer, RunData, RunDir, Silent, Trainer};
 
 /// A synthetic MNIST-shaped set where the class sets the brightness of one
 /// image row band, so a few steps are enough to learn something.
