@@ -19,7 +19,8 @@ fn every_config_validates_and_trains_a_few_steps() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
     let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
     names.sort();
-    assert_eq!(names.len(), 27, "one config per Table 1 NoProp row and data set");
+    // 3 data sets x (DT, CT, FM, backprop x 3 embeddings + adjoint one-hot).
+    assert_eq!(names.len(), 39, "one config per Table 1 row and data set");
     let dev = Device::Cpu;
     for path in names {
         let text = std::fs::read_to_string(&path).unwrap();
@@ -34,6 +35,7 @@ fn every_config_validates_and_trains_a_few_steps() {
         cfg.model.blocks = cfg.model.blocks.min(2);
         cfg.eval.runs = 1;
         cfg.eval.steps = 2;
+        cfg.model.ode_steps = 2;
         cfg.eval.batch_size = 8;
         cfg.eval.train_subset = 0;
         let train = synthetic(n, kind.shape(), kind.num_classes(), 1);

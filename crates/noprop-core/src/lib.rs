@@ -25,6 +25,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod adjoint;
 mod class_probs;
 mod continuous;
 mod ct;
@@ -36,6 +37,7 @@ mod rng;
 mod sample;
 mod schedule;
 
+pub use adjoint::{adjoint_euler, odeint_euler, AdjointGradients};
 pub use class_probs::{radial_log_probs, ClassProbability};
 pub use continuous::{ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig};
 pub use ct::{

@@ -51,19 +51,22 @@ impl ClassEmbedding {
 
     /// A learned `[m, d]` embedding: orthonormal rows when `d >= m`, N(0, 1) entries otherwise.
     pub fn learned(classes: usize, dim: usize, rng: &mut NoiseRng, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        let mut w = vec![0f32; classes * dim];
-        rng.fill_normal(&mut w);
-        if dim >= classes {
-            orthonormalise_rows(&mut w, classes, dim);
-        }
-        let var = Var::from_tensor(&Tensor::from_vec(w, (classes, dim), device)?.to_dtype(dtype)?)?;
-        Ok(Self { kind: EmbeddingKind::Learned { dim }, weight: var.as_tensor().clone(), var: Some(var) })
+        let init = random_init(classes, dim, dim >= classes, rng, dtype, device)?;
+        Self::trainable(EmbeddingKind::Learned { dim }, &init)
     }
 
-    /// A learned embedding starting from `init` `[m, C*H*W]` (see [`prototype_init`]).
+    /// A learned embedding starting from `init` `[m, C*H*W]` (see [`prototype_indices`]).
     pub fn prototype(init: &Tensor) -> candle_core::Result<Self> {
+        Self::trainable(EmbeddingKind::Prototype, init)
+    }
+
+    /// A learned embedding of `kind` starting from `init` `[m, d]`.
+    pub fn trainable(kind: EmbeddingKind, init: &Tensor) -> candle_core::Result<Self> {
+        if kind == EmbeddingKind::OneHot {
+            candle_core::bail!("a one-hot embedding is fixed, not trainable");
+        }
         let var = Var::from_tensor(init)?;
-        Ok(Self { kind: EmbeddingKind::Prototype, weight: var.as_tensor().clone(), var: Some(var) })
+        Ok(Self { kind, weight: var.as_tensor().clone(), var: Some(var) })
     }
 
     /// How it was made.
@@ -80,6 +83,20 @@ impl ClassEmbedding {
     pub fn var(&self) -> Option<&Var> {
         self.var.as_ref()
     }
+}
+
+/// A random `[m, d]` initialisation: N(0, 1) entries, with the rows made
+/// orthonormal when `orthogonal` (which needs `d >= m`).
+pub fn random_init(classes: usize, dim: usize, orthogonal: bool, rng: &mut NoiseRng, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let mut w = vec![0f32; classes * dim];
+    rng.fill_normal(&mut w);
+    if orthogonal {
+        if dim < classes {
+            candle_core::bail!("orthonormal rows need d >= m, got d = {dim} < m = {classes}");
+        }
+        orthonormalise_rows(&mut w, classes, dim);
+    }
+    Tensor::from_vec(w, (classes, dim), device)?.to_dtype(dtype)
 }
 
 /// Gram-Schmidt on the rows of a row-major `[rows, cols]` matrix (rows <= cols), in f64.

@@ -20,6 +20,10 @@ pub enum Method {
     Ct,
     /// NoProp-FM, Algorithm 3.
     Fm,
+    /// Baseline: the DT blocks chained by eq. 17-19, trained end to end by back-propagation.
+    Backprop,
+    /// Baseline: a neural ODE on the continuous-time network, gradients by the adjoint method.
+    Adjoint,
 }
 
 impl Method {
@@ -29,6 +33,8 @@ impl Method {
             Method::Dt => "dt",
             Method::Ct => "ct",
             Method::Fm => "fm",
+            Method::Backprop => "backprop",
+            Method::Adjoint => "adjoint",
         }
     }
 }
@@ -42,6 +48,19 @@ pub enum Embedding {
     /// Learned, `d = model.embedding_dim` ("dim=20" in the paper).
     Learned,
     /// Learned, `d = C*H*W`, initialised from training images.
+    Prototype,
+}
+
+/// How a learned `W_embed` starts (the paper's Figure 5 ablation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EmbeddingInit {
+    /// Orthonormal rows (needs `d >= m`).
+    Orthogonal,
+    /// Independent N(0, 1) entries.
+    Normal,
+    /// Per class, the training image of smallest median distance to the rest
+    /// of its class (needs `d = C*H*W`).
     Prototype,
 }
 
@@ -118,6 +137,21 @@ pub struct ModelConfig {
     /// CT: the learnable noise schedule (Appendix B).
     #[serde(default)]
     pub ct_schedule: LearnableScheduleConfig,
+    /// Initialisation of a learned embedding; when absent, `prototype` for
+    /// `embedding = "prototype"`, else `orthogonal` when `d >= m` and `normal` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_init: Option<EmbeddingInit>,
+    /// Back-propagation baseline: the initial `alpha_t = tanh(w_t)` of every
+    /// block, in (-1, 1) (the paper does not say; default 0.5).
+    #[serde(default = "default_alpha_init")]
+    pub alpha_init: f64,
+    /// Adjoint baseline: Euler steps of the ODE solve in training (1000 in the paper).
+    #[serde(default = "default_steps")]
+    pub ode_steps: usize,
+}
+
+fn default_alpha_init() -> f64 {
+    0.5
 }
 
 fn default_embedding_dim() -> usize {
@@ -397,6 +431,14 @@ impl Config {
         if self.model.method == Method::Fm && self.eval.sampler == Sampler::Eq3 {
             return Err(TrainError::InvalidConfig { field: "eval.sampler", reason: "NoProp-FM integrates with \"euler\" or \"heun\"; \"eq3\" is for CT".into() });
         }
+        if !(self.model.alpha_init.is_finite() && self.model.alpha_init.abs() < 1.0) {
+            return Err(TrainError::InvalidConfig { field: "model.alpha_init", reason: format!("must lie in (-1, 1), got {}", self.model.alpha_init) });
+        }
+        at_least("model.ode_steps", self.model.ode_steps, 1)?;
+        if self.model.method == Method::Adjoint && self.eval.sampler != Sampler::Euler {
+            return Err(TrainError::InvalidConfig { field: "eval.sampler", reason: "the adjoint baseline integrates with \"euler\"".into() });
+        }
+        self.check_embedding_init()?;
         let (_, h, w) = self.data.dataset.shape();
         if h % 4 != 0 || w % 4 != 0 {
             return Err(TrainError::InvalidConfig { field: "data.dataset", reason: "images must be a multiple of 4 wide".into() });
@@ -406,6 +448,41 @@ impl Config {
             .build(self.model.blocks)
             .map_err(|e| TrainError::InvalidConfig { field: "schedule", reason: e.to_string() })?;
         Ok(ValidConfig { raw: self, schedule, kernels })
+    }
+
+    /// The latent dimension `d` this config gives `W_embed`.
+    pub fn latent_dim(&self) -> usize {
+        let (c, h, w) = self.data.dataset.shape();
+        match self.model.embedding {
+            Embedding::OneHot => self.data.dataset.num_classes(),
+            Embedding::Learned => self.model.embedding_dim,
+            Embedding::Prototype => c * h * w,
+        }
+    }
+
+    /// The initialisation of a learned embedding (`None` for one-hot).
+    pub fn embedding_init(&self) -> Option<EmbeddingInit> {
+        match self.model.embedding {
+            Embedding::OneHot => None,
+            Embedding::Prototype => Some(self.model.embedding_init.unwrap_or(EmbeddingInit::Prototype)),
+            Embedding::Learned => Some(self.model.embedding_init.unwrap_or(if self.latent_dim() >= self.data.dataset.num_classes() {
+                EmbeddingInit::Orthogonal
+            } else {
+                EmbeddingInit::Normal
+            })),
+        }
+    }
+
+    fn check_embedding_init(&self) -> Result<(), TrainError> {
+        let bad = |reason: String| Err(TrainError::InvalidConfig { field: "model.embedding_init", reason });
+        let (c, h, w) = self.data.dataset.shape();
+        let (d, m) = (self.latent_dim(), self.data.dataset.num_classes());
+        match (self.model.embedding, self.model.embedding_init) {
+            (Embedding::OneHot, Some(_)) => bad("applies to learned embeddings only; \"one-hot\" is fixed".into()),
+            (_, Some(EmbeddingInit::Orthogonal)) if d < m => bad(format!("\"orthogonal\" needs d >= m, got d = {d} < {m}")),
+            (_, Some(EmbeddingInit::Prototype)) if d != c * h * w => bad(format!("\"prototype\" needs d = C*H*W = {}, got d = {d}", c * h * w)),
+            _ => Ok(()),
+        }
     }
 
     /// The paper's NoProp-DT settings for `dataset` (Table 3), one-hot embedding.
@@ -428,6 +505,9 @@ impl Config {
                 time_scale: default_time_scale(),
                 fm_sigma: 0.0,
                 ct_schedule: LearnableScheduleConfig::default(),
+                embedding_init: None,
+                alpha_init: default_alpha_init(),
+                ode_steps: default_steps(),
             },
             schedule: ScheduleSpec::default(),
             train: OptimConfig {
@@ -459,6 +539,25 @@ impl Config {
             DatasetKind::Cifar100 => 1000,
         };
         c.eval.sampler = if method == Method::Fm { Sampler::Euler } else { Sampler::Eq3 };
+        c
+    }
+
+    /// The back-propagation baseline for `dataset`: NoProp-DT's blocks and
+    /// Table 3 settings, trained end to end (eq. 17-19).
+    pub fn paper_backprop(dataset: DatasetKind) -> Self {
+        let mut c = Self::paper_dt(dataset);
+        c.model.method = Method::Backprop;
+        c
+    }
+
+    /// The adjoint baseline for `dataset` (Table 3): the continuous-time
+    /// network, AdamW lr 1e-3 and decay 1e-3, 1000 Euler steps in training
+    /// and inference, 2 epochs (MNIST) or 4 (CIFAR).
+    pub fn paper_adjoint(dataset: DatasetKind) -> Self {
+        let mut c = Self::paper_continuous(dataset, Method::Adjoint);
+        c.train.optimizer = Optimizer::Adamw;
+        c.train.epochs = if dataset == DatasetKind::Mnist { 2 } else { 4 };
+        c.eval.sampler = Sampler::Euler;
         c
     }
 }

@@ -1,12 +1,14 @@
 //! NoProp-CT (Algorithm 2) and NoProp-FM (Algorithm 3): one continuous-time
-//! network for all t, trained on a time drawn per example.
+//! network for all t, trained on a time drawn per example; and the adjoint
+//! baseline, a neural ODE on the same network trained end to end with
+//! gradients from the adjoint method.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use noprop_core::{
-    ct_loss, fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, q_sample_ct, sample_ct_eq3, sample_ct_ode,
+    adjoint_euler, ct_loss, odeint_euler, fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, q_sample_ct, sample_ct_eq3, sample_ct_ode,
     sample_fm, sample_t, ContinuousDenoiser, ContinuousSchedule, Inference, LearnableSchedule, NoiseRng, VelocityField,
 };
 use noprop_data::Dataset;
@@ -19,10 +21,13 @@ use crate::optim::{AdamW, AdamWParams};
 use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
 use crate::TrainError;
 
+/// Names of the image path's variables in the network.
+const IMAGE_PATH: &str = "net.img.";
+
 /// Sub-seed stream of the learnable schedule's initialisation.
 const STREAM_SCHEDULE_INIT: u64 = 6;
 
-/// The CT/FM network, its head, embedding and (CT) learnable schedule, one optimizer.
+/// The CT/FM/adjoint network, its head, embedding and (CT) learnable schedule, one optimizer.
 pub struct CtTrainer {
     cfg: ValidConfig,
     device: Device,
@@ -94,6 +99,11 @@ impl CtTrainer {
     /// One update on a minibatch; returns `(total, ce, kl, denoise)` (FM: `denoise` is the flow loss).
     pub fn train_step(&mut self, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<[f64; 4], TrainError> {
         let raw = self.cfg.raw();
+        if raw.model.method == Method::Adjoint {
+            let (ce, grads) = self.adjoint_gradients(x, y, noise, dropout)?;
+            self.opt.step(&grads)?;
+            return Ok([ce, ce, 0.0, 0.0]);
+        }
         let b = x.dim(0)?;
         let u = self.model.embed().index_select(y, 0)?;
         let t = sample_t(b, DType::F32, &self.device, noise)?;
@@ -135,6 +145,71 @@ impl CtTrainer {
         Ok([v(&total)?, v(&parts[0])?, v(&parts[1])?, v(&parts[2])?])
     }
 
+    /// The adjoint baseline's loss on a minibatch and the gradients of every
+    /// trainable variable (L2 decay included when configured), without updating.
+    ///
+    /// `z(0) ~ N(0, I)` is integrated to `z(1)` by `model.ode_steps` Euler
+    /// steps of `dz/dt = f(z, x, t) = logits(z, x, t) W_embed` without
+    /// keeping the trajectory; the cross-entropy of the head on `z(1)` gives
+    /// `dL/dz(1)`, and [`adjoint_euler`] integrates back to `t = 0`. The image
+    /// features do not depend on `z` or `t`, so they are computed once (with
+    /// one dropout mask for the whole solve), their gradient is accumulated
+    /// along the adjoint solve like a parameter's, and back-propagated
+    /// through the image path once.
+    pub fn adjoint_gradients(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<(f64, candle_core::backprop::GradStore), TrainError> {
+        let raw = self.cfg.raw();
+        let steps = raw.model.ode_steps;
+        let b = x.dim(0)?;
+        let net = self.model.net();
+        let embed = self.model.embed();
+        let fx = net.image_features(x, &mut Mode::Train(dropout))?;
+        let fx_in = Var::from_tensor(&fx.detach())?;
+        let dev = &self.device;
+        let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> {
+            let t = Tensor::full(t as f32, b, dev)?;
+            net.logits_from_features(z, &t, fx_in.as_tensor(), &mut Mode::Eval)?.matmul(embed)
+        };
+        let z0 = noise.randn(&[b, embed.dim(1)?], DType::F32, dev)?;
+        let z1 = Var::from_tensor(&odeint_euler(f, &z0, steps)?)?;
+        let logp = class_log_probs(&self.model.classify(z1.as_tensor())?, embed, raw.model.class_probability)?;
+        let ce = noprop_core::cross_entropy(&logp, y)?;
+        let mut grads = ce.backward()?;
+        let a1 = grads.remove(z1.as_tensor()).ok_or_else(|| candle_core::Error::Msg("the loss does not depend on z(1)".into()))?;
+        // Everything f reads: the network outside its image path, a learned embedding, the image features.
+        let mut ode_vars: Vec<Var> = trainable(self.model.net_vars()).into_iter().filter(|(n, _)| !n.starts_with(IMAGE_PATH)).map(|(_, v)| v).collect();
+        ode_vars.extend(self.model.embedding().var().cloned());
+        let mut params: Vec<&Tensor> = ode_vars.iter().map(|v| v.as_tensor()).collect();
+        params.push(fx_in.as_tensor());
+        let adj = adjoint_euler(f, z1.as_tensor(), &a1, &params, steps)?;
+        for (var, g) in ode_vars.iter().zip(&adj.params) {
+            if let Some(g) = g {
+                let sum = match grads.get(var.as_tensor()) {
+                    Some(g0) => (g0 + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(var.as_tensor(), sum);
+            }
+        }
+        if let Some(Some(g_fx)) = adj.params.last() {
+            let img = (fx * g_fx)?.sum_all()?.backward()?;
+            for (name, var) in trainable(self.model.net_vars()) {
+                if name.starts_with(IMAGE_PATH) {
+                    if let Some(g) = img.get(var.as_tensor()) {
+                        grads.insert(var.as_tensor(), g.clone());
+                    }
+                }
+            }
+        }
+        add_l2(&mut grads, &self.l2_vars, raw.train.weight_decay)?;
+        Ok((ce.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
+    }
+
     fn predict(&self, fx: &Tensor, runs: usize, mode: Inference, rng: &mut NoiseRng) -> Result<Vec<u32>, TrainError> {
         let ev = &self.cfg.raw().eval;
         let fx = if runs == 1 { fx.clone() } else { Tensor::cat(&vec![fx; runs], 0)? };
@@ -142,13 +217,20 @@ impl CtTrainer {
         // network reads the precomputed image features instead.
         let x = Tensor::zeros((fx.dim(0)?, 1), DType::F32, &self.device)?;
         let den = Cached { model: &self.model, fx: &fx };
+        let cp = self.cfg.raw().model.class_probability;
         let pred = match &self.schedule {
+            None if self.cfg.raw().model.method == Method::Adjoint => {
+                let rows = fx.dim(0)?;
+                let z0 = rng.randn(&[rows, self.model.embed().dim(1)?], DType::F32, &self.device)?;
+                let z1 = odeint_euler(|z, t| den.velocity(z, &x, &Tensor::full(t as f32, rows, &self.device)?), &z0, ev.steps)?;
+                class_log_probs(&self.model.classify(&z1)?, self.model.embed(), cp)?.argmax(D::Minus1)?
+            }
             Some(sched) => {
                 let z1 = match ev.sampler.solver() {
                     None => sample_ct_eq3(&den, sched, &x, ev.steps, mode, rng)?,
                     Some(solver) => sample_ct_ode(&den, sched, &x, ev.steps, solver, rng)?,
                 };
-                class_log_probs(&self.model.classify(&z1)?, self.model.embed(), self.cfg.raw().model.class_probability)?.argmax(D::Minus1)?
+                class_log_probs(&self.model.classify(&z1)?, self.model.embed(), cp)?.argmax(D::Minus1)?
             }
             None => {
                 let solver = ev.sampler.solver().unwrap_or_default();

@@ -8,7 +8,7 @@ use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
-use crate::config::{Embedding, EvalConfig, ValidConfig};
+use crate::config::{Embedding, EmbeddingInit, EvalConfig, ValidConfig};
 use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
@@ -96,27 +96,24 @@ pub struct DtTrainer {
 /// `train` (zeros when it is `None`, for weights that will be loaded).
 pub fn build_embedding(cfg: &ValidConfig, train: Option<&Dataset>, device: &Device) -> Result<ClassEmbedding, TrainError> {
     let raw = cfg.raw();
-    let (c, h, w) = raw.data.dataset.shape();
     let m = raw.data.dataset.num_classes();
-    Ok(match raw.model.embedding {
-        Embedding::OneHot => ClassEmbedding::one_hot(m, DType::F32, device)?,
-        Embedding::Learned => {
+    let d = raw.latent_dim();
+    let init = match raw.embedding_init() {
+        None => return Ok(ClassEmbedding::one_hot(m, DType::F32, device)?),
+        Some(init @ (EmbeddingInit::Orthogonal | EmbeddingInit::Normal)) => {
             let mut rng = NoiseRng::derived(raw.train.seed, &[noprop_models::STREAM_INIT, u64::MAX]);
-            ClassEmbedding::learned(m, raw.model.embedding_dim, &mut rng, DType::F32, device)?
+            noprop_models::random_init(m, d, init == EmbeddingInit::Orthogonal, &mut rng, DType::F32, device)?
         }
-        Embedding::Prototype => {
-            let len = c * h * w;
-            let init = match train {
-                Some(ds) => {
-                    let idx = noprop_models::prototype_indices(&ds.images, &ds.labels, len, m, device)?;
-                    let rows: Vec<f32> = idx.iter().flat_map(|&i| ds.image(i).iter().copied()).collect();
-                    Tensor::from_vec(rows, (m, len), device)?
-                }
-                None => Tensor::zeros((m, len), DType::F32, device)?,
-            };
-            ClassEmbedding::prototype(&init)?
-        }
-    })
+        Some(EmbeddingInit::Prototype) => match train {
+            Some(ds) => {
+                let idx = noprop_models::prototype_indices(&ds.images, &ds.labels, d, m, device)?;
+                let rows: Vec<f32> = idx.iter().flat_map(|&i| ds.image(i).iter().copied()).collect();
+                Tensor::from_vec(rows, (m, d), device)?
+            }
+            None => Tensor::zeros((m, d), DType::F32, device)?,
+        },
+    };
+    Ok(ClassEmbedding::trainable(embedding_kind(cfg), &init)?)
 }
 
 /// The model-level embedding kind of a config.
@@ -129,6 +126,25 @@ pub(crate) fn embedding_kind(cfg: &ValidConfig) -> EmbeddingKind {
     }
 }
 
+/// The blocks, head and embedding a config asks for, initialised from its seed.
+pub(crate) fn build_model(cfg: &ValidConfig, device: &Device, train: Option<&Dataset>) -> Result<DtModel, TrainError> {
+    let raw = cfg.raw();
+    let (c, h, w) = raw.data.dataset.shape();
+    let m = raw.data.dataset.num_classes();
+    let embedding = embedding_kind(cfg);
+    let embed = build_embedding(cfg, train, device)?;
+    let block = DtBlockConfig {
+        in_channels: c,
+        height: h,
+        width: w,
+        latent_dim: embedding.latent_dim(m, c * h * w),
+        classes: m,
+        dropout: raw.model.dropout,
+        kernels: cfg.kernels(),
+    };
+    Ok(DtModel::new(DtModelConfig { block, blocks: raw.model.blocks, embedding }, embed, raw.train.seed, DType::F32, device)?)
+}
+
 impl DtTrainer {
     /// A fresh model initialised from the config's seed (one-hot or learned embeddings).
     pub fn new(cfg: ValidConfig, device: Device) -> Result<Self, TrainError> {
@@ -137,25 +153,8 @@ impl DtTrainer {
 
     /// A fresh model; prototype embeddings are initialised from `train`.
     pub fn with_data(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
+        let model = build_model(&cfg, &device, train)?;
         let raw = cfg.raw();
-        let (c, h, w) = raw.data.dataset.shape();
-        let m = raw.data.dataset.num_classes();
-        let embedding = embedding_kind(&cfg);
-        let embed = build_embedding(&cfg, train, &device)?;
-        let model_cfg = DtModelConfig {
-            block: DtBlockConfig {
-                in_channels: c,
-                height: h,
-                width: w,
-                latent_dim: embedding.latent_dim(m, c * h * w),
-                classes: m,
-                dropout: raw.model.dropout,
-                kernels: cfg.kernels(),
-            },
-            blocks: raw.model.blocks,
-            embedding,
-        };
-        let model = DtModel::new(model_cfg, embed, raw.train.seed, DType::F32, &device)?;
         let adam = raw.train.optimizer == crate::config::Optimizer::Adam;
         // Adam's decay is an L2 term added to the gradients; AdamW's is decoupled.
         let params = AdamWParams::new(raw.train.lr, if adam { 0.0 } else { raw.train.weight_decay });

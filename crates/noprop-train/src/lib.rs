@@ -16,8 +16,10 @@
 
 use std::path::PathBuf;
 
+pub mod backprop;
 pub mod checkpoint;
 pub mod config;
+pub mod memory;
 pub mod ct;
 pub mod dt;
 pub mod observer;
@@ -26,6 +28,7 @@ pub mod run;
 pub mod trainer;
 
 pub use config::{Config, ValidConfig};
+pub use backprop::BackpropTrainer;
 pub use ct::CtTrainer;
 pub use dt::{DeviceData, DtTrainer};
 pub use trainer::{build_trainer, load_for_eval, Trainer};

@@ -231,7 +231,9 @@ pub fn fit(
     observer.on_event(&Event::Start { first_epoch: trainer.epochs_done() + 1, epochs, blocks: raw.model.blocks, batches });
     let mut last = None;
     while trainer.epochs_done() < epochs {
+        crate::memory::reset_peak_rss();
         let passes = trainer.train_epoch(&data.train, observer)?;
+        let train_peak_rss = crate::memory::peak_rss_bytes();
         let epoch = trainer.epochs_done();
         if let Some(run) = run {
             for p in &passes {
@@ -261,6 +263,7 @@ pub fn fit(
                 "epoch": epoch,
                 "epoch_seconds": epoch_seconds,
                 "train_seconds": trainer.train_seconds(),
+                "train_peak_rss_bytes": train_peak_rss,
                 "checkpoint": path.strip_prefix(run.path()).unwrap_or(&path),
             }))?;
             observer.on_event(&Event::Checkpoint { epoch, path: &path });

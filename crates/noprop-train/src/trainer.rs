@@ -52,7 +52,8 @@ pub trait Trainer {
 pub fn build_trainer(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Box<dyn Trainer>, TrainError> {
     Ok(match cfg.raw().model.method {
         Method::Dt => Box::new(DtTrainer::with_data(cfg, device, train)?),
-        Method::Ct | Method::Fm => Box::new(crate::ct::CtTrainer::new(cfg, device, train)?),
+        Method::Ct | Method::Fm | Method::Adjoint => Box::new(crate::ct::CtTrainer::new(cfg, device, train)?),
+        Method::Backprop => Box::new(crate::backprop::BackpropTrainer::new(cfg, device, train)?),
     })
 }
 
