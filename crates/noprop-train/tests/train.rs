@@ -206,7 +206,7 @@ fn invalid_configs_are_rejected() {
     let mut c = tiny_config(1);
     c.model.embedding = Embedding::Learned;
     c.model.embedding_init = Some(EmbeddingInit::Prototype);
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "prototype needs d = C*H*W");
+    assert!(matches!(c.clone().validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "prototype needs d = C*H*W");
     c.model.embedding_dim = 784;
     assert!(c.validate().is_ok());
     let mut c = tiny_config(1);
