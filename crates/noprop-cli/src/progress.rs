@@ -63,13 +63,21 @@ impl Observer for Progress {
                 self.epochs = *epochs;
                 self.blocks = *blocks;
                 self.batches = *batches;
-                eprintln!("training epochs {first_epoch}..={epochs}, {blocks} blocks x {batches} minibatches per epoch");
+                if *blocks > 1 {
+                    eprintln!("training epochs {first_epoch}..={epochs}, {blocks} blocks x {batches} minibatches per epoch");
+                } else {
+                    eprintln!("training epochs {first_epoch}..={epochs}, {batches} minibatches per epoch");
+                }
             }
             Event::PassStart { epoch, block } => {
                 self.finish();
                 self.loss = 0.0;
                 self.steps = 0;
-                let msg = format!("epoch {epoch}/{} block {block:>2}/{}", self.epochs, self.blocks);
+                let msg = if self.blocks > 1 {
+                    format!("epoch {epoch}/{} block {block:>2}/{}", self.epochs, self.blocks)
+                } else {
+                    format!("epoch {epoch}/{}", self.epochs)
+                };
                 self.bar = Some(self.new_bar(self.batches as u64, msg));
             }
             Event::Step { loss } => {

@@ -228,7 +228,9 @@ pub fn fit(
     let raw = trainer.config().raw().clone();
     let epochs = raw.train.epochs;
     let batches = data.train.len().div_ceil(raw.train.batch_size);
-    observer.on_event(&Event::Start { first_epoch: trainer.epochs_done() + 1, epochs, blocks: raw.model.blocks, batches });
+    // NoProp-DT makes one pass per block; the other methods one pass per epoch.
+    let passes = if raw.model.method == crate::config::Method::Dt { raw.model.blocks } else { 1 };
+    observer.on_event(&Event::Start { first_epoch: trainer.epochs_done() + 1, epochs, blocks: passes, batches });
     let mut last = None;
     while trainer.epochs_done() < epochs {
         crate::memory::reset_peak_rss();
