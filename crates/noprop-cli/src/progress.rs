@@ -73,7 +73,10 @@ impl Observer for Progress {
                 self.finish();
                 self.loss = 0.0;
                 self.steps = 0;
-                let msg = if self.blocks > 1 {
+                let msg = if self.blocks > 1 && *block == 0 {
+                    // NoProp-DT's fused order trains every block in one pass.
+                    format!("epoch {epoch}/{} all {} blocks", self.epochs, self.blocks)
+                } else if self.blocks > 1 {
                     format!("epoch {epoch}/{} block {block:>2}/{}", self.epochs, self.blocks)
                 } else {
                     format!("epoch {epoch}/{}", self.epochs)

@@ -30,21 +30,21 @@ impl ConvGeom {
         self.w + 2 * self.pad + 1 - self.k
     }
     /// Output pixels per channel.
-    fn n(&self) -> usize {
+    pub(crate) fn n(&self) -> usize {
         self.ho() * self.wo()
     }
     /// The GEMM reduction length of the forward pass.
-    fn kdim(&self) -> usize {
+    pub(crate) fn kdim(&self) -> usize {
         self.cin * self.k * self.k
     }
-    fn x_image(&self) -> usize {
+    pub(crate) fn x_image(&self) -> usize {
         self.cin * self.h * self.w
     }
-    fn out_image(&self) -> usize {
+    pub(crate) fn out_image(&self) -> usize {
         self.cout * self.n()
     }
     /// A 1x1 kernel without padding: the column matrix is the input itself.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.k == 1 && self.pad == 0
     }
 }
@@ -65,7 +65,7 @@ fn input_row(oy: usize, ky: usize, g: &ConvGeom) -> Option<usize> {
 
 /// Writes every element of `cols` (`[kdim, n]`) from one image `x`
 /// (`[cin, h, w]`), zeros included, so `cols` may hold stale data on entry.
-fn im2col<T: Elem>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
+pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     let (k, h, w, wo, n) = (g.k, g.h, g.w, g.wo(), g.n());
     for ci in 0..g.cin {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
@@ -91,7 +91,7 @@ fn im2col<T: Elem>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel
 /// it was copied from. `dx` must be initialised (normally zeroed) on entry.
-fn col2im_add<T: Elem>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
+pub(crate) fn col2im_add<T: Elem>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
     let (k, h, w, wo, n) = (g.k, g.h, g.w, g.wo(), g.n());
     for ci in 0..g.cin {
         let plane = &mut dx[ci * h * w..(ci + 1) * h * w];
@@ -141,6 +141,10 @@ impl<T> Mat<T> {
             cs: cols,
         }
     }
+    /// Any strided matrix: element `(i, j)` at `ptr + i * rs + j * cs`.
+    pub(crate) fn strided(ptr: *const T, rs: usize, cs: usize) -> Self {
+        Self { ptr, rs, cs }
+    }
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with a row-major `dst`; the old
@@ -158,13 +162,33 @@ pub(crate) unsafe fn matmul<T: Elem>(
     rhs: Mat<T>,
     par: Parallelism,
 ) {
+    matmul_strided((m, n, k), dst, n, accumulate, lhs, rhs, par);
+}
+
+/// [`matmul`] into a `dst` whose rows are `dst_rs` elements apart.
+///
+/// # Safety
+/// As for [`matmul`], with `dst` valid for rows of `dst_rs` elements.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul_strided<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut T,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat<T>,
+    rhs: Mat<T>,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
     gemm::gemm(
         m,
         n,
         k,
         dst,
         1,
-        n as isize,
+        dst_rs as isize,
         accumulate,
         lhs.ptr,
         lhs.cs as isize,
@@ -184,7 +208,7 @@ pub(crate) unsafe fn matmul<T: Elem>(
 /// How to spread `count` independent jobs over the rayon pool: one job per task
 /// when there are enough of them, otherwise sequential jobs with a parallel
 /// GEMM inside each.
-fn inner_parallelism(count: usize) -> (bool, Parallelism) {
+pub(crate) fn inner_parallelism(count: usize) -> (bool, Parallelism) {
     let threads = rayon::current_num_threads();
     if threads <= 1 {
         (false, Parallelism::None)
@@ -196,7 +220,7 @@ fn inner_parallelism(count: usize) -> (bool, Parallelism) {
 }
 
 /// Adds the bias and applies the ReLU to one image's `[cout, n]` output.
-fn epilogue<T: Elem>(out: &mut [T], n: usize, bias: Option<&[T]>, relu: bool) {
+pub(crate) fn epilogue<T: Elem>(out: &mut [T], n: usize, bias: Option<&[T]>, relu: bool) {
     for (c, row) in out.chunks_exact_mut(n).enumerate() {
         let b = bias.map_or(T::ZERO, |b| b[c]);
         match (bias.is_some(), relu) {
@@ -390,7 +414,7 @@ pub(crate) fn backward<T: Elem>(
     }
 }
 
-fn sum_into<T: Elem>(total: &mut Option<Vec<T>>, part: Option<Vec<T>>) {
+pub(crate) fn sum_into<T: Elem>(total: &mut Option<Vec<T>>, part: Option<Vec<T>>) {
     match (total.as_mut(), part) {
         (Some(t), Some(p)) => t.iter_mut().zip(&p).for_each(|(a, &b)| *a += b),
         (None, p) => *total = p,
@@ -403,7 +427,7 @@ fn sum_into<T: Elem>(total: &mut Option<Vec<T>>, part: Option<Vec<T>>) {
 /// # Safety
 /// `dx` must point to a buffer of at least `(bi + 1) * x_image` elements whose
 /// image-`bi` range no other thread touches.
-unsafe fn input_grad_image<T: Elem>(
+pub(crate) unsafe fn input_grad_image<T: Elem>(
     g: &ConvGeom,
     w: &[T],
     gb: &[T],

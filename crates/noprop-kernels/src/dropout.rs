@@ -51,6 +51,42 @@ impl Mask {
         (z as u32, (z >> 32) as u32)
     }
 
+    /// Calls `f(k, kept)` for the elements `offset + k`, `k < len`, of the
+    /// whole tensor's mask, in order, on the current thread. Kernels that
+    /// write a slice of a larger output use it to draw exactly the bits
+    /// [`Mask::apply`] would draw for those positions.
+    #[inline(always)]
+    pub(crate) fn for_each_kept(&self, offset: usize, len: usize, mut f: impl FnMut(usize, bool)) {
+        let mut k = 0;
+        if offset % 2 == 1 && len > 0 {
+            f(0, self.pair(offset / 2).1 >= self.threshold);
+            k = 1;
+        }
+        let first = (offset + k) / 2;
+        let pairs = (len - k) / 2;
+        for j in 0..pairs {
+            let (lo, hi) = self.pair(first + j);
+            f(k + 2 * j, lo >= self.threshold);
+            f(k + 2 * j + 1, hi >= self.threshold);
+        }
+        k += 2 * pairs;
+        if k < len {
+            f(k, self.pair((offset + k) / 2).0 >= self.threshold);
+        }
+    }
+
+    /// Multiplies `data`, the elements `offset..offset + data.len()` of the
+    /// whole tensor, by their factors in place.
+    pub(crate) fn apply_in_place_at<T: Elem>(&self, offset: usize, data: &mut [T]) {
+        let scale = T::from_f64(self.scale);
+        let len = data.len();
+        self.for_each_kept(offset, len, |k, kept| {
+            // A multiply rather than a select, as `apply` does, so that the
+            // two agree bit for bit (signed zeros, NaN).
+            data[k] = data[k] * if kept { scale } else { T::ZERO };
+        });
+    }
+
     /// Each element's factor: `scale` where kept, zero where dropped.
     pub(crate) fn factors<T: Elem>(&self, len: usize) -> Vec<T> {
         let ones = vec![T::ONE; len];
@@ -98,6 +134,19 @@ mod tests {
         let kept = f.iter().filter(|&&v| v != 0.0).count() as f64 / f.len() as f64;
         assert!((kept - 0.8).abs() < 0.005, "kept {kept}");
         assert!(f.iter().all(|&v| v == 0.0 || v == 1.25));
+    }
+
+    /// Any window of the mask, at an odd or even offset, draws the bits of
+    /// the whole-tensor mask at those positions.
+    #[test]
+    fn offset_windows_match_the_whole_mask() {
+        let m = Mask::new(0.3, 11);
+        let whole: Vec<f64> = m.factors(41);
+        for (offset, len) in [(0, 41), (1, 40), (2, 7), (3, 1), (7, 0), (40, 1), (5, 6)] {
+            let mut part = vec![1.0f64; len];
+            m.apply_in_place_at(offset, &mut part);
+            assert_eq!(&part[..], &whole[offset..offset + len], "offset {offset} len {len}");
+        }
     }
 
     #[test]

@@ -144,6 +144,16 @@ impl<T> OutPtr<T> {
     pub(crate) unsafe fn at(self, offset: usize) -> *mut T {
         self.0.add(offset)
     }
+
+    /// The elements `offset..offset + len` as uninitialised slots.
+    ///
+    /// # Safety
+    /// The range must lie within the allocation, and no other thread may
+    /// touch it while the slice lives.
+    #[inline]
+    pub(crate) unsafe fn slots<'a>(self, offset: usize, len: usize) -> &'a mut [MaybeUninit<T>] {
+        std::slice::from_raw_parts_mut(self.0.add(offset).cast::<MaybeUninit<T>>(), len)
+    }
 }
 
 impl<T: Copy> Output<T> {

@@ -64,6 +64,23 @@ pub enum KernelError {
     /// A dropout probability outside `[0, 1)`.
     #[error("dropout: the probability must lie in [0, 1), got {p}")]
     DropoutProbability { p: f64 },
+    /// A backward pass ran without the state its forward pass keeps. candle
+    /// always runs the forward pass first, so this signals a bug.
+    #[error("{op}: backward pass without a forward pass")]
+    MissingForward { op: &'static str },
+    /// The Winograd algorithm was requested for a convolution it cannot compute.
+    #[error("conv_stage: Winograd F(2x2, 3x3) needs a 3x3 kernel, padding 1 and an even-sized input, got k={k}, padding {padding}, {h}x{w}")]
+    WinogradShape { k: usize, padding: usize, h: usize, w: usize },
+    /// A pooled stage whose convolution output is smaller than one window.
+    #[error("conv_stage: the convolution output {h}x{w} is smaller than the 2x2 pooling window")]
+    StagePoolTooSmall { h: usize, w: usize },
+    /// `batch_norm1d` arguments that do not fit `[batch, features]`, `[features]`, `[features]`.
+    #[error("batch_norm1d: expected x [batch >= 1, features], weight and bias [features], got {x:?}, {w:?}, {b:?}")]
+    BatchNormShapes {
+        x: Vec<usize>,
+        w: Vec<usize>,
+        b: Vec<usize>,
+    },
     /// A [`crate::Kernels`] name that is neither `fast` nor `stock`.
     #[error("unknown kernels {0:?}: expected \"fast\" or \"stock\"")]
     UnknownKernels(String),

@@ -59,6 +59,7 @@
 //! # }
 //! ```
 
+mod bn;
 mod conv;
 mod dropout;
 mod elem;
@@ -66,6 +67,8 @@ mod error;
 mod linear;
 mod ops;
 mod pool;
+mod stage;
+mod winograd;
 
 pub use error::KernelError;
 
@@ -397,6 +400,168 @@ fn conv_impl(
     } else {
         Ok(y)
     }
+}
+
+/// How a fused convolution stage computes its convolution on the fast
+/// kernels (the stock path always uses candle's `conv2d`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ConvAlgo {
+    /// Winograd where it applies and pays (a 3x3 kernel, padding 1, an
+    /// even-sized input, at least [`WINOGRAD_MIN_CIN`] input channels),
+    /// im2col elsewhere.
+    #[default]
+    Auto,
+    /// im2col and one GEMM per image.
+    Im2col,
+    /// Winograd's F(2x2, 3x3): 2.25 times fewer multiplies; an error for
+    /// shapes it cannot compute.
+    Winograd,
+}
+
+/// Below this many input channels [`ConvAlgo::Auto`] uses im2col: the
+/// Winograd GEMMs reduce over the input channels and would be too thin.
+pub const WINOGRAD_MIN_CIN: usize = 8;
+
+/// The options of a fused convolution stage, see [`conv_stage`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConvStage {
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Whether a 2x2, stride-2 max-pool follows the ReLU.
+    pub pool: bool,
+    /// Dropout probability after the pooling (0: no dropout).
+    pub dropout: f64,
+    /// The seed of the dropout mask, as for [`dropout`].
+    pub seed: u64,
+    /// Whether the input receives a gradient, as for [`conv2d`].
+    pub input_grad: bool,
+    /// The convolution algorithm of the fast kernels.
+    pub algo: ConvAlgo,
+}
+
+impl Default for ConvStage {
+    fn default() -> Self {
+        Self {
+            padding: 1,
+            pool: false,
+            dropout: 0.0,
+            seed: 0,
+            input_grad: true,
+            algo: ConvAlgo::Auto,
+        }
+    }
+}
+
+/// `dropout(maxpool2x2(relu(conv2d(x, w) + b)))` in one op, the pooling and
+/// the dropout as `stage` asks, on the fast kernels where they apply.
+///
+/// The result equals the composition of [`conv2d_relu`], [`max_pool2x2`] and
+/// [`dropout`] (same mask for the same seed); the fused op never materialises
+/// the convolution output before pooling, keeping one byte per window for the
+/// backward pass instead. With [`ConvAlgo::Auto`], 3x3 convolutions with
+/// padding 1 over even-sized inputs of at least [`WINOGRAD_MIN_CIN`] channels
+/// run Winograd's F(2x2, 3x3), whose output and gradients differ from the
+/// direct method's only by rounding.
+///
+/// # Shapes
+/// - `x`: `[batch, cin, h, w]`
+/// - `w`: `[cout, cin, k, k]`
+/// - `b`: `[cout]`
+/// - result: `[batch, cout, ho, wo]` with `ho = h + 2 * padding - k + 1`
+///   (halved, rounding down, when pooling), and likewise `wo`
+pub fn conv_stage(x: &Tensor, w: &Tensor, b: &Tensor, stage: &ConvStage) -> Result<Tensor> {
+    conv_stage_with(Kernels::Fast, x, w, b, stage)
+}
+
+/// [`conv_stage`] on the chosen [`Kernels`].
+pub fn conv_stage_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, stage: &ConvStage) -> Result<Tensor> {
+    check_conv(x, w, Some(b), stage.padding)?;
+    if !(0.0..1.0).contains(&stage.dropout) {
+        return Err(KernelError::DropoutProbability { p: stage.dropout }.into());
+    }
+    let (xd, wd) = (x.dims(), w.dims());
+    let geom = ops::conv_geom(xd, wd, stage.padding);
+    if stage.pool && (geom.ho() < 2 || geom.wo() < 2) {
+        return Err(KernelError::StagePoolTooSmall { h: geom.ho(), w: geom.wo() }.into());
+    }
+    let winograd_fits = stage::winograd_fits(&geom);
+    if stage.algo == ConvAlgo::Winograd && !winograd_fits {
+        return Err(KernelError::WinogradShape { k: geom.k, padding: geom.pad, h: geom.h, w: geom.w }.into());
+    }
+    if kernels.fast_for(&[x, w, b]) {
+        let algo = match stage.algo {
+            ConvAlgo::Winograd => stage::Algo::Winograd,
+            ConvAlgo::Auto if winograd_fits && geom.cin >= WINOGRAD_MIN_CIN => stage::Algo::Winograd,
+            _ => stage::Algo::Im2col,
+        };
+        let op = ops::ConvStageOp {
+            padding: stage.padding,
+            pool: stage.pool,
+            input_grad: stage.input_grad,
+            algo,
+            mask: (stage.dropout > 0.0).then(|| dropout::Mask::new(stage.dropout, stage.seed)),
+            arg: Default::default(),
+        };
+        return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
+    }
+    let y = conv_impl(Kernels::Stock, x, w, Some(b), stage.padding, stage.input_grad, true)?;
+    let y = if stage.pool { max_pool2x2_with(Kernels::Stock, &y)? } else { y };
+    dropout_with(Kernels::Stock, &y, stage.dropout, stage.seed)
+}
+
+/// The result of [`batch_norm1d_train`]: the normalised output and the batch
+/// statistics (detached), for the caller's running averages.
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// `weight * (x - mean) / sqrt(var + eps) + bias`, `[batch, features]`.
+    pub y: Tensor,
+    /// The batch mean of each feature, `[features]`.
+    pub mean: Tensor,
+    /// The biased batch variance of each feature, `[features]`.
+    pub var: Tensor,
+}
+
+/// BatchNorm1d in training mode (batch statistics, biased variance) with an
+/// affine map, on the fast kernels where they apply: one op forward and a
+/// closed-form backward pass instead of candle's dozen generic ops.
+///
+/// # Shapes
+/// - `x`: `[batch, features]`, `batch >= 1`
+/// - `weight`, `bias`: `[features]`
+pub fn batch_norm1d_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+    batch_norm1d_train_with(Kernels::Fast, x, weight, bias, eps)
+}
+
+/// [`batch_norm1d_train`] on the chosen [`Kernels`].
+pub fn batch_norm1d_train_with(kernels: Kernels, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+    let (xd, wd, bd) = (x.dims(), weight.dims(), bias.dims());
+    if xd.len() != 2 || xd[0] == 0 || wd != [xd[1]] || bd != [xd[1]] {
+        return Err(KernelError::BatchNormShapes { x: xd.to_vec(), w: wd.to_vec(), b: bd.to_vec() }.into());
+    }
+    for (arg, t) in [("weight", weight), ("bias", bias)] {
+        if t.dtype() != x.dtype() {
+            return Err(KernelError::DTypeMismatch { op: "batch_norm1d", arg, found: t.dtype(), expected: x.dtype() }.into());
+        }
+    }
+    if kernels.fast_for(&[x, weight, bias]) {
+        let stats = std::sync::Arc::new(std::sync::OnceLock::new());
+        let op = ops::BatchNormOp { eps, stats: stats.clone() };
+        let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        let (mean, var) = stats.get().cloned().ok_or(KernelError::MissingForward { op: "batch_norm1d" })?;
+        let dev = x.device();
+        let f = xd[1];
+        return Ok(BatchNormOutput {
+            y,
+            mean: Tensor::from_vec(mean, f, dev)?.to_dtype(x.dtype())?,
+            var: Tensor::from_vec(var, f, dev)?.to_dtype(x.dtype())?,
+        });
+    }
+    let mean = x.mean_keepdim(0)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(0)?;
+    let inv = (&var + eps)?.sqrt()?.recip()?;
+    let y = centered.broadcast_mul(&inv)?.broadcast_mul(weight)?.broadcast_add(bias)?;
+    Ok(BatchNormOutput { y, mean: mean.detach().squeeze(0)?, var: var.detach().squeeze(0)? })
 }
 
 /// The floating-point operations (two per multiply-add) of one forward

@@ -429,3 +429,193 @@ impl CustomOp3 for LinearOp {
         }
     }
 }
+
+const STAGE: &str = "conv_stage";
+
+/// The fused `dropout(maxpool(relu(conv(x, w) + b)))` stage as a ternary
+/// custom op. The forward pass keeps each pooling window's code for the
+/// backward pass, which redraws the dropout mask from its seed.
+pub(crate) struct ConvStageOp {
+    pub padding: usize,
+    pub pool: bool,
+    pub input_grad: bool,
+    pub algo: crate::stage::Algo,
+    pub mask: Option<crate::dropout::Mask>,
+    pub arg: OnceLock<Vec<u8>>,
+}
+
+impl ConvStageOp {
+    fn geom(&self, x: &[usize], w: &[usize]) -> crate::stage::StageGeom {
+        crate::stage::StageGeom {
+            conv: conv_geom(x, w, self.padding),
+            pool: self.pool,
+        }
+    }
+
+    fn fwd<T: Elem>(
+        &self,
+        (xs, xl): (&CpuStorage, &Layout),
+        (ws, wl): (&CpuStorage, &Layout),
+        (bs, bl): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let sg = self.geom(xl.dims(), wl.dims());
+        let r = crate::stage::forward(
+            &sg,
+            self.algo,
+            host_slice::<T>(xs, xl, STAGE, "x")?,
+            host_slice::<T>(ws, wl, STAGE, "w")?,
+            host_slice::<T>(bs, bl, STAGE, "b")?,
+            self.mask.as_ref(),
+        );
+        if let Some(arg) = r.arg {
+            // candle runs a custom op's forward once per op value.
+            let _ = self.arg.set(arg);
+        }
+        let shape = Shape::from((sg.conv.batch, sg.conv.cout, sg.oh(), sg.ow()));
+        Ok((T::to_cpu_storage_owned(r.out), shape))
+    }
+
+    fn bwd_typed<T: Elem>(&self, x: &Tensor, w: &Tensor, res: &Tensor, grad: &Tensor, wanted: Wanted) -> Result<[Option<Tensor>; 3]> {
+        let sg = self.geom(x.dims(), w.dims());
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (rs, rl) = res.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let xv = storage_slice::<T>(&xs, xl, STAGE, "x")?;
+        let wv = storage_slice::<T>(&ws, wl, STAGE, "w")?;
+        let arg = match (self.pool, self.arg.get()) {
+            (false, _) => None,
+            (true, Some(a)) => Some(a.as_slice()),
+            // candle always runs an op's forward pass before its backward.
+            (true, None) => return Err(KernelError::MissingForward { op: STAGE }.into()),
+        };
+        let grads = crate::stage::backward(
+            &sg,
+            self.algo,
+            xv,
+            wv,
+            storage_slice::<T>(&rs, rl, STAGE, "output")?,
+            arg,
+            self.mask.as_ref(),
+            storage_slice::<T>(&gs, gl, STAGE, "grad")?,
+            wanted,
+        );
+        Ok([
+            grads.x.map(|v| host_tensor(v, x.shape())).transpose()?,
+            grads.w.map(|v| host_tensor(v, w.shape())).transpose()?,
+            grads.b.map(|v| host_tensor(v, &Shape::from(sg.conv.cout))).transpose()?,
+        ])
+    }
+}
+
+impl CustomOp3 for ConvStageOp {
+    fn name(&self) -> &'static str {
+        "noprop-conv-stage"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match xs.dtype() {
+            DType::F32 => self.fwd::<f32>((xs, xl), (ws, wl), (bs, bl)),
+            DType::F64 => self.fwd::<f64>((xs, xl), (ws, wl), (bs, bl)),
+            dtype => Err(KernelError::UnsupportedDType { op: STAGE, dtype }.into()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let wanted = Wanted {
+            x: self.input_grad && x.track_op(),
+            w: w.track_op(),
+            b: b.track_op(),
+        };
+        let grad = grad.contiguous()?;
+        let [dx, dw, db] = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, w, res, &grad, wanted)?,
+            DType::F64 => self.bwd_typed::<f64>(x, w, res, &grad, wanted)?,
+            dtype => return Err(KernelError::UnsupportedDType { op: STAGE, dtype }.into()),
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+const BN: &str = "batch_norm1d";
+
+/// Training-mode BatchNorm1d as a ternary custom op over `(x, gamma, beta)`.
+/// The forward pass hands the batch statistics to its caller through
+/// `stats` (for the running averages); the backward pass recomputes them
+/// from `x`, which gives the same values.
+pub(crate) struct BatchNormOp {
+    pub eps: f64,
+    pub stats: std::sync::Arc<OnceLock<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl BatchNormOp {
+    fn geom(x: &[usize]) -> crate::bn::BnGeom {
+        crate::bn::BnGeom { batch: x[0], features: x[1] }
+    }
+
+    fn fwd<T: Elem>(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Self::geom(xl.dims());
+        let x = host_slice::<T>(xs, xl, BN, "x")?;
+        let (mean, var) = crate::bn::stats(&g, x);
+        let istd = crate::bn::inv_std(&var, self.eps);
+        let y = crate::bn::forward(&g, x, host_slice::<T>(ws, wl, BN, "weight")?, host_slice::<T>(bs, bl, BN, "bias")?, &mean, &istd);
+        let to64 = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
+        let _ = self.stats.set((to64(&mean), to64(&var)));
+        Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
+    }
+
+    fn bwd_typed<T: Elem>(&self, x: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = Self::geom(x.dims());
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let xv = storage_slice::<T>(&xs, xl, BN, "x")?;
+        let (mean, var) = crate::bn::stats(&g, xv);
+        let istd = crate::bn::inv_std(&var, self.eps);
+        let wanted = crate::bn::BnWanted { x: x.track_op(), gamma: w.track_op(), beta: b.track_op() };
+        let r = crate::bn::backward(&g, xv, storage_slice::<T>(&ws, wl, BN, "weight")?, &mean, &istd, storage_slice::<T>(&gs, gl, BN, "grad")?, wanted);
+        Ok((
+            r.x.map(|v| host_tensor(v, x.shape())).transpose()?,
+            r.gamma.map(|v| host_tensor(v, w.shape())).transpose()?,
+            r.beta.map(|v| host_tensor(v, b.shape())).transpose()?,
+        ))
+    }
+}
+
+impl CustomOp3 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "noprop-batch-norm1d"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        match xs.dtype() {
+            DType::F32 => self.fwd::<f32>(xs, xl, ws, wl, bs, bl),
+            DType::F64 => self.fwd::<f64>(xs, xl, ws, wl, bs, bl),
+            dtype => Err(KernelError::UnsupportedDType { op: BN, dtype }.into()),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, w, b, &grad),
+            DType::F64 => self.bwd_typed::<f64>(x, w, b, &grad),
+            dtype => Err(KernelError::UnsupportedDType { op: BN, dtype }.into()),
+        }
+    }
+}

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
+use crate::image_path::{image_path, FoldedImagePath, ImagePath, ImagePathConfig, ImageTail};
 use crate::layers::{batch_norm1d, linear, softmax_embed, BatchNorm1d, Linear, Mode};
 use crate::ops::Kernels;
 
@@ -123,9 +123,9 @@ impl DtBlock {
         let k = self.cfg.kernels;
         let fz = match &self.label {
             LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => {
-                let h1 = bn1.forward(&fc1.forward_with(k, z)?, mode)?.relu()?;
-                let h2 = bn2.forward(&fc2.forward_with(k, &h1)?, mode)?.relu()?;
-                let h2 = bn3.forward(&fc3.forward_with(k, &h2)?, mode)?;
+                let h1 = bn1.forward_with(k, &fc1.forward_with(k, z)?, mode)?.relu()?;
+                let h2 = bn2.forward_with(k, &fc2.forward_with(k, &h1)?, mode)?.relu()?;
+                let h2 = bn3.forward_with(k, &fc3.forward_with(k, &h2)?, mode)?;
                 (h1 + h2)?
             }
             LabelPath::Image(path) => {
@@ -134,8 +134,8 @@ impl DtBlock {
             }
         };
         let h = Tensor::cat(&[fx, &fz], 1)?;
-        let h = self.fuse_bn1.forward(&self.fuse_fc1.forward_with(k, &h)?, mode)?.relu()?;
-        let h = self.fuse_bn2.forward(&self.fuse_fc2.forward_with(k, &h)?, mode)?.relu()?;
+        let h = self.fuse_bn1.forward_with(k, &self.fuse_fc1.forward_with(k, &h)?, mode)?.relu()?;
+        let h = self.fuse_bn2.forward_with(k, &self.fuse_fc2.forward_with(k, &h)?, mode)?.relu()?;
         self.fuse_out.forward_with(k, &h)
     }
 
@@ -144,5 +144,82 @@ impl DtBlock {
         let fx = self.image_features(x, mode)?;
         let logits = self.logits_from_features(z, &fx, mode)?;
         softmax_embed(&logits, w_embed)
+    }
+}
+
+/// A [`DtBlock`] for inference: evaluation mode with every BatchNorm folded
+/// into the Linear layer before it, so that each normalised layer is one
+/// GEMM with a bias. Its outputs equal the unfolded block's in
+/// [`Mode::Eval`] up to `f32` rounding.
+#[derive(Debug, Clone)]
+pub struct FoldedDtBlock {
+    cfg: DtBlockConfig,
+    image: FoldedImagePath,
+    label: FoldedLabel,
+    fuse_fc1: Linear,
+    fuse_fc2: Linear,
+    fuse_out: Linear,
+}
+
+#[derive(Debug, Clone)]
+enum FoldedLabel {
+    Mlp { fc1: Linear, fc2: Linear, fc3: Linear },
+    Image(FoldedImagePath),
+}
+
+impl DtBlock {
+    /// The block in evaluation mode with its BatchNorms folded away, from the
+    /// current parameters and running statistics (a snapshot: later training
+    /// does not reach it).
+    pub fn folded(&self) -> candle_core::Result<FoldedDtBlock> {
+        let label = match &self.label {
+            LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => FoldedLabel::Mlp {
+                fc1: fc1.fold_batch_norm(bn1)?,
+                fc2: fc2.fold_batch_norm(bn2)?,
+                fc3: fc3.fold_batch_norm(bn3)?,
+            },
+            LabelPath::Image(path) => FoldedLabel::Image(path.folded()?),
+        };
+        Ok(FoldedDtBlock {
+            cfg: self.cfg,
+            image: self.image.folded()?,
+            label,
+            fuse_fc1: self.fuse_fc1.fold_batch_norm(&self.fuse_bn1)?,
+            fuse_fc2: self.fuse_fc2.fold_batch_norm(&self.fuse_bn2)?,
+            fuse_out: self.fuse_out.detached(),
+        })
+    }
+}
+
+impl FoldedDtBlock {
+    /// The image features `fx` `[B, 256]`, as [`DtBlock::image_features`] in evaluation mode.
+    pub fn image_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.image.forward(x)
+    }
+
+    /// The logits `[B, m]`, as [`DtBlock::logits_from_features`] in evaluation mode.
+    pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor) -> candle_core::Result<Tensor> {
+        let k = self.cfg.kernels;
+        let fz = match &self.label {
+            FoldedLabel::Mlp { fc1, fc2, fc3 } => {
+                let h1 = fc1.forward_with(k, z)?.relu()?;
+                let h2 = fc2.forward_with(k, &h1)?.relu()?;
+                (h1 + fc3.forward_with(k, &h2)?)?
+            }
+            FoldedLabel::Image(path) => {
+                let c = &self.cfg;
+                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?)?
+            }
+        };
+        let h = Tensor::cat(&[fx, &fz], 1)?;
+        let h = self.fuse_fc1.forward_with(k, &h)?.relu()?;
+        let h = self.fuse_fc2.forward_with(k, &h)?.relu()?;
+        self.fuse_out.forward_with(k, &h)
+    }
+
+    /// `uhat = softmax(logits) @ W_embed` `[B, d]`, as [`DtBlock::forward`] in evaluation mode.
+    pub fn forward(&self, z: &Tensor, x: &Tensor, w_embed: &Tensor) -> candle_core::Result<Tensor> {
+        let fx = self.image_features(x)?;
+        softmax_embed(&self.logits_from_features(z, &fx)?, w_embed)
     }
 }

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm1d, conv2d, dropout_with, linear, BatchNorm1d, Conv2d, Linear, Mode};
-use crate::ops::{max_pool2x2, Kernels};
+use crate::layers::{batch_norm1d, conv2d, linear, BatchNorm1d, Conv2d, Linear, Mode};
+use crate::ops::Kernels;
 
 /// What follows the image path's Linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,15 +72,64 @@ impl ImagePath {
     /// Features `[B, 256]` of images `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
         let (k, p) = (self.kernels, self.dropout);
-        let h = self.conv1.forward_relu(x, k)?;
-        let h = dropout_with(k, &max_pool2x2(k, &h)?, p, mode)?;
-        let h = dropout_with(k, &self.conv2.forward_relu(&h, k)?, p, mode)?;
-        let h = self.conv3.forward_relu(&h, k)?;
-        let h = dropout_with(k, &max_pool2x2(k, &h)?, p, mode)?;
+        // Each stage is one fused op on the fast kernels (conv, bias, ReLU,
+        // pooling and dropout) and the composition of candle's ops on the
+        // stock path; both draw the dropout seeds in this order.
+        let h = self.conv1.forward_stage(x, k, true, p, mode)?;
+        let h = self.conv2.forward_stage(&h, k, false, p, mode)?;
+        let h = self.conv3.forward_stage(&h, k, true, p, mode)?;
         let h = self.fc.forward_with(k, &h.flatten_from(1)?)?;
         match &self.bn {
-            Some(bn) => bn.forward(&h, mode),
+            Some(bn) => bn.forward_with(k, &h, mode),
             None => h.relu(),
+        }
+    }
+}
+
+/// An [`ImagePath`] for inference: no dropout, and a trailing BatchNorm
+/// folded into the Linear layer before it (see [`Linear::fold_batch_norm`]).
+#[derive(Debug, Clone)]
+pub struct FoldedImagePath {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    conv3: Conv2d,
+    fc: Linear,
+    relu_tail: bool,
+    kernels: Kernels,
+}
+
+impl ImagePath {
+    /// This path in evaluation mode with its BatchNorm folded away.
+    pub fn folded(&self) -> candle_core::Result<FoldedImagePath> {
+        let (fc, relu_tail) = match &self.bn {
+            Some(bn) => (self.fc.fold_batch_norm(bn)?, false),
+            None => (self.fc.detached(), true),
+        };
+        Ok(FoldedImagePath {
+            conv1: self.conv1.detached(),
+            conv2: self.conv2.detached(),
+            conv3: self.conv3.detached(),
+            fc,
+            relu_tail,
+            kernels: self.kernels,
+        })
+    }
+}
+
+impl FoldedImagePath {
+    /// Features `[B, 256]` of images `[B, C, H, W]`, equal up to rounding to
+    /// [`ImagePath::forward`] in [`Mode::Eval`].
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let k = self.kernels;
+        let eval = &mut Mode::Eval;
+        let h = self.conv1.forward_stage(x, k, true, 0.0, eval)?;
+        let h = self.conv2.forward_stage(&h, k, false, 0.0, eval)?;
+        let h = self.conv3.forward_stage(&h, k, true, 0.0, eval)?;
+        let h = self.fc.forward_with(k, &h.flatten_from(1)?)?;
+        if self.relu_tail {
+            h.relu()
+        } else {
+            Ok(h)
         }
     }
 }

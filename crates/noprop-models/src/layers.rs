@@ -59,6 +59,21 @@ impl Linear {
 }
 
 impl Linear {
+    /// This layer followed by `bn` in evaluation mode, as one Linear layer:
+    /// `BN(x Wᵀ + b) = x (s ⊙ W)ᵀ + (s ⊙ b + t)` with BN's per-feature affine
+    /// map `y = x * s + t` (see [`BatchNorm1d::eval_affine`]).
+    pub fn fold_batch_norm(&self, bn: &BatchNorm1d) -> candle_core::Result<Linear> {
+        let (scale, shift) = bn.eval_affine()?;
+        let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?.contiguous()?;
+        let bias = ((&self.bias * &scale)? + shift)?;
+        Ok(Linear { weight: weight.detach(), bias: bias.detach() })
+    }
+
+    /// A copy detached from the autograd graph, for inference.
+    pub fn detached(&self) -> Linear {
+        Linear { weight: self.weight.detach(), bias: self.bias.detach() }
+    }
+
     /// `x W^T + b` on the chosen kernels.
     pub fn forward_with(&self, kernels: Kernels, x: &Tensor) -> candle_core::Result<Tensor> {
         if x.rank() > 2 {
@@ -108,9 +123,34 @@ pub fn conv2d(
 }
 
 impl Conv2d {
+    /// A copy detached from the autograd graph, for inference.
+    pub fn detached(&self) -> Conv2d {
+        Conv2d { weight: self.weight.detach(), bias: self.bias.detach(), ..*self }
+    }
+
     /// `relu(conv(x) + b)`, fused where the kernels allow.
     pub fn forward_relu(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         ops::conv2d_relu(kernels, x, &self.weight, &self.bias, self.padding, self.input_grad)
+    }
+
+    /// `dropout(maxpool2x2(relu(conv(x) + b)))` (the pooling when `pool`),
+    /// one fused op on the fast kernels. In training mode with `p > 0` the
+    /// dropout mask's seed is the next `u64` of the mode's stream, exactly as
+    /// [`dropout_with`] draws it, so the fused and unfused forms agree.
+    pub fn forward_stage(&self, x: &Tensor, kernels: Kernels, pool: bool, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        let (dropout, seed) = match mode {
+            Mode::Train(rng) if p > 0.0 => (p, rand::RngCore::next_u64(rng.rng_mut())),
+            _ => (0.0, 0),
+        };
+        let stage = noprop_kernels::ConvStage {
+            padding: self.padding,
+            pool,
+            dropout,
+            seed,
+            input_grad: self.input_grad,
+            algo: noprop_kernels::ConvAlgo::Auto,
+        };
+        noprop_kernels::conv_stage_with(kernels, x, &self.weight, &self.bias, &stage)
     }
 }
 
@@ -144,32 +184,42 @@ pub fn is_buffer(name: &str) -> bool {
 }
 
 impl BatchNorm1d {
-    /// Normalises `x` `[B, F]`; in training mode also updates the running statistics.
+    /// Normalises `x` `[B, F]` on the fast kernels where they apply; in
+    /// training mode also updates the running statistics.
     pub fn forward(&self, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
-        let (mean, var) = if mode.is_train() {
+        self.forward_with(Kernels::Fast, x, mode)
+    }
+
+    /// [`BatchNorm1d::forward`] on the chosen kernels: training mode is one
+    /// fused op with a closed-form backward pass on the fast kernels, and
+    /// candle's ops on the stock path.
+    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+        if mode.is_train() {
             let b = x.dim(0)?;
             if b < 2 {
                 candle_core::bail!("BatchNorm1d in training mode needs a batch of at least 2, got {b}");
             }
-            let mean = x.mean_keepdim(0)?;
-            let centered = x.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(0)?;
+            let out = noprop_kernels::batch_norm1d_train_with(kernels, x, &self.weight, &self.bias, self.eps)?;
             let m = self.momentum;
-            let unbiased = (var.detach() * (b as f64 / (b as f64 - 1.0)))?.squeeze(0)?;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean.detach().squeeze(0)? * m)?)?;
+            let unbiased = (out.var * (b as f64 / (b as f64 - 1.0)))?;
+            let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (out.mean * m)?)?;
             let new_var = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
             self.running_mean.set(&new_mean)?;
             self.running_var.set(&new_var)?;
-            let inv = (var + self.eps)?.sqrt()?.recip()?;
-            let xhat = centered.broadcast_mul(&inv)?;
-            return xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias);
-        } else {
-            (self.running_mean.as_tensor().clone(), self.running_var.as_tensor().clone())
-        };
-        // Evaluation: an affine map per feature, folded into one scale and shift.
-        let scale = ((var + self.eps)?.sqrt()?.recip()? * &self.weight)?;
-        let shift = (&self.bias - (mean * &scale)?)?;
+            return Ok(out.y);
+        }
+        let (scale, shift) = self.eval_affine()?;
         x.broadcast_mul(&scale)?.broadcast_add(&shift)
+    }
+
+    /// Evaluation mode as an affine map per feature, `y = x * scale + shift`,
+    /// from the running statistics: `scale = weight / sqrt(running_var + eps)`,
+    /// `shift = bias - running_mean * scale`. Inference folds it into the
+    /// preceding Linear layer.
+    pub fn eval_affine(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        let scale = ((self.running_var.as_tensor() + self.eps)?.sqrt()?.recip()? * &self.weight)?;
+        let shift = (&self.bias - (self.running_mean.as_tensor() * &scale)?)?;
+        Ok((scale, shift))
     }
 }
 

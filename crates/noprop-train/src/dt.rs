@@ -8,9 +8,9 @@ use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
-use crate::config::{Embedding, EmbeddingInit, EvalConfig, ValidConfig};
+use crate::config::{Embedding, EmbeddingInit, EvalConfig, TrainOrder, ValidConfig};
 use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
-use crate::observer::{EvalReport, Observer, PassMetrics};
+use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
 
@@ -186,6 +186,26 @@ impl DtTrainer {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<[f64; 4], TrainError> {
+        let (mut grads, losses) = self.block_grads(t, x, y, noise, dropout)?;
+        if let Some((_, shared)) = &self.l2 {
+            add_l2(&mut grads, shared, self.cfg.raw().train.weight_decay)?;
+        }
+        self.block_opts[t - 1].step(&grads)?;
+        self.head_opt.step(&grads)?;
+        Ok(losses)
+    }
+
+    /// Block `t`'s loss `L_t` on a minibatch and its gradients (with Adam's
+    /// L2 term for the block's parameters); returns the gradients and
+    /// `(total, ce, kl, denoise)`.
+    fn block_grads(
+        &self,
+        t: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<(candle_core::backprop::GradStore, [f64; 4]), TrainError> {
         let sched = self.cfg.schedule();
         let eta = self.cfg.raw().train.eta;
         let u = self.model.embed().index_select(y, 0)?;
@@ -196,15 +216,124 @@ impl DtTrainer {
         let logp = class_log_probs(&self.model.classify(&z_last)?, self.model.embed(), self.cfg.raw().model.class_probability)?;
         let loss = dt_loss(&logp, y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, eta))?;
         let mut grads = loss.total.backward()?;
-        if let Some((blocks, shared)) = &self.l2 {
-            let wd = self.cfg.raw().train.weight_decay;
-            add_l2(&mut grads, &blocks[t - 1], wd)?;
-            add_l2(&mut grads, shared, wd)?;
+        if let Some((blocks, _)) = &self.l2 {
+            add_l2(&mut grads, &blocks[t - 1], self.cfg.raw().train.weight_decay)?;
         }
-        self.block_opts[t - 1].step(&grads)?;
-        self.head_opt.step(&grads)?;
         let v = |t: &Tensor| -> Result<f64, TrainError> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        Ok([v(&loss.total)?, v(&loss.cross_entropy)?, v(&loss.kl)?, v(&loss.denoise)?])
+        Ok((grads, [v(&loss.total)?, v(&loss.cross_entropy)?, v(&loss.kl)?, v(&loss.denoise)?]))
+    }
+
+    /// One fused update (`[train] order = "fused"`) on a minibatch: every
+    /// block `t = 1..=T` takes one AdamW step on the gradient of its own
+    /// `L_t`, with its own `z_{t-1}`, `z_T` and dropout masks drawn from
+    /// `streams[t - 1]` (q-noise, dropout) exactly as [`Self::train_step`]
+    /// draws them; then the head and a learned embedding take one step on the
+    /// gradient of `(1/T) sum_t L_t`, all `L_t` evaluated at the same shared
+    /// parameters. Returns each block's `(total, ce, kl, denoise)`.
+    ///
+    /// Block `t`'s gradient does not depend on the head, so with a fixed
+    /// embedding each block's update is the one a sequential step of block
+    /// `t` on this minibatch would make; `(1/T) sum_t L_t` is the objective
+    /// of eq. 8 with the sum over `t` taken in full instead of sampled.
+    pub fn fused_step(&mut self, x: &Tensor, y: &Tensor, streams: &mut [(NoiseRng, NoiseRng)]) -> Result<Vec<[f64; 4]>, TrainError> {
+        let blocks = self.block_opts.len();
+        if streams.len() != blocks {
+            return Err(TrainError::InvalidConfig {
+                field: "train.order",
+                reason: format!("a fused step needs {blocks} noise streams, got {}", streams.len()),
+            });
+        }
+        let mut shared = trainable(self.model.head_vars());
+        if let Some(var) = self.model.embedding().var() {
+            shared.push(("embed".to_string(), var.clone()));
+        }
+        let mut sums: Vec<Option<Tensor>> = vec![None; shared.len()];
+        let mut last = None;
+        let mut losses = Vec::with_capacity(blocks);
+        for (t, (noise, dropout)) in (1..=blocks).zip(streams.iter_mut()) {
+            let (mut grads, l) = self.block_grads(t, x, y, noise, dropout)?;
+            self.block_opts[t - 1].step(&grads)?;
+            for (sum, (_, var)) in sums.iter_mut().zip(&shared) {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(s) => (s + g)?,
+                        None => g,
+                    });
+                }
+            }
+            losses.push(l);
+            last = Some(grads);
+        }
+        if let Some(mut grads) = last {
+            for (sum, (_, var)) in sums.into_iter().zip(&shared) {
+                if let Some(s) = sum {
+                    grads.insert(var.as_tensor(), (s / blocks as f64)?);
+                }
+            }
+            if let Some((_, shared_l2)) = &self.l2 {
+                add_l2(&mut grads, shared_l2, self.cfg.raw().train.weight_decay)?;
+            }
+            self.head_opt.step(&grads)?;
+        }
+        Ok(losses)
+    }
+
+    /// Epoch `epoch` in fused order: one shuffled pass over `data` (the
+    /// minibatch order keyed by block 0), each block drawing q-noise and
+    /// dropout from its own (epoch, block) streams as in the sequential
+    /// order. Reports one [`Event::PassStart`] with block 0, a step event per
+    /// minibatch (the blocks' mean loss) and one pass per block, each with an
+    /// equal share of the pass's time.
+    fn fused_epoch(&mut self, data: &DeviceData, epoch: usize, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
+        let (seed, batch, blocks) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size, self.cfg.raw().model.blocks);
+        observer.on_event(&Event::PassStart { epoch, block: 0 });
+        let start = Instant::now();
+        let stream = noprop_data::pass_stream(epoch as u64, 0);
+        let batcher = noprop_data::Batcher::new(data.len(), batch, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), stream)?.min_batch_len(2);
+        let mut rngs: Vec<(NoiseRng, NoiseRng)> = (1..=blocks as u64)
+            .map(|t| {
+                (
+                    NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, t]),
+                    NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, t]),
+                )
+            })
+            .collect();
+        let mut sums = vec![[0.0f64; 4]; blocks];
+        let mut count = 0usize;
+        for idx in batcher.batches() {
+            let (x, y) = data.batch(idx)?;
+            let l = self.fused_step(&x, &y, &mut rngs)?;
+            for (t, (s, l)) in sums.iter_mut().zip(&l).enumerate() {
+                if !l[0].is_finite() {
+                    return Err(TrainError::Diverged { epoch, block: t + 1, loss: l[0] });
+                }
+                for (s, v) in s.iter_mut().zip(l) {
+                    *s += v;
+                }
+            }
+            count += 1;
+            observer.on_event(&Event::Step { loss: l.iter().map(|l| l[0]).sum::<f64>() / blocks as f64 });
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let n = count.max(1) as f64;
+        let passes: Vec<PassMetrics> = sums
+            .iter()
+            .enumerate()
+            .map(|(t, s)| PassMetrics {
+                epoch,
+                block: t + 1,
+                loss: s[0] / n,
+                ce: s[1] / n,
+                kl: s[2] / n,
+                denoise: s[3] / n,
+                batches: count,
+                seconds: seconds / blocks as f64,
+            })
+            .collect();
+        for p in &passes {
+            observer.on_event(&Event::PassEnd(p));
+        }
+        Ok(passes)
     }
 
 }
@@ -228,11 +357,13 @@ pub fn accuracy_runs(
     let d = model.config().block.latent_dim;
     let mut correct = vec![0usize; runs];
     let dev = data.images.device();
+    // Evaluation-mode BatchNorm folded into the Linear layers before it.
+    let blocks = (1..=sched.blocks()).map(|t| model.block(t).folded()).collect::<candle_core::Result<Vec<_>>>()?;
     let mut start = 0;
     while start < n {
         let b = batch_size.min(n - start);
         let x = data.images.narrow(0, start, b)?;
-        let feats = model.image_features(&x)?;
+        let feats = blocks.iter().map(|blk| blk.image_features(&x)).collect::<candle_core::Result<Vec<_>>>()?;
         let rows = runs * b;
         let mut z = rng.randn(&[rows, d], x.dtype(), dev)?;
         // Rows of deterministic runs get no sampling noise.
@@ -244,7 +375,7 @@ pub fn accuracy_runs(
         let any_noise = modes.contains(&Inference::Stochastic);
         for t in 1..=sched.blocks() {
             let fx = if runs == 1 { feats[t - 1].clone() } else { Tensor::cat(&vec![&feats[t - 1]; runs], 0)? };
-            let uhat = model.denoise_from_features(t, &z, &fx)?;
+            let uhat = noprop_models::layers::softmax_embed(&blocks[t - 1].logits_from_features(&z, &fx)?, model.embed())?;
             let eps = if any_noise {
                 Some(rng.randn(&[rows, d], x.dtype(), dev)?.broadcast_mul(&noise_mask)?)
             } else {
@@ -279,12 +410,17 @@ impl Trainer for DtTrainer {
     fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
         let (seed, batch, blocks) = (self.cfg.raw().train.seed, self.cfg.raw().train.batch_size, self.cfg.raw().model.blocks);
-        let mut passes = Vec::with_capacity(blocks);
-        for t in 1..=blocks {
-            let pass = run_pass(data, seed, batch, epoch, t, observer, |x, y, noise, drop| self.train_step(t, x, y, noise, drop))?;
-            self.train_seconds += pass.seconds;
-            passes.push(pass);
-        }
+        let passes = match self.cfg.raw().train.order {
+            TrainOrder::Sequential => {
+                let mut passes = Vec::with_capacity(blocks);
+                for t in 1..=blocks {
+                    passes.push(run_pass(data, seed, batch, epoch, t, observer, |x, y, noise, drop| self.train_step(t, x, y, noise, drop))?);
+                }
+                passes
+            }
+            TrainOrder::Fused => self.fused_epoch(data, epoch, observer)?,
+        };
+        self.train_seconds += passes.iter().map(|p| p.seconds).sum::<f64>();
         self.epochs_done = epoch;
         Ok(passes)
     }

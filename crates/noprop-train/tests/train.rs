@@ -258,3 +258,79 @@ fn continuous_methods_checkpoint_and_resume_exactly() {
         assert_same_tensors(&e.named_tensors(), &a.named_tensors());
     }
 }
+
+fn fused_config(epochs: usize) -> Config {
+    let mut cfg = tiny_config(epochs);
+    cfg.train.order = noprop_train::config::TrainOrder::Fused;
+    cfg
+}
+
+/// With a fixed embedding, block t's gradient does not depend on the head,
+/// so a fused step moves every block exactly as a sequential step of that
+/// block on the same minibatch with the same noise and dropout streams.
+#[test]
+fn fused_step_moves_each_block_as_its_sequential_step() {
+    let dev = Device::Cpu;
+    let ds = synthetic(16, 4);
+    let x = Tensor::from_slice(&ds.images, (16, 1, 28, 28), &dev).unwrap();
+    let y = Tensor::from_slice(&ds.labels, 16, &dev).unwrap();
+    let streams = |t: u64| (NoiseRng::new(100 + t), NoiseRng::new(200 + t));
+    let mut fused = DtTrainer::new(fused_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let mut seq = DtTrainer::new(tiny_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let mut rngs: Vec<_> = (1..=3).map(streams).collect();
+    let fused_losses = fused.fused_step(&x, &y, &mut rngs).unwrap();
+    for t in 1..=3 {
+        let (mut noise, mut drop) = streams(t as u64);
+        let l = seq.train_step(t, &x, &y, &mut noise, &mut drop).unwrap();
+        assert_eq!(l[3], fused_losses[t - 1][3], "block {t}: denoising loss");
+    }
+    let (a, b) = (fused.model().named_tensors(), seq.model().named_tensors());
+    for (name, ta) in a.iter().filter(|(k, _)| k.starts_with("blocks.")) {
+        let va = ta.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vb = b[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(va, vb, "{name}");
+    }
+    // The head took one step in the fused order and three in the sequential one.
+    let head = |t: &DtTrainer| t.model().named_tensors()["head.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(head(&fused), head(&seq));
+}
+
+/// The fused order gives every block one update per minibatch, as the
+/// sequential order does, and the shared head one per minibatch instead of T.
+#[test]
+fn fused_order_updates_each_block_once_per_minibatch() {
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    for (cfg, head_steps) in [(fused_config(1), 3), (tiny_config(1), 9)] {
+        let mut t = DtTrainer::new(cfg.validate().unwrap(), dev.clone()).unwrap();
+        let passes = t.train_epoch(&d.train, &mut Silent).unwrap();
+        assert_eq!(passes.iter().map(|p| p.block).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert!(passes.iter().all(|p| p.batches == 3 && p.loss.is_finite()));
+        let (_, meta) = t.optimizer_checkpoint();
+        let steps: Vec<u64> = serde_json::from_str(&meta["steps"]).unwrap();
+        assert_eq!(steps, vec![head_steps, 3, 3, 3]);
+    }
+}
+
+#[test]
+fn fused_order_resumes_exactly() {
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    let tmp = tempfile::tempdir().unwrap();
+    let run_a = RunDir::create(&tmp.path().join("a"), &fused_config(2), serde_json::json!({})).unwrap();
+    let mut a = DtTrainer::new(fused_config(2).validate().unwrap(), dev.clone()).unwrap();
+    let report_a = fit(&mut a, &d, Some(&run_a), &mut Silent).unwrap().unwrap();
+
+    let run_b = RunDir::create(&tmp.path().join("b"), &fused_config(1), serde_json::json!({})).unwrap();
+    let mut b = DtTrainer::new(fused_config(1).validate().unwrap(), dev.clone()).unwrap();
+    fit(&mut b, &d, Some(&run_b), &mut Silent).unwrap();
+    let mut c = DtTrainer::new(fused_config(2).validate().unwrap(), dev.clone()).unwrap();
+    assert_eq!(run_b.restore_latest(&mut c).unwrap(), 1);
+    let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
+
+    assert_same_tensors(&a.model().named_tensors(), &c.model().named_tensors());
+    assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs);
+    // One pass line per block and epoch, as in the sequential order.
+    let passes = run_a.metrics().unwrap().iter().filter(|v| v["event"] == "pass").count();
+    assert_eq!(passes, 2 * 3);
+}
