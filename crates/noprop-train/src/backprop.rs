@@ -76,6 +76,21 @@ impl BackpropTrainer {
 
     /// One end-to-end update on a minibatch; returns `(ce, ce, 0, 0)`.
     pub fn train_step(&mut self, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<[f64; 4], TrainError> {
+        let (ce, grads) = self.gradients(x, y, noise, dropout)?;
+        self.opt.step(&grads)?;
+        self.alpha_opt.step(&grads)?;
+        Ok([ce, ce, 0.0, 0.0])
+    }
+
+    /// The cross-entropy of a minibatch and the gradients of every trainable
+    /// variable (L2 decay included when configured), without updating.
+    pub fn gradients(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<(f64, candle_core::backprop::GradStore), TrainError> {
         let raw = self.cfg.raw();
         let d = self.model.config().block.latent_dim;
         let alpha = self.alpha.as_tensor().tanh()?;
@@ -89,10 +104,7 @@ impl BackpropTrainer {
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let mut grads = ce.backward()?;
         add_l2(&mut grads, &self.l2_vars, raw.train.weight_decay)?;
-        self.opt.step(&grads)?;
-        self.alpha_opt.step(&grads)?;
-        let ce = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok([ce, ce, 0.0, 0.0])
+        Ok((ce.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads))
     }
 
     /// Accuracy (percent) over `data` of `runs` inference runs, which differ

@@ -159,3 +159,35 @@ fn baselines_learn_and_resume_exactly() {
         }
     }
 }
+
+#[test]
+fn backprop_gradients_are_the_same_with_fast_and_stock_kernels() {
+    // The chain sends gradients through every block's label path into z,
+    // which NoProp-DT never needs: check the custom ops' input gradients here.
+    let dev = Device::Cpu;
+    let (x, y) = batch(&synthetic(6, 9), &dev);
+    let mut grads = Vec::new();
+    for kernels in ["fast", "stock"] {
+        let mut cfg = small(Config::paper_backprop(DatasetKind::Mnist), 1);
+        cfg.model.blocks = 3;
+        cfg.model.dropout = 0.0;
+        cfg.model.kernels = kernels.into();
+        let t = BackpropTrainer::new(cfg.validate().unwrap(), dev.clone(), None).unwrap();
+        let (loss, g) = t.gradients(&x, &y, &mut NoiseRng::new(4), &mut NoiseRng::new(5)).unwrap();
+        let named: BTreeMap<String, Tensor> = t.named_tensors().into_iter().filter_map(|(k, v)| g.get(&v).map(|g| (k, g.clone()))).collect();
+        grads.push((loss, named));
+    }
+    assert!((grads[0].0 - grads[1].0).abs() < 1e-5, "losses {} and {}", grads[0].0, grads[1].0);
+    assert_eq!(grads[0].1.keys().collect::<Vec<_>>(), grads[1].1.keys().collect::<Vec<_>>());
+    assert!(grads[0].1.contains_key("blocks.1.img.conv1.weight") && grads[0].1.contains_key("alpha.w"));
+    let norm = |t: &Tensor| t.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let mut bad = Vec::new();
+    for (name, g) in &grads[0].1 {
+        let e = rel_err(g, &grads[1].1[name]);
+        // A bias followed by BatchNorm has a zero gradient up to rounding.
+        if e > 1e-3 && norm(&grads[1].1[name]) > 1e-6 {
+            bad.push(format!("{name}: relative difference {e:.3e}, norms {:.3e} vs {:.3e}", norm(g), norm(&grads[1].1[name])));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:#?}");
+}
