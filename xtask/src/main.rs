@@ -5,6 +5,7 @@
 //! ```text
 //! cargo xtask bench [--threads N] [--rounds R] [--torch-python PY] [--torch-script FILE] [--json]
 //! cargo xtask data [--dataset mnist|cifar10|cifar100] [--dir DIR]
+//! cargo xtask reproduce [--quick] [--only PATTERN] [--device cpu|cuda|metal] [--out DIR] [--data DIR]
 //! cargo xtask ci
 //! ```
 
@@ -13,6 +14,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+
+mod reproduce;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
@@ -24,8 +27,9 @@ fn main() -> std::process::ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("data") => data(&args[1..]),
         Some("ci") => ci(),
+        Some("reproduce") => reproduce::run(&args[1..], &root()),
         _ => {
-            eprintln!("usage: cargo xtask <bench|data|ci> [options]\n\n{}", HELP);
+            eprintln!("usage: cargo xtask <bench|data|ci|reproduce> [options]\n\n{}\n{}", HELP, reproduce::HELP);
             return std::process::ExitCode::from(2);
         }
     };

@@ -1,0 +1,553 @@
+//! `cargo xtask reproduce`: trains every configuration of the paper's
+//! Table 1 (and the ablations of Figures 4 and 5) with `noprop train`, one
+//! run folder per row and seed, and writes the tables and figures from the
+//! run folders' metrics.
+//!
+//! Layout of the results folder (`results/` by default):
+//!
+//! ```text
+//! reproduce.json                 the mode (full or quick), so the two never mix
+//! configs/<row>-seed<S>.toml     each run's effective config (a config file, edited)
+//! runs/<row>-seed<S>/            the run folders of `noprop train`
+//! log.jsonl                      one line per `noprop train` call: row, seed, exit, wall seconds
+//! table1.md, table1.csv          test/train accuracy, mean ± s.e., beside the paper's Table 1
+//! table2.md, table2.csv          peak training memory beside the paper's Table 2
+//! fig2-<row>.png                 prototype embeddings, initial above learned
+//! fig3-<dataset>.svg/.csv        test accuracy against cumulative training time (CT, FM, adjoint)
+//! fig4.svg/.csv, fig5.svg/.csv   the ablations (class probabilities; embedding initialisation)
+//! ```
+//!
+//! A run is finished when its last `epoch` event reaches the configured
+//! epochs; finished runs are skipped and interrupted ones continued with
+//! `noprop train --resume`, so the command can be stopped and started again.
+//! The tables are written from every run folder of the mode, so rows
+//! trained by separate `--only` calls end up in one table.
+
+mod figures;
+mod plot;
+mod rows;
+mod runs;
+mod table;
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use rows::{Dataset, Quick, Row, Variant};
+use runs::State;
+use table::{fmt_duration, RowResult};
+
+pub const HELP: &str = "\
+reproduce
+        train every Table 1 row (method x embedding x data set) and the
+        ablations of Figures 4-5 with `noprop train`, 3 seeds each, then write
+        tables 1-2 and figures 2-5 into the results folder. Finished runs are
+        skipped, interrupted ones resumed.
+        --quick            MNIST only, one seed, a data subset and a few epochs
+                           (a CPU smoke run of about half an hour on 2 cores)
+        --only PATTERN     rows to run (repeatable, or comma-separated): a glob
+                           over row names (`mnist-*-onehot`), an exact name
+                           (`mnist-dt-onehot`), or whole dash-separated words
+                           (`mnist`, `dt-onehot`, `radial`, `init`)
+        --device D         cpu (default), cuda or metal; builds noprop with that feature
+        --out DIR          results folder (default: results/ in the workspace)
+        --data DIR         data root holding mnist/, cifar10/, cifar100/ (or one
+                           data set's own folder); default $NOPROP_DATA, else ./data
+        --seeds N          seeds 0..N-1 (default 3, quick 1)
+        --threads N        worker threads for each `noprop train`
+        --plan             print the runs and their state, run nothing
+        --report           only rewrite the tables and figures from the runs there are
+        --no-build         use the noprop binary as it is (no cargo build)";
+
+/// The options of `cargo xtask reproduce`.
+#[derive(Debug, Clone, PartialEq)]
+struct Options {
+    quick: bool,
+    only: Vec<String>,
+    device: String,
+    out: Option<PathBuf>,
+    data: Option<PathBuf>,
+    seeds: Option<usize>,
+    threads: Option<usize>,
+    plan: bool,
+    report_only: bool,
+    build: bool,
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut o = Options {
+        quick: false,
+        only: vec![],
+        device: "cpu".into(),
+        out: None,
+        data: None,
+        seeds: None,
+        threads: None,
+        plan: false,
+        report_only: false,
+        build: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--only" => o.only.push(value("--only")?),
+            "--device" => o.device = value("--device")?,
+            "--out" => o.out = Some(value("--out")?.into()),
+            "--data" => o.data = Some(value("--data")?.into()),
+            "--seeds" => {
+                let v = value("--seeds")?;
+                o.seeds = Some(v.parse().ok().filter(|n| *n >= 1).with_context(|| format!("--seeds {v:?}: expected a number >= 1"))?);
+            }
+            "--threads" => {
+                let v = value("--threads")?;
+                o.threads = Some(v.parse().ok().filter(|n| *n >= 1).with_context(|| format!("--threads {v:?}: expected a number >= 1"))?);
+            }
+            "--plan" => o.plan = true,
+            "--report" => o.report_only = true,
+            "--no-build" => o.build = false,
+            other => bail!("unknown option {other:?} for reproduce\n{HELP}"),
+        }
+    }
+    if !["cpu", "cuda", "metal"].contains(&o.device.as_str()) {
+        bail!("--device {:?}: expected cpu, cuda or metal", o.device);
+    }
+    Ok(o)
+}
+
+/// The data folder of a data set: `--data DIR` itself if it holds the data
+/// set's files, else `DIR/<dataset>`; without `--data`,
+/// `$NOPROP_DATA/<dataset>`, else `./data/<dataset>`.
+fn data_dir(ds: Dataset, flag: Option<&Path>) -> PathBuf {
+    if let Some(d) = flag {
+        return if data_present(ds, d) { d.to_path_buf() } else { d.join(ds.name()) };
+    }
+    match std::env::var_os("NOPROP_DATA") {
+        Some(root) if !root.is_empty() => PathBuf::from(root).join(ds.name()),
+        _ => Path::new("data").join(ds.name()),
+    }
+}
+
+/// Whether `dir` holds a data set in one of the layouts noprop-data reads
+/// (the canonical file names; see noprop-data's `DatasetKind::is_present`).
+fn data_present(ds: Dataset, dir: &Path) -> bool {
+    let all = |dir: &Path, names: &[&str]| names.iter().all(|n| dir.join(n).is_file());
+    match ds {
+        Dataset::Mnist => ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+            .iter()
+            .all(|n| dir.join(n).is_file() || dir.join(format!("{n}.gz")).is_file()),
+        Dataset::Cifar10 => {
+            let files = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"];
+            dir.is_file()
+                || dir.join("cifar-10-binary.tar.gz").is_file()
+                || all(&dir.join("cifar-10-batches-bin"), &files)
+                || all(dir, &files)
+        }
+        Dataset::Cifar100 => {
+            let files = ["train.bin", "test.bin"];
+            dir.is_file() || dir.join("cifar-100-binary.tar.gz").is_file() || all(&dir.join("cifar-100-binary"), &files) || all(dir, &files)
+        }
+    }
+}
+
+/// One (row, seed) to train.
+struct Job {
+    row: Row,
+    seed: u64,
+    config: toml::Table,
+    config_path: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl Job {
+    fn label(&self) -> String {
+        format!("{} seed {}", self.row.name(), self.seed)
+    }
+}
+
+/// Where a run folder stands against the config the reproduction would use.
+enum JobState {
+    Ready(State),
+    /// The folder was made with another config.
+    Stale(Vec<String>),
+}
+
+fn job_state(job: &Job) -> Result<JobState> {
+    let cfg = job.run_dir.join("config.json");
+    if !cfg.is_file() {
+        return Ok(JobState::Ready(State::New));
+    }
+    let run_cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&cfg).with_context(|| format!("cannot read {}", cfg.display()))?)
+        .with_context(|| format!("{} is not JSON", cfg.display()))?;
+    let diff = runs::config_differences(&job.config, &run_cfg);
+    if !diff.is_empty() {
+        return Ok(JobState::Stale(diff));
+    }
+    let metrics = fs::read_to_string(job.run_dir.join("metrics.jsonl")).unwrap_or_default();
+    Ok(JobState::Ready(runs::state(&metrics, rows::config_epochs(&job.config)?)))
+}
+
+fn read_summary(run_dir: &Path) -> runs::Summary {
+    runs::summarise(&fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap_or_default())
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if !d.is_empty() => {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                root.join(d)
+            }
+        }
+        _ => root.join("target"),
+    }
+}
+
+fn build(root: &Path, device: &str) -> Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root).args(["build", "--release", "-p", "noprop-cli"]);
+    if device != "cpu" {
+        cmd.args(["--features", device]);
+    }
+    eprintln!("building noprop: {cmd:?}");
+    if !cmd.status().context("cannot run cargo")?.success() {
+        bail!("cargo build of noprop-cli failed");
+    }
+    Ok(())
+}
+
+/// The text of a generated config file: a header saying where it came from,
+/// then the edited table.
+fn config_text(job: &Job, base: &Path, quick: bool) -> Result<String> {
+    let mut s = format!(
+        "# Generated by `cargo xtask reproduce{}` from {}, seed {}; edits to this file are overwritten.\n",
+        if quick { " --quick" } else { "" },
+        base.display(),
+        job.seed
+    );
+    match job.row.variant {
+        Variant::Table1 => {}
+        Variant::Radial => s.push_str(&format!("# Figure 4 ablation: radial class probabilities, sigma = {}.\n", rows::RADIAL_SIGMA)),
+        Variant::Init(i) => s.push_str(&format!("# Figure 5 ablation: learned embedding, d = C*H*W, {} initialisation.\n", i.name())),
+    }
+    if quick {
+        s.push_str(&format!("# Quick settings: {}.\n", Quick::for_row(&job.row).describe()));
+    }
+    s.push('\n');
+    s.push_str(&toml::to_string(&job.config).context("cannot write TOML")?);
+    Ok(s)
+}
+
+/// Appends one line to `log.jsonl`.
+fn log(out: &Path, v: serde_json::Value) {
+    let line = format!("{v}\n");
+    let _ = fs::OpenOptions::new().create(true).append(true).open(out.join("log.jsonl")).and_then(|mut f| f.write_all(line.as_bytes()));
+}
+
+pub fn run(args: &[String], root: &Path) -> Result<()> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("cargo xtask {HELP}");
+        return Ok(());
+    }
+    let opts = parse(args)?;
+    let started = Instant::now();
+    let all = rows::all_rows(opts.quick);
+    let selected = rows::select(&all, &opts.only)?;
+    let seeds = opts.seeds.unwrap_or(if opts.quick { 1 } else { 3 });
+    let out = opts.out.clone().unwrap_or_else(|| root.join("results"));
+    fs::create_dir_all(out.join("configs")).with_context(|| format!("cannot create {}", out.display()))?;
+
+    // A quick and a full reproduction never share a folder.
+    let manifest = out.join("reproduce.json");
+    let mode = if opts.quick { "quick" } else { "full" };
+    if let Ok(text) = fs::read_to_string(&manifest) {
+        let old: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", manifest.display()))?;
+        if old["mode"].as_str().is_some_and(|m| m != mode) {
+            bail!("{} holds a {} reproduction; pass --out DIR for a {mode} one", out.display(), old["mode"].as_str().unwrap_or("?"));
+        }
+    }
+    fs::write(&manifest, format!("{}\n", json!({"mode": mode, "seeds": seeds, "device": opts.device})))
+        .with_context(|| format!("cannot write {}", manifest.display()))?;
+
+    // Each row's config, edited per seed; rows without a config file are skipped.
+    let mut notes: Vec<(Row, String)> = vec![];
+    let mut jobs: Vec<Job> = vec![];
+    // Runs of rows not selected now: read for the report only.
+    let mut other_jobs: Vec<Job> = vec![];
+    for row in &all {
+        let base = root.join("configs").join(format!("{}.toml", row.base_config()));
+        let text = match fs::read_to_string(&base) {
+            Ok(t) => t,
+            Err(_) => {
+                notes.push((*row, format!("configs/{}.toml does not exist yet; skipped", row.base_config())));
+                continue;
+            }
+        };
+        let table: toml::Table = match toml::from_str(&text) {
+            Ok(t) => t,
+            Err(e) => {
+                notes.push((*row, format!("configs/{}.toml is not valid TOML ({}); skipped", row.base_config(), e.message())));
+                continue;
+            }
+        };
+        for seed in 0..seeds as u64 {
+            let config = rows::effective_config(&table, row, seed, opts.quick, &opts.device)?;
+            let name = format!("{}-seed{seed}", row.name());
+            let job = Job { row: *row, seed, config, config_path: out.join("configs").join(format!("{name}.toml")), run_dir: out.join("runs").join(&name) };
+            if selected.contains(row) {
+                let shown = base.strip_prefix(root).unwrap_or(&base);
+                fs::write(&job.config_path, config_text(&job, shown, opts.quick)?)
+                    .with_context(|| format!("cannot write {}", job.config_path.display()))?;
+                jobs.push(job);
+            } else {
+                other_jobs.push(job);
+            }
+        }
+    }
+    for (row, note) in &notes {
+        if selected.contains(row) {
+            eprintln!("[--] {}: {note}", row.name());
+        }
+    }
+
+    let noprop = target_dir(root).join("release").join("noprop");
+    let mut failed: Vec<String> = vec![];
+    let (mut trained, mut skipped) = (0, 0);
+    if !opts.report_only {
+        // Fail early, in one line, if a data set that a selected run needs is missing.
+        let mut checked: Vec<Dataset> = vec![];
+        for job in &jobs {
+            let ds = job.row.dataset;
+            if checked.contains(&ds) {
+                continue;
+            }
+            checked.push(ds);
+            let dir = data_dir(ds, opts.data.as_deref());
+            if !data_present(ds, &dir) {
+                bail!(
+                    "{} data not found in {} (needed by {}); pass --data DIR, set NOPROP_DATA, or leave those rows out with --only",
+                    ds.title(),
+                    dir.display(),
+                    jobs.iter().find(|j| j.row.dataset == ds).map(|j| j.row.name()).unwrap_or_default()
+                );
+            }
+        }
+        if opts.plan {
+            print_plan(&jobs)?;
+            return Ok(());
+        }
+        if opts.build {
+            build(root, &opts.device)?;
+        }
+        if !jobs.is_empty() && !noprop.is_file() {
+            bail!("{} does not exist; build it (drop --no-build)", noprop.display());
+        }
+        let n = jobs.len();
+        for (i, job) in jobs.iter().enumerate() {
+            let tag = format!("[{}/{n}] {}", i + 1, job.label());
+            let state = match job_state(job)? {
+                JobState::Stale(diff) => {
+                    let msg = format!(
+                        "{} was made with another config ({}); remove it or pass another --out",
+                        job.run_dir.display(),
+                        diff.join("; ")
+                    );
+                    eprintln!("{tag}: {msg}");
+                    failed.push(format!("{}: {msg}", job.label()));
+                    continue;
+                }
+                JobState::Ready(s) => s,
+            };
+            let epochs = rows::config_epochs(&job.config)?;
+            let mut cmd = Command::new(&noprop);
+            cmd.arg("train");
+            match state {
+                State::Finished { epochs_done } => {
+                    eprintln!("{tag}: finished ({epochs_done} epochs), skipped");
+                    skipped += 1;
+                    continue;
+                }
+                State::Partial { epochs_done } => {
+                    eprintln!("{tag}: resuming after epoch {epochs_done} of {epochs}");
+                    cmd.arg("--resume").arg(&job.run_dir).args(["--epochs", &epochs.to_string()]);
+                }
+                State::New => {
+                    eprintln!("{tag}: {epochs} epochs");
+                    // A folder without config.json holds nothing of value (a
+                    // run killed while creating it); noprop wants it empty.
+                    if job.run_dir.is_dir() {
+                        let _ = fs::remove_dir(job.run_dir.join("checkpoints"));
+                        let _ = fs::remove_dir(&job.run_dir);
+                    }
+                    cmd.arg("--config").arg(&job.config_path).arg("--out").arg(&job.run_dir);
+                }
+            }
+            cmd.args(["--device", &opts.device]).arg("--data").arg(data_dir(job.row.dataset, opts.data.as_deref()));
+            if let Some(t) = opts.threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
+            let t0 = Instant::now();
+            // The child draws its own progress on the inherited stderr.
+            let status = cmd.status().with_context(|| format!("cannot run {}", noprop.display()))?;
+            let wall = t0.elapsed().as_secs_f64();
+            log(&out, json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
+                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick}));
+            if status.success() {
+                trained += 1;
+                let s = read_summary(&job.run_dir);
+                let acc = s.final_eval().map_or("no final evaluation".into(), |e| format!("test {:.2}%", e.test_acc));
+                eprintln!("{tag}: done, {} epochs, {acc}, {} wall", s.epochs_done, fmt_duration(wall));
+            } else {
+                eprintln!("{tag}: noprop train failed ({status}) after {}", fmt_duration(wall));
+                failed.push(format!("{}: noprop train failed ({status})", job.label()));
+            }
+        }
+    }
+
+    // Tables and figures from every run folder of this mode.
+    other_jobs.extend(jobs);
+    report(root, &out, &opts, seeds, &all, &notes, &other_jobs, &noprop)?;
+    eprintln!(
+        "reproduce: {trained} trained, {skipped} already finished, {} failed, in {}; results in {}",
+        failed.len(),
+        fmt_duration(started.elapsed().as_secs_f64()),
+        out.display()
+    );
+    if !failed.is_empty() {
+        bail!("{} run(s) failed:\n  {}", failed.len(), failed.join("\n  "));
+    }
+    Ok(())
+}
+
+fn print_plan(jobs: &[Job]) -> Result<()> {
+    let n = jobs.len();
+    for (i, job) in jobs.iter().enumerate() {
+        let epochs = rows::config_epochs(&job.config)?;
+        let state = match job_state(job)? {
+            JobState::Stale(d) => format!("made with another config: {}", d.join("; ")),
+            JobState::Ready(State::New) => "new".into(),
+            JobState::Ready(State::Partial { epochs_done }) => format!("resume after epoch {epochs_done}"),
+            JobState::Ready(State::Finished { .. }) => "finished".into(),
+        };
+        println!("[{}/{n}] {} ({epochs} epochs, {}): {state}", i + 1, job.label(), job.config_path.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(root: &Path, out: &Path, opts: &Options, seeds: usize, all: &[Row], notes: &[(Row, String)], jobs: &[Job], noprop: &Path) -> Result<()> {
+    let mut results: Vec<RowResult> = vec![];
+    for row in all {
+        let mut r = RowResult {
+            row: *row,
+            seeds_wanted: seeds,
+            finished: vec![],
+            unfinished: 0,
+            note: notes.iter().find(|(n, _)| n == row).map(|(_, s)| s.clone()),
+            settings: opts.quick.then(|| Quick::for_row(row).describe()),
+        };
+        let mut stale = 0;
+        for job in jobs.iter().filter(|j| j.row == *row) {
+            match job_state(job)? {
+                JobState::Ready(State::Finished { .. }) => r.finished.push((job.seed, read_summary(&job.run_dir))),
+                JobState::Ready(State::Partial { .. }) => r.unfinished += 1,
+                JobState::Stale(_) => stale += 1,
+                JobState::Ready(State::New) => {}
+            }
+        }
+        if stale > 0 {
+            r.note = Some(format!("{stale} run folder(s) made with another config, left out (see `--plan`)"));
+        } else if r.finished.is_empty() && r.note.is_none() {
+            r.note = Some(if r.unfinished > 0 { "not finished yet".into() } else { "not run yet".into() });
+        }
+        results.push(r);
+    }
+    let ctx = table::Context { quick: opts.quick, device: opts.device.clone(), seeds };
+    let mut outputs = vec![
+        figures::Output { name: "table1.md".into(), contents: table::table1_markdown(&ctx, &results) },
+        figures::Output { name: "table1.csv".into(), contents: table::table1_csv(&results) },
+        figures::Output { name: "table2.md".into(), contents: table::table2_markdown(&ctx, &results) },
+        figures::Output { name: "table2.csv".into(), contents: table::table2_csv(&results) },
+    ];
+    outputs.extend(figures::figure3(&results));
+    outputs.extend(figures::figure4(all, &results));
+    outputs.extend(figures::figure5(all, &results));
+    for o in &outputs {
+        let path = out.join(&o.name);
+        fs::write(&path, &o.contents).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let mut written: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
+
+    // Figure 2: every prototype row's first finished seed, drawn by noprop.
+    for r in results.iter().filter(|r| r.row.variant == Variant::Table1 && r.row.image_sized()) {
+        let Some((seed, _)) = r.finished.first() else { continue };
+        let run_dir = out.join("runs").join(format!("{}-seed{seed}", r.row.name()));
+        let name = format!("fig2-{}.png", r.row.name());
+        if !noprop.is_file() {
+            eprintln!("{name}: no noprop binary at {}", noprop.display());
+            continue;
+        }
+        let res = Command::new(noprop).current_dir(root).args(["inspect", "embeddings"]).arg(&run_dir).arg("--png").arg(out.join(&name)).output();
+        match res {
+            Ok(o) if o.status.success() => written.push(name),
+            Ok(o) => eprintln!("{name}: {}", String::from_utf8_lossy(&o.stderr).trim()),
+            Err(e) => eprintln!("{name}: cannot run noprop: {e}"),
+        }
+    }
+    eprintln!("wrote {}", written.join(", "));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options() {
+        let o = parse(&args("--quick --only mnist-dt-onehot --only mnist-fm-* --device cuda --out /tmp/r --seeds 2 --threads 2 --no-build")).unwrap();
+        assert!(o.quick && !o.build && !o.plan);
+        assert_eq!(o.only, ["mnist-dt-onehot", "mnist-fm-*"]);
+        assert_eq!((o.device.as_str(), o.seeds, o.threads), ("cuda", Some(2), Some(2)));
+        assert_eq!(o.out, Some(PathBuf::from("/tmp/r")));
+        assert!(parse(&args("--device tpu")).is_err());
+        assert!(parse(&args("--seeds 0")).is_err());
+        assert!(parse(&args("--only")).is_err());
+        assert!(parse(&args("--frobnicate")).is_err());
+    }
+
+    #[test]
+    fn data_layouts() {
+        let dir = std::env::temp_dir().join(format!("xtask-reproduce-data-{}", std::process::id()));
+        let mnist = dir.join("mnist");
+        fs::create_dir_all(&mnist).unwrap();
+        assert!(!data_present(Dataset::Mnist, &mnist));
+        for (i, n) in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"].iter().enumerate() {
+            // Raw or gzipped names both count.
+            let name = if i % 2 == 0 { format!("{n}.gz") } else { n.to_string() };
+            fs::write(mnist.join(name), b"").unwrap();
+        }
+        assert!(data_present(Dataset::Mnist, &mnist));
+        // --data names the root, or the data set's own folder.
+        assert_eq!(data_dir(Dataset::Mnist, Some(&dir)), mnist);
+        assert_eq!(data_dir(Dataset::Mnist, Some(&mnist)), mnist);
+        assert!(!data_present(Dataset::Cifar10, &dir.join("cifar10")));
+        // A missing data set is looked for (and reported) under the root.
+        assert_eq!(data_dir(Dataset::Cifar10, Some(&dir)), dir.join("cifar10"));
+        fs::create_dir_all(dir.join("cifar100")).unwrap();
+        fs::write(dir.join("cifar100/cifar-100-binary.tar.gz"), b"").unwrap();
+        assert!(data_present(Dataset::Cifar100, &data_dir(Dataset::Cifar100, Some(&dir))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
