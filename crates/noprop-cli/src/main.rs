@@ -200,6 +200,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Forwards events, and after each evaluation hands the allocator's free
+/// pages back to the system, so that the next epoch's peak resident memory
+/// (`train_peak_rss_bytes`) measures training, not the evaluation before it.
+struct ReleaseAfterEval<O>(O);
+
+impl<O: noprop_train::Observer> noprop_train::Observer for ReleaseAfterEval<O> {
+    fn on_event(&mut self, event: &noprop_train::Event<'_>) {
+        self.0.on_event(event);
+        if let noprop_train::Event::EvalEnd(_) = event {
+            // SAFETY: mi_collect only walks mimalloc's own heaps of this process.
+            unsafe { libmimalloc_sys::mi_collect(true) };
+        }
+    }
+}
+
 pub(crate) fn device(name: &str) -> Result<Device> {
     match name {
         "cpu" => Ok(Device::Cpu),
@@ -375,9 +390,9 @@ fn train(args: TrainArgs) -> Result<()> {
         }
     };
     eprintln!("run folder: {}", run.path().display());
-    let mut obs = progress::Progress::new(std::io::stderr().is_terminal());
+    let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));
     let report = fit(trainer.as_mut(), &data, Some(&run), &mut obs)?;
-    obs.finish();
+    obs.0.finish();
     if args.common.json {
         let epochs: Vec<_> = run.metrics()?.into_iter().filter(|v| v["event"] == "epoch").collect();
         println!(

@@ -117,8 +117,10 @@ impl BackpropTrainer {
         let n = data.len();
         let mut correct = vec![0usize; runs];
         let mut start = 0;
+        // At most `eval.batch_size` rows per forward pass, all runs stacked.
+        let per_batch = (ev.batch_size / runs.max(1)).max(1);
         while start < n {
-            let b = ev.batch_size.min(n - start);
+            let b = per_batch.min(n - start);
             let feats = self.model.image_features(&data.images().narrow(0, start, b)?)?;
             let mut z = rng.randn(&[runs * b, d], DType::F32, &self.device)?;
             for (t, fx) in feats.iter().enumerate() {

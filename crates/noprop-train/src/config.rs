@@ -253,7 +253,8 @@ pub struct EvalConfig {
     /// Also report deterministic inference (eps = 0).
     #[serde(default = "default_true")]
     pub deterministic: bool,
-    /// Evaluation batch size.
+    /// Rows per evaluation forward pass, the inference runs of a batch of
+    /// images stacked together (so `batch_size / runs` images per pass).
     #[serde(default = "default_eval_batch")]
     pub batch_size: usize,
     /// Train accuracy is measured on the first N training examples (0: skip).

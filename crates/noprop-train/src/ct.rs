@@ -246,8 +246,10 @@ impl CtTrainer {
         let n = data.len();
         let mut correct = vec![0usize; runs];
         let mut start = 0;
+        // At most `eval.batch_size` rows per forward pass, all runs stacked.
+        let per_batch = (bs / runs.max(1)).max(1);
         while start < n {
-            let b = bs.min(n - start);
+            let b = per_batch.min(n - start);
             let fx = self.model.net().image_features(&data.images().narrow(0, start, b)?, &mut Mode::Eval)?;
             let pred = self.predict(&fx, runs, mode, rng)?;
             let labels = &data.labels_host()[start..start + b];

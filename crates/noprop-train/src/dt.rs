@@ -359,9 +359,12 @@ pub fn accuracy_runs(
     let dev = data.images.device();
     // Evaluation-mode BatchNorm folded into the Linear layers before it.
     let blocks = (1..=sched.blocks()).map(|t| model.block(t).folded()).collect::<candle_core::Result<Vec<_>>>()?;
+    // `batch_size` bounds the rows of one forward pass, all runs stacked: a
+    // prototype label path sends every row through its own convolutions.
+    let per_batch = (batch_size / runs.max(1)).max(1);
     let mut start = 0;
     while start < n {
-        let b = batch_size.min(n - start);
+        let b = per_batch.min(n - start);
         let x = data.images.narrow(0, start, b)?;
         let feats = blocks.iter().map(|blk| blk.image_features(&x)).collect::<candle_core::Result<Vec<_>>>()?;
         let rows = runs * b;
