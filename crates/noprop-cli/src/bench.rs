@@ -1,26 +1,53 @@
-//! `noprop bench`: median training-step time of one block and T-step
-//! inference throughput, on synthetic inputs of the configured data set's
-//! shape (timings do not depend on pixel values).
+//! `noprop bench`: per-op forward and backward times of the Figure-6 block's
+//! hot ops, the median training step of one block, the fused all-block step
+//! per block, and full T-step inference throughput, on synthetic inputs of
+//! the configured data set's shape (timings do not depend on pixel values).
+//!
+//! Throughput is reported against the FP32 peak `threads x clock x 32`
+//! (two 256-bit FMA units per core: 16 multiply-adds per cycle, as on AMD
+//! Zen 3 and Intel cores since Haswell), with the clock given by
+//! `--clock-ghz` (default 2.98, the sustained clock measured on the
+//! development VM). FLOP counts are those of the direct method (two per
+//! multiply-add); a Winograd convolution does 2.25 times fewer multiplies
+//! in its GEMMs, so its effective rate can exceed what its GEMMs achieve.
 
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
+use noprop_models::ops::{batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage, Kernels, WINOGRAD_MIN_CIN};
+use noprop_train::config::TrainOrder;
 use noprop_train::{dt::accuracy_runs, DeviceData, DtTrainer, Trainer};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::{device, parse_config, parse_config_text, set_threads, BenchArgs, DEFAULT_CONFIG};
 
-fn median(v: &mut [f64]) -> f64 {
+/// FP32 floating-point operations per cycle and core: two FMA units of
+/// eight lanes, two operations per multiply-add.
+const FLOP_PER_CYCLE: f64 = 32.0;
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
-    if n % 2 == 1 {
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let s = 10f64.powi(digits);
+    (v * s).round() / s
 }
 
 fn synthetic(n: usize, c: usize, h: usize, w: usize, classes: usize, rng: &mut NoiseRng) -> Dataset {
@@ -28,6 +55,120 @@ fn synthetic(n: usize, c: usize, h: usize, w: usize, classes: usize, rng: &mut N
     rng.fill_normal(&mut images);
     let labels = (0..n as u32).map(|i| i % classes as u32).collect();
     Dataset { images, labels, channels: c, height: h, width: w, num_classes: classes }
+}
+
+fn randn(rng: &mut NoiseRng, dims: &[usize], dev: &Device) -> Result<Tensor> {
+    let mut v = vec![0f32; dims.iter().product()];
+    rng.fill_normal(&mut v);
+    Ok(Tensor::from_vec(v, dims, dev)?)
+}
+
+fn var(rng: &mut NoiseRng, dims: &[usize], scale: f32, dev: &Device) -> Result<Var> {
+    Ok(Var::from_tensor(&(randn(rng, dims, dev)? * scale as f64)?)?)
+}
+
+/// One op's forward and backward times (seconds, one entry per repetition).
+struct OpTimes {
+    name: &'static str,
+    shape: String,
+    algo: &'static str,
+    fwd: Vec<f64>,
+    bwd: Vec<f64>,
+    /// Direct-method FLOPs of the forward and backward passes, if meaningful.
+    flop: Option<(f64, f64)>,
+}
+
+/// Times `f` (the forward pass) and the backward pass of its output, after
+/// two untimed repetitions.
+fn time_op(dev: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut fwd, mut bwd) = (vec![], vec![]);
+    for i in 0..reps + 2 {
+        let t0 = Instant::now();
+        let y = f()?;
+        dev.synchronize()?;
+        let t1 = Instant::now();
+        // The backward pass from a gradient of ones.
+        let grads = y.backward()?;
+        dev.synchronize()?;
+        let t2 = Instant::now();
+        drop(grads);
+        if i >= 2 {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+        }
+    }
+    Ok((fwd, bwd))
+}
+
+/// The block's hot ops at the bench's batch size, each with fresh inputs.
+fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, usize, usize), reps: usize) -> Result<Vec<OpTimes>> {
+    let mut rng = NoiseRng::new(11);
+    let mut out = vec![];
+    let algo = |cin: usize| match kernels {
+        Kernels::Stock => "stock",
+        Kernels::Fast if cin >= WINOGRAD_MIN_CIN && h % 4 == 0 && w % 4 == 0 => "winograd",
+        Kernels::Fast => "im2col",
+    };
+    // The three convolution stages of the image path: (cin, cout, size, pool, input gradient).
+    let stages = [
+        ("conv1+relu+pool+dropout", c, 32, (h, w), true, false),
+        ("conv2+relu+dropout", 32, 64, (h / 2, w / 2), false, true),
+        ("conv3+relu+pool+dropout", 64, 128, (h / 2, w / 2), true, true),
+    ];
+    for (name, cin, cout, (sh, sw), pool, input_grad) in stages {
+        let xd = [batch, cin, sh, sw];
+        let wd = [cout, cin, 3, 3];
+        let x = var(&mut rng, &xd, 1.0, dev)?;
+        let wv = var(&mut rng, &wd, (1.0 / (cin as f32 * 9.0)).sqrt(), dev)?;
+        let b = var(&mut rng, &[cout], 0.1, dev)?;
+        let stage = ConvStage { padding: 1, pool, dropout: 0.2, seed: 1, input_grad, algo: ConvAlgo::Auto };
+        let xt = if input_grad { x.as_tensor().clone() } else { x.as_tensor().detach() };
+        let (fwd, bwd) = time_op(dev, reps, || conv_stage_with(kernels, &xt, &wv, &b, &stage))?;
+        let f = conv2d_flops(xd, wd, 1);
+        out.push(OpTimes {
+            name,
+            shape: format!("{xd:?} -> {cout}"),
+            algo: algo(cin),
+            fwd,
+            bwd,
+            flop: Some((f, if input_grad { 2.0 * f } else { f })),
+        });
+    }
+    let flat = 128 * (h / 4) * (w / 4);
+    let x = var(&mut rng, &[batch, flat], 1.0, dev)?;
+    let wv = var(&mut rng, &[256, flat], (1.0 / flat as f32).sqrt(), dev)?;
+    let b = var(&mut rng, &[256], 0.1, dev)?;
+    let (fwd, bwd) = time_op(dev, reps, || linear_with(kernels, &x, &wv, &b))?;
+    let f = 2.0 * (batch * flat * 256) as f64;
+    out.push(OpTimes { name: "linear", shape: format!("[{batch}, {flat}] -> 256"), algo: "gemm", fwd, bwd, flop: Some((f, 2.0 * f)) });
+    let x = var(&mut rng, &[batch, 256], 1.0, dev)?;
+    let g = var(&mut rng, &[256], 1.0, dev)?;
+    let b = var(&mut rng, &[256], 0.1, dev)?;
+    let (fwd, bwd) = time_op(dev, reps, || Ok(batch_norm1d_train_with(kernels, &x, &g, &b, 1e-5)?.y))?;
+    out.push(OpTimes {
+        name: "batch_norm1d (train)",
+        shape: format!("[{batch}, 256]"),
+        algo: if kernels == Kernels::Fast { "fused" } else { "stock" },
+        fwd,
+        bwd,
+        flop: None,
+    });
+    Ok(out)
+}
+
+/// Direct-method FLOPs of one training step of one Figure-6 block: the
+/// forward pass, and a backward pass costing twice the forward except for
+/// the first convolution (no input gradient).
+fn block_step_flop(batch: usize, (c, h, w): (usize, usize, usize), d: usize, m: usize) -> f64 {
+    let (h2, w2) = (h / 2, w / 2);
+    let conv1 = conv2d_flops([batch, c, h, w], [32, c, 3, 3], 1);
+    let convs = conv2d_flops([batch, 32, h2, w2], [64, 32, 3, 3], 1) + conv2d_flops([batch, 64, h2, w2], [128, 64, 3, 3], 1);
+    let lin = |i: usize, o: usize| 2.0 * (batch * i * o) as f64;
+    let fc = lin(128 * (h / 4) * (w / 4), 256);
+    let label = if d == c * h * w { conv1 + convs + fc } else { lin(d, 256) + 2.0 * lin(256, 256) };
+    let fuse = lin(512, 256) + lin(256, 128) + lin(128, m);
+    let fwd = conv1 + convs + fc + label + fuse;
+    fwd + conv1 + 2.0 * (convs + fc + label + fuse)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -40,19 +181,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(k) = &args.kernels {
         cfg.model.kernels = k.clone();
     }
-    let kernels = cfg.model.kernels.clone();
-    let mut trainer = DtTrainer::new(cfg.clone().validate()?, dev.clone())?;
-    let (c, h, w) = cfg.data.dataset.shape();
+    let valid = cfg.clone().validate()?;
+    let kernels = valid.kernels();
+    let shape = cfg.data.dataset.shape();
+    let (c, h, w) = shape;
     let m = cfg.data.dataset.num_classes();
+    let blocks = cfg.model.blocks;
+
+    let ops = if args.op_reps > 0 { op_timings(kernels, &dev, args.batch, shape, args.op_reps)? } else { vec![] };
+
+    // One block's Algorithm 1 step.
+    let mut trainer = DtTrainer::new(valid, dev.clone())?;
+    let d = trainer.model().config().block.latent_dim;
     let mut rng = NoiseRng::new(0);
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
-    let t = cfg.model.blocks.div_ceil(2);
-    let (mut noise, mut drop) = (NoiseRng::new(1), NoiseRng::new(2));
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..args.warmup + args.steps {
+    let minibatch = |i: usize| -> Result<(Tensor, Tensor)> {
         let start = (i % 8) * args.batch;
         let x = Tensor::from_slice(&pool.images[start * c * h * w..(start + args.batch) * c * h * w], (args.batch, c, h, w), &dev)?;
         let y = Tensor::from_slice(&pool.labels[start..start + args.batch], args.batch, &dev)?;
+        Ok((x, y))
+    };
+    let t = blocks.div_ceil(2);
+    let (mut noise, mut drop) = (NoiseRng::new(1), NoiseRng::new(2));
+    let mut times = Vec::with_capacity(args.steps);
+    for i in 0..args.warmup + args.steps {
+        let (x, y) = minibatch(i)?;
         let t0 = Instant::now();
         trainer.train_step(t, &x, &y, &mut noise, &mut drop)?;
         dev.synchronize()?;
@@ -60,32 +213,133 @@ pub fn run(args: BenchArgs) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    let step_ms = 1000.0 * median(&mut times);
+    let step_ms = 1000.0 * median(&times);
+
+    // The fused order: all blocks on one minibatch, per block.
+    let mut fused_ms = None;
+    if args.fused_steps > 0 {
+        let mut fcfg = cfg.clone();
+        fcfg.train.order = TrainOrder::Fused;
+        let mut fused = DtTrainer::new(fcfg.validate()?, dev.clone())?;
+        let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64).map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b))).collect();
+        let mut ftimes = vec![];
+        for i in 0..1 + args.fused_steps {
+            let (x, y) = minibatch(i)?;
+            let t0 = Instant::now();
+            fused.fused_step(&x, &y, &mut streams)?;
+            dev.synchronize()?;
+            if i >= 1 {
+                ftimes.push(t0.elapsed().as_secs_f64() / blocks as f64);
+            }
+        }
+        fused_ms = Some(1000.0 * median(&ftimes));
+    }
+
+    // Full T-step inference (one stochastic run) on `infer_batch` images.
     let infer = synthetic(args.infer_batch, c, h, w, m, &mut rng);
     let infer = DeviceData::new(&infer, DType::F32, &dev)?;
     let sched = trainer.config().schedule().clone();
     let mut r = NoiseRng::new(3);
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, noprop_core::ClassProbability::Softmax, &mut r)?;
+    let cp = noprop_core::ClassProbability::Softmax;
+    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, cp, &mut r)?;
     let t0 = Instant::now();
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, noprop_core::ClassProbability::Softmax, &mut r)?;
+    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, cp, &mut r)?;
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
+
+    let peak = threads as f64 * args.clock_ghz * FLOP_PER_CYCLE;
+    let gflops = |flop: f64, s: f64| flop / s / 1e9;
+    let step_flop = block_step_flop(args.batch, shape, d, m);
     let batches_per_epoch = 60_000usize.div_ceil(args.batch);
-    let summary = json!({
+    let op_json: Vec<Value> = ops
+        .iter()
+        .map(|o| {
+            let (f, b) = (median(&o.fwd), median(&o.bwd));
+            let mut v = json!({
+                "op": o.name,
+                "shape": o.shape,
+                "algo": o.algo,
+                "fwd_ms": round(1000.0 * f, 3),
+                "bwd_ms": round(1000.0 * b, 3),
+                "fwd_ms_min": round(1000.0 * min(&o.fwd), 3),
+                "bwd_ms_min": round(1000.0 * min(&o.bwd), 3),
+            });
+            if let Some((ff, bf)) = o.flop {
+                v["fwd_gflop"] = json!(round(ff / 1e9, 4));
+                v["bwd_gflop"] = json!(round(bf / 1e9, 4));
+                v["fwd_gflops"] = json!(round(gflops(ff, f), 1));
+                v["bwd_gflops"] = json!(round(gflops(bf, b), 1));
+                v["fwd_pct_peak"] = json!(round(100.0 * gflops(ff, f) / peak, 1));
+                v["bwd_pct_peak"] = json!(round(100.0 * gflops(bf, b) / peak, 1));
+            }
+            v
+        })
+        .collect();
+    let mut summary = json!({
         "impl": "noprop",
-        "kernels": kernels,
+        "kernels": kernels.to_string(),
         "device": args.common.device,
         "threads": threads,
         "batch": args.batch,
-        "block_step_ms": (step_ms * 100.0).round() / 100.0,
-        "train_images_per_s": (args.batch as f64 / (step_ms / 1000.0) * 10.0).round() / 10.0,
-        "dt_epoch_estimate_s": (step_ms / 1000.0 * cfg.model.blocks as f64 * batches_per_epoch as f64 * 10.0).round() / 10.0,
-        "infer_images_per_s": (args.infer_batch as f64 / infer_s * 10.0).round() / 10.0,
+        "blocks": blocks,
+        "block_step_ms": round(step_ms, 2),
+        "block_step_ms_min": round(1000.0 * min(&times), 2),
+        "train_images_per_s": round(args.batch as f64 / (step_ms / 1000.0), 1),
+        "dt_epoch_estimate_s": round(step_ms / 1000.0 * blocks as f64 * batches_per_epoch as f64, 1),
+        "block_step_gflop": round(step_flop / 1e9, 3),
+        "block_step_gflops": round(gflops(step_flop, step_ms / 1000.0), 1),
+        "block_step_pct_peak": round(100.0 * gflops(step_flop, step_ms / 1000.0) / peak, 1),
+        "infer_batch": args.infer_batch,
+        "infer_images_per_s": round(args.infer_batch as f64 / infer_s, 1),
+        "peak_gflops": round(peak, 1),
+        "peak_basis": format!("{threads} threads x {} GHz x {FLOP_PER_CYCLE} FLOP/cycle (FP32 FMA)", args.clock_ghz),
+        "ops": op_json,
     });
+    if let Some(f) = fused_ms {
+        summary["fused_step_ms_per_block"] = json!(round(f, 2));
+        summary["fused_epoch_estimate_s"] = json!(round(f / 1000.0 * blocks as f64 * batches_per_epoch as f64, 1));
+    }
     if args.common.json {
         println!("{summary}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        print_table(&summary);
     }
     Ok(())
+}
+
+/// The summary for people: one line per op, then the step and inference figures.
+fn print_table(s: &Value) {
+    println!("{:<26} {:<24} {:>9} {:>9} {:>9} {:>9} {:>8}", "op", "shape", "algo", "fwd ms", "bwd ms", "GFLOP/s", "% peak");
+    for o in s["ops"].as_array().into_iter().flatten() {
+        let rate = |k: &str| o[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "{:<26} {:<24} {:>9} {:>9.2} {:>9.2} {:>9} {:>8}",
+            o["op"].as_str().unwrap_or(""),
+            o["shape"].as_str().unwrap_or(""),
+            o["algo"].as_str().unwrap_or(""),
+            o["fwd_ms"].as_f64().unwrap_or(f64::NAN),
+            o["bwd_ms"].as_f64().unwrap_or(f64::NAN),
+            format!("{}/{}", rate("fwd_gflops"), rate("bwd_gflops")),
+            format!("{}/{}", rate("fwd_pct_peak"), rate("bwd_pct_peak")),
+        );
+    }
+    println!();
+    let keys = [
+        "kernels",
+        "threads",
+        "block_step_ms",
+        "block_step_gflops",
+        "block_step_pct_peak",
+        "fused_step_ms_per_block",
+        "infer_images_per_s",
+        "dt_epoch_estimate_s",
+        "fused_epoch_estimate_s",
+        "peak_gflops",
+        "peak_basis",
+    ];
+    for k in keys {
+        if !s[k].is_null() {
+            println!("{k:<24} {}", s[k]);
+        }
+    }
 }

@@ -144,6 +144,15 @@ pub(crate) struct BenchArgs {
     /// fast or stock.
     #[arg(long)]
     pub kernels: Option<String>,
+    /// Timed repetitions of each op (0: skip the per-op timings).
+    #[arg(long, default_value_t = 10)]
+    pub op_reps: usize,
+    /// Timed fused all-block steps (0: skip).
+    #[arg(long, default_value_t = 5)]
+    pub fused_steps: usize,
+    /// Sustained core clock in GHz, for the FP32 peak (threads x clock x 32 FLOP/cycle).
+    #[arg(long, default_value_t = 2.98)]
+    pub clock_ghz: f64,
     #[command(flatten)]
     pub common: Common,
 }
@@ -176,7 +185,28 @@ enum DataCommand {
     },
 }
 
+/// Keeps freed memory in mimalloc instead of returning it to the OS.
+///
+/// By default mimalloc purges freed pages after 10 ms. A training step frees
+/// and reallocates the same multi-megabyte buffers every few tens of
+/// milliseconds, so each step would fault its pages back in, and the kernel
+/// zeroes every transparent huge page it maps (10-25% of the profile samples
+/// in `clear_page_erms` before this). The process's memory stays at its peak
+/// instead, which for training is what it needs anyway.
+fn keep_freed_memory() {
+    extern "C" {
+        // mimalloc's public C API (linked through the `mimalloc` crate).
+        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    }
+    // `mi_option_purge_delay` is entry 15 of `mi_option_e` in mimalloc 2 and 3;
+    // -1 disables purging.
+    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+    // SAFETY: a plain setter of a process-wide option, valid at any time.
+    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NOPROP_LOG").unwrap_or_else(|_| "warn".into()))

@@ -65,6 +65,7 @@ fn input_row(oy: usize, ky: usize, g: &ConvGeom) -> Option<usize> {
 
 /// Writes every element of `cols` (`[kdim, n]`) from one image `x`
 /// (`[cin, h, w]`), zeros included, so `cols` may hold stale data on entry.
+#[inline(always)]
 pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
     let (k, h, w, wo, n) = (g.k, g.h, g.w, g.wo(), g.n());
     for ci in 0..g.cin {
@@ -91,6 +92,7 @@ pub(crate) fn im2col<T: Elem>(g: &ConvGeom, x: &[T], cols: &mut [T]) {
 
 /// The adjoint of [`im2col`]: adds every column entry back onto the input pixel
 /// it was copied from. `dx` must be initialised (normally zeroed) on entry.
+#[inline(always)]
 pub(crate) fn col2im_add<T: Elem>(g: &ConvGeom, dcols: &[T], dx: &mut [T]) {
     let (k, h, w, wo, n) = (g.k, g.h, g.w, g.wo(), g.n());
     for ci in 0..g.cin {
@@ -220,6 +222,7 @@ pub(crate) fn inner_parallelism(count: usize) -> (bool, Parallelism) {
 }
 
 /// Adds the bias and applies the ReLU to one image's `[cout, n]` output.
+#[inline(always)]
 pub(crate) fn epilogue<T: Elem>(out: &mut [T], n: usize, bias: Option<&[T]>, relu: bool) {
     for (c, row) in out.chunks_exact_mut(n).enumerate() {
         let b = bias.map_or(T::ZERO, |b| b[c]);
@@ -427,6 +430,7 @@ pub(crate) fn sum_into<T: Elem>(total: &mut Option<Vec<T>>, part: Option<Vec<T>>
 /// # Safety
 /// `dx` must point to a buffer of at least `(bi + 1) * x_image` elements whose
 /// image-`bi` range no other thread touches.
+#[inline(always)]
 pub(crate) unsafe fn input_grad_image<T: Elem>(
     g: &ConvGeom,
     w: &[T],

@@ -51,40 +51,73 @@ impl Mask {
         (z as u32, (z >> 32) as u32)
     }
 
-    /// Calls `f(k, kept)` for the elements `offset + k`, `k < len`, of the
-    /// whole tensor's mask, in order, on the current thread. Kernels that
-    /// write a slice of a larger output use it to draw exactly the bits
-    /// [`Mask::apply`] would draw for those positions.
-    #[inline(always)]
-    pub(crate) fn for_each_kept(&self, offset: usize, len: usize, mut f: impl FnMut(usize, bool)) {
-        let mut k = 0;
-        if offset % 2 == 1 && len > 0 {
-            f(0, self.pair(offset / 2).1 >= self.threshold);
-            k = 1;
-        }
-        let first = (offset + k) / 2;
-        let pairs = (len - k) / 2;
-        for j in 0..pairs {
-            let (lo, hi) = self.pair(first + j);
-            f(k + 2 * j, lo >= self.threshold);
-            f(k + 2 * j + 1, hi >= self.threshold);
-        }
-        k += 2 * pairs;
-        if k < len {
-            f(k, self.pair((offset + k) / 2).0 >= self.threshold);
-        }
-    }
-
     /// Multiplies `data`, the elements `offset..offset + data.len()` of the
     /// whole tensor, by their factors in place.
+    #[inline(always)]
     pub(crate) fn apply_in_place_at<T: Elem>(&self, offset: usize, data: &mut [T]) {
+        self.apply_pairs(offset, data, &mut [], 0);
+    }
+
+    /// [`Mask::apply_in_place_at`] that also overwrites the code of every
+    /// dropped element with `dropped` (`codes` as long as `data`).
+    #[inline(always)]
+    pub(crate) fn apply_in_place_with_codes<T: Elem>(&self, offset: usize, data: &mut [T], codes: &mut [u8], dropped: u8) {
+        assert_eq!(codes.len(), data.len(), "one code per element");
+        self.apply_pairs(offset, data, codes, dropped);
+    }
+
+    /// The loop behind both: element pairs that share one hash, with
+    /// branch-free selects; `codes` is empty or as long as `data`.
+    #[inline(always)]
+    fn apply_pairs<T: Elem>(&self, offset: usize, data: &mut [T], codes: &mut [u8], dropped: u8) {
         let scale = T::from_f64(self.scale);
-        let len = data.len();
-        self.for_each_kept(offset, len, |k, kept| {
-            // A multiply rather than a select, as `apply` does, so that the
-            // two agree bit for bit (signed zeros, NaN).
-            data[k] = data[k] * if kept { scale } else { T::ZERO };
-        });
+        let thr = self.threshold;
+        // A multiply rather than a select, as `apply` does, so that the two
+        // agree bit for bit (signed zeros, NaN). (A macro, not a closure: a
+        // closure would be compiled without the AVX2 features of the kernel
+        // that inlines this.)
+        macro_rules! one {
+            ($d:expr, $bits:expr) => {{
+                let kept = $bits >= thr;
+                $d = $d * if kept { scale } else { T::ZERO };
+                kept
+            }};
+        }
+        let with_codes = !codes.is_empty();
+        let (mut data, mut codes) = (data, codes);
+        if offset % 2 == 1 && !data.is_empty() {
+            let kept = one!(data[0], self.pair(offset / 2).1);
+            if with_codes && !kept {
+                codes[0] = dropped;
+            }
+            data = &mut data[1..];
+            if with_codes {
+                codes = &mut codes[1..];
+            }
+        }
+        let first = (offset + offset % 2) / 2;
+        let pairs = data.len() / 2;
+        if with_codes {
+            for (j, (d, c)) in data.chunks_exact_mut(2).zip(codes.chunks_exact_mut(2)).enumerate() {
+                let (lo, hi) = self.pair(first + j);
+                let (k0, k1) = (one!(d[0], lo), one!(d[1], hi));
+                c[0] = if k0 { c[0] } else { dropped };
+                c[1] = if k1 { c[1] } else { dropped };
+            }
+        } else {
+            for (j, d) in data.chunks_exact_mut(2).enumerate() {
+                let (lo, hi) = self.pair(first + j);
+                one!(d[0], lo);
+                one!(d[1], hi);
+            }
+        }
+        if data.len() % 2 == 1 {
+            let last = data.len() - 1;
+            let kept = one!(data[last], self.pair(first + pairs).0);
+            if with_codes && !kept {
+                codes[last] = dropped;
+            }
+        }
     }
 
     /// Each element's factor: `scale` where kept, zero where dropped.
@@ -146,6 +179,12 @@ mod tests {
             let mut part = vec![1.0f64; len];
             m.apply_in_place_at(offset, &mut part);
             assert_eq!(&part[..], &whole[offset..offset + len], "offset {offset} len {len}");
+            let mut part = vec![1.0f64; len];
+            let mut codes = vec![1u8; len];
+            m.apply_in_place_with_codes(offset, &mut part, &mut codes, 9);
+            assert_eq!(&part[..], &whole[offset..offset + len], "offset {offset} len {len}, with codes");
+            let want: Vec<u8> = whole[offset..offset + len].iter().map(|&f| if f == 0.0 { 9 } else { 1 }).collect();
+            assert_eq!(codes, want, "offset {offset} len {len}: codes");
         }
     }
 

@@ -16,6 +16,10 @@ pub(crate) trait Elem: WithDType + gemm_elem::Sealed {
     /// The larger of two numbers, ignoring a NaN (one `maxss`, no branch).
     fn max_num(self, other: Self) -> Self;
 
+    /// `self * a + b` with one rounding (one FMA instruction in code compiled
+    /// for FMA, see [`avx2_fma`]).
+    fn mul_add(self, a: Self, b: Self) -> Self;
+
     /// Runs `f` on this thread's pool of spare scratch vectors for `Self`, or
     /// returns `None` while the thread is being torn down.
     fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R>;
@@ -43,6 +47,11 @@ macro_rules! impl_elem {
                 <$t>::max(self, other)
             }
 
+            #[inline(always)]
+            fn mul_add(self, a: Self, b: Self) -> Self {
+                <$t>::mul_add(self, a, b)
+            }
+
             fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> Option<R> {
                 thread_local! {
                     static POOL: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
@@ -54,6 +63,32 @@ macro_rules! impl_elem {
 }
 impl_elem!(f32);
 impl_elem!(f64);
+
+/// Set by [`crate::use_baseline_simd`]: run the baseline-compiled loops even
+/// where AVX2 and FMA are available (for tests and comparisons).
+pub(crate) static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this CPU runs AVX2 and FMA instructions (checked once).
+///
+/// The crate is compiled for the baseline of its target (SSE2 on x86-64), as
+/// a library must be; its hot loops are compiled a second time with AVX2
+/// and FMA enabled and chosen at run time when this is true, as the `gemm`
+/// crate does for its micro-kernels. Without FMA, [`Elem::mul_add`] is a
+/// library call: correct, and only slow on CPUs from before 2013.
+pub(crate) fn avx2_fma() -> bool {
+    if BASELINE_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FLAG.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
 
 /// How many spare vectors one thread keeps per element type. A kernel holds at
 /// most three at once, so this covers nested use without hoarding memory.

@@ -61,6 +61,7 @@
 
 mod bn;
 mod conv;
+mod direct;
 mod dropout;
 mod elem;
 mod error;
@@ -402,24 +403,38 @@ fn conv_impl(
     }
 }
 
+/// With `true`, the fast kernels run their loops as compiled for the
+/// target's baseline (SSE2 on x86-64) even where the CPU has AVX2 and FMA, as
+/// they would on an older CPU; `false` restores the default. Process-wide;
+/// for tests and timing comparisons. (The `gemm` crate's own dispatch is
+/// not affected.)
+pub fn use_baseline_simd(on: bool) {
+    elem::BASELINE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// How a fused convolution stage computes its convolution on the fast
 /// kernels (the stock path always uses candle's `conv2d`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum ConvAlgo {
     /// Winograd where it applies and pays (a 3x3 kernel, padding 1, an
-    /// even-sized input, at least [`WINOGRAD_MIN_CIN`] input channels),
-    /// im2col elsewhere.
+    /// even-sized input, at least [`WINOGRAD_MIN_CIN`] input channels), the
+    /// direct method below [`WINOGRAD_MIN_CIN`] input channels, im2col
+    /// elsewhere.
     #[default]
     Auto,
     /// im2col and one GEMM per image.
     Im2col,
+    /// A direct convolution vectorized over output channels, for few input
+    /// channels.
+    Direct,
     /// Winograd's F(2x2, 3x3): 2.25 times fewer multiplies; an error for
     /// shapes it cannot compute.
     Winograd,
 }
 
-/// Below this many input channels [`ConvAlgo::Auto`] uses im2col: the
-/// Winograd GEMMs reduce over the input channels and would be too thin.
+/// Below this many input channels [`ConvAlgo::Auto`] uses the direct method:
+/// the Winograd and im2col GEMMs reduce over the input channels (times 9 for
+/// im2col) and would be too thin to run well.
 pub const WINOGRAD_MIN_CIN: usize = 8;
 
 /// The options of a fused convolution stage, see [`conv_stage`].
@@ -492,6 +507,8 @@ pub fn conv_stage_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, sta
         let algo = match stage.algo {
             ConvAlgo::Winograd => stage::Algo::Winograd,
             ConvAlgo::Auto if winograd_fits && geom.cin >= WINOGRAD_MIN_CIN => stage::Algo::Winograd,
+            ConvAlgo::Auto if geom.cin < WINOGRAD_MIN_CIN => stage::Algo::Direct,
+            ConvAlgo::Direct => stage::Algo::Direct,
             _ => stage::Algo::Im2col,
         };
         let op = ops::ConvStageOp {

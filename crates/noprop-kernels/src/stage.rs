@@ -12,9 +12,10 @@
 //! Two algorithms compute the convolution:
 //! - [`Algo::Winograd`]: F(2x2, 3x3) (see [`crate::winograd`]) for 3x3 kernels
 //!   with padding 1 over even-sized images, 16 GEMMs per group of images;
-//! - [`Algo::Im2col`]: im2col and one GEMM per image, for everything else
-//!   (and for few input channels, where the GEMMs of the Winograd method
-//!   would be too thin to pay).
+//! - [`Algo::Direct`]: a direct convolution vectorized over output channels
+//!   (see [`crate::direct`]) for few input channels, where the reduction of
+//!   an im2col or Winograd GEMM would be too short to pay;
+//! - [`Algo::Im2col`]: im2col and one GEMM per image, for everything else.
 //!
 //! Work is split into chunks of [`CHUNK`] images, run in parallel; each chunk
 //! reduces its own partial weight and bias gradients and the partials are
@@ -26,7 +27,8 @@ use std::ops::Range;
 use crate::conv::{self, im2col, matmul, matmul_strided, ConvGeom, ConvGrads, Mat, Wanted};
 use crate::dropout::Mask;
 use crate::elem::{Elem, OutPtr, Output, Scratch};
-use crate::winograd::{self, Wino};
+use crate::direct;
+use crate::winograd::{self, for_lanes, LaneFn, Lanes, Wino};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -35,7 +37,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 8;
 
 /// Images whose tiles share one set of Winograd GEMMs.
-const WINO_GROUP: usize = 2;
+const WINO_GROUP: usize = 4;
 
 /// The window code of a pooled output whose ReLU'd maximum is zero: no
 /// gradient flows back through it (0..=3 name the winning cell otherwise).
@@ -46,6 +48,7 @@ pub(crate) const NO_GRAD: u8 = 4;
 pub(crate) enum Algo {
     Im2col,
     Winograd,
+    Direct,
 }
 
 /// Whether [`Algo::Winograd`] can compute this convolution.
@@ -127,37 +130,15 @@ pub(crate) fn forward<T: Elem>(sg: &StageGeom, algo: Algo, x: &[T], w: &[T], b: 
     let mut out = Output::<T>::new(g.batch * oi);
     let mut arg = sg.pool.then(|| Output::<u8>::new(g.batch * oi));
     let (op, ap) = (out.ptr(), arg.as_mut().map(Output::ptr));
-    let u = (algo == Algo::Winograd).then(|| winograd::transform_weights(&sg.wino(), w));
-    for_chunks(g.batch, |images| {
-        // SAFETY: each chunk writes only its own images' ranges of `out` and
-        // `arg`, all of them, before the dropout below reads them back.
-        unsafe {
-            match &u {
-                Some(u) => wino_forward(sg, x, u, b, images.clone(), op, ap),
-                None => im2col_forward(sg, x, w, b, images.clone(), op, ap),
-            }
-            if let Some(mask) = mask {
-                let (start, len) = (images.start * oi, images.len() * oi);
-                let done = std::slice::from_raw_parts_mut(op.at(start), len);
-                match ap {
-                    // A dropped window passes no gradient either: its code
-                    // says so, and the backward pass never redraws the mask.
-                    Some(ap) => {
-                        let codes = std::slice::from_raw_parts_mut(ap.at(start), len);
-                        let scale = T::from_f64(mask.scale);
-                        mask.for_each_kept(start, len, |k, kept| {
-                            done[k] = done[k] * if kept { scale } else { T::ZERO };
-                            codes[k] = if kept { codes[k] } else { NO_GRAD };
-                        });
-                    }
-                    // An unpooled output is positive exactly where the ReLU
-                    // passed and the mask kept it, which is all the backward
-                    // pass needs.
-                    None => mask.apply_in_place_at(start, done),
-                }
-            }
-        }
-    });
+    // Winograd's transformed weights, or the direct method's transposed ones.
+    let wk = match algo {
+        Algo::Winograd => winograd::transform_weights(&sg.wino(), w),
+        Algo::Direct => direct::transpose_weights(g, w),
+        Algo::Im2col => Vec::new(),
+    };
+    let ctx = FwdChunk { sg, algo, x, w, wk: &wk, b, mask, out: op, arg: ap };
+    // SAFETY: each chunk writes only its own images' ranges of `out` and `arg`.
+    for_chunks(g.batch, |images| unsafe { forward_chunk(&ctx, images) });
     // SAFETY: the chunks cover every image, and each wrote its ranges in full.
     unsafe {
         StageOut {
@@ -167,10 +148,71 @@ pub(crate) fn forward<T: Elem>(sg: &StageGeom, algo: Algo, x: &[T], w: &[T], b: 
     }
 }
 
+/// What every chunk of a forward pass reads, and where it writes.
+struct FwdChunk<'a, T> {
+    sg: &'a StageGeom,
+    algo: Algo,
+    x: &'a [T],
+    w: &'a [T],
+    /// Transformed (Winograd) or transposed (direct) weights.
+    wk: &'a [T],
+    b: &'a [T],
+    mask: Option<&'a Mask>,
+    out: OutPtr<T>,
+    arg: Option<OutPtr<u8>>,
+}
+
+/// The forward pass of one chunk of images, compiled for AVX2 and FMA where
+/// the CPU has them (see [`avx2_fma`]).
+///
+/// # Safety
+/// The chunk's ranges of `out` and `arg` must belong to the caller.
+unsafe fn forward_chunk<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::elem::avx2_fma() {
+        return forward_chunk_avx2(ctx, images);
+    }
+    forward_chunk_body(ctx, images)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_chunk_avx2<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize>) {
+    forward_chunk_body(ctx, images)
+}
+
+#[inline(always)]
+unsafe fn forward_chunk_body<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize>) {
+    let &FwdChunk { sg, algo, x, w, wk, b, mask, out, arg } = ctx;
+    let oi = sg.out_image();
+    match algo {
+        Algo::Winograd => wino_forward(sg, x, wk, b, images.clone(), out, arg),
+        Algo::Direct => direct_forward(sg, x, wk, b, images.clone(), out, arg),
+        Algo::Im2col => im2col_forward(sg, x, w, b, images.clone(), out, arg),
+    }
+    // Every image of the chunk is written; now its dropout.
+    if let Some(mask) = mask {
+        let (start, len) = (images.start * oi, images.len() * oi);
+        let done = std::slice::from_raw_parts_mut(out.at(start), len);
+        match arg {
+            // A dropped window passes no gradient either: its code says so,
+            // and the backward pass never redraws the mask.
+            Some(arg) => {
+                let codes = std::slice::from_raw_parts_mut(arg.at(start), len);
+                mask.apply_in_place_with_codes(start, done, codes, NO_GRAD);
+            }
+            // An unpooled output is positive exactly where the ReLU passed
+            // and the mask kept it, which is all the backward pass needs.
+            None => mask.apply_in_place_at(start, done),
+        }
+    }
+}
+
 /// Writes image `bi`'s output: pooled values and codes, or the ReLU output.
 ///
 /// # Safety
 /// `out` and `arg` must be valid for image `bi`'s range, owned by the caller.
+#[inline(always)]
 unsafe fn write_pooled_planes<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: OutPtr<T>, arg: Option<OutPtr<u8>>) {
     let g = &sg.conv;
     let oi = sg.out_image();
@@ -202,6 +244,7 @@ unsafe fn write_pooled_planes<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: 
 ///
 /// # Safety
 /// As for [`write_pooled_planes`], for every image of `images`.
+#[inline(always)]
 unsafe fn im2col_forward<T: Elem>(
     sg: &StageGeom,
     x: &[T],
@@ -229,11 +272,92 @@ unsafe fn im2col_forward<T: Elem>(
     }
 }
 
+/// The forward pass of `images` by the direct method; `wt` holds the
+/// transposed weights.
+///
+/// # Safety
+/// As for [`write_pooled_planes`], for every image of `images`.
+#[inline(always)]
+unsafe fn direct_forward<T: Elem>(
+    sg: &StageGeom,
+    x: &[T],
+    wt: &[T],
+    b: &[T],
+    images: Range<usize>,
+    out: OutPtr<T>,
+    arg: Option<OutPtr<u8>>,
+) {
+    let g = &sg.conv;
+    let x_len = g.x_image();
+    let (hp, wp) = direct::padded_dims(g);
+    let offs = direct::tap_offsets(g);
+    let mut y = Scratch::<T>::new(g.n() * g.cout);
+    let mut xp = Scratch::<T>::new(g.cin * hp * wp);
+    for bi in images {
+        direct::pad_planes(g, &x[bi * x_len..][..x_len], &mut xp);
+        direct::forward_image(g, &xp, &offs, wt, b, &mut y);
+        write_channels_last(sg, &y, bi, out, arg);
+    }
+}
+
+/// Writes image `bi`'s output from its channels-last ReLU output
+/// `y [ho * wo][cout]`: pooled values and codes, or the transposed `y`.
+///
+/// # Safety
+/// As for [`write_pooled_planes`].
+#[inline(always)]
+unsafe fn write_channels_last<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: OutPtr<T>, arg: Option<OutPtr<u8>>) {
+    let g = &sg.conv;
+    let (cout, n, wo) = (g.cout, g.n(), g.wo());
+    let oi = sg.out_image();
+    let o = out.slots(bi * oi, oi);
+    let Some(arg) = arg else {
+        for (p, px) in y.chunks_exact(cout).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                o[c * n + p].write(v);
+            }
+        }
+        return;
+    };
+    let a = arg.slots(bi * oi, oi);
+    let (oh, ow) = (sg.oh(), sg.ow());
+    struct Pool<'a, T> {
+        y: &'a [T],
+        o: &'a mut [MaybeUninit<T>],
+        a: &'a mut [MaybeUninit<u8>],
+        cells: [usize; 4],
+        q: usize,
+        plane: usize,
+    }
+    impl<T: Elem> LaneFn<T> for Pool<'_, T> {
+        #[inline(always)]
+        fn run<const W: usize>(&mut self, at: usize) {
+            let [k0, k1, k2, k3] = self.cells;
+            let (c0, c1) = (Lanes::<T, W>::load(self.y, k0 + at), Lanes::<T, W>::load(self.y, k1 + at));
+            let (c2, c3) = (Lanes::<T, W>::load(self.y, k2 + at), Lanes::<T, W>::load(self.y, k3 + at));
+            for j in 0..W {
+                let (v, code) = pool4([c0.0[j], c1.0[j], c2.0[j], c3.0[j]]);
+                let k = (at + j) * self.plane + self.q;
+                self.o[k].write(v);
+                self.a[k].write(code);
+            }
+        }
+    }
+    for py in 0..oh {
+        for px in 0..ow {
+            let tl = (2 * py * wo + 2 * px) * cout;
+            let cells = [tl, tl + cout, tl + wo * cout, tl + (wo + 1) * cout];
+            for_lanes(cout, &mut Pool { y, o: &mut *o, a: &mut *a, cells, q: py * ow + px, plane: oh * ow });
+        }
+    }
+}
+
 /// The forward pass of `images` by Winograd's F(2x2, 3x3), `WINO_GROUP`
 /// images per set of GEMMs; `u` holds the transformed weights.
 ///
 /// # Safety
 /// As for [`write_pooled_planes`], for every image of `images`.
+#[inline(always)]
 unsafe fn wino_forward<T: Elem>(
     sg: &StageGeom,
     x: &[T],
@@ -251,7 +375,6 @@ unsafe fn wino_forward<T: Elem>(
     let mut tbuf = Scratch::<T>::new(wg.row_buf());
     let mut v = Scratch::<T>::new(group_max * tiles * 16 * cin);
     let mut m = Scratch::<T>::new(group_max * tiles * 16 * cout);
-    let mut y = Scratch::<T>::new(4 * cout);
     let mut start = images.start;
     while start < images.end {
         let group = start..(start + WINO_GROUP).min(images.end);
@@ -275,7 +398,7 @@ unsafe fn wino_forward<T: Elem>(
             let mk = &m[k * tiles * 16 * cout..][..tiles * 16 * cout];
             let o = out.slots(bi * oi, oi);
             let a = arg.map(|a| a.slots(bi * oi, oi));
-            wino_output_image(sg, mk, b, &mut y, o, a);
+            wino_output_image(sg, mk, b, o, a);
         }
         start = group.end;
     }
@@ -283,40 +406,72 @@ unsafe fn wino_forward<T: Elem>(
 
 /// The output transform, bias, ReLU and (optional) pooling of one image's
 /// tiles `m [tiles][16][cout]` into its NCHW output.
+#[inline(always)]
 fn wino_output_image<T: Elem>(
     sg: &StageGeom,
     m: &[T],
     b: &[T],
-    y: &mut [T],
     out: &mut [MaybeUninit<T>],
-    mut arg: Option<&mut [MaybeUninit<u8>]>,
+    arg: Option<&mut [MaybeUninit<u8>]>,
 ) {
     let wg = sg.wino();
     let (cout, tw, tiles, w) = (wg.cout, wg.tw(), wg.tiles(), wg.w);
-    let hw = wg.h * w;
-    for ti in 0..wg.th() {
-        for tj in 0..tw {
-            let p = ti * tw + tj;
-            winograd::output_tile(cout, &m[p * 16 * cout..][..16 * cout], b, y);
-            let (y0, rest) = y.split_at(cout);
-            let (y1, rest) = rest.split_at(cout);
-            let (y2, y3) = rest.split_at(cout);
-            match arg.as_deref_mut() {
-                Some(a) => {
-                    for c in 0..cout {
-                        let (v, code) = pool4([y0[c], y1[c], y2[c], y3[c]]);
-                        out[c * tiles + p].write(v);
-                        a[c * tiles + p].write(code);
+    let b = &b[..cout];
+    match arg {
+        Some(arg) => {
+            struct Pooled<'a, T> {
+                m: &'a [T],
+                b: &'a [T],
+                out: &'a mut [MaybeUninit<T>],
+                arg: &'a mut [MaybeUninit<u8>],
+                n: usize,
+                tiles: usize,
+                p: usize,
+            }
+            impl<T: Elem> LaneFn<T> for Pooled<'_, T> {
+                #[inline(always)]
+                fn run<const W: usize>(&mut self, at: usize) {
+                    let [y0, y1, y2, y3] = winograd::tile_outputs::<T, W>(self.m, self.n, self.b, at);
+                    for j in 0..W {
+                        let (v, code) = pool4([y0.0[j], y1.0[j], y2.0[j], y3.0[j]]);
+                        let k = (at + j) * self.tiles + self.p;
+                        self.out[k].write(v);
+                        self.arg[k].write(code);
                     }
                 }
-                None => {
-                    for c in 0..cout {
-                        let base = c * hw + 2 * ti * w + 2 * tj;
-                        out[base].write(y0[c]);
-                        out[base + 1].write(y1[c]);
-                        out[base + w].write(y2[c]);
-                        out[base + w + 1].write(y3[c]);
+            }
+            for p in 0..tiles {
+                let mp = &m[p * 16 * cout..][..16 * cout];
+                for_lanes(cout, &mut Pooled { m: mp, b, out: &mut *out, arg: &mut *arg, n: cout, tiles, p });
+            }
+        }
+        None => {
+            struct Full<'a, T> {
+                m: &'a [T],
+                b: &'a [T],
+                out: &'a mut [MaybeUninit<T>],
+                n: usize,
+                hw: usize,
+                base: usize,
+                w: usize,
+            }
+            impl<T: Elem> LaneFn<T> for Full<'_, T> {
+                #[inline(always)]
+                fn run<const W: usize>(&mut self, at: usize) {
+                    let y = winograd::tile_outputs::<T, W>(self.m, self.n, self.b, at);
+                    for j in 0..W {
+                        let k = (at + j) * self.hw + self.base;
+                        for (px, v) in [k, k + 1, k + self.w, k + self.w + 1].into_iter().zip(y) {
+                            self.out[px].write(v.0[j]);
+                        }
                     }
+                }
+            }
+            let hw = wg.h * w;
+            for ti in 0..wg.th() {
+                for tj in 0..tw {
+                    let mp = &m[(ti * tw + tj) * 16 * cout..][..16 * cout];
+                    for_lanes(cout, &mut Full { m: mp, b, out: &mut *out, n: cout, hw, base: 2 * ti * w + 2 * tj, w });
                 }
             }
         }
@@ -349,7 +504,11 @@ pub(crate) fn backward<T: Elem>(
     let mut dx = wanted.x.then(|| Output::<T>::new(g.batch * g.x_image()));
     let dxp = dx.as_mut().map(Output::ptr);
     let wg = sg.wino();
-    let u = (algo == Algo::Winograd && wanted.x).then(|| winograd::transform_weights(&wg, w));
+    let u = match algo {
+        Algo::Winograd if wanted.x => Some(winograd::transform_weights(&wg, w)),
+        Algo::Direct => Some(direct::transpose_weights(g, w)),
+        _ => None,
+    };
     // The dropout factor of a kept element; dropped ones are known from the
     // window codes (pooled) or the zero output (unpooled).
     let scale = T::from_f64(mask.map_or(1.0, |m| m.scale));
@@ -367,12 +526,7 @@ pub(crate) fn backward<T: Elem>(
             wanted,
         };
         // SAFETY: each chunk writes only its own images' input gradients.
-        unsafe {
-            match algo {
-                Algo::Winograd => ctx.winograd(images, dxp),
-                Algo::Im2col => ctx.im2col(images, dxp),
-            }
-        }
+        unsafe { backward_chunk(&ctx, algo, images, dxp) }
     });
     let mut total_w: Option<Vec<T>> = None;
     let mut total_b: Option<Vec<T>> = None;
@@ -382,6 +536,7 @@ pub(crate) fn backward<T: Elem>(
     }
     let dw = wanted.w.then(|| match (algo, total_w) {
         (Algo::Winograd, Some(du)) => winograd::weight_grad(&wg, &du),
+        (Algo::Direct, Some(dwt)) => direct::untranspose_weights(g, &dwt),
         (Algo::Im2col, Some(dw)) => dw,
         // An empty batch has no partials: its gradients are zero.
         (_, None) => vec![T::ZERO; g.cout * g.kdim()],
@@ -391,6 +546,34 @@ pub(crate) fn backward<T: Elem>(
         x: dx.map(|d| unsafe { d.finish() }),
         w: dw,
         b: wanted.b.then(|| total_b.unwrap_or_else(|| vec![T::ZERO; g.cout])),
+    }
+}
+
+/// The backward pass of one chunk of images, compiled for AVX2 and FMA
+/// where the CPU has them (see [`avx2_fma`]).
+///
+/// # Safety
+/// The chunk's range of `dx` must belong to the caller.
+unsafe fn backward_chunk<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::elem::avx2_fma() {
+        return backward_chunk_avx2(ctx, algo, images, dx);
+    }
+    backward_chunk_body(ctx, algo, images, dx)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_chunk_avx2<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+    backward_chunk_body(ctx, algo, images, dx)
+}
+
+#[inline(always)]
+unsafe fn backward_chunk_body<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+    match algo {
+        Algo::Winograd => ctx.winograd(images, dx),
+        Algo::Direct => ctx.direct(images, dx),
+        Algo::Im2col => ctx.im2col(images, dx),
     }
 }
 
@@ -411,6 +594,7 @@ struct ChunkGrad<'a, T> {
 impl<T: Elem> ChunkGrad<'_, T> {
     /// The gradient of the chunk's `i`-th image's convolution output (after
     /// bias, before ReLU), dense `[cout][ho][wo]`, into `dc`.
+    #[inline(always)]
     fn dense_grad(&self, i: usize, dc: &mut [T]) {
         let sg = self.sg;
         let g = &sg.conv;
@@ -442,53 +626,172 @@ impl<T: Elem> ChunkGrad<'_, T> {
         }
     }
 
-    /// The gradients of the chunk's `i`-th image's convolution output per
-    /// Winograd tile, `[tiles][4][cout]` (the tile's 2x2 pixels in row-major
-    /// order, channels last), into `dyt`, and their sums into `db`.
-    fn tile_grads(&self, i: usize, dyt: &mut [T], db: Option<&mut [T]>) {
+    /// The transformed output gradients `dM = A dY Aᵀ` of every tile of the
+    /// chunk's `i`-th image, into `dm [tiles][16][cout]`, from the gradient
+    /// `dY` of its convolution output (after bias, before ReLU); adds the
+    /// sums of `dY` per channel into `db`.
+    #[inline(always)]
+    fn tile_grads(&self, i: usize, dm: &mut [T], db: &mut [T]) {
         let sg = self.sg;
         let wg = sg.wino();
         let (oi, cout, tiles, tw, w) = (sg.out_image(), wg.cout, wg.tiles(), wg.tw(), wg.w);
         let gs = &self.gs[i * oi..][..oi];
-        let dyt = &mut dyt[..tiles * 4 * cout];
-        let scale = self.scale;
+        let db = &mut db[..cout];
+        match self.arg {
+            Some(arg) => {
+                // One window per tile: the gradient goes to its winning cell.
+                struct Pooled<'a, T> {
+                    gs: &'a [T],
+                    arg: &'a [u8],
+                    dm: &'a mut [T],
+                    db: &'a mut [T],
+                    n: usize,
+                    tiles: usize,
+                    p: usize,
+                    scale: T,
+                }
+                impl<T: Elem> LaneFn<T> for Pooled<'_, T> {
+                    #[inline(always)]
+                    fn run<const W: usize>(&mut self, at: usize) {
+                        let k = at * self.tiles + self.p;
+                        let g = Lanes::<T, W>::gather(self.gs, k, self.tiles) * Lanes::splat(self.scale);
+                        let mut code = [0u8; W];
+                        for (j, c) in code.iter_mut().enumerate() {
+                            *c = self.arg[k + j * self.tiles];
+                        }
+                        let mut d = [Lanes::<T, W>::splat(T::ZERO); 4];
+                        for (cell, dc) in d.iter_mut().enumerate() {
+                            let mut m = [false; W];
+                            for (b, &c) in m.iter_mut().zip(&code) {
+                                *b = c == cell as u8;
+                            }
+                            *dc = g.select(m);
+                        }
+                        (Lanes::load(self.db, at) + d[0] + d[1] + d[2] + d[3]).store(self.db, at);
+                        winograd::store_tile_adjoint(d, self.dm, self.n, at);
+                    }
+                }
+                let arg = &arg[i * oi..][..oi];
+                for p in 0..tiles {
+                    let dmp = &mut dm[p * 16 * cout..][..16 * cout];
+                    for_lanes(cout, &mut Pooled { gs, arg, dm: dmp, db: &mut *db, n: cout, tiles, p, scale: self.scale });
+                }
+            }
+            None => {
+                // Four pixels per tile, each through the ReLU and dropout mask
+                // that its (positive or zero) output records.
+                struct Full<'a, T> {
+                    gs: &'a [T],
+                    out: &'a [T],
+                    dm: &'a mut [T],
+                    db: &'a mut [T],
+                    n: usize,
+                    hw: usize,
+                    base: usize,
+                    w: usize,
+                    scale: T,
+                }
+                impl<T: Elem> LaneFn<T> for Full<'_, T> {
+                    #[inline(always)]
+                    fn run<const W: usize>(&mut self, at: usize) {
+                        let k = at * self.hw + self.base;
+                        let mut d = [Lanes::<T, W>::splat(T::ZERO); 4];
+                        for (dc, px) in d.iter_mut().zip([k, k + 1, k + self.w, k + self.w + 1]) {
+                            let g = Lanes::<T, W>::gather(self.gs, px, self.hw) * Lanes::splat(self.scale);
+                            *dc = g.select(Lanes::<T, W>::gather(self.out, px, self.hw).positive());
+                        }
+                        (Lanes::load(self.db, at) + d[0] + d[1] + d[2] + d[3]).store(self.db, at);
+                        winograd::store_tile_adjoint(d, self.dm, self.n, at);
+                    }
+                }
+                let out = &self.out[i * oi..][..oi];
+                let hw = wg.h * w;
+                for ti in 0..wg.th() {
+                    for tj in 0..tw {
+                        let dmp = &mut dm[(ti * tw + tj) * 16 * cout..][..16 * cout];
+                        let base = 2 * ti * w + 2 * tj;
+                        for_lanes(cout, &mut Full { gs, out, dm: dmp, db: &mut *db, n: cout, hw, base, w, scale: self.scale });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The gradient of the chunk's `i`-th image's convolution output,
+    /// channels last `[ho * wo][cout]`, into `dc`; adds its sums into `db`.
+    #[inline(always)]
+    fn channels_last_grad(&self, i: usize, dc: &mut [T], db: &mut [T]) {
+        let sg = self.sg;
+        let g = &sg.conv;
+        let (oi, cout, n, wo, oh, ow) = (sg.out_image(), g.cout, g.n(), g.wo(), sg.oh(), sg.ow());
+        let gs = &self.gs[i * oi..][..oi];
+        let dc = &mut dc[..n * cout];
         match self.arg {
             Some(arg) => {
                 let arg = &arg[i * oi..][..oi];
+                dc.fill(T::ZERO);
                 for c in 0..cout {
-                    let (gc, ac) = (&gs[c * tiles..][..tiles], &arg[c * tiles..][..tiles]);
-                    for p in 0..tiles {
-                        let (gv, code) = (gc[p] * scale, ac[p]);
-                        let d = &mut dyt[p * 4 * cout + c..];
-                        for k in 0..4 {
-                            d[k * cout] = if code == k as u8 { gv } else { T::ZERO };
+                    for py in 0..oh {
+                        for px in 0..ow {
+                            let k = (c * oh + py) * ow + px;
+                            let code = arg[k] as usize;
+                            if code < NO_GRAD as usize {
+                                let p = (2 * py + code / 2) * wo + 2 * px + code % 2;
+                                dc[p * cout + c] = gs[k] * self.scale;
+                            }
                         }
                     }
                 }
             }
             None => {
                 let out = &self.out[i * oi..][..oi];
-                let hw = wg.h * w;
-                for c in 0..cout {
-                    let (gc, oc) = (&gs[c * hw..][..hw], &out[c * hw..][..hw]);
-                    for ti in 0..wg.th() {
-                        for tj in 0..tw {
-                            let d = &mut dyt[(ti * tw + tj) * 4 * cout + c..];
-                            let base = 2 * ti * w + 2 * tj;
-                            for (k, px) in [base, base + 1, base + w, base + w + 1].into_iter().enumerate() {
-                                d[k * cout] = if oc[px] > T::ZERO { gc[px] * scale } else { T::ZERO };
-                            }
-                        }
+                for (p, px) in dc.chunks_exact_mut(cout).enumerate() {
+                    for (c, d) in px.iter_mut().enumerate() {
+                        let k = c * n + p;
+                        *d = if out[k] > T::ZERO { gs[k] * self.scale } else { T::ZERO };
                     }
                 }
             }
         }
-        if let Some(db) = db {
-            for row in dyt.chunks_exact(cout) {
-                for (acc, &v) in db.iter_mut().zip(row) {
-                    *acc += v;
-                }
+        for px in dc.chunks_exact(cout) {
+            for (acc, &v) in db.iter_mut().zip(px) {
+                *acc += v;
             }
+        }
+    }
+
+    /// Direct-method backward of `images`, one image at a time.
+    ///
+    /// # Safety
+    /// As for [`ChunkGrad::im2col`].
+    #[inline(always)]
+    unsafe fn direct(&self, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+        let g = &self.sg.conv;
+        let (x_len, wt) = (g.x_image(), self.u.unwrap_or(&[]));
+        let (hp, wp) = direct::padded_dims(g);
+        let offs = direct::tap_offsets(g);
+        let mut dc = Scratch::<T>::new(g.n() * g.cout);
+        let mut xp = Scratch::<T>::new(if self.wanted.w { g.cin * hp * wp } else { 0 });
+        let mut dxp = Scratch::<T>::new(if dx.is_some() { g.cin * hp * wp } else { 0 });
+        let mut pw = (self.wanted.w && !images.is_empty()).then(|| vec![T::ZERO; g.kdim() * g.cout]);
+        let mut db = vec![T::ZERO; g.cout];
+        let first = images.start;
+        for bi in images {
+            self.channels_last_grad(bi - first, &mut dc, &mut db);
+            let xb = &self.x[bi * x_len..][..x_len];
+            if let Some(pw) = pw.as_mut() {
+                direct::pad_planes(g, xb, &mut xp);
+                direct::weight_grad_image(g, &xp, &offs, &dc, pw);
+            }
+            if let Some(dx) = dx {
+                let p = dx.at(bi * x_len);
+                std::ptr::write_bytes(p, 0, x_len);
+                direct::input_grad_image(g, &offs, wt, &dc, &mut dxp, std::slice::from_raw_parts_mut(p, x_len));
+            }
+        }
+        Partial {
+            w: pw,
+            b: self.wanted.b.then_some(db),
         }
     }
 
@@ -497,6 +800,7 @@ impl<T: Elem> ChunkGrad<'_, T> {
     ///
     /// # Safety
     /// `dx` (when wanted) must be valid for these images, owned by the caller.
+    #[inline(always)]
     unsafe fn im2col(&self, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
         let g = &self.sg.conv;
         let (n, kdim) = (g.n(), g.kdim());
@@ -532,6 +836,7 @@ impl<T: Elem> ChunkGrad<'_, T> {
     ///
     /// # Safety
     /// As for [`ChunkGrad::im2col`].
+    #[inline(always)]
     unsafe fn winograd(&self, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
         let sg = self.sg;
         let wg = sg.wino();
@@ -544,19 +849,15 @@ impl<T: Elem> ChunkGrad<'_, T> {
         let mut dm = Scratch::<T>::new(group_max * tiles * 16 * cout);
         let mut dv = Scratch::<T>::new(if want_x { group_max * tiles * 16 * cin } else { 0 });
         let mut dxpad = Scratch::<T>::new(if want_x { wg.padded() } else { 0 });
-        let mut dy = Scratch::<T>::new(tiles * 4 * cout);
         let mut pu = (want_w && !images.is_empty()).then(|| vec![T::ZERO; 16 * cin * cout]);
-        let mut pb = self.wanted.b.then(|| vec![T::ZERO; cout]);
+        let mut db = vec![T::ZERO; cout];
         let first = images.start;
         let mut start = images.start;
         while start < images.end {
             let group = start..(start + WINO_GROUP).min(images.end);
             let rows = group.len() * tiles;
             for (k, bi) in group.clone().enumerate() {
-                self.tile_grads(bi - first, &mut dy, pb.as_deref_mut());
-                for p in 0..tiles {
-                    winograd::output_tile_adjoint(cout, &dy[p * 4 * cout..][..4 * cout], &mut dm[(k * tiles + p) * 16 * cout..][..16 * cout]);
-                }
+                self.tile_grads(bi - first, &mut dm[k * tiles * 16 * cout..][..tiles * 16 * cout], &mut db);
                 if want_w {
                     winograd::pad_channels_last(&wg, &self.x[bi * x_len..][..x_len], &mut xp);
                     winograd::input_transform(&wg, &xp, &mut v[k * tiles * 16 * cin..][..tiles * 16 * cin], &mut buf);
@@ -594,6 +895,9 @@ impl<T: Elem> ChunkGrad<'_, T> {
             }
             start = group.end;
         }
-        Partial { w: pu, b: pb }
+        Partial {
+            w: pu,
+            b: self.wanted.b.then_some(db),
+        }
     }
 }

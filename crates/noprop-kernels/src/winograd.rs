@@ -96,13 +96,56 @@ impl<T: Elem, const W: usize> Lanes<T, W> {
     pub(crate) fn store(self, s: &mut [T], at: usize) {
         s[at..at + W].copy_from_slice(&self.0);
     }
+    /// Lane `j` from `s[at + j * stride]`.
+    #[inline(always)]
+    pub(crate) fn gather(s: &[T], at: usize, stride: usize) -> Self {
+        let mut a = [T::ZERO; W];
+        for (j, v) in a.iter_mut().enumerate() {
+            *v = s[at + j * stride];
+        }
+        Self(a)
+    }
+    /// Lane `j` from `a[j]` where `keep[j]`, zero elsewhere.
+    #[inline(always)]
+    pub(crate) fn select(self, keep: [bool; W]) -> Self {
+        let mut a = self.0;
+        for (v, k) in a.iter_mut().zip(keep) {
+            *v = if k { *v } else { T::ZERO };
+        }
+        Self(a)
+    }
     #[inline(always)]
     pub(crate) fn splat(v: T) -> Self {
         Self([v; W])
     }
+    /// `max(v, 0)` on every lane (zero for NaN, as `v > 0` decides).
+    // Hot paths avoid closures: a closure is compiled as a function of its
+    // own, without the AVX2 features of the function it is inlined into.
     #[inline(always)]
-    pub(crate) fn map(self, f: impl Fn(T) -> T) -> Self {
-        Self(self.0.map(f))
+    pub(crate) fn relu(self) -> Self {
+        let mut a = self.0;
+        for v in a.iter_mut() {
+            *v = if *v > T::ZERO { *v } else { T::ZERO };
+        }
+        Self(a)
+    }
+    /// The lanes that are positive.
+    #[inline(always)]
+    pub(crate) fn positive(self) -> [bool; W] {
+        let mut m = [false; W];
+        for (b, &v) in m.iter_mut().zip(&self.0) {
+            *b = v > T::ZERO;
+        }
+        m
+    }
+    /// `self * a + b`, lane by lane, with one rounding.
+    #[inline(always)]
+    pub(crate) fn mul_add(self, a: Self, b: Self) -> Self {
+        let mut r = self.0;
+        for ((x, y), z) in r.iter_mut().zip(a.0).zip(b.0) {
+            *x = x.mul_add(y, z);
+        }
+        Self(r)
     }
 }
 
@@ -131,6 +174,28 @@ lane_op!(Mul, mul, *);
 pub(crate) fn for_lanes<T: Elem, F: LaneFn<T>>(n: usize, f: &mut F) {
     let full = n / LANES * LANES;
     let mut i = 0;
+    while i < full {
+        f.run::<LANES>(i);
+        i += LANES;
+    }
+    while i < n {
+        f.run::<1>(i);
+        i += 1;
+    }
+}
+
+/// [`for_lanes`] with blocks of 32 lanes first: four independent registers
+/// per operation, for loops whose lanes each carry a dependency chain.
+#[inline(always)]
+pub(crate) fn for_lanes_wide<T: Elem, F: LaneFn<T>>(n: usize, f: &mut F) {
+    const WIDE: usize = 4 * LANES;
+    let wide = n / WIDE * WIDE;
+    let mut i = 0;
+    while i < wide {
+        f.run::<WIDE>(i);
+        i += WIDE;
+    }
+    let full = i + (n - i) / LANES * LANES;
     while i < full {
         f.run::<LANES>(i);
         i += LANES;
@@ -201,8 +266,44 @@ pub(crate) fn weight_grad<T: Elem>(g: &Wino, du: &[T]) -> Vec<T> {
     dw
 }
 
+/// Transposes `c` channel rows of `np` pixels, row `ci` starting at
+/// `src[ci * stride]`, into channels-last pixels `dst [np][c]`, in 8x8
+/// blocks (contiguous loads and stores, the shuffle in registers).
+#[inline(always)]
+fn planes_to_pixels<T: Elem>(src: &[T], stride: usize, np: usize, c: usize, dst: &mut [T]) {
+    const B: usize = 8;
+    let dst = &mut dst[..np * c];
+    let (pb, cb) = (np / B * B, c / B * B);
+    for c0 in (0..cb).step_by(B) {
+        for p0 in (0..pb).step_by(B) {
+            let mut rows = [[T::ZERO; B]; B];
+            for (i, r) in rows.iter_mut().enumerate() {
+                r.copy_from_slice(&src[(c0 + i) * stride + p0..][..B]);
+            }
+            for j in 0..B {
+                let mut col = [T::ZERO; B];
+                for (i, v) in col.iter_mut().enumerate() {
+                    *v = rows[i][j];
+                }
+                dst[(p0 + j) * c + c0..][..B].copy_from_slice(&col);
+            }
+        }
+        for p in pb..np {
+            for i in 0..B {
+                dst[p * c + c0 + i] = src[(c0 + i) * stride + p];
+            }
+        }
+    }
+    for ci in cb..c {
+        for p in 0..np {
+            dst[p * c + ci] = src[ci * stride + p];
+        }
+    }
+}
+
 /// Copies one NCHW image `[cin][h][w]` into the padded channels-last
 /// `xp [(h + 2)][(w + 2)][cin]`, zeros on the border.
+#[inline(always)]
 pub(crate) fn pad_channels_last<T: Elem>(g: &Wino, x: &[T], xp: &mut [T]) {
     let (c, h, w, wp) = (g.cin, g.h, g.w, g.wp());
     let row = wp * c;
@@ -213,26 +314,43 @@ pub(crate) fn pad_channels_last<T: Elem>(g: &Wino, x: &[T], xp: &mut [T]) {
         let dst = &mut xp[(y + 1) * row..][..row];
         dst[..c].fill(T::ZERO);
         dst[(wp - 1) * c..].fill(T::ZERO);
-        // Contiguous writes, reads strided by a channel plane.
-        for (px, dst) in dst[c..(w + 1) * c].chunks_exact_mut(c).enumerate() {
-            for (d, &v) in dst.iter_mut().zip(x[y * w + px..].iter().step_by(h * w)) {
-                *d = v;
-            }
-        }
+        planes_to_pixels(&x[y * w..], h * w, w, c, &mut dst[c..(w + 1) * c]);
     }
 }
 
 /// Writes the interior of the padded channels-last gradient `dxp` as the
 /// NCHW image gradient `dx [cin][h][w]`, dropping the border.
+#[inline(always)]
 pub(crate) fn crop_channels_first<T: Elem>(g: &Wino, dxp: &[T], dx: &mut [MaybeUninit<T>]) {
+    const B: usize = 8;
     let (c, h, w, wp) = (g.cin, g.h, g.w, g.wp());
     let row = wp * c;
-    for ci in 0..c {
-        for y in 0..h {
-            // Contiguous writes, reads strided by a pixel.
-            let src = dxp[(y + 1) * row + c + ci..].iter().step_by(c);
-            for (d, &v) in dx[(ci * h + y) * w..][..w].iter_mut().zip(src) {
-                d.write(v);
+    let (wb, cb) = (w / B * B, c / B * B);
+    for y in 0..h {
+        let src = &dxp[(y + 1) * row + c..][..w * c];
+        // 8x8 blocks: eight channels of eight pixels, then the remainders.
+        for c0 in (0..cb).step_by(B) {
+            for x0 in (0..wb).step_by(B) {
+                let mut px = [[T::ZERO; B]; B];
+                for (j, p) in px.iter_mut().enumerate() {
+                    p.copy_from_slice(&src[(x0 + j) * c + c0..][..B]);
+                }
+                for i in 0..B {
+                    let d = &mut dx[((c0 + i) * h + y) * w + x0..][..B];
+                    for (j, v) in d.iter_mut().enumerate() {
+                        v.write(px[j][i]);
+                    }
+                }
+            }
+            for x in wb..w {
+                for i in 0..B {
+                    dx[((c0 + i) * h + y) * w + x].write(src[x * c + c0 + i]);
+                }
+            }
+        }
+        for ci in cb..c {
+            for x in 0..w {
+                dx[(ci * h + y) * w + x].write(src[x * c + ci]);
             }
         }
     }
@@ -240,6 +358,7 @@ pub(crate) fn crop_channels_first<T: Elem>(g: &Wino, dxp: &[T], dx: &mut [MaybeU
 
 /// `V = Bᵀ d B` for every tile of one padded image, written tile-major into
 /// `v [tiles][16][cin]`. `tbuf` holds `4` padded rows.
+#[inline(always)]
 pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &mut [T]) {
     let (c, row, tw) = (g.cin, g.wp() * g.cin, g.tw());
     let tbuf = &mut tbuf[..4 * row];
@@ -254,7 +373,8 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
         impl<T: Elem> LaneFn<T> for Vert<'_, T> {
             #[inline(always)]
             fn run<const W: usize>(&mut self, at: usize) {
-                let [a, b, c, d] = self.r.map(|r| Lanes::<T, W>::load(r, at));
+                let [r0, r1, r2, r3] = self.r;
+                let (a, b, c, d) = (Lanes::<T, W>::load(r0, at), Lanes::load(r1, at), Lanes::load(r2, at), Lanes::load(r3, at));
                 (a - c).store(self.t, at);
                 (b + c).store(self.t, self.row + at);
                 (c - b).store(self.t, 2 * self.row + at);
@@ -275,7 +395,9 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
             fn run<const W: usize>(&mut self, at: usize) {
                 for k in 0..4 {
                     let base = k * self.row + self.col;
-                    let [a, b, cc, d] = std::array::from_fn(|s| Lanes::<T, W>::load(self.t, base + s * self.c + at));
+                    let c = self.c;
+                    let (a, b) = (Lanes::<T, W>::load(self.t, base + at), Lanes::<T, W>::load(self.t, base + c + at));
+                    let (cc, d) = (Lanes::<T, W>::load(self.t, base + 2 * c + at), Lanes::<T, W>::load(self.t, base + 3 * c + at));
                     let o = 4 * k * self.c + at;
                     (a - cc).store(self.v, o);
                     (b + cc).store(self.v, o + self.c);
@@ -293,6 +415,7 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
 
 /// The adjoint of [`input_transform`]: `dd = B dV Bᵀ` of every tile,
 /// overlap-added into the padded channels-last gradient `dxp` (overwritten).
+#[inline(always)]
 pub(crate) fn input_transform_adjoint<T: Elem>(g: &Wino, dv: &[T], dxp: &mut [T], fbuf: &mut [T]) {
     let (c, row, tw) = (g.cin, g.wp() * g.cin, g.tw());
     let dxp = &mut dxp[..g.padded()];
@@ -312,14 +435,14 @@ pub(crate) fn input_transform_adjoint<T: Elem>(g: &Wino, dv: &[T], dxp: &mut [T]
             #[inline(always)]
             fn run<const W: usize>(&mut self, at: usize) {
                 for k in 0..4 {
-                    let [a, b, cc, d] = std::array::from_fn(|l| Lanes::<T, W>::load(self.dv, (4 * k + l) * self.c + at));
-                    let base = k * self.row + self.col + at;
-                    let add = |f: &mut [T], o: usize, v: Lanes<T, W>| (Lanes::<T, W>::load(f, o) + v).store(f, o);
-                    add(self.f, base, a);
-                    add(self.f, base + self.c, b - cc + d);
-                    add(self.f, base + 2 * self.c, b + cc - a);
-                    let o = base + 3 * self.c;
-                    (Lanes::<T, W>::load(self.f, o) - d).store(self.f, o);
+                    let (c, r) = (self.c, 4 * k * self.c + at);
+                    let (a, b) = (Lanes::<T, W>::load(self.dv, r), Lanes::<T, W>::load(self.dv, r + c));
+                    let (cc, d) = (Lanes::<T, W>::load(self.dv, r + 2 * c), Lanes::<T, W>::load(self.dv, r + 3 * c));
+                    let o = k * self.row + self.col + at;
+                    (Lanes::<T, W>::load(self.f, o) + a).store(self.f, o);
+                    (Lanes::<T, W>::load(self.f, o + c) + (b - cc + d)).store(self.f, o + c);
+                    (Lanes::<T, W>::load(self.f, o + 2 * c) + (b + cc - a)).store(self.f, o + 2 * c);
+                    (Lanes::<T, W>::load(self.f, o + 3 * c) - d).store(self.f, o + 3 * c);
                 }
             }
         }
@@ -336,23 +459,54 @@ pub(crate) fn input_transform_adjoint<T: Elem>(g: &Wino, dv: &[T], dxp: &mut [T]
         impl<T: Elem> LaneFn<T> for Vert<'_, T> {
             #[inline(always)]
             fn run<const W: usize>(&mut self, at: usize) {
-                let [f0, f1, f2, f3] = std::array::from_fn(|k| Lanes::<T, W>::load(self.f, k * self.row + at));
                 let row = self.row;
-                let add = |r: &mut [T], o: usize, v: Lanes<T, W>| (Lanes::<T, W>::load(r, o) + v).store(r, o);
-                add(self.r, at, f0);
-                add(self.r, row + at, f1 - f2 + f3);
-                add(self.r, 2 * row + at, f1 + f2 - f0);
-                let o = 3 * row + at;
-                (Lanes::<T, W>::load(self.r, o) - f3).store(self.r, o);
+                let (f0, f1) = (Lanes::<T, W>::load(self.f, at), Lanes::<T, W>::load(self.f, row + at));
+                let (f2, f3) = (Lanes::<T, W>::load(self.f, 2 * row + at), Lanes::<T, W>::load(self.f, 3 * row + at));
+                (Lanes::<T, W>::load(self.r, at) + f0).store(self.r, at);
+                (Lanes::<T, W>::load(self.r, row + at) + (f1 - f2 + f3)).store(self.r, row + at);
+                (Lanes::<T, W>::load(self.r, 2 * row + at) + (f1 + f2 - f0)).store(self.r, 2 * row + at);
+                (Lanes::<T, W>::load(self.r, 3 * row + at) - f3).store(self.r, 3 * row + at);
             }
         }
         for_lanes(row, &mut Vert { f: fbuf, r: &mut dxp[2 * ti * row..][..4 * row], row });
     }
 }
 
-/// The four outputs `Y = Aᵀ M A` of tile `mp` (`[16][cout]`), plus `bias`,
-/// through a ReLU, into `y [4][cout]` (row-major 2x2 order).
-#[inline]
+/// The four outputs `Y = Aᵀ M A` of a tile, channels `at..at + W` of the
+/// tile's `m [16][n]`, plus `bias`, through a ReLU, in row-major 2x2 order.
+#[inline(always)]
+pub(crate) fn tile_outputs<T: Elem, const W: usize>(m: &[T], n: usize, bias: &[T], at: usize) -> [Lanes<T, W>; 4] {
+    let mut r = [Lanes::<T, W>::splat(T::ZERO); 16];
+    for (xi, v) in r.iter_mut().enumerate() {
+        *v = Lanes::load(m, xi * n + at);
+    }
+    // Aᵀ M: two rows of four, then each row times A.
+    let (a0, a1, a2, a3) = (r[0] + r[4] + r[8], r[1] + r[5] + r[9], r[2] + r[6] + r[10], r[3] + r[7] + r[11]);
+    let (b0, b1, b2, b3) = (r[4] - r[8] - r[12], r[5] - r[9] - r[13], r[6] - r[10] - r[14], r[7] - r[11] - r[15]);
+    let b = Lanes::<T, W>::load(bias, at);
+    [(a0 + a1 + a2 + b).relu(), (a1 - a2 - a3 + b).relu(), (b0 + b1 + b2 + b).relu(), (b1 - b2 - b3 + b).relu()]
+}
+
+/// `dM = A dY Aᵀ` of a tile from the gradients `d` of its four outputs
+/// (row-major 2x2 order), stored into channels `at..at + W` of `dm [16][n]`.
+#[inline(always)]
+pub(crate) fn store_tile_adjoint<T: Elem, const W: usize>(d: [Lanes<T, W>; 4], dm: &mut [T], n: usize, at: usize) {
+    let [d0, d1, d2, d3] = d;
+    let z = Lanes::<T, W>::splat(T::ZERO);
+    // A dY: four rows of two, then each row times Aᵀ.
+    let e = [[d0, d1], [d0 + d2, d1 + d3], [d0 - d2, d1 - d3], [z - d2, z - d3]];
+    for (k, [p, q]) in e.into_iter().enumerate() {
+        p.store(dm, 4 * k * n + at);
+        (p + q).store(dm, (4 * k + 1) * n + at);
+        (p - q).store(dm, (4 * k + 2) * n + at);
+        (z - q).store(dm, (4 * k + 3) * n + at);
+    }
+}
+
+/// The four outputs of tile `mp` (`[16][cout]`) into `y [4][cout]`, see
+/// [`tile_outputs`]. (The kernels write the outputs straight from the lanes;
+/// this form is for the tests.)
+#[cfg(test)]
 pub(crate) fn output_tile<T: Elem>(cout: usize, mp: &[T], bias: &[T], y: &mut [T]) {
     struct Out<'a, T> {
         m: &'a [T],
@@ -363,25 +517,17 @@ pub(crate) fn output_tile<T: Elem>(cout: usize, mp: &[T], bias: &[T], y: &mut [T
     impl<T: Elem> LaneFn<T> for Out<'_, T> {
         #[inline(always)]
         fn run<const W: usize>(&mut self, at: usize) {
-            let n = self.n;
-            let m: [Lanes<T, W>; 16] = std::array::from_fn(|xi| Lanes::load(self.m, xi * n + at));
-            // Aᵀ M: two rows of four, then each row times A.
-            let s0: [Lanes<T, W>; 4] = std::array::from_fn(|l| m[l] + m[4 + l] + m[8 + l]);
-            let s1: [Lanes<T, W>; 4] = std::array::from_fn(|l| m[4 + l] - m[8 + l] - m[12 + l]);
-            let b = Lanes::<T, W>::load(self.bias, at);
-            let relu = |v: Lanes<T, W>| v.map(|x| if x > T::ZERO { x } else { T::ZERO });
-            relu(s0[0] + s0[1] + s0[2] + b).store(self.y, at);
-            relu(s0[1] - s0[2] - s0[3] + b).store(self.y, n + at);
-            relu(s1[0] + s1[1] + s1[2] + b).store(self.y, 2 * n + at);
-            relu(s1[1] - s1[2] - s1[3] + b).store(self.y, 3 * n + at);
+            for (k, v) in tile_outputs::<T, W>(self.m, self.n, self.bias, at).into_iter().enumerate() {
+                v.store(self.y, k * self.n + at);
+            }
         }
     }
     for_lanes(cout, &mut Out { m: &mp[..16 * cout], bias: &bias[..cout], y: &mut y[..4 * cout], n: cout });
 }
 
 /// `dM = A dY Aᵀ` of one tile from its four output gradients `dy [4][cout]`
-/// (row-major 2x2 order), into `dm [16][cout]`.
-#[inline]
+/// (row-major 2x2 order), into `dm [16][cout]`. (For the tests.)
+#[cfg(test)]
 pub(crate) fn output_tile_adjoint<T: Elem>(cout: usize, dy: &[T], dm: &mut [T]) {
     struct Adj<'a, T> {
         dy: &'a [T],
@@ -392,16 +538,13 @@ pub(crate) fn output_tile_adjoint<T: Elem>(cout: usize, dy: &[T], dm: &mut [T]) 
         #[inline(always)]
         fn run<const W: usize>(&mut self, at: usize) {
             let n = self.n;
-            let [d0, d1, d2, d3] = std::array::from_fn(|k| Lanes::<T, W>::load(self.dy, k * n + at));
-            let z = Lanes::<T, W>::splat(T::ZERO);
-            // A dY: four rows of two, then each row times Aᵀ.
-            let e = [[d0, d1], [d0 + d2, d1 + d3], [d0 - d2, d1 - d3], [z - d2, z - d3]];
-            for (k, [p, q]) in e.into_iter().enumerate() {
-                p.store(self.dm, 4 * k * n + at);
-                (p + q).store(self.dm, (4 * k + 1) * n + at);
-                (p - q).store(self.dm, (4 * k + 2) * n + at);
-                (z - q).store(self.dm, (4 * k + 3) * n + at);
-            }
+            let d = [
+                Lanes::<T, W>::load(self.dy, at),
+                Lanes::load(self.dy, n + at),
+                Lanes::load(self.dy, 2 * n + at),
+                Lanes::load(self.dy, 3 * n + at),
+            ];
+            store_tile_adjoint(d, self.dm, self.n, at);
         }
     }
     for_lanes(cout, &mut Adj { dy: &dy[..4 * cout], dm: &mut dm[..16 * cout], n: cout });

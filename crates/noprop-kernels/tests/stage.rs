@@ -67,9 +67,9 @@ fn compare(case: &Case, stage: &ConvStage, tol: Tolerance) -> Result<()> {
 }
 
 /// Every combination of pooling and dropout, on shapes that take the im2col
-/// path (odd sizes, 1x1 and 5x5 kernels, one input channel) and the Winograd
-/// path (even sizes, forced on few channels), with batches that cross the
-/// kernels' chunk and group boundaries.
+/// and direct paths (odd sizes, 1x1 and 5x5 kernels, one input channel) and
+/// the Winograd path (even sizes, forced on few channels), with batches that
+/// cross the kernels' chunk and group boundaries.
 #[test]
 fn matches_stock_composition() -> Result<()> {
     let im2col = [
@@ -84,7 +84,11 @@ fn matches_stock_composition() -> Result<()> {
         Case { x: [11, 9, 4, 6], cout: 7, k: 3, pad: 1 },
         Case { x: [17, 2, 2, 2], cout: 3, k: 3, pad: 1 },
     ];
-    for (cases, algo, tol) in [(&im2col[..], ConvAlgo::Im2col, F32), (&winograd[..], ConvAlgo::Winograd, WINOGRAD_F32)] {
+    for (cases, algo, tol) in [
+        (&im2col[..], ConvAlgo::Im2col, F32),
+        (&im2col[..], ConvAlgo::Direct, F32),
+        (&winograd[..], ConvAlgo::Winograd, WINOGRAD_F32),
+    ] {
         for case in cases {
             for pool in [false, true] {
                 for dropout in [0.0, 0.3] {
@@ -117,6 +121,8 @@ fn mnist_sized_stages_match_stock() -> Result<()> {
 fn gradients_match_finite_differences() -> Result<()> {
     let cases = [
         (Case { x: [2, 2, 5, 3], cout: 3, k: 3, pad: 1 }, ConvAlgo::Im2col),
+        (Case { x: [2, 2, 5, 3], cout: 11, k: 3, pad: 1 }, ConvAlgo::Direct),
+        (Case { x: [1, 1, 4, 5], cout: 3, k: 3, pad: 0 }, ConvAlgo::Direct),
         (Case { x: [3, 2, 4, 4], cout: 3, k: 3, pad: 1 }, ConvAlgo::Winograd),
         (Case { x: [1, 3, 2, 6], cout: 2, k: 3, pad: 1 }, ConvAlgo::Winograd),
     ];
@@ -151,7 +157,7 @@ fn gradients_match_finite_differences() -> Result<()> {
 fn results_do_not_depend_on_thread_count() -> Result<()> {
     let case = Case { x: [19, 8, 6, 6], cout: 5, k: 3, pad: 1 };
     let bits = |t: &Tensor| -> Result<Vec<u32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()) };
-    for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+    for algo in [ConvAlgo::Im2col, ConvAlgo::Direct, ConvAlgo::Winograd] {
         let stage = ConvStage { padding: 1, pool: true, dropout: 0.2, seed: 1, input_grad: true, algo };
         let on = |threads: usize| -> Result<Vec<Vec<u32>>> {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("thread pool");
@@ -172,7 +178,7 @@ fn results_do_not_depend_on_thread_count() -> Result<()> {
 #[test]
 fn input_grad_false_gives_no_input_gradient() -> Result<()> {
     for kernels in [Kernels::Fast, Kernels::Stock] {
-        for algo in [ConvAlgo::Im2col, ConvAlgo::Winograd] {
+        for algo in [ConvAlgo::Im2col, ConvAlgo::Direct, ConvAlgo::Winograd] {
             let x = Var::from_tensor(&uniform(1, &[3, 8, 4, 4], DType::F32)?)?;
             let w = Var::from_tensor(&uniform(2, &[4, 8, 3, 3], DType::F32)?)?;
             let b = Var::from_tensor(&uniform(3, &[4], DType::F32)?)?;
@@ -213,5 +219,35 @@ fn half_precision_falls_back_to_stock() -> Result<()> {
     let fast = conv_stage_with(Kernels::Fast, &x, &w, &b, &stage)?;
     let stock = conv_stage_with(Kernels::Stock, &x, &w, &b, &stage)?;
     assert_close(&fast, &stock, F32, "f16");
+    Ok(())
+}
+
+/// The loops compiled for the baseline target (SSE2) and for AVX2 with FMA
+/// round identically lane by lane (the FMA of the direct method is a fused
+/// multiply-add in both), so they agree bit for bit.
+#[test]
+fn baseline_and_avx2_loops_agree_exactly() -> Result<()> {
+    let bits = |t: &Tensor| -> Result<Vec<u32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect()) };
+    let cases = [
+        (Case { x: [9, 1, 8, 6], cout: 12, k: 3, pad: 1 }, ConvAlgo::Direct, true),
+        (Case { x: [9, 16, 6, 8], cout: 12, k: 3, pad: 1 }, ConvAlgo::Winograd, true),
+        (Case { x: [9, 16, 6, 8], cout: 12, k: 3, pad: 1 }, ConvAlgo::Winograd, false),
+        (Case { x: [5, 3, 5, 7], cout: 4, k: 3, pad: 1 }, ConvAlgo::Im2col, true),
+    ];
+    for (case, algo, pool) in cases {
+        let stage = ConvStage { padding: case.pad, pool, dropout: 0.3, seed: 2, input_grad: true, algo };
+        let collect = |baseline: bool| -> Result<Vec<Vec<u32>>> {
+            noprop_kernels::use_baseline_simd(baseline);
+            let r = run(Kernels::Fast, &case, &stage, DType::F32);
+            noprop_kernels::use_baseline_simd(false);
+            let (y, g) = r?;
+            let mut out = vec![bits(&y)?];
+            for t in g.iter().flatten() {
+                out.push(bits(t)?);
+            }
+            Ok(out)
+        };
+        assert_eq!(collect(true)?, collect(false)?, "{case:?} {algo:?} pool={pool}");
+    }
     Ok(())
 }
