@@ -185,24 +185,22 @@ enum DataCommand {
     },
 }
 
-/// Keeps freed memory in mimalloc instead of returning it to the OS.
+/// Lets mimalloc keep freed memory for 10 s instead of 10 ms before
+/// returning it to the OS.
 ///
-/// By default mimalloc purges freed pages after 10 ms. A training step frees
-/// and reallocates the same multi-megabyte buffers every few tens of
-/// milliseconds, so each step would fault its pages back in, and the kernel
-/// zeroes every transparent huge page it maps (10-25% of the profile samples
-/// in `clear_page_erms` before this). The process's memory stays at its peak
-/// instead, which for training is what it needs anyway.
+/// A training step frees and reallocates the same multi-megabyte buffers
+/// every few tens of milliseconds; with the default delay each step faults
+/// its pages back in, and the kernel zeroes every transparent huge page it
+/// maps (10-25% of the profile samples in `clear_page_erms` before this).
+/// Purging still happens, later, and at once on an explicit `mi_collect`
+/// (as after each evaluation). A negative delay would disable purging, and
+/// `mi_collect` with it.
 fn keep_freed_memory() {
-    extern "C" {
-        // mimalloc's public C API (linked through the `mimalloc` crate).
-        fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-    }
-    // `mi_option_purge_delay` is entry 15 of `mi_option_e` in mimalloc 2 and 3;
-    // -1 disables purging.
-    const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
+    // `mi_option_purge_delay`: entry 15 of `mi_option_e` in mimalloc 2 and 3,
+    // between the 14 and 16 that libmimalloc-sys names.
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // SAFETY: a plain setter of a process-wide option, valid at any time.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) }
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 10_000) }
 }
 
 fn main() -> ExitCode {
