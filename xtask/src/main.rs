@@ -43,11 +43,14 @@ fn main() -> std::process::ExitCode {
 }
 
 const HELP: &str = "\
-bench   time one block's training step (batch 128) and T = 10 inference, fast
+bench   time the Figure-6 block's hot ops (forward and backward, GFLOP/s
+        against the FP32 peak), one block's training step (batch 128), the
+        fused all-block step per block and T = 10 inference (batch 1000), fast
         and stock kernels, and PyTorch's reference if --torch-python (or
         $NOPROP_TORCH_PYTHON) names a Python with torch; prints ratios.
         --threads N (2), --rounds R (3, interleaved; medians reported),
-        --torch-script FILE (default ../shared/bench/torch_reference.py), --json
+        --torch-script FILE (default ../shared/bench/torch_reference.py),
+        --json (one JSON object as the last line)
 data    download a data set with checksums (noprop data download)
 ci      run the test suite as CI does";
 
@@ -89,6 +92,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The median of `key` over `vals`.
+fn med_of(vals: &[Value], key: &str) -> f64 {
+    median(vals.iter().filter_map(|v| v[key].as_f64()).collect())
+}
+
+/// Per-op medians over rounds: each op's forward and backward milliseconds,
+/// and the throughput they imply.
+fn op_medians(rounds: &[Value]) -> Vec<Value> {
+    let Some(first) = rounds.first().and_then(|r| r["ops"].as_array()) else { return vec![] };
+    first
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            let of = |key: &str| median(rounds.iter().filter_map(|r| r["ops"][i][key].as_f64()).collect());
+            let (fwd, bwd) = (of("fwd_ms"), of("bwd_ms"));
+            let mut v = json!({ "op": op["op"], "shape": op["shape"], "algo": op["algo"], "fwd_ms": fwd, "bwd_ms": bwd });
+            if let (Some(ff), Some(bf)) = (op["fwd_gflop"].as_f64(), op["bwd_gflop"].as_f64()) {
+                v["fwd_gflop"] = json!(ff);
+                v["bwd_gflop"] = json!(bf);
+                v["fwd_gflops"] = json!(ff / (fwd / 1e3));
+                v["bwd_gflops"] = json!(bf / (bwd / 1e3));
+            }
+            v
+        })
+        .collect()
+}
+
 fn bench(args: &[String]) -> Result<()> {
     let threads = flag(args, "--threads").unwrap_or_else(|| "2".into());
     let rounds: usize = flag(args, "--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
@@ -98,44 +128,85 @@ fn bench(args: &[String]) -> Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("../shared/bench/torch_reference.py"));
     let noprop = build_noprop()?;
-    let mut rows: Vec<(&str, Vec<Value>)> = vec![("noprop fast", vec![]), ("noprop stock", vec![])];
-    let mut torch = vec![];
+    let (mut fast, mut stock, mut torch) = (vec![], vec![], vec![]);
     // Interleave the implementations so that machine noise hits them alike.
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        for (i, kernels) in ["fast", "stock"].iter().enumerate() {
-            let steps = if *kernels == "stock" { "10" } else { "30" };
-            rows[i].1.push(run_json(
-                Command::new(&noprop).args(["bench", "--json", "--kernels", kernels, "--threads", &threads, "--steps", steps]),
-            )?);
-        }
+        let common = ["bench", "--json", "--threads", &threads, "--infer-batch", "1000"];
+        fast.push(run_json(Command::new(&noprop).args(common).args(["--kernels", "fast", "--steps", "30", "--fused-steps", "5", "--op-reps", "10"]))?);
+        stock.push(run_json(Command::new(&noprop).args(common).args(["--kernels", "stock", "--steps", "10", "--fused-steps", "0", "--op-reps", "2"]))?);
         if let Some(py) = &torch_python {
             torch.push(run_json(Command::new(py).arg(&torch_script).args(["step", "--threads", &threads]))?);
         }
     }
-    let med = |vals: &[Value], key: &str| median(vals.iter().filter_map(|v| v[key].as_f64()).collect());
-    let fast_step = med(&rows[0].1, "block_step_ms");
-    let fast_inf = med(&rows[0].1, "infer_images_per_s");
-    println!("{:<14} {:>14} {:>18}", "impl", "step ms (med)", "infer img/s (med)");
-    for (name, vals) in &rows {
-        println!("{:<14} {:>14.1} {:>18.1}", name, med(vals, "block_step_ms"), med(vals, "infer_images_per_s"));
+    let peak = fast.first().and_then(|v| v["peak_gflops"].as_f64()).unwrap_or(f64::NAN);
+    let fast_ops = op_medians(&fast);
+    let stock_ops = op_medians(&stock);
+    println!("{:<26} {:<24} {:>9} {:>9} {:>9} {:>13} {:>11} {:>9} {:>9}", "op (median ms)", "shape", "algo", "fwd", "bwd", "GFLOP/s f/b", "% peak f/b", "stock fwd", "stock bwd");
+    for (f, s) in fast_ops.iter().zip(stock_ops.iter().map(Some).chain(std::iter::repeat(None))) {
+        let rate = |k: &str| f[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
+        let pct = |k: &str| f[k].as_f64().map_or("-".into(), |v| format!("{:.0}", 100.0 * v / peak));
+        let st = |k: &str| s.and_then(|s| s[k].as_f64()).map_or("-".into(), |v| format!("{v:.2}"));
+        println!(
+            "{:<26} {:<24} {:>9} {:>9.2} {:>9.2} {:>13} {:>11} {:>9} {:>9}",
+            f["op"].as_str().unwrap_or(""),
+            f["shape"].as_str().unwrap_or(""),
+            f["algo"].as_str().unwrap_or(""),
+            f["fwd_ms"].as_f64().unwrap_or(f64::NAN),
+            f["bwd_ms"].as_f64().unwrap_or(f64::NAN),
+            format!("{}/{}", rate("fwd_gflops"), rate("bwd_gflops")),
+            format!("{}/{}", pct("fwd_gflops"), pct("bwd_gflops")),
+            st("fwd_ms"),
+            st("bwd_ms"),
+        );
     }
+    let fast_step = med_of(&fast, "block_step_ms");
+    let fused = med_of(&fast, "fused_step_ms_per_block");
+    let fast_inf = med_of(&fast, "infer_images_per_s");
+    let step_gflop = fast.first().and_then(|v| v["block_step_gflop"].as_f64()).unwrap_or(f64::NAN);
+    println!();
+    println!("{:<14} {:>14} {:>22} {:>18}", "impl", "step ms (med)", "fused ms/block (med)", "infer img/s (med)");
+    println!("{:<14} {:>14.1} {:>22.1} {:>18.1}", "noprop fast", fast_step, fused, fast_inf);
+    println!("{:<14} {:>14.1} {:>22} {:>18.1}", "noprop stock", med_of(&stock, "block_step_ms"), "-", med_of(&stock, "infer_images_per_s"));
+    println!(
+        "block step: {:.2} GFLOP (direct-method count), {:.1} GFLOP/s, {:.0}% of the {:.0} GFLOP/s peak ({})",
+        step_gflop,
+        step_gflop / (fast_step / 1e3),
+        100.0 * step_gflop / (fast_step / 1e3) / peak,
+        peak,
+        fast.first().and_then(|v| v["peak_basis"].as_str()).unwrap_or("?"),
+    );
     let mut summary = json!({
         "block_step_ms": fast_step,
+        "fused_step_ms_per_block": fused,
         "infer_images_per_s": fast_inf,
-        "stock_block_step_ms": med(&rows[1].1, "block_step_ms"),
-        "stock_infer_images_per_s": med(&rows[1].1, "infer_images_per_s"),
+        "infer_batch": 1000,
         "threads": threads.parse::<usize>().unwrap_or(0),
         "rounds": rounds,
+        "block_step_gflop": step_gflop,
+        "block_step_gflops": step_gflop / (fast_step / 1e3),
+        "peak_gflops": peak,
+        "peak_basis": fast.first().map(|v| v["peak_basis"].clone()).unwrap_or(Value::Null),
+        "ops": fast_ops,
+        "stock_block_step_ms": med_of(&stock, "block_step_ms"),
+        "stock_infer_images_per_s": med_of(&stock, "infer_images_per_s"),
+        "stock_ops": stock_ops,
     });
     if !torch.is_empty() {
-        let t_step = med(&torch, "train_step_ms_median");
-        let t_inf = med(&torch, "infer_T10_images_per_s");
-        println!("{:<14} {:>14.1} {:>18.1}", "pytorch", t_step, t_inf);
-        println!("step time noprop/pytorch: {:.2}x; inference throughput noprop/pytorch: {:.2}x", fast_step / t_step, fast_inf / t_inf);
+        let t_step = med_of(&torch, "train_step_ms_median");
+        let t_inf = med_of(&torch, "infer_T10_images_per_s");
+        println!("{:<14} {:>14.1} {:>22} {:>18.1}", "pytorch", t_step, "-", t_inf);
+        println!(
+            "vs PyTorch: block step {:.2}x the time, fused step per block {:.2}x, inference {:.2}x the throughput",
+            fast_step / t_step,
+            fused / t_step,
+            fast_inf / t_inf
+        );
         summary["torch_step_ms"] = json!(t_step);
         summary["torch_infer_images_per_s"] = json!(t_inf);
+        summary["torch_version"] = torch[0]["torch"].clone();
         summary["step_ratio_vs_torch"] = json!(fast_step / t_step);
+        summary["fused_step_ratio_vs_torch"] = json!(fused / t_step);
         summary["infer_ratio_vs_torch"] = json!(fast_inf / t_inf);
     } else {
         println!("(no PyTorch comparison: pass --torch-python or set NOPROP_TORCH_PYTHON)");

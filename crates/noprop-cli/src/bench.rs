@@ -104,9 +104,11 @@ fn time_op(dev: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result
 fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, usize, usize), reps: usize) -> Result<Vec<OpTimes>> {
     let mut rng = NoiseRng::new(11);
     let mut out = vec![];
+    // What `ConvAlgo::Auto` picks for these 3x3, padding-1 stages.
     let algo = |cin: usize| match kernels {
         Kernels::Stock => "stock",
-        Kernels::Fast if cin >= WINOGRAD_MIN_CIN && h % 4 == 0 && w % 4 == 0 => "winograd",
+        Kernels::Fast if cin < WINOGRAD_MIN_CIN => "direct",
+        Kernels::Fast if h % 4 == 0 && w % 4 == 0 => "winograd",
         Kernels::Fast => "im2col",
     };
     // The three convolution stages of the image path: (cin, cout, size, pool, input gradient).
@@ -140,7 +142,8 @@ fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, u
     let b = var(&mut rng, &[256], 0.1, dev)?;
     let (fwd, bwd) = time_op(dev, reps, || linear_with(kernels, &x, &wv, &b))?;
     let f = 2.0 * (batch * flat * 256) as f64;
-    out.push(OpTimes { name: "linear", shape: format!("[{batch}, {flat}] -> 256"), algo: "gemm", fwd, bwd, flop: Some((f, 2.0 * f)) });
+    let gemm = if kernels == Kernels::Fast { "gemm" } else { "stock" };
+    out.push(OpTimes { name: "linear", shape: format!("[{batch}, {flat}] -> 256"), algo: gemm, fwd, bwd, flop: Some((f, 2.0 * f)) });
     let x = var(&mut rng, &[batch, 256], 1.0, dev)?;
     let g = var(&mut rng, &[256], 1.0, dev)?;
     let b = var(&mut rng, &[256], 0.1, dev)?;
