@@ -71,9 +71,8 @@ pub enum TrainOrder {
     /// Algorithm 1: for t = 1..T, one full pass over the data for block t.
     Sequential,
     /// One pass over the data per epoch that trains every block on each
-    /// minibatch (each on its own noisy `z_{t-1}`): the same number of
-    /// updates per block as `Sequential`, the shared head and embedding
-    /// updated once per minibatch on the mean of the blocks' losses.
+    /// minibatch (each on its own noisy `z_{t-1}`), the head after each
+    /// block: every parameter gets as many updates as in `Sequential`.
     Fused,
 }
 
