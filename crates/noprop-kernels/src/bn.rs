@@ -35,7 +35,7 @@ pub(crate) fn stats<T: Elem>(g: &BnGeom, x: &[T]) -> (Vec<T>, Vec<T>) {
             *m += v;
         }
     }
-    mean.iter_mut().for_each(|m| *m = *m * inv_b);
+    mean.iter_mut().for_each(|m| *m *= inv_b);
     let mut var = vec![T::ZERO; f];
     for row in x.chunks_exact(f) {
         for ((s, &v), &m) in var.iter_mut().zip(row).zip(&mean) {
@@ -43,7 +43,7 @@ pub(crate) fn stats<T: Elem>(g: &BnGeom, x: &[T]) -> (Vec<T>, Vec<T>) {
             *s += d * d;
         }
     }
-    var.iter_mut().for_each(|s| *s = *s * inv_b);
+    var.iter_mut().for_each(|s| *s *= inv_b);
     (mean, var)
 }
 

@@ -79,7 +79,7 @@ impl Mask {
         macro_rules! one {
             ($d:expr, $bits:expr) => {{
                 let kept = $bits >= thr;
-                $d = $d * if kept { scale } else { T::ZERO };
+                $d *= if kept { scale } else { T::ZERO };
                 kept
             }};
         }

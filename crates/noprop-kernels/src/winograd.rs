@@ -151,6 +151,7 @@ impl<T: Elem, const W: usize> Lanes<T, W> {
 
 macro_rules! lane_op {
     ($tr:ident, $f:ident, $op:tt) => {
+        #[allow(clippy::assign_op_pattern)]
         impl<T: Elem, const W: usize> std::ops::$tr for Lanes<T, W> {
             type Output = Self;
             #[inline(always)]
