@@ -99,6 +99,54 @@ pub fn random_init(classes: usize, dim: usize, orthogonal: bool, rng: &mut Noise
     Tensor::from_vec(w, (classes, dim), device)?.to_dtype(dtype)
 }
 
+/// The ridge-regularised dual basis of the rows `u_y` of `W_embed` `[m, d]`:
+/// `A = (U U^T + eps I)^{-1} U` with `eps = ridge * tr(U U^T) / m`, so that
+/// `A U^T ≈ I` when the rows are independent (and the least-squares
+/// compromise when `d < m`). A Linear head with weight `A` scores `u_y`
+/// highest for class `y`. Computed on the host in f64 (Cholesky).
+pub fn dual_basis(weight: &Tensor, ridge: f64) -> candle_core::Result<Tensor> {
+    let (m, d) = weight.dims2()?;
+    let u: Vec<f64> = weight.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let mut g = vec![0f64; m * m];
+    for i in 0..m {
+        for j in 0..=i {
+            let dot: f64 = (0..d).map(|k| u[i * d + k] * u[j * d + k]).sum();
+            g[i * m + j] = dot;
+            g[j * m + i] = dot;
+        }
+    }
+    let eps = ridge * (0..m).map(|i| g[i * m + i]).sum::<f64>() / m as f64;
+    if !(eps > 0.0 && eps.is_finite()) {
+        candle_core::bail!("the embedding has no non-zero row, or ridge {ridge} is not positive");
+    }
+    for i in 0..m {
+        g[i * m + i] += eps;
+    }
+    // Cholesky G = L L^T, in place in the lower triangle.
+    for j in 0..m {
+        let s = g[j * m + j] - (0..j).map(|k| g[j * m + k].powi(2)).sum::<f64>();
+        let ljj = s.sqrt();
+        g[j * m + j] = ljj;
+        for i in j + 1..m {
+            let s = g[i * m + j] - (0..j).map(|k| g[i * m + k] * g[j * m + k]).sum::<f64>();
+            g[i * m + j] = s / ljj;
+        }
+    }
+    // Solve L L^T A = U column by column of U.
+    let mut a = u;
+    for c in 0..d {
+        for i in 0..m {
+            let s = a[i * d + c] - (0..i).map(|k| g[i * m + k] * a[k * d + c]).sum::<f64>();
+            a[i * d + c] = s / g[i * m + i];
+        }
+        for i in (0..m).rev() {
+            let s = a[i * d + c] - (i + 1..m).map(|k| g[k * m + i] * a[k * d + c]).sum::<f64>();
+            a[i * d + c] = s / g[i * m + i];
+        }
+    }
+    Tensor::from_vec(a, (m, d), weight.device())?.to_dtype(weight.dtype())
+}
+
 /// Gram-Schmidt on the rows of a row-major `[rows, cols]` matrix (rows <= cols), in f64.
 fn orthonormalise_rows(w: &mut [f32], rows: usize, cols: usize) {
     let mut m: Vec<f64> = w.iter().map(|&v| v as f64).collect();
@@ -168,6 +216,41 @@ pub fn prototype_indices(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dual_basis_inverts_independent_rows_and_ranks_the_right_class_first() {
+        let dev = Device::Cpu;
+        let mut rng = NoiseRng::new(3);
+        // Independent, far from orthogonal rows (a shared offset), d > m.
+        let mut w = vec![0f32; 4 * 7];
+        rng.fill_normal(&mut w);
+        w.iter_mut().for_each(|v| *v += 2.0);
+        let u = Tensor::from_vec(w, (4, 7), &dev).unwrap();
+        let a = dual_basis(&u, 1e-9).unwrap();
+        let prod: Vec<Vec<f32>> = a.matmul(&u.t().unwrap()).unwrap().to_vec2().unwrap();
+        for (i, row) in prod.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((v - want).abs() < 1e-4, "A U^T [{i},{j}] = {v}");
+            }
+        }
+        // One-hot: the identity, shrunk by the ridge.
+        let eye = Tensor::eye(5, DType::F32, &dev).unwrap();
+        let a: Vec<Vec<f32>> = dual_basis(&eye, 1e-3).unwrap().to_vec2().unwrap();
+        assert!((a[2][2] - 1.0 / 1.001).abs() < 1e-6 && a[2][3] == 0.0);
+        // d < m (rank-deficient Gram matrix): the ridge keeps it finite.
+        let mut w = vec![0f32; 12 * 6];
+        rng.fill_normal(&mut w);
+        let u = Tensor::from_vec(w, (12, 6), &dev).unwrap();
+        let scores: Vec<Vec<f32>> = dual_basis(&u, 1e-3)
+            .unwrap()
+            .matmul(&u.t().unwrap())
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert!(scores.iter().flatten().all(|v| v.is_finite()));
+        assert!(dual_basis(&Tensor::zeros((3, 4), DType::F32, &dev).unwrap(), 1e-3).is_err());
+    }
 
     #[test]
     fn learned_rows_are_orthonormal() {

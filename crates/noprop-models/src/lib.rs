@@ -36,7 +36,7 @@ pub use dt_block::{dt_block, DtBlock, DtBlockConfig, FoldedDtBlock};
 pub use init::seeded_var_builder;
 pub use layers::Mode;
 pub use ct_net::{ct_net, sinusoidal_embedding, CtNet, CtNetConfig};
-pub use embedding::{prototype_indices, random_init, ClassEmbedding, EmbeddingKind};
+pub use embedding::{dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind};
 pub use image_path::{image_path, FoldedImagePath, ImagePath, ImagePathConfig, ImageTail};
 pub use ct_model::CtModel;
 pub use model::{DtModel, DtModelConfig, STREAM_INIT};

@@ -8,7 +8,7 @@ use candle_nn::VarMap;
 use noprop_core::{sub_seed, Denoiser};
 
 use crate::dt_block::{dt_block, DtBlock, DtBlockConfig};
-use crate::embedding::{ClassEmbedding, EmbeddingKind};
+use crate::embedding::{dual_basis, ClassEmbedding, EmbeddingKind};
 use crate::init::seeded_var_builder;
 use crate::layers::{linear, softmax_embed, Linear, Mode};
 use crate::ModelError;
@@ -106,6 +106,25 @@ impl DtModel {
     /// The class embedding (with its variable when learned).
     pub fn embedding(&self) -> &ClassEmbedding {
         &self.embed
+    }
+
+    /// Sets `f_out` to the dual basis of `W_embed` (see [`dual_basis`]) and
+    /// its bias to 0, so that `f_out(u_y)` ranks class `y` first from the start.
+    pub fn align_head(&self) -> Result<(), ModelError> {
+        let weight = dual_basis(self.embed.weight(), 1e-3)?;
+        let data = self
+            .head_vars
+            .data()
+            .lock()
+            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+        for (name, var) in data.iter() {
+            if name.ends_with("weight") {
+                var.set(&weight.to_dtype(var.dtype())?)?;
+            } else {
+                var.set(&var.zeros_like()?)?;
+            }
+        }
+        Ok(())
     }
 
     /// Block `t`'s prediction `uhat_t(z, x)`.

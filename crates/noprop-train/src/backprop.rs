@@ -16,7 +16,7 @@ use noprop_core::NoiseRng;
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
 
-use crate::config::{EvalConfig, Optimizer, ValidConfig};
+use crate::config::{EvalConfig, HeadInit, Optimizer, ValidConfig};
 use crate::dt::{build_model, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
@@ -47,6 +47,9 @@ impl BackpropTrainer {
     /// A fresh model; prototype embeddings are initialised from `train`.
     pub fn new(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         let model = build_model(&cfg, &device, train)?;
+        if cfg.raw().head_init() == HeadInit::Embedding {
+            model.align_head()?;
+        }
         let raw = cfg.raw();
         let w0 = raw.model.alpha_init.atanh() as f32;
         let alpha = Var::from_tensor(&Tensor::full(w0, raw.model.blocks, &device)?)?;

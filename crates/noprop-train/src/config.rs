@@ -64,6 +64,17 @@ pub enum EmbeddingInit {
     Prototype,
 }
 
+/// How the classifier head `f_out` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadInit {
+    /// The usual Linear initialisation, uniform in `±1/sqrt(d)`.
+    Uniform,
+    /// Aligned with the embedding: `W_out U^T = I` (ridge-regularised dual
+    /// basis of the rows `u_y` of `W_embed`), bias 0, so `f_out(u_y)` peaks at `y`.
+    Embedding,
+}
+
 /// How the blocks are visited during an epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -152,6 +163,10 @@ pub struct ModelConfig {
     /// Adjoint baseline: Euler steps of the ODE solve in training (1000 in the paper).
     #[serde(default = "default_steps")]
     pub ode_steps: usize,
+    /// Initialisation of `f_out`; when absent, `embedding` for the
+    /// back-propagation baseline and `uniform` otherwise (the paper does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_init: Option<HeadInit>,
 }
 
 fn default_alpha_init() -> f64 {
@@ -465,6 +480,14 @@ impl Config {
         }
     }
 
+    /// The initialisation of `f_out`.
+    pub fn head_init(&self) -> HeadInit {
+        self.model.head_init.unwrap_or(match self.model.method {
+            Method::Backprop => HeadInit::Embedding,
+            _ => HeadInit::Uniform,
+        })
+    }
+
     /// The initialisation of a learned embedding (`None` for one-hot).
     pub fn embedding_init(&self) -> Option<EmbeddingInit> {
         match self.model.embedding {
@@ -513,6 +536,7 @@ impl Config {
                 embedding_init: None,
                 alpha_init: default_alpha_init(),
                 ode_steps: default_steps(),
+                head_init: None,
             },
             schedule: ScheduleSpec::default(),
             train: OptimConfig {

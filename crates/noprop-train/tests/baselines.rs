@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use noprop_core::NoiseRng;
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::Mode;
+use noprop_train::config::{Embedding, HeadInit};
 use noprop_train::{build_trainer, fit, BackpropTrainer, Config, CtTrainer, DeviceData, RunData, RunDir, Silent, Trainer};
 
 /// MNIST-shaped images where the class brightens one band of rows.
@@ -71,6 +72,50 @@ fn backprop_updates_every_block_and_alpha() {
     let alphas = t.alphas().unwrap();
     assert_eq!(alphas.len(), 3);
     assert!(alphas.iter().all(|a| (a - 0.5).abs() < 0.01 && *a != 0.5), "{alphas:?}");
+}
+
+/// With `head_init = "embedding"` (the back-prop default) `f_out(u_y)` ranks
+/// `y` first for every embedding, one-hot, learned and prototype (whose rows
+/// are near-parallel images); `uniform` keeps the Linear initialisation.
+#[test]
+fn backprop_head_starts_aligned_with_the_embedding() {
+    let dev = Device::Cpu;
+    let train = synthetic(40, 5);
+    for embedding in [Embedding::OneHot, Embedding::Learned, Embedding::Prototype] {
+        let mut cfg = small(Config::paper_backprop(DatasetKind::Mnist), 1);
+        cfg.model.blocks = 1;
+        cfg.model.embedding = embedding;
+        assert_eq!(cfg.head_init(), HeadInit::Embedding);
+        let t = BackpropTrainer::new(cfg.clone().validate().unwrap(), dev.clone(), Some(&train))
+            .unwrap();
+        let u = t.model().embed().clone();
+        let logits: Vec<Vec<f32>> = t.model().classify(&u).unwrap().to_vec2().unwrap();
+        for (y, row) in logits.iter().enumerate() {
+            let best = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0;
+            assert_eq!(best, y, "{embedding:?}: f_out(u_{y}) = {row:?}");
+            assert!(
+                (row[y] - 1.0).abs() < 0.05,
+                "{embedding:?}: f_out(u_{y})[{y}] = {}",
+                row[y]
+            );
+        }
+        let bias: Vec<f32> = t.named_tensors()["head.bias"].to_vec1().unwrap();
+        assert!(bias.iter().all(|&b| b == 0.0));
+
+        cfg.model.head_init = Some(HeadInit::Uniform);
+        let t = BackpropTrainer::new(cfg.validate().unwrap(), dev.clone(), Some(&train)).unwrap();
+        let bias: Vec<f32> = t.named_tensors()["head.bias"].to_vec1().unwrap();
+        assert!(bias.iter().any(|&b| b != 0.0), "uniform init draws a bias");
+    }
+    assert_eq!(
+        Config::paper_dt(DatasetKind::Mnist).head_init(),
+        HeadInit::Uniform
+    );
 }
 
 #[test]
