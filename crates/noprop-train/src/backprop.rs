@@ -20,7 +20,7 @@ use crate::config::{EvalConfig, HeadInit, Optimizer, ValidConfig};
 use crate::dt::{build_model, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
 use crate::TrainError;
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
@@ -133,13 +133,10 @@ impl BackpropTrainer {
             }
             let logp = class_log_probs(&self.model.classify(&z)?, self.model.embed(), self.cfg.raw().model.class_probability)?;
             let pred: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
-            let labels = &data.labels_host()[start..start + b];
-            for (r, c) in correct.iter_mut().enumerate() {
-                *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
-            }
+            tally_runs(&mut correct, &pred, &data.labels_host()[start..start + b]);
             start += b;
         }
-        Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+        Ok(percentages(correct, n))
     }
 }
 

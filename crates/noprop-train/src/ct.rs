@@ -18,7 +18,7 @@ use crate::config::{EvalConfig, Method, Optimizer, Sampler, ValidConfig};
 use crate::dt::{build_embedding, embedding_kind, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
 use crate::TrainError;
 
 /// Names of the image path's variables in the network.
@@ -252,13 +252,10 @@ impl CtTrainer {
             let b = per_batch.min(n - start);
             let fx = self.model.net().image_features(&data.images().narrow(0, start, b)?, &mut Mode::Eval)?;
             let pred = self.predict(&fx, runs, mode, rng)?;
-            let labels = &data.labels_host()[start..start + b];
-            for (r, c) in correct.iter_mut().enumerate() {
-                *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
-            }
+            tally_runs(&mut correct, &pred, &data.labels_host()[start..start + b]);
             start += b;
         }
-        Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+        Ok(percentages(correct, n))
     }
 }
 

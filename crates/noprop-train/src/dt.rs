@@ -9,7 +9,7 @@ use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
 use crate::config::{Embedding, EmbeddingInit, EvalConfig, TrainOrder, ValidConfig};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, run_pass, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
@@ -359,13 +359,10 @@ pub fn accuracy_runs(
             z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
         }
         let pred: Vec<u32> = class_log_probs(&model.classify(&z)?, model.embed(), class_prob)?.argmax(D::Minus1)?.to_vec1()?;
-        let labels = &data.host_labels[start..start + b];
-        for (r, c) in correct.iter_mut().enumerate() {
-            *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
-        }
+        tally_runs(&mut correct, &pred, &data.host_labels[start..start + b]);
         start += b;
     }
-    Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+    Ok(percentages(correct, n))
 }
 
 impl Trainer for DtTrainer {

@@ -90,6 +90,20 @@ pub(crate) fn mean_se(runs: &[f64]) -> (f64, f64) {
     (mean, se)
 }
 
+/// Per-run hit counts of stacked inference runs: `pred` holds `runs` blocks
+/// of `labels.len()` predictions, run `r`'s hits go to `correct[r]`.
+pub(crate) fn tally_runs(correct: &mut [usize], pred: &[u32], labels: &[u32]) {
+    let b = labels.len();
+    for (r, c) in correct.iter_mut().enumerate() {
+        *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
+    }
+}
+
+/// Hit counts as percentages of `n` examples.
+pub(crate) fn percentages(correct: Vec<usize>, n: usize) -> Vec<f64> {
+    correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect()
+}
+
 /// Named trainable variables of a `VarMap` (BatchNorm buffers excluded).
 pub(crate) fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
     vars.data()
