@@ -122,13 +122,7 @@ impl CtNet {
     /// Logits `[B, m]` from `z` `[B, d]`, times `t` `[B]` and image features.
     pub fn logits_from_features(&self, z: &Tensor, t: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
         let k = self.cfg.kernels;
-        let fz = match &self.label {
-            CtLabel::Linear(l) => l.forward_with(k, z)?.relu()?,
-            CtLabel::Image(path) => {
-                let c = &self.cfg;
-                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)?
-            }
-        };
+        let fz = self.label_features(z, mode)?;
         let te = sinusoidal_embedding(&t.to_dtype(DType::F64)?, self.cfg.time_dim, self.cfg.time_scale)?.to_dtype(z.dtype())?;
         let ft = self.time_fc.forward_with(k, &te)?.relu()?;
         let h = Tensor::cat(&[fx, &fz, &ft], 1)?;
@@ -137,9 +131,88 @@ impl CtNet {
         self.out.forward_with(k, &h)
     }
 
+    /// The part of the fuse layer's first Linear that depends on neither `z`
+    /// nor `t`: `fx W1[:, ..256]^T + b1`, `[B, 256]`. With
+    /// [`CtNet::logits_projected`] it gives the logits of
+    /// [`CtNet::logits_from_features`] for a fixed `fx`, with the image
+    /// columns of `W1` applied once per solve instead of once per step.
+    pub fn project_features(&self, fx: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.fc1.weight().narrow(1, 0, 256)?;
+        fx.matmul(&w.t()?)?.broadcast_add(self.fc1.bias())
+    }
+
+    /// Logits `[B, m]` from `z` `[B, d]`, projected image features `p` (see
+    /// [`CtNet::project_features`]) and one time `t` shared by every row, as
+    /// in an ODE solve: the time path and its columns of `W1` run on one row.
+    pub fn logits_projected(&self, z: &Tensor, t: f64, p: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        let k = self.cfg.kernels;
+        let fz = self.label_features(z, mode)?;
+        let te = sinusoidal_embedding(&Tensor::new(&[t], z.device())?, self.cfg.time_dim, self.cfg.time_scale)?.to_dtype(z.dtype())?;
+        let ft = self.time_fc.forward_with(k, &te)?.relu()?;
+        let w = self.fc1.weight();
+        let time_row = ft.matmul(&w.narrow(1, 512, 256)?.t()?)?;
+        let h = (fz.matmul(&w.narrow(1, 256, 256)?.t()?)? + p)?.broadcast_add(&time_row)?.relu()?;
+        let h = self.fc2.forward_with(k, &h)?.relu()?;
+        self.out.forward_with(k, &h)
+    }
+
+    /// The label path's features `[B, 256]`.
+    fn label_features(&self, z: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+        match &self.label {
+            CtLabel::Linear(l) => l.forward_with(self.cfg.kernels, z)?.relu(),
+            CtLabel::Image(path) => {
+                let c = &self.cfg;
+                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)
+            }
+        }
+    }
+
     /// Logits `[B, m]`.
     pub fn forward(&self, z: &Tensor, x: &Tensor, t: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
         let fx = self.image_features(x, mode)?;
         self.logits_from_features(z, t, &fx, mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::seeded_var_builder;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+    use noprop_core::NoiseRng;
+
+    /// The projected path (ODE solves) gives the concatenating path's logits,
+    /// for the Linear label path and for the prototype one, at several `t`.
+    #[test]
+    fn projected_logits_match_the_concatenated_ones() {
+        let dev = Device::Cpu;
+        for latent_dim in [10, 64] {
+            let cfg = CtNetConfig {
+                in_channels: 1,
+                height: 8,
+                width: 8,
+                latent_dim,
+                classes: 10,
+                dropout: 0.0,
+                time_dim: 64,
+                time_scale: 1000.0,
+                kernels: Kernels::Stock,
+            };
+            let vars = VarMap::new();
+            let net = ct_net(cfg, seeded_var_builder(&vars, 5, DType::F64, &dev)).unwrap();
+            let mut rng = NoiseRng::new(9);
+            let x = rng.randn(&[3, 1, 8, 8], DType::F64, &dev).unwrap();
+            let z = rng.randn(&[3, latent_dim], DType::F64, &dev).unwrap();
+            let fx = net.image_features(&x, &mut Mode::Eval).unwrap();
+            let p = net.project_features(&fx).unwrap();
+            for t in [0.0, 0.37, 1.0] {
+                let want = net.logits_from_features(&z, &Tensor::full(t, 3, &dev).unwrap(), &fx, &mut Mode::Eval).unwrap();
+                let got = net.logits_projected(&z, t, &p, &mut Mode::Eval).unwrap();
+                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(err <= 1e-12 * scale.max(1.0), "d = {latent_dim}, t = {t}: max error {err}");
+            }
+        }
     }
 }

@@ -168,41 +168,44 @@ impl CtTrainer {
         let b = x.dim(0)?;
         let net = self.model.net();
         let embed = self.model.embed();
-        let fx = net.image_features(x, &mut Mode::Train(dropout))?;
-        let fx_in = Var::from_tensor(&fx.detach())?;
+        // The image features enter every step only through `p = fx W1a^T + b1`
+        // (constant over the solve): the solve treats `p` as a parameter and
+        // the image path and `W1a`, `b1` get their gradient once, from `dL/dp`.
+        let p = net.project_features(&net.image_features(x, &mut Mode::Train(dropout))?)?;
+        let p_in = Var::from_tensor(&p.detach())?;
         let dev = &self.device;
-        let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> {
-            let t = Tensor::full(t as f32, b, dev)?;
-            net.logits_from_features(z, &t, fx_in.as_tensor(), &mut Mode::Eval)?.matmul(embed)
-        };
+        let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> { net.logits_projected(z, t, p_in.as_tensor(), &mut Mode::Eval)?.matmul(embed) };
         let z0 = noise.randn(&[b, embed.dim(1)?], DType::F32, dev)?;
         let z1 = Var::from_tensor(&odeint_euler(f, &z0, steps)?)?;
         let logp = class_log_probs(&self.model.classify(z1.as_tensor())?, embed, raw.model.class_probability)?;
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let mut grads = ce.backward()?;
         let a1 = grads.remove(z1.as_tensor()).ok_or_else(|| candle_core::Error::Msg("the loss does not depend on z(1)".into()))?;
-        // Everything f reads: the network outside its image path, a learned embedding, the image features.
-        let mut ode_vars: Vec<Var> = trainable(self.model.net_vars()).into_iter().filter(|(n, _)| !n.starts_with(IMAGE_PATH)).map(|(_, v)| v).collect();
+        // Everything f reads: the network outside its image path, a learned embedding, `p`.
+        let net_vars = trainable(self.model.net_vars());
+        let mut ode_vars: Vec<Var> = net_vars.iter().filter(|(n, _)| !n.starts_with(IMAGE_PATH)).map(|(_, v)| v.clone()).collect();
         ode_vars.extend(self.model.embedding().var().cloned());
         let mut params: Vec<&Tensor> = ode_vars.iter().map(|v| v.as_tensor()).collect();
-        params.push(fx_in.as_tensor());
+        params.push(p_in.as_tensor());
         let adj = adjoint_euler(f, z1.as_tensor(), &a1, &params, steps)?;
+        let mut add = |var: &Var, g: &Tensor| -> candle_core::Result<()> {
+            let sum = match grads.get(var.as_tensor()) {
+                Some(g0) => (g0 + g)?,
+                None => g.clone(),
+            };
+            grads.insert(var.as_tensor(), sum);
+            Ok(())
+        };
         for (var, g) in ode_vars.iter().zip(&adj.params) {
             if let Some(g) = g {
-                let sum = match grads.get(var.as_tensor()) {
-                    Some(g0) => (g0 + g)?,
-                    None => g.clone(),
-                };
-                grads.insert(var.as_tensor(), sum);
+                add(var, g)?;
             }
         }
-        if let Some(Some(g_fx)) = adj.params.last() {
-            let img = (fx * g_fx)?.sum_all()?.backward()?;
-            for (name, var) in trainable(self.model.net_vars()) {
-                if name.starts_with(IMAGE_PATH) {
-                    if let Some(g) = img.get(var.as_tensor()) {
-                        grads.insert(var.as_tensor(), g.clone());
-                    }
+        if let Some(Some(g_p)) = adj.params.last() {
+            let through_p = (p * g_p)?.sum_all()?.backward()?;
+            for (_, var) in &net_vars {
+                if let Some(g) = through_p.get(var.as_tensor()) {
+                    add(var, g)?;
                 }
             }
         }
@@ -220,9 +223,10 @@ impl CtTrainer {
         let cp = self.cfg.raw().model.class_probability;
         let pred = match &self.schedule {
             None if self.cfg.raw().model.method == Method::Adjoint => {
-                let rows = fx.dim(0)?;
-                let z0 = rng.randn(&[rows, self.model.embed().dim(1)?], DType::F32, &self.device)?;
-                let z1 = odeint_euler(|z, t| den.velocity(z, &x, &Tensor::full(t as f32, rows, &self.device)?), &z0, ev.steps)?;
+                let (net, embed) = (self.model.net(), self.model.embed());
+                let p = net.project_features(&fx)?;
+                let z0 = rng.randn(&[fx.dim(0)?, embed.dim(1)?], DType::F32, &self.device)?;
+                let z1 = odeint_euler(|z, t| net.logits_projected(z, t, &p, &mut Mode::Eval)?.matmul(embed), &z0, ev.steps)?;
                 class_log_probs(&self.model.classify(&z1)?, self.model.embed(), cp)?.argmax(D::Minus1)?
             }
             Some(sched) => {
