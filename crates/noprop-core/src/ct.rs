@@ -26,6 +26,13 @@ pub trait ContinuousDenoiser {
     /// # Shapes
     /// `z`: `[B, d]`, `x`: `[B, ...]`, `t`: `[B]`; returns `[B, d]`.
     fn denoise(&self, z: &Tensor, x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// [`denoise`](Self::denoise) with one time `t` for every row, as the
+    /// samplers call it; override it where a network can share its time path
+    /// across rows.
+    fn denoise_at(&self, z: &Tensor, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.denoise(z, x, &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?)
+    }
 }
 
 /// Draws `t_i ~ U(0, 1)` for a batch.
@@ -203,10 +210,6 @@ fn gamma_grid<S: ContinuousSchedule + ?Sized>(
     Ok((ts, g, dg))
 }
 
-fn time_column(t: f64, b: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::full(t, (b,), device)?.to_dtype(dtype)?)
-}
-
 /// NoProp-CT inference with the eq. 3 update (spec section 8): from
 /// `z_0 ~ N(0, I)`, for `k = 1..=steps`,
 /// `z_{t_k} = a uhat(z_{t_{k-1}}, x, t_{k-1}) + b z_{t_{k-1}} + sqrt(c) eps`
@@ -234,8 +237,7 @@ where
     let shape = [b, den.latent_dim()];
     let mut z = rng.randn(&shape, x.dtype(), x.device())?;
     for k in 1..=steps {
-        let t = time_column(ts[k - 1], b, x.dtype(), x.device())?;
-        let uhat = den.denoise(&z, x, &t)?;
+        let uhat = den.denoise_at(&z, x, ts[k - 1])?;
         let eps = match mode {
             Inference::Stochastic => Some(rng.randn(&shape, x.dtype(), x.device())?),
             Inference::Deterministic => None,
@@ -303,8 +305,7 @@ where
     integrate(z0, steps, solver, |z, k| {
         let abar = sigmoid_f64(-g[k]);
         let rate = -dg[k] / 2.0;
-        let t = time_column(ts[k], b, x.dtype(), x.device())?;
-        let uhat = den.denoise(z, x, &t)?;
+        let uhat = den.denoise_at(z, x, ts[k])?;
         if uhat.dims() != z.dims() {
             return Err(CoreError::Shape {
                 what: "sample_ct_ode: uhat",

@@ -20,6 +20,13 @@ pub trait VelocityField {
     /// # Shapes
     /// `z`: `[B, d]`, `x`: `[B, ...]`, `t`: `[B]`; returns `[B, d]`.
     fn velocity(&self, z: &Tensor, x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// [`velocity`](Self::velocity) with one time `t` for every row, as the
+    /// samplers call it; override it where a network can share its time path
+    /// across rows.
+    fn velocity_at(&self, z: &Tensor, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.velocity(z, x, &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?)
+    }
 }
 
 fn same_shape(what: &'static str, a: &Tensor, reference: &Tensor) -> Result<()> {
@@ -139,8 +146,7 @@ pub fn sample_fm<V: VelocityField + ?Sized>(
     let ts = grid(steps.max(1));
     let z0 = rng.randn(&[b, field.latent_dim()], x.dtype(), x.device())?;
     integrate(z0, steps, solver, |z, k| {
-        let t = Tensor::full(ts[k], (b,), x.device())?.to_dtype(x.dtype())?;
-        let v = field.velocity(z, x, &t)?;
+        let v = field.velocity_at(z, x, ts[k])?;
         same_shape("sample_fm: v", &v, z)?;
         Ok(v)
     })

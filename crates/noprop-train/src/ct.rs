@@ -219,14 +219,12 @@ impl CtTrainer {
         // The samplers read only the batch size and dtype from `x`; the
         // network reads the precomputed image features instead.
         let x = Tensor::zeros((fx.dim(0)?, 1), DType::F32, &self.device)?;
-        let den = Cached { model: &self.model, fx: &fx };
+        let den = Cached::new(&self.model, &fx)?;
         let cp = self.cfg.raw().model.class_probability;
         let pred = match &self.schedule {
             None if self.cfg.raw().model.method == Method::Adjoint => {
-                let (net, embed) = (self.model.net(), self.model.embed());
-                let p = net.project_features(&fx)?;
-                let z0 = rng.randn(&[fx.dim(0)?, embed.dim(1)?], DType::F32, &self.device)?;
-                let z1 = odeint_euler(|z, t| net.logits_projected(z, t, &p, &mut Mode::Eval)?.matmul(embed), &z0, ev.steps)?;
+                let z0 = rng.randn(&[fx.dim(0)?, self.model.embed().dim(1)?], DType::F32, &self.device)?;
+                let z1 = odeint_euler(|z, t| den.velocity_at(z, &x, t), &z0, ev.steps)?;
                 class_log_probs(&self.model.classify(&z1)?, self.model.embed(), cp)?.argmax(D::Minus1)?
             }
             Some(sched) => {
@@ -267,6 +265,18 @@ impl CtTrainer {
 struct Cached<'a> {
     model: &'a CtModel,
     fx: &'a Tensor,
+    /// `fx` through the image columns of the fuse layer, for one-time calls.
+    projected: Tensor,
+}
+
+impl<'a> Cached<'a> {
+    fn new(model: &'a CtModel, fx: &'a Tensor) -> candle_core::Result<Self> {
+        Ok(Self { model, fx, projected: model.net().project_features(fx)? })
+    }
+
+    fn logits_at(&self, z: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.model.net().logits_projected(z, t, &self.projected, &mut Mode::Eval)
+    }
 }
 
 impl ContinuousDenoiser for Cached<'_> {
@@ -277,6 +287,9 @@ impl ContinuousDenoiser for Cached<'_> {
         let logits = self.model.net().logits_from_features(z, t, self.fx, &mut Mode::Eval)?;
         candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())
     }
+    fn denoise_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax(&self.logits_at(z, t)?, D::Minus1)?.matmul(self.model.embed())
+    }
 }
 
 impl VelocityField for Cached<'_> {
@@ -285,6 +298,9 @@ impl VelocityField for Cached<'_> {
     }
     fn velocity(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
         self.model.net().logits_from_features(z, t, self.fx, &mut Mode::Eval)?.matmul(self.model.embed())
+    }
+    fn velocity_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.logits_at(z, t)?.matmul(self.model.embed())
     }
 }
 
