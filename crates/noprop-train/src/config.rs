@@ -70,8 +70,9 @@ pub enum EmbeddingInit {
 pub enum HeadInit {
     /// The usual Linear initialisation, uniform in `±1/sqrt(d)`.
     Uniform,
-    /// Aligned with the embedding: `W_out U^T = I` (ridge-regularised dual
-    /// basis of the rows `u_y` of `W_embed`), bias 0, so `f_out(u_y)` peaks at `y`.
+    /// Aligned with the embedding: `W_out U^T = g I` (`g` times the
+    /// ridge-regularised dual basis of the rows `u_y` of `W_embed`, `g` such
+    /// that `softmax(f_out(u_y))` gives `y` probability 0.9), bias 0.
     Embedding,
 }
 
