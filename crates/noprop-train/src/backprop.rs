@@ -20,7 +20,7 @@ use crate::config::{EvalConfig, HeadInit, Optimizer, ValidConfig};
 use crate::dt::{build_model, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
 use crate::TrainError;
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
@@ -56,13 +56,13 @@ impl BackpropTrainer {
         let mut vars: Vec<(String, Var)> = (1..=raw.model.blocks).flat_map(|t| trainable(model.block_vars(t))).collect();
         vars.extend(trainable(model.head_vars()));
         if let Some(v) = model.embedding().var() {
-            vars.push(("embed".into(), v.clone()));
+            vars.push((EMBED.into(), v.clone()));
         }
         let (params, l2_vars) = match raw.train.optimizer {
             Optimizer::Adamw => (AdamWParams::new(raw.train.lr, raw.train.weight_decay), vec![]),
             Optimizer::Adam => (AdamWParams::new(raw.train.lr, 0.0), vars.clone()),
         };
-        let opt = AdamW::new(vars, params)?;
+        let opt = optimizer(&cfg, vars, params)?;
         let alpha_opt = AdamW::new(vec![(ALPHA_NAME.into(), alpha.clone())], AdamWParams::new(raw.train.lr, 0.0))?;
         Ok(Self { cfg, device, model, alpha, opt, alpha_opt, l2_vars, epochs_done: 0, train_seconds: 0.0 })
     }

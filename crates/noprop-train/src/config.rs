@@ -215,6 +215,11 @@ pub struct OptimConfig {
     /// term in the gradient, PyTorch's Adam; Table 3 for CT and FM).
     #[serde(default = "default_optimizer")]
     pub optimizer: Optimizer,
+    /// Learning rate of a learned `W_embed`; when absent, `lr` (the paper
+    /// gives one rate for everything). Its decoupled decay scales with it,
+    /// and 0 keeps the embedding at its initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_lr: Option<f64>,
 }
 
 /// The optimizer family.
@@ -460,6 +465,12 @@ impl Config {
             return Err(TrainError::InvalidConfig { field: "eval.sampler", reason: "the adjoint baseline integrates with \"euler\"".into() });
         }
         self.check_embedding_init()?;
+        if let Some(lr) = self.train.embedding_lr {
+            non_negative("train.embedding_lr", lr)?;
+            if self.model.embedding == Embedding::OneHot {
+                return Err(TrainError::InvalidConfig { field: "train.embedding_lr", reason: "applies to learned embeddings only; \"one-hot\" is fixed".into() });
+            }
+        }
         let (_, h, w) = self.data.dataset.shape();
         if h % 4 != 0 || w % 4 != 0 {
             return Err(TrainError::InvalidConfig { field: "data.dataset", reason: "images must be a multiple of 4 wide".into() });
@@ -549,6 +560,7 @@ impl Config {
                 seed: 0,
                 order: TrainOrder::Sequential,
                 optimizer: Optimizer::Adamw,
+                embedding_lr: None,
             },
             eval: EvalConfig::default(),
             checkpoint: CheckpointConfig::default(),

@@ -18,7 +18,7 @@ use crate::config::{EvalConfig, Method, Optimizer, Sampler, ValidConfig};
 use crate::dt::{build_embedding, embedding_kind, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
 use crate::TrainError;
 
 /// Names of the image path's variables in the network.
@@ -70,7 +70,7 @@ impl CtTrainer {
         let mut vars = trainable(model.net_vars());
         vars.extend(trainable(model.head_vars()));
         if let Some(v) = model.embedding().var() {
-            vars.push(("embed".into(), v.clone()));
+            vars.push((EMBED.into(), v.clone()));
         }
         // Weight decay never touches the schedule's endpoints: it would pull
         // gamma0 and gamma1 together and shrink the SNR range.
@@ -82,7 +82,7 @@ impl CtTrainer {
             Optimizer::Adamw => (AdamWParams::new(raw.train.lr, raw.train.weight_decay), vec![]),
             Optimizer::Adam => (AdamWParams::new(raw.train.lr, 0.0), decayed),
         };
-        let opt = AdamW::new(vars, params)?;
+        let opt = optimizer(&cfg, vars, params)?;
         Ok(Self { cfg, device, model, schedule, opt, l2_vars, epochs_done: 0, train_seconds: 0.0 })
     }
 

@@ -9,7 +9,7 @@ use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
 use crate::config::{Embedding, EmbeddingInit, EvalConfig, TrainOrder, ValidConfig};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
@@ -164,10 +164,10 @@ impl DtTrainer {
         // The head and a learned embedding are shared by all blocks: one optimizer, stepped every minibatch.
         let mut shared = trainable(model.head_vars());
         if let Some(var) = model.embedding().var() {
-            shared.push(("embed".to_string(), var.clone()));
+            shared.push((EMBED.to_string(), var.clone()));
         }
         let l2 = adam.then(|| ((1..=raw.model.blocks).map(|t| trainable(model.block_vars(t))).collect(), shared.clone()));
-        let head_opt = AdamW::new(shared, params)?;
+        let head_opt = optimizer(&cfg, shared, params)?;
         Ok(Self { cfg, device, model, block_opts, head_opt, l2, epochs_done: 0, train_seconds: 0.0 })
     }
 

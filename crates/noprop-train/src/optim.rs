@@ -51,6 +51,8 @@ struct Slot {
     name: String,
     var: Var,
     moments: Moments,
+    /// This parameter's learning rate, where it differs from the optimizer's.
+    lr: Option<f64>,
 }
 
 /// Whether `var` takes the fused host update.
@@ -90,10 +92,17 @@ impl AdamW {
                 } else {
                     Moments::Tensors { m: var.zeros_like()?, v: var.zeros_like()? }
                 };
-                Ok(Slot { name, var, moments })
+                Ok(Slot { name, var, moments, lr: None })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { params, slots, step: 0 })
+    }
+
+    /// Gives the parameter `name` its own learning rate (its decoupled decay
+    /// scales with it, as in a PyTorch parameter group; 0 freezes it).
+    /// Returns whether the optimizer holds a parameter of that name.
+    pub fn set_lr(&mut self, name: &str, lr: f64) -> bool {
+        self.slots.iter_mut().filter(|s| s.name == name).map(|s| s.lr = Some(lr)).count() > 0
     }
 
     /// The number of steps taken.
@@ -108,19 +117,20 @@ impl AdamW {
         let t = self.step as i32;
         let bc1 = 1.0 - p.beta1.powi(t);
         let bc2 = 1.0 - p.beta2.powi(t);
-        let step_size = p.lr / bc1;
-        let coeffs = Coeffs {
-            beta1: p.beta1 as f32,
-            one_minus_beta1: (1.0 - p.beta1) as f32,
-            beta2: p.beta2 as f32,
-            one_minus_beta2: (1.0 - p.beta2) as f32,
-            inv_bc2: (1.0 / bc2) as f32,
-            eps: p.eps as f32,
-            decay: (1.0 - p.lr * p.weight_decay) as f32,
-            step_size: step_size as f32,
-        };
         for slot in self.slots.iter_mut() {
             let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            let p = AdamWParams { lr: slot.lr.unwrap_or(p.lr), ..p };
+            let step_size = p.lr / bc1;
+            let coeffs = Coeffs {
+                beta1: p.beta1 as f32,
+                one_minus_beta1: (1.0 - p.beta1) as f32,
+                beta2: p.beta2 as f32,
+                one_minus_beta2: (1.0 - p.beta2) as f32,
+                inv_bc2: (1.0 / bc2) as f32,
+                eps: p.eps as f32,
+                decay: (1.0 - p.lr * p.weight_decay) as f32,
+                step_size: step_size as f32,
+            };
             match &mut slot.moments {
                 Moments::Host { m, v } if g.device().is_cpu() && g.dtype() == DType::F32 => {
                     let g = g.contiguous()?;
@@ -378,5 +388,50 @@ mod tests {
             assert_eq!(x, y);
         }
         assert_eq!(other.steps(), 1);
+    }
+    /// A parameter given its own rate by `set_lr` moves exactly as under an
+    /// optimizer built with that rate, on the fused and the tensor path, while
+    /// the others keep the optimizer's rate; rate 0 leaves it untouched.
+    #[test]
+    fn a_parameter_can_have_its_own_learning_rate() {
+        let grads_for = |vars: &[(String, Var)]| {
+            let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
+            for (_, v) in vars {
+                // The weights depend on the parameter's shape only, so each
+                // parameter gets the same gradient alone or beside the other.
+                let w = var(v.elem_count() as u32, v.dims());
+                loss = (loss + (v.as_tensor().sqr().unwrap() * w.as_tensor()).unwrap().sum_all().unwrap()).unwrap();
+            }
+            loss.backward().unwrap()
+        };
+        let values = |v: &Var| -> Vec<f32> { v.flatten_all().unwrap().to_vec1().unwrap() };
+        for fused in [true, false] {
+            let build = |vars: Vec<(String, Var)>, lr: f64| {
+                let p = AdamWParams::new(lr, 1e-2);
+                if fused { AdamW::new(vars, p) } else { AdamW::unfused(vars, p) }.unwrap()
+            };
+            for own in [3e-3, 0.0] {
+                let mixed = vec![("a".to_string(), var(1, &[4, 5])), ("embed".to_string(), var(2, &[3, 6]))];
+                let start = values(&mixed[1].1);
+                let mut opt = build(mixed.clone(), 1e-2);
+                assert!(opt.set_lr("embed", own));
+                assert!(!opt.set_lr("missing", own));
+                let single_a = vec![("a".to_string(), var(1, &[4, 5]))];
+                let single_e = vec![("embed".to_string(), var(2, &[3, 6]))];
+                let (mut opt_a, mut opt_e) = (build(single_a.clone(), 1e-2), build(single_e.clone(), own));
+                for _ in 0..3 {
+                    opt.step(&grads_for(&mixed)).unwrap();
+                    opt_a.step(&grads_for(&single_a)).unwrap();
+                    opt_e.step(&grads_for(&single_e)).unwrap();
+                }
+                assert_eq!(values(&mixed[0].1), values(&single_a[0].1), "fused {fused}, lr {own}");
+                assert_eq!(values(&mixed[1].1), values(&single_e[0].1), "fused {fused}, lr {own}");
+                if own == 0.0 {
+                    assert_eq!(values(&mixed[1].1), start, "rate 0 freezes");
+                } else {
+                    assert_ne!(values(&mixed[1].1), start);
+                }
+            }
+        }
     }
 }

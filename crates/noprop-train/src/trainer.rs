@@ -9,6 +9,7 @@ use noprop_data::Dataset;
 use crate::config::{EvalConfig, Method, ValidConfig};
 use crate::dt::{DeviceData, DtTrainer};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
+use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;
 
 /// A model with its optimizers and training clock.
@@ -102,6 +103,19 @@ pub(crate) fn tally_runs(correct: &mut [usize], pred: &[u32], labels: &[u32]) {
 /// Hit counts as percentages of `n` examples.
 pub(crate) fn percentages(correct: Vec<usize>, n: usize) -> Vec<f64> {
     correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect()
+}
+
+/// The name of a learned `W_embed` in the optimizers and checkpoints.
+pub(crate) const EMBED: &str = "embed";
+
+/// AdamW over `vars`, the learned embedding among them (named [`EMBED`])
+/// at `train.embedding_lr` when the config sets it.
+pub(crate) fn optimizer(cfg: &ValidConfig, vars: Vec<(String, candle_core::Var)>, params: AdamWParams) -> candle_core::Result<AdamW> {
+    let mut opt = AdamW::new(vars, params)?;
+    if let Some(lr) = cfg.raw().train.embedding_lr {
+        opt.set_lr(EMBED, lr);
+    }
+    Ok(opt)
 }
 
 /// Named trainable variables of a `VarMap` (BatchNorm buffers excluded).

@@ -215,6 +215,13 @@ fn invalid_configs_are_rejected() {
     c.model.embedding_init = Some(EmbeddingInit::Orthogonal);
     assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "orthogonal needs d >= m");
     let mut c = tiny_config(1);
+    c.train.embedding_lr = Some(1e-4);
+    assert!(matches!(c.clone().validate(), Err(InvalidConfig { field: "train.embedding_lr", .. })), "one-hot is fixed");
+    c.model.embedding = Embedding::Learned;
+    assert!(c.clone().validate().is_ok());
+    c.train.embedding_lr = Some(-1e-4);
+    assert!(matches!(c.validate(), Err(InvalidConfig { field: "train.embedding_lr", .. })));
+    let mut c = tiny_config(1);
     c.model.alpha_init = 1.0;
     assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.alpha_init", .. })));
     let json = serde_json::to_value(tiny_config(1)).unwrap();
@@ -348,4 +355,36 @@ fn fused_training_learns_the_synthetic_task() {
     let before = t.evaluate(&d.test, None, 0).unwrap().test_acc;
     let after = fit(&mut t, &d, None, &mut Silent).unwrap().unwrap();
     assert!(after.test_acc > 60.0 && after.test_acc > before + 30.0, "before {before}, after {:?}", after);
+}
+
+/// `train.embedding_lr = 0` keeps a learned embedding at its initialisation
+/// under every method while the networks train; without it the embedding moves.
+#[test]
+fn embedding_lr_zero_freezes_a_learned_embedding() {
+    use noprop_train::config::{Embedding, Method, Sampler};
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    for method in [Method::Dt, Method::Ct, Method::Fm, Method::Backprop] {
+        for frozen in [true, false] {
+            let mut c = tiny_config(1);
+            c.model.method = method;
+            c.model.embedding = Embedding::Learned;
+            c.model.embedding_dim = 12;
+            if method == Method::Fm {
+                c.eval.sampler = Sampler::Euler;
+            }
+            c.train.embedding_lr = frozen.then_some(0.0);
+            let mut trainer = noprop_train::build_trainer(c.validate().unwrap(), dev.clone(), None).unwrap();
+            // Copies: the optimizer updates the parameters in place.
+            let values = |t: &dyn Trainer| -> BTreeMap<String, Vec<f32>> {
+                t.named_tensors().into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+            };
+            let before = values(trainer.as_ref());
+            trainer.train_epoch(&d.train, &mut Silent).unwrap();
+            let after = values(trainer.as_ref());
+            assert_eq!(before["embed"] == after["embed"], frozen, "{method:?}, frozen {frozen}");
+            let moved = before.keys().filter(|k| k.as_str() != "embed" && before[*k] != after[*k]).count();
+            assert!(moved > 0, "{method:?}: the networks train");
+        }
+    }
 }

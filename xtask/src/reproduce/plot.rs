@@ -253,7 +253,10 @@ impl BarPlot {
             hi = hi.max(m + e);
         }
         let pad = if hi > lo { (hi - lo) * 0.3 } else { 1.0 };
-        let mut f = Frame::new(&self.title, &self.x_label, &self.y_label, nice_ticks(lo - pad, hi + pad * 0.2));
+        // Padding never takes the axis below zero when no value is negative
+        // (an accuracy axis at -50 says nothing).
+        let bottom = if lo >= 0.0 { (lo - pad).max(0.0) } else { lo - pad };
+        let mut f = Frame::new(&self.title, &self.x_label, &self.y_label, nice_ticks(bottom, hi + pad * 0.2));
         f.axes();
         let groups = self.groups.len().max(1) as f64;
         let slot = (WIDTH - LEFT - RIGHT) / groups;
@@ -403,6 +406,22 @@ pub(crate) mod tests {
         well_formed(&svg).unwrap();
         assert_eq!(svg.matches("<rect class=\"bar\"").count(), 3);
         assert_eq!(svg.matches("<path").count(), 2);
+    }
+
+    /// Bars far apart (3.6% and 89.9%) keep the axis at zero or above.
+    #[test]
+    fn bar_axis_stays_non_negative_for_non_negative_values() {
+        let plot = BarPlot {
+            title: "Embedding initialisation".into(),
+            x_label: "".into(),
+            y_label: "test accuracy (%)".into(),
+            series: vec!["orthogonal".into(), "normal".into()],
+            groups: vec![BarGroup { label: "MNIST".into(), bars: vec![Some((3.6, 0.38)), Some((89.9, 0.55))] }],
+        };
+        let svg = plot.to_svg();
+        well_formed(&svg).unwrap();
+        assert!(svg.contains(">0</text>"), "the axis starts at zero");
+        assert!(!svg.contains(">-"), "no negative tick: {svg}");
     }
 
     #[test]
