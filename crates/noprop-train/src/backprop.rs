@@ -20,7 +20,7 @@ use crate::config::{EvalConfig, HeadInit, Optimizer, ValidConfig};
 use crate::dt::{build_model, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, optimizer, tally_runs, trainable, Trainer, EMBED};
 use crate::TrainError;
 
 /// The checkpoint name of the `[T]` vector of `w_t`.

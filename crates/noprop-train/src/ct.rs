@@ -18,7 +18,7 @@ use crate::config::{EvalConfig, Method, Optimizer, Sampler, ValidConfig};
 use crate::dt::{build_embedding, embedding_kind, streams, DeviceData};
 use crate::observer::{EvalReport, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, optimizer, tally_runs, trainable, Trainer, EMBED};
 use crate::TrainError;
 
 /// Names of the image path's variables in the network.

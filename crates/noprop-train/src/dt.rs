@@ -9,7 +9,7 @@ use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind, Mode};
 
 use crate::config::{Embedding, EmbeddingInit, EvalConfig, TrainOrder, ValidConfig};
-use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, tally_runs, trainable, Trainer, EMBED, optimizer};
+use crate::trainer::{add_l2, check_resume, class_log_probs, mean_se, meta_epoch, model_meta, percentages, run_pass, optimizer, tally_runs, trainable, Trainer, EMBED};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::optim::{AdamW, AdamWParams};
 use crate::TrainError;

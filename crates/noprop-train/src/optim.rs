@@ -389,6 +389,7 @@ mod tests {
         }
         assert_eq!(other.steps(), 1);
     }
+
     /// A parameter given its own rate by `set_lr` moves exactly as under an
     /// optimizer built with that rate, on the fused and the tensor path, while
     /// the others keep the optimizer's rate; rate 0 leaves it untouched.
