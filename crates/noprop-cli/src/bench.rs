@@ -13,13 +13,12 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::ops::{batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage, Kernels, WINOGRAD_MIN_CIN};
-use noprop_train::config::TrainOrder;
-use noprop_train::{dt::accuracy_runs, DeviceData, DtTrainer, Trainer};
+use noprop_train::{DeviceData, Dt, Trainer};
 use serde_json::{json, Value};
 
 use crate::{device, parse_config, parse_config_text, set_threads, BenchArgs, DEFAULT_CONFIG};
@@ -176,26 +175,30 @@ fn block_step_flop(batch: usize, (c, h, w): (usize, usize, usize), d: usize, m: 
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let threads = set_threads(args.common.threads)?;
-    let dev = device(&args.common.device)?;
-    let mut cfg = match &args.config {
+    let dev = device(args.common.device)?;
+    let mut raw = match &args.config {
         Some(p) => parse_config(p)?,
         None => parse_config_text(DEFAULT_CONFIG, false)?,
     };
-    if let Some(k) = &args.kernels {
-        cfg.model.kernels = k.clone();
+    if let Some(k) = args.kernels {
+        raw.model.kernels = k.into();
     }
-    let valid = cfg.clone().validate()?;
-    let kernels = valid.kernels();
-    let shape = cfg.data.dataset.shape();
+    // The timed inference passes all `infer_batch` images at once.
+    raw.eval.batch_size = args.infer_batch.max(1);
+    let cfg = raw.validate()?;
+    let kernels = cfg.model().kernels;
+    let shape = cfg.dataset().shape();
     let (c, h, w) = shape;
-    let m = cfg.data.dataset.num_classes();
-    let blocks = cfg.model.blocks;
+    let m = cfg.dataset().num_classes();
+    let Some(blocks) = cfg.method().blocks().filter(|_| matches!(cfg.method(), noprop_train::config::MethodSettings::Dt(_))) else {
+        bail!("noprop bench times NoProp-DT blocks; the config trains {}", cfg.method().method().name());
+    };
 
     let ops = if args.op_reps > 0 { op_timings(kernels, &dev, args.batch, shape, args.op_reps)? } else { vec![] };
 
     // One block's Algorithm 1 step.
-    let mut trainer = DtTrainer::new(valid, dev.clone())?;
-    let d = trainer.model().config().block.latent_dim;
+    let mut trainer = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
+    let d = cfg.latent_dim();
     let mut rng = NoiseRng::new(0);
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
     let minibatch = |i: usize| -> Result<(Tensor, Tensor)> {
@@ -221,15 +224,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The fused order: all blocks on one minibatch, per block.
     let mut fused_ms = None;
     if args.fused_steps > 0 {
-        let mut fcfg = cfg.clone();
-        fcfg.train.order = TrainOrder::Fused;
-        let mut fused = DtTrainer::new(fcfg.validate()?, dev.clone())?;
+        let mut fused = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
         let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64).map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b))).collect();
         let mut ftimes = vec![];
         for i in 0..1 + args.fused_steps {
             let (x, y) = minibatch(i)?;
             let t0 = Instant::now();
-            fused.fused_step(&x, &y, &mut streams)?;
+            for (t, (noise, drop)) in streams.iter_mut().enumerate() {
+                fused.train_step(t + 1, &x, &y, noise, drop)?;
+            }
             dev.synchronize()?;
             if i >= 1 {
                 ftimes.push(t0.elapsed().as_secs_f64() / blocks as f64);
@@ -241,12 +244,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // Full T-step inference (one stochastic run) on `infer_batch` images.
     let infer = synthetic(args.infer_batch, c, h, w, m, &mut rng);
     let infer = DeviceData::new(&infer, DType::F32, &dev)?;
-    let sched = trainer.config().schedule().clone();
     let mut r = NoiseRng::new(3);
-    let cp = noprop_core::ClassProbability::Softmax;
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, cp, &mut r)?;
+    trainer.accuracy(&infer, &[Inference::Stochastic], &mut r)?;
     let t0 = Instant::now();
-    accuracy_runs(trainer.model(), &sched, &infer, &[Inference::Stochastic], args.infer_batch, cp, &mut r)?;
+    trainer.accuracy(&infer, &[Inference::Stochastic], &mut r)?;
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
 
@@ -281,7 +282,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut summary = json!({
         "impl": "noprop",
         "kernels": kernels.to_string(),
-        "device": args.common.device,
+        "device": format!("{:?}", args.common.device).to_lowercase(),
         "threads": threads,
         "batch": args.batch,
         "blocks": blocks,

@@ -4,25 +4,20 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use noprop_train::{checkpoint::load_safetensors, Config, RunDir};
+use noprop_train::{checkpoint::load_safetensors, RunDir};
 
 /// Renders `embed` `[m, C*H*W]` as a row of `m` tiles (one per class), pixels
 /// de-normalised with the data set's constants and clipped to [0, 1]; two
 /// rows (initial above learned) when the run saved its initial embedding.
 pub fn embeddings(run: &Path, out: &Path, scale: usize) -> Result<()> {
     let dir = RunDir::open(run)?;
-    let cfg: Config = dir.config()?;
+    let raw = dir.config()?;
     let latest = dir.latest_model()?.with_context(|| format!("{} has no checkpoint yet", run.display()))?;
     let (tensors, _) = load_safetensors(&latest, &Device::Cpu)?;
     let learned = tensors.get("embed").context("the checkpoint has no `embed` tensor")?;
-    let mut rows = vec![];
-    let init = run.join("embed-init.safetensors");
-    if init.is_file() {
-        let (t, _) = load_safetensors(&init, &Device::Cpu)?;
-        rows.push(t.get("embed").context("embed-init.safetensors has no `embed`")?.clone());
-    }
+    let mut rows: Vec<Tensor> = dir.initial_embedding(&Device::Cpu)?.into_iter().collect();
     rows.push(learned.clone());
-    let kind = cfg.data.dataset;
+    let kind = raw.data.dataset;
     let (c, h, w) = kind.shape();
     let m = kind.num_classes();
     for r in &rows {
@@ -59,12 +54,3 @@ pub fn embeddings(run: &Path, out: &Path, scale: usize) -> Result<()> {
     enc.write_header()?.write_image_data(&rgb)?;
     Ok(())
 }
-
-/// Saves the initial class embedding of a new run (for the before/after figure).
-pub fn save_initial(run: &Path, embed: &Tensor) -> Result<()> {
-    let mut t = std::collections::BTreeMap::new();
-    t.insert("embed".to_string(), embed.clone());
-    noprop_train::checkpoint::save_safetensors(&run.join("embed-init.safetensors"), &t, Default::default())?;
-    Ok(())
-}
-

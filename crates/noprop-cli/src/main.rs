@@ -5,10 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
-use clap::{Args, Parser, Subcommand};
-use noprop_data::{DatasetKind, Split};
-use noprop_train::{build_trainer, fit, load_for_eval, Config, DeviceData, RunData, RunDir};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use noprop_core::OdeSolver;
+use noprop_data::DatasetKind;
+use noprop_models::Kernels;
+use noprop_train::config::CtSampler;
+use noprop_train::{build_trainer, fit, load_for_eval, InferenceChange, RawConfig, RunData, RunDir, RunMeta};
 use serde_json::json;
 
 mod bench;
@@ -49,11 +52,61 @@ enum Command {
     },
 }
 
+/// Where tensors live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DeviceArg {
+    /// The CPU, with this crate's fast kernels.
+    Cpu,
+    /// CUDA device 0 (a build with `--features cuda`).
+    Cuda,
+    /// Metal device 0 (a build with `--features metal`).
+    Metal,
+}
+
+/// Which kernels run the image path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum KernelsArg {
+    /// Hand-written CPU kernels (candle's ops on other devices).
+    Fast,
+    /// candle's ops everywhere.
+    Stock,
+}
+
+impl From<KernelsArg> for Kernels {
+    fn from(k: KernelsArg) -> Kernels {
+        match k {
+            KernelsArg::Fast => Kernels::Fast,
+            KernelsArg::Stock => Kernels::Stock,
+        }
+    }
+}
+
+/// How a continuous-time model integrates at inference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SamplerArg {
+    /// NoProp-CT's eq. 3 update.
+    Eq3,
+    /// Euler steps of the ODE.
+    Euler,
+    /// Heun steps of the ODE.
+    Heun,
+}
+
+impl From<SamplerArg> for CtSampler {
+    fn from(s: SamplerArg) -> CtSampler {
+        match s {
+            SamplerArg::Eq3 => CtSampler::Eq3,
+            SamplerArg::Euler => CtSampler::Flow(OdeSolver::Euler),
+            SamplerArg::Heun => CtSampler::Flow(OdeSolver::Heun),
+        }
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct Common {
-    /// cpu, cuda or metal (cuda and metal need a build with that feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// The device (cuda and metal need a build with that feature).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
     /// Worker threads for CPU kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -91,9 +144,9 @@ struct TrainArgs {
     /// Override the number of stochastic inference runs per evaluation.
     #[arg(long)]
     eval_runs: Option<usize>,
-    /// Override the kernels: fast or stock.
-    #[arg(long)]
-    kernels: Option<String>,
+    /// Override the kernels.
+    #[arg(long, value_enum)]
+    kernels: Option<KernelsArg>,
     /// Download the data set if it is missing.
     #[arg(long)]
     download: bool,
@@ -114,9 +167,9 @@ struct EvalArgs {
     /// CT/FM: integration steps (default: the run's config, 1000).
     #[arg(long)]
     steps: Option<usize>,
-    /// CT/FM: eq3, euler or heun.
-    #[arg(long)]
-    sampler: Option<String>,
+    /// CT/FM/adjoint: the integrator (FM: euler or heun; adjoint: euler).
+    #[arg(long, value_enum)]
+    sampler: Option<SamplerArg>,
     /// Train accuracy on the first N training images (0: skip).
     #[arg(long)]
     train_subset: Option<usize>,
@@ -141,9 +194,9 @@ pub(crate) struct BenchArgs {
     /// Images in the timed T-step inference.
     #[arg(long, default_value_t = 1000)]
     pub infer_batch: usize,
-    /// fast or stock.
-    #[arg(long)]
-    pub kernels: Option<String>,
+    /// The kernels to time.
+    #[arg(long, value_enum)]
+    pub kernels: Option<KernelsArg>,
     /// Timed repetitions of each op (0: skip the per-op timings).
     #[arg(long, default_value_t = 10)]
     pub op_reps: usize,
@@ -178,7 +231,7 @@ enum DataCommand {
     Download {
         /// mnist, cifar10 or cifar100.
         #[arg(long, default_value = "mnist")]
-        dataset: String,
+        dataset: DatasetKind,
         /// Destination (default: $NOPROP_DATA/<dataset> or ./data/<dataset>).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -243,12 +296,11 @@ impl<O: noprop_train::Observer> noprop_train::Observer for ReleaseAfterEval<O> {
     }
 }
 
-pub(crate) fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
-        "metal" => Device::new_metal(0).context("cannot open Metal device 0 (was noprop built with --features metal?)"),
-        other => bail!("unknown device {other:?}: expected cpu, cuda or metal"),
+pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
+        DeviceArg::Metal => Device::new_metal(0).context("cannot open Metal device 0 (was noprop built with --features metal?)"),
     }
 }
 
@@ -264,52 +316,33 @@ pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
-pub(crate) fn parse_config(path: &Path) -> Result<Config> {
+pub(crate) fn parse_config(path: &Path) -> Result<RawConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-    parse_config_text(&text, path.extension().and_then(|e| e.to_str()) == Some("json"))
-        .with_context(|| format!("invalid config {}", path.display()))
+    parse_config_text(&text, path.extension().and_then(|e| e.to_str()) == Some("json")).with_context(|| format!("invalid config {}", path.display()))
 }
 
-pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<Config> {
+/// A one-line message for a TOML error, with its line and column.
+fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|s| {
+        let line = text[..s.start].matches('\n').count() + 1;
+        let col = s.start - text[..s.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {col}: ")
+    });
+    anyhow::anyhow!("{}{}", at.unwrap_or_default(), e.message().trim())
+}
+
+pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<RawConfig> {
     if json {
-        Ok(serde_json::from_str(text)?)
-    } else {
-        toml::from_str(text).map_err(|e| {
-            // toml's Display draws a multi-line snippet; keep errors to one line.
-            let at = e.span().map(|s| {
-                let line = text[..s.start].matches('\n').count() + 1;
-                let col = s.start - text[..s.start].rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("line {line}, column {col}: ")
-            });
-            anyhow::anyhow!("{}{}", at.unwrap_or_default(), e.message().trim())
-        })
+        return Ok(RawConfig::from_json_value(serde_json::from_str(text)?)?);
     }
-}
-
-fn data_dir(kind: DatasetKind, flag: Option<&Path>, config: Option<&Path>) -> PathBuf {
-    noprop_data::resolve_data_dir(kind, flag.or(config))
-}
-
-fn load_data(cfg: &Config, flag: Option<&Path>, download: bool, dev: &Device) -> Result<(RunData, noprop_data::Dataset)> {
-    let kind = cfg.data.dataset;
-    let dir = data_dir(kind, flag, cfg.data.dir.as_deref());
-    kind.ensure(&dir, download).with_context(|| format!("{kind} data not found in {}", dir.display()))?;
-    let mut train = kind.load(&dir, Split::Train)?;
-    let mut test = kind.load(&dir, Split::Test)?;
-    if cfg.data.train_limit > 0 {
-        train = train.take(cfg.data.train_limit);
+    // A TOML file is read as a value first, so that an old-style config gets
+    // the list of moved fields, then as the schema, for errors with a line number.
+    let value: toml::Value = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    let moved = noprop_train::config::old_style_fields(&serde_json::to_value(&value)?);
+    if !moved.is_empty() {
+        return Err(noprop_train::ConfigError::OldStyle { moved }.into());
     }
-    if cfg.data.test_limit > 0 {
-        test = test.take(cfg.data.test_limit);
-    }
-    let host = train;
-    let train = DeviceData::new(&host, DType::F32, dev)?;
-    let test = DeviceData::new(&test, DType::F32, dev)?;
-    let subset = match cfg.eval.train_subset {
-        0 => None,
-        n => Some(train.head(n)?),
-    };
-    Ok((RunData { train, test, train_subset: subset }, host))
+    toml::from_str(text).map_err(|e| toml_error(text, &e))
 }
 
 fn utc_stamp() -> String {
@@ -335,43 +368,44 @@ enum Target {
 
 fn train(args: TrainArgs) -> Result<()> {
     let threads = set_threads(args.common.threads)?;
-    let dev = device(&args.common.device)?;
+    let dev = device(args.common.device)?;
     let command: Vec<String> = std::env::args().collect();
-    let (target, mut cfg) = match &args.resume {
+    let (target, mut raw) = match &args.resume {
         Some(dir) => {
             let run = RunDir::open(dir)?;
-            let cfg = run.config()?;
-            (Target::Resume(run), cfg)
+            let raw = run.config()?;
+            (Target::Resume(run), raw)
         }
         None => {
-            let (cfg, name) = match &args.config {
+            let (raw, name) = match &args.config {
                 Some(p) => (parse_config(p)?, p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()),
                 None => (parse_config_text(DEFAULT_CONFIG, false).context("embedded default config")?, DEFAULT_CONFIG_NAME.to_string()),
             };
             let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{name}-{}", utc_stamp())));
-            (Target::New(out), cfg)
+            (Target::New(out), raw)
         }
     };
     // Overrides. On resume only the number of epochs may change (to extend a run).
+    let epochs_before = raw.train.epochs;
     if let Some(e) = args.epochs {
-        cfg.train.epochs = e;
+        raw.train.epochs = e;
     }
     match target {
         Target::New(_) => {
             if let Some(s) = args.seed {
-                cfg.train.seed = s;
+                raw.train.seed = s;
             }
             if let Some(n) = args.train_limit {
-                cfg.data.train_limit = n;
+                raw.data.train_limit = Some(n);
             }
             if let Some(n) = args.test_limit {
-                cfg.data.test_limit = n;
+                raw.data.test_limit = Some(n);
             }
             if let Some(k) = args.eval_runs {
-                cfg.eval.runs = k;
+                raw.eval.runs = k;
             }
-            if let Some(k) = &args.kernels {
-                cfg.model.kernels = k.clone();
+            if let Some(k) = args.kernels {
+                raw.model.kernels = k.into();
             }
         }
         Target::Resume(_) => {
@@ -380,46 +414,26 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         }
     }
-    let valid = cfg.clone().validate()?;
-    let (data, host_train) = load_data(&cfg, args.common.data.as_deref(), args.download, &dev)?;
-    let mut trainer = build_trainer(valid, dev.clone(), Some(&host_train))?;
-    drop(host_train);
+    let cfg = raw.validate()?;
+    let loaded = RunData::load(&cfg, args.common.data.as_deref(), args.download, &dev)?;
+    let mut trainer = build_trainer(cfg, dev.clone(), Some(&loaded.host_train))?;
+    let data = loaded.device;
     let run = match target {
         Target::Resume(run) => {
-            let epoch = run.restore_latest(trainer.as_mut()).context("cannot restore the newest checkpoint")?;
+            let epoch = run.restore_latest(&mut trainer).context("cannot restore the newest checkpoint")?;
             run.truncate_metrics_after(epoch)?;
+            if trainer.config().train().epochs != epochs_before {
+                run.set_epochs(trainer.config().train().epochs)?;
+            }
             run.record_resume(epoch, &command)?;
             eprintln!("resuming {} after epoch {epoch}", run.path().display());
             run
         }
-        Target::New(out) => {
-            let meta = json!({
-                "noprop_version": env!("CARGO_PKG_VERSION"),
-                "git_sha": option_env!("NOPROP_GIT_SHA"),
-                "device": format!("{dev:?}"),
-                "threads": threads,
-                "seed": cfg.train.seed,
-                "seed_streams": {"init": noprop_models::STREAM_INIT, "shuffle": noprop_train::dt::streams::SHUFFLE,
-                                 "noise": noprop_train::dt::streams::NOISE, "dropout": noprop_train::dt::streams::DROPOUT,
-                                 "eval": noprop_train::dt::streams::EVAL},
-                "command": command,
-                "parameters": trainer
-                    .named_tensors()
-                    .iter()
-                    .filter(|(k, _)| !noprop_models::layers::is_buffer(k) && k.as_str() != "embed")
-                    .map(|(_, v)| v.elem_count())
-                    .sum::<usize>(),
-            });
-            let run = RunDir::create(&out, &cfg, meta)?;
-            if let Some(embed) = trainer.named_tensors().get("embed").filter(|_| cfg.model.embedding != noprop_train::config::Embedding::OneHot) {
-                inspect::save_initial(run.path(), embed)?;
-            }
-            run
-        }
+        Target::New(out) => RunDir::create(&out, &trainer, &RunMeta::new(&trainer, threads, command))?,
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));
-    let report = fit(trainer.as_mut(), &data, Some(&run), &mut obs)?;
+    let report = fit(&mut trainer, &data, Some(&run), &mut obs)?;
     obs.0.finish();
     if args.common.json {
         let epochs: Vec<_> = run.metrics()?.into_iter().filter(|v| v["event"] == "epoch").collect();
@@ -439,7 +453,7 @@ fn train(args: TrainArgs) -> Result<()> {
 
 fn eval(args: EvalArgs) -> Result<()> {
     set_threads(args.common.threads)?;
-    let dev = device(&args.common.device)?;
+    let dev = device(args.common.device)?;
     let checkpoint = if args.path.is_dir() {
         let run = RunDir::open(&args.path)?;
         run.latest_model()?.with_context(|| format!("{} has no checkpoint yet", args.path.display()))?
@@ -447,26 +461,14 @@ fn eval(args: EvalArgs) -> Result<()> {
         args.path.clone()
     };
     let mut trainer = load_for_eval(&checkpoint, &dev).with_context(|| format!("cannot load {}", checkpoint.display()))?;
-    let mut cfg = trainer.config().raw().clone();
-    if let Some(k) = args.runs {
-        cfg.eval.runs = k;
-    }
-    if let Some(n) = args.test_limit {
-        cfg.data.test_limit = n;
-    }
-    if let Some(n) = args.steps {
-        cfg.eval.steps = n;
-    }
-    if let Some(s) = &args.sampler {
-        cfg.eval.sampler = serde_json::from_value(json!(s)).with_context(|| format!("unknown sampler {s:?}: expected eq3, euler or heun"))?;
-    }
-    if let Some(n) = args.train_subset {
-        cfg.eval.train_subset = n;
-    }
-    if cfg != *trainer.config().raw() {
-        trainer.set_eval_config(cfg.eval.clone())?;
-    }
-    let (data, _) = load_data(&cfg, args.common.data.as_deref(), false, &dev)?;
+    trainer.change_inference(InferenceChange {
+        runs: args.runs,
+        steps: args.steps,
+        sampler: args.sampler.map(CtSampler::from),
+        train_subset: args.train_subset,
+        test_limit: args.test_limit,
+    })?;
+    let data = RunData::load(trainer.config(), args.common.data.as_deref(), false, &dev)?.device;
     let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), trainer.epochs_done())?;
     if args.common.json {
         println!("{}", json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report}));
@@ -479,10 +481,9 @@ fn eval(args: EvalArgs) -> Result<()> {
 fn data(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Download { dataset, dir } => {
-            let kind: DatasetKind = dataset.parse()?;
-            let dir = data_dir(kind, dir.as_deref(), None);
-            kind.ensure(&dir, true).with_context(|| format!("downloading {kind} into {}", dir.display()))?;
-            eprintln!("{kind} is ready in {}", dir.display());
+            let dir = noprop_data::resolve_data_dir(dataset, dir.as_deref());
+            dataset.ensure(&dir, true).with_context(|| format!("downloading {dataset} into {}", dir.display()))?;
+            eprintln!("{dataset} is ready in {}", dir.display());
             Ok(())
         }
     }

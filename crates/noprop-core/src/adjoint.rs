@@ -17,15 +17,18 @@
 
 use candle_core::{Tensor, Var};
 
+use crate::ode::check_steps;
 use crate::Result;
 
 /// `z(1)` from `z(0)` by `steps` Euler steps `z += f(z, t_k) / steps` at
 /// `t_k = k / steps`, `k = 0..steps`. No autograd graph is kept between steps.
+/// `steps = 0` is a [`CoreError::BadArgument`](crate::CoreError::BadArgument).
 pub fn odeint_euler<F>(mut f: F, z0: &Tensor, steps: usize) -> Result<Tensor>
 where
     F: FnMut(&Tensor, f64) -> candle_core::Result<Tensor>,
 {
-    let h = 1.0 / steps.max(1) as f64;
+    check_steps(steps)?;
+    let h = 1.0 / steps as f64;
     let mut z = z0.detach();
     for k in 0..steps {
         let dz = f(&z, k as f64 * h)?;
@@ -55,12 +58,14 @@ pub struct AdjointGradients {
 /// autograd reaches them; it is called once per step with `z` as a fresh
 /// variable. Steps are Euler steps backward in time from `t_k = k / steps`
 /// to `t_{k-1}`, `k = steps..1`, each evaluating `f` at `t_{k-1}` as the
-/// matching step of [`odeint_euler`] did.
+/// matching step of [`odeint_euler`] did. `steps = 0` is a
+/// [`CoreError::BadArgument`](crate::CoreError::BadArgument).
 pub fn adjoint_euler<F>(mut f: F, z1: &Tensor, dl_dz1: &Tensor, params: &[&Tensor], steps: usize) -> Result<AdjointGradients>
 where
     F: FnMut(&Tensor, f64) -> candle_core::Result<Tensor>,
 {
-    let h = 1.0 / steps.max(1) as f64;
+    check_steps(steps)?;
+    let h = 1.0 / steps as f64;
     let mut z = z1.detach();
     let mut a = dl_dz1.detach();
     let mut acc: Vec<Option<Tensor>> = vec![None; params.len()];

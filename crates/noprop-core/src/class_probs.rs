@@ -5,7 +5,7 @@
 //! probabilities to a point in embedding space, `ytilde = softmax(f_out(z)) W_embed`,
 //! and scores each class by a Gaussian around its embedding.
 
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 
 use crate::error::{check_shape, CoreError, Result};
 use crate::loss::log_softmax;
@@ -69,7 +69,11 @@ impl ClassProbability {
                     &[Some(head_logits.dim(1)?), None],
                     "[m, d]",
                 )?;
-                let probs = log_softmax(head_logits)?.exp()?;
+                // The same composition of ops as candle-nn's `softmax`, so a
+                // trainer that used it gets the same bits from this function.
+                let max = head_logits.max_keepdim(D::Minus1)?;
+                let num = head_logits.broadcast_sub(&max)?.exp()?;
+                let probs = num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?;
                 let ytilde = probs.matmul(&w_embed.to_dtype(probs.dtype())?)?;
                 radial_log_probs(&ytilde, w_embed, sigma)
             }

@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::continuous::{sigmoid_f64, softplus, ContinuousSchedule};
-use crate::error::{check_shape, CoreError, Result, ScheduleError};
+use crate::error::{check_float, check_shape, CoreError, Result, ScheduleError};
 use crate::loss::cross_entropy;
 use crate::ode::{check_steps, grid, integrate, OdeSolver};
 use crate::rng::NoiseRng;
@@ -35,11 +35,14 @@ pub trait ContinuousDenoiser {
     }
 }
 
-/// Draws `t_i ~ U(0, 1)` for a batch.
+/// Draws `t_i ~ U(0, 1)` for a batch; `dtype` must be a float type.
 ///
 /// # Shapes
 /// Returns `[batch]`.
 pub fn sample_t(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng) -> Result<Tensor> {
+    if !dtype.is_float() {
+        return Err(CoreError::NotFloat { what: "sample_t: dtype", dtype });
+    }
     Ok(rng.uniform(&[batch], 0.0, 1.0, dtype, device)?)
 }
 
@@ -55,6 +58,7 @@ pub fn q_sample_ct<S: ContinuousSchedule + ?Sized>(
     rng: &mut NoiseRng,
 ) -> Result<Tensor> {
     check_shape("q_sample_ct: u", u, &[None, None], "[B, d]")?;
+    check_float("q_sample_ct: u", u)?;
     let eps = rng.randn(u.dims(), u.dtype(), u.device())?;
     q_sample_ct_with(sched, u, t, &eps)
 }
@@ -121,6 +125,14 @@ pub fn kl_prior_tensor(u: &Tensor, abar0: &Tensor) -> Result<Tensor> {
 /// `uhat`, `u`: `[B, d]`, `snr_prime`: `[B]`; returns a scalar.
 pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) -> Result<Tensor> {
     check_shape("ct_denoise_loss: u", u, &[None, None], "[B, d]")?;
+    // A negative eta would reward a worse denoiser.
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(CoreError::BadArgument {
+            name: "eta",
+            value: eta,
+            reason: "must be finite and >= 0",
+        });
+    }
     if uhat.dims() != u.dims() {
         return Err(CoreError::Shape {
             what: "ct_denoise_loss: uhat",
@@ -154,9 +166,30 @@ pub struct CtLoss {
 
 /// Assembles the NoProp-CT loss of eq. 9.
 ///
-/// Pass `snr_prime = sched.snr_derivative(t)` and
-/// `abar0 = sched.alpha_bar(&[0])`, as tensors, so that a learnable schedule
-/// is trained by the same loss (as in variational diffusion models).
+/// Pass `snr_prime = sched.snr_derivative(&t)?` and
+/// `abar0 = sched.alpha_bar(&Tensor::zeros(1, dtype, device)?)?` (alpha-bar
+/// at `t = 0`, a `[1]` tensor), as tensors, so that a learnable schedule is
+/// trained by the same loss (as in variational diffusion models). The
+/// [guide](crate::guide) shows a whole step.
+///
+/// ```
+/// use noprop_core::candle_core::{DType, Device, Tensor};
+/// use noprop_core::{ct_loss, ContinuousSchedule, FixedLinearGamma};
+///
+/// let dev = Device::Cpu;
+/// let sched = FixedLinearGamma::default();
+/// let u = Tensor::eye(3, DType::F32, &dev)?; // one-hot u_y for y = 0, 1, 2
+/// let y = Tensor::new(&[0u32, 1, 2], &dev)?;
+/// let t = Tensor::new(&[0.1f32, 0.5, 0.9], &dev)?;
+/// let snr_prime = sched.snr_derivative(&t)?; // [B]
+/// let abar0 = sched.alpha_bar(&Tensor::zeros(1, DType::F32, &dev)?)?; // [1]
+/// // A perfect denoiser (uhat = u) and a confident head: only the KL term is left.
+/// let logits = (&u * 20.0)?;
+/// let loss = ct_loss(&logits, &y, &u, &u, &snr_prime, &abar0, 1.0)?;
+/// assert_eq!(loss.denoise.to_scalar::<f32>()?, 0.0);
+/// assert!(loss.total.to_scalar::<f32>()? < 0.01);
+/// # Ok::<(), noprop_core::CoreError>(())
+/// ```
 ///
 /// # Shapes
 /// `head_logits_z1`: `[B, m]`, `targets`: `[B]`, `uhat`, `u`: `[B, d]`,
@@ -218,7 +251,8 @@ fn gamma_grid<S: ContinuousSchedule + ?Sized>(
 /// The paper uses 1000 steps.
 ///
 /// # Shapes
-/// `x`: `[B, ...]`; returns `[B, d]` in `x`'s dtype.
+/// `x`: `[B, ...]` of a float dtype (integer input is
+/// [`CoreError::NotFloat`]); returns `[B, d]` in `x`'s dtype.
 pub fn sample_ct_eq3<D, S>(
     den: &D,
     sched: &S,
@@ -231,6 +265,7 @@ where
     D: ContinuousDenoiser + ?Sized,
     S: ContinuousSchedule + ?Sized,
 {
+    check_float("sample_ct_eq3: x", x)?;
     let (ts, g, _) = gamma_grid(sched, steps)?;
     let abar: Vec<f64> = g.iter().map(|&g| sigmoid_f64(-g)).collect();
     let b = x.dim(0)?;
@@ -243,7 +278,7 @@ where
             Inference::Deterministic => None,
         };
         z = eq3_update(
-            coefficients_between(abar[k - 1], abar[k]),
+            coefficients_between(abar[k - 1], abar[k])?,
             &uhat,
             &z,
             eps.as_ref(),
@@ -286,7 +321,8 @@ where
 /// that is `~ sqrt(abar(1)) u_y` up to a small multiple of `z_0`.
 ///
 /// # Shapes
-/// `x`: `[B, ...]`; returns `[B, d]` in `x`'s dtype.
+/// `x`: `[B, ...]` of a float dtype (integer input is
+/// [`CoreError::NotFloat`]); returns `[B, d]` in `x`'s dtype.
 pub fn sample_ct_ode<D, S>(
     den: &D,
     sched: &S,
@@ -299,6 +335,7 @@ where
     D: ContinuousDenoiser + ?Sized,
     S: ContinuousSchedule + ?Sized,
 {
+    check_float("sample_ct_ode: x", x)?;
     let (ts, g, dg) = gamma_grid(sched, steps)?;
     let b = x.dim(0)?;
     let z0 = rng.randn(&[b, den.latent_dim()], x.dtype(), x.device())?;

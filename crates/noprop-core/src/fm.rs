@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::{check_shape, CoreError, Result};
+use crate::error::{check_float, check_shape, CoreError, Result};
 use crate::ode::{grid, integrate, OdeSolver};
 use crate::rng::NoiseRng;
 
@@ -134,7 +134,8 @@ pub fn fm_extrapolate(z_t: &Tensor, v: &Tensor, t: &Tensor) -> Result<Tensor> {
 /// it with [`nearest_embedding`]. The paper uses 1000 Euler steps.
 ///
 /// # Shapes
-/// `x`: `[B, ...]`; returns `[B, d]` in `x`'s dtype.
+/// `x`: `[B, ...]` of a float dtype (integer input is
+/// [`CoreError::NotFloat`]); returns `[B, d]` in `x`'s dtype.
 pub fn sample_fm<V: VelocityField + ?Sized>(
     field: &V,
     x: &Tensor,
@@ -142,6 +143,7 @@ pub fn sample_fm<V: VelocityField + ?Sized>(
     solver: OdeSolver,
     rng: &mut NoiseRng,
 ) -> Result<Tensor> {
+    check_float("sample_fm: x", x)?;
     let b = x.dim(0)?;
     let ts = grid(steps.max(1));
     let z0 = rng.randn(&[b, field.latent_dim()], x.dtype(), x.device())?;
@@ -168,6 +170,13 @@ pub fn nearest_embedding(z: &Tensor, w_embed: &Tensor) -> Result<Tensor> {
         &[None, Some(z.dim(1)?)],
         "[m, d]",
     )?;
+    if w_embed.dim(0)? == 0 {
+        return Err(CoreError::Shape {
+            what: "nearest_embedding: w_embed",
+            expected: "[m, d] with m >= 1".to_string(),
+            found: w_embed.dims().to_vec(),
+        });
+    }
     let w = w_embed.to_dtype(z.dtype())?;
     let cross = z.matmul(&w.t()?)?; // [B, m]
     let norms = w.sqr()?.sum(1)?; // [m]

@@ -14,6 +14,14 @@ use crate::error::{check_shape, CoreError, Result};
 /// `u`: `[B, d]`, the embeddings `u_{y_i}`; returns a scalar.
 pub fn kl_prior(u: &Tensor, abar0: f64) -> Result<Tensor> {
     check_shape("kl_prior: u", u, &[None, None], "[B, d]")?;
+    // At abar0 = 1 the log term is infinite; outside [0, 1] it is NaN.
+    if !(0.0..1.0).contains(&abar0) {
+        return Err(CoreError::BadArgument {
+            name: "abar0",
+            value: abar0,
+            reason: "must lie in [0, 1)",
+        });
+    }
     let d = u.dim(1)? as f64;
     let constant = 0.5 * (d * (1.0 - abar0) - d - d * (1.0 - abar0).ln());
     let sq = u.sqr()?.sum(1)?.mean(0)?;
@@ -43,12 +51,21 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
 /// The weighted denoising term of eq. 61 for one block:
 /// `weight * (1/B) sum_i ||uhat_i - u_i||^2`, the squared norm summed over `d`,
 /// with `weight = T eta / 2 (SNR(t) - SNR(t-1))` (see
-/// [`DiscreteSchedule::dt_weight`](crate::DiscreteSchedule::dt_weight)).
+/// [`DiscreteSchedule::dt_weight`](crate::DiscreteSchedule::dt_weight)),
+/// which must be finite and `>= 0`.
 ///
 /// # Shapes
 /// `uhat`, `u`: `[B, d]`; returns a scalar.
 pub fn denoise_loss(uhat: &Tensor, u: &Tensor, weight: f64) -> Result<Tensor> {
     check_shape("denoise_loss: u", u, &[None, None], "[B, d]")?;
+    // A negative weight would reward a worse denoiser.
+    if !(weight.is_finite() && weight >= 0.0) {
+        return Err(CoreError::BadArgument {
+            name: "weight",
+            value: weight,
+            reason: "must be finite and >= 0",
+        });
+    }
     if uhat.dims() != u.dims() {
         return Err(CoreError::Shape {
             what: "denoise_loss: uhat",
@@ -72,7 +89,11 @@ pub struct DtLoss {
     pub total: Tensor,
 }
 
-/// Assembles `L_t` from its parts.
+/// Assembles block `t`'s loss `L_t` from its parts: the cross-entropy of the
+/// head on `z_T ~ q(z_T|y)`, the KL term with `abar0 = sched.alpha_bar(0)?`,
+/// and the denoising term with `weight = sched.dt_weight(t, eta)?` on the
+/// block's prediction `uhat = uhat_t(z_{t-1}, x)` from
+/// `z_{t-1} ~ q(z_{t-1}|y)`. The [guide](crate::guide) shows a whole step.
 ///
 /// # Shapes
 /// `head_logits`: `[B, m]` (`f_out(z_T)` with `z_T ~ q(z_T|y)`), `targets`: `[B]`,

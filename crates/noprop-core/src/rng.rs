@@ -11,6 +11,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::error::CoreError;
+
 /// Derives a sub-seed from a root seed and a path of integers
 /// (for example `[STREAM_NOISE, epoch, block]`), by SplitMix64 mixing.
 pub fn sub_seed(seed: u64, path: &[u64]) -> u64 {
@@ -55,7 +57,14 @@ impl NoiseRng {
     }
 
     /// A tensor of standard normal draws.
+    ///
+    /// `dtype` must be a float type: normal draws rounded to an integer type
+    /// would be mostly 0, so that is a [`CoreError::NotFloat`] (converted
+    /// into `candle_core::Error`) instead.
     pub fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        if !dtype.is_float() {
+            return Err(CoreError::NotFloat { what: "NoiseRng::randn: dtype", dtype }.into());
+        }
         let n = shape.iter().product();
         if dtype == DType::F64 {
             let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
@@ -67,7 +76,19 @@ impl NoiseRng {
     }
 
     /// A tensor of uniform draws in `[lo, hi)`.
+    ///
+    /// `lo` and `hi` must be finite with `lo < hi` (rand would panic on an
+    /// empty range); otherwise the result is a [`CoreError::BadArgument`]
+    /// converted into `candle_core::Error`.
     pub fn uniform(&mut self, shape: &[usize], lo: f64, hi: f64, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        for (name, value) in [("lo", lo), ("hi", hi)] {
+            if !value.is_finite() {
+                return Err(CoreError::BadArgument { name, value, reason: "must be finite" }.into());
+            }
+        }
+        if lo >= hi {
+            return Err(CoreError::BadArgument { name: "hi", value: hi, reason: "must be greater than lo" }.into());
+        }
         let n = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| self.rng.random_range(lo..hi)).collect();
         Tensor::from_vec(v, shape, device)?.to_dtype(dtype)

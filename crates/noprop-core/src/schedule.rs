@@ -4,7 +4,7 @@
 //! the clean label embedding, so `alpha_bar` *increases* with `t`. All tables
 //! are computed once, in f64, on the host.
 
-use crate::error::ScheduleError;
+use crate::error::{CoreError, Result, ScheduleError};
 
 /// How to build the alpha-bar table of a discrete schedule.
 ///
@@ -61,7 +61,7 @@ impl Default for ScheduleSpec {
 
 impl ScheduleSpec {
     /// Builds and validates the schedule for `t_max = T` blocks.
-    pub fn build(&self, t_max: usize) -> Result<DiscreteSchedule, ScheduleError> {
+    pub fn build(&self, t_max: usize) -> std::result::Result<DiscreteSchedule, ScheduleError> {
         match self {
             ScheduleSpec::Cosine { s, abar_max } => DiscreteSchedule::cosine(t_max, *s, *abar_max),
             ScheduleSpec::Linear { abar_min, abar_max } => {
@@ -103,23 +103,52 @@ pub struct Eq3Coefficients {
 /// The discrete schedule uses it for consecutive blocks and the continuous-time
 /// sampler for consecutive grid points, so both share this one formula.
 ///
-/// The caller must ensure `0 <= abar_s <= abar_t < 1` and `abar_t > 0`; then
+/// The values must satisfy `0 <= abar_s <= abar_t < 1`; anything else
+/// (including NaN) is a [`CoreError::BadArgument`], because the formulas
+/// would otherwise return NaN or negative variances without complaint. Then
 /// `a, b, c >= 0`, and the step keeps q's marginals: if `z_s ~ q(z_s|y)` and
 /// the prediction is `u_y`, then `z_t ~ q(z_t|y)`. Equal values give the
-/// identity step (`a = c = 0`, `b = 1`).
-pub fn coefficients_between(abar_s: f64, abar_t: f64) -> Eq3Coefficients {
+/// identity step (`a = c = 0`, `b = 1`), also when both are 0.
+///
+/// ```
+/// let k = noprop_core::coefficients_between(0.25, 0.5)?;
+/// // The mean of q is kept: a + b sqrt(abar_s) = sqrt(abar_t).
+/// assert!((k.a + k.b * 0.25f64.sqrt() - 0.5f64.sqrt()).abs() < 1e-15);
+/// assert!(noprop_core::coefficients_between(0.5, 0.25).is_err());
+/// # Ok::<(), noprop_core::CoreError>(())
+/// ```
+pub fn coefficients_between(abar_s: f64, abar_t: f64) -> Result<Eq3Coefficients> {
+    if !(0.0..1.0).contains(&abar_t) {
+        return Err(CoreError::BadArgument {
+            name: "abar_t",
+            value: abar_t,
+            reason: "must lie in [0, 1)",
+        });
+    }
+    if !(0.0..=abar_t).contains(&abar_s) {
+        return Err(CoreError::BadArgument {
+            name: "abar_s",
+            value: abar_s,
+            reason: "must lie in [0, abar_t]: alpha-bar cannot decrease along a step",
+        });
+    }
+    if abar_s == abar_t {
+        // Written out so that abar_s = abar_t = 0 gives the identity step
+        // rather than 0 / 0.
+        return Ok(Eq3Coefficients { a: 0.0, b: 1.0, c: 0.0 });
+    }
     let alpha = abar_s / abar_t;
     let den = 1.0 - abar_s;
-    Eq3Coefficients {
+    Ok(Eq3Coefficients {
         a: abar_t.sqrt() * (1.0 - alpha) / den,
         b: alpha.sqrt() * (1.0 - abar_t) / den,
         c: (1.0 - abar_t) * (1.0 - alpha) / den,
-    }
+    })
 }
 
 impl Eq3Coefficients {
     /// Same as [`coefficients_between`].
-    pub fn between(abar_s: f64, abar_t: f64) -> Self {
+    pub fn between(abar_s: f64, abar_t: f64) -> Result<Self> {
         coefficients_between(abar_s, abar_t)
     }
 }
@@ -135,7 +164,7 @@ pub struct DiscreteSchedule {
 
 impl DiscreteSchedule {
     /// Validates an explicit alpha-bar table (`T + 1` values for `t = 0..=T`).
-    pub fn from_alpha_bar(abar: Vec<f64>) -> Result<Self, ScheduleError> {
+    pub fn from_alpha_bar(abar: Vec<f64>) -> std::result::Result<Self, ScheduleError> {
         if abar.len() < 2 {
             return Err(ScheduleError::TooShort { len: abar.len() });
         }
@@ -156,14 +185,24 @@ impl DiscreteSchedule {
         }
         let snr = abar.iter().map(|&a| a / (1.0 - a)).collect();
         let mut coeffs = Vec::with_capacity(abar.len());
-        // Index 0 has no update; it is never read but keeps `coeffs[t]` aligned with t.
+        // Index 0 has no update; it is never read (`coefficients` rejects
+        // t = 0) but keeps `coeffs[t]` aligned with t.
         coeffs.push(Eq3Coefficients {
             a: f64::NAN,
             b: f64::NAN,
             c: f64::NAN,
         });
         for t in 1..abar.len() {
-            coeffs.push(coefficients_between(abar[t - 1], abar[t]));
+            // The table was validated just above (strictly increasing, in
+            // [0, 1)), which is exactly what `coefficients_between` requires,
+            // so its error is unreachable; it is still mapped rather than
+            // unwrapped.
+            let k = coefficients_between(abar[t - 1], abar[t]).map_err(|_| ScheduleError::NotIncreasing {
+                index: t,
+                prev: abar[t - 1],
+                value: abar[t],
+            })?;
+            coeffs.push(k);
         }
         Ok(Self { abar, snr, coeffs })
     }
@@ -171,7 +210,7 @@ impl DiscreteSchedule {
     /// The cosine schedule of spec section 3:
     /// `f(tau) = cos^2((pi/2) (tau/T + s) / (1 + s))`, `abar_t = f(T - t) / f(0)`,
     /// clipped to `[0, abar_max]`.
-    pub fn cosine(t_max: usize, s: f64, abar_max: f64) -> Result<Self, ScheduleError> {
+    pub fn cosine(t_max: usize, s: f64, abar_max: f64) -> std::result::Result<Self, ScheduleError> {
         if t_max == 0 {
             return Err(ScheduleError::TooShort { len: 1 });
         }
@@ -202,7 +241,7 @@ impl DiscreteSchedule {
     }
 
     /// Alpha-bar linear in t: `abar_t = abar_min + (abar_max - abar_min) t / T`.
-    pub fn linear(t_max: usize, abar_min: f64, abar_max: f64) -> Result<Self, ScheduleError> {
+    pub fn linear(t_max: usize, abar_min: f64, abar_max: f64) -> std::result::Result<Self, ScheduleError> {
         if t_max == 0 {
             return Err(ScheduleError::TooShort { len: 1 });
         }
@@ -218,37 +257,65 @@ impl DiscreteSchedule {
         self.abar.len() - 1
     }
 
-    /// The whole alpha-bar table `abar_0..=abar_T`.
+    /// The whole alpha-bar table `abar_0..=abar_T` (always at least two values).
     pub fn alpha_bars(&self) -> &[f64] {
         &self.abar
     }
 
-    /// `abar_t` for `t` in `0..=T`.
-    pub fn alpha_bar(&self, t: usize) -> f64 {
-        self.abar[t]
+    /// `abar_t` for the time index `t` in `0..=T`; anything else is
+    /// [`CoreError::TimeOutOfRange`].
+    ///
+    /// Block `t` (in `1..=T`) is trained on `z_{t-1} ~ q(z_{t-1}|y)`, so it
+    /// needs `alpha_bar(t - 1)`; the KL term needs `alpha_bar(0)` and the
+    /// cross-entropy term `alpha_bar(T)`.
+    pub fn alpha_bar(&self, t: usize) -> Result<f64> {
+        self.abar
+            .get(t)
+            .copied()
+            .ok_or(CoreError::TimeOutOfRange { t, blocks: self.blocks() })
     }
 
     /// `alpha_t = abar_t / abar_{t+1}` for `t` in `0..T` (so `alpha_{t-1}` is the
-    /// signal fraction that step `t` adds).
-    pub fn alpha(&self, t: usize) -> f64 {
-        self.abar[t] / self.abar[t + 1]
+    /// signal fraction that step `t` adds); anything else is
+    /// [`CoreError::AlphaOutOfRange`].
+    pub fn alpha(&self, t: usize) -> Result<f64> {
+        match (self.abar.get(t), t.checked_add(1).and_then(|n| self.abar.get(n))) {
+            (Some(a), Some(next)) => Ok(a / next),
+            _ => Err(CoreError::AlphaOutOfRange { t, blocks: self.blocks() }),
+        }
     }
 
-    /// `SNR(t) = abar_t / (1 - abar_t)` for `t` in `0..=T`.
-    pub fn snr(&self, t: usize) -> f64 {
-        self.snr[t]
+    /// `SNR(t) = abar_t / (1 - abar_t)` for `t` in `0..=T`; anything else is
+    /// [`CoreError::TimeOutOfRange`].
+    pub fn snr(&self, t: usize) -> Result<f64> {
+        self.snr
+            .get(t)
+            .copied()
+            .ok_or(CoreError::TimeOutOfRange { t, blocks: self.blocks() })
     }
 
-    /// The eq. 3 coefficients of block `t` in `1..=T`.
-    pub fn coefficients(&self, t: usize) -> Eq3Coefficients {
-        assert!(t >= 1 && t <= self.blocks(), "block index {t} outside 1..={}", self.blocks());
-        self.coeffs[t]
+    /// The eq. 3 coefficients of block `t` in `1..=T`; anything else is
+    /// [`CoreError::BlockOutOfRange`].
+    pub fn coefficients(&self, t: usize) -> Result<Eq3Coefficients> {
+        self.check_block(t)?;
+        Ok(self.coeffs[t])
     }
 
-    /// The weight of block `t`'s denoising term in eq. 61:
-    /// `T * eta / 2 * (SNR(t) - SNR(t-1))`.
-    pub fn dt_weight(&self, t: usize, eta: f64) -> f64 {
-        self.blocks() as f64 * eta / 2.0 * (self.snr[t] - self.snr[t - 1])
+    /// The weight of block `t`'s denoising term in eq. 61,
+    /// `T * eta / 2 * (SNR(t) - SNR(t-1))`, for `t` in `1..=T` (anything else
+    /// is [`CoreError::BlockOutOfRange`]). It is positive because SNR
+    /// increases with `t`; `eta` is the paper's hyperparameter (0.1 for DT).
+    pub fn dt_weight(&self, t: usize, eta: f64) -> Result<f64> {
+        self.check_block(t)?;
+        Ok(self.blocks() as f64 * eta / 2.0 * (self.snr[t] - self.snr[t - 1]))
+    }
+
+    /// Checks that `t` is a block index, `1..=T`.
+    pub fn check_block(&self, t: usize) -> Result<()> {
+        if t == 0 || t > self.blocks() {
+            return Err(CoreError::BlockOutOfRange { t, blocks: self.blocks() });
+        }
+        Ok(())
     }
 }
 
@@ -264,16 +331,16 @@ mod tests {
         let sched = DiscreteSchedule::cosine(10, s, 1.0 - 1e-4).unwrap();
         for t in 0..10 {
             let want = f((10 - t) as f64) / f(0.0);
-            assert!((sched.alpha_bar(t) - want).abs() < 1e-15, "t={t}");
+            assert!((sched.alpha_bar(t).unwrap() - want).abs() < 1e-15, "t={t}");
         }
         // abar_T = f(0)/f(0) = 1 is clipped.
-        assert_eq!(sched.alpha_bar(10), 1.0 - 1e-4);
+        assert_eq!(sched.alpha_bar(10).unwrap(), 1.0 - 1e-4);
         // abar_0 = cos^2(pi/2) / f(0) is zero up to rounding.
-        assert!(sched.alpha_bar(0) < 1e-30);
+        assert!(sched.alpha_bar(0).unwrap() < 1e-30);
         // A value worked out by hand: abar_5 = cos^2(pi/2 * 0.508/1.008) / cos^2(pi/2 * 0.008/1.008).
         let a5 = (std::f64::consts::FRAC_PI_2 * 0.508 / 1.008).cos().powi(2)
             / (std::f64::consts::FRAC_PI_2 * 0.008 / 1.008).cos().powi(2);
-        assert!((sched.alpha_bar(5) - a5).abs() < 1e-15);
+        assert!((sched.alpha_bar(5).unwrap() - a5).abs() < 1e-15);
         assert!((a5 - 0.493_843_590_440_6).abs() < 1e-12);
     }
 
@@ -281,18 +348,18 @@ mod tests {
     fn coefficients_closed_form() {
         let sched = DiscreteSchedule::from_alpha_bar(vec![0.0, 0.25, 0.5, 0.9]).unwrap();
         // t = 2: abar_1 = 0.25, abar_2 = 0.5, alpha_1 = 0.5.
-        let c = sched.coefficients(2);
+        let c = sched.coefficients(2).unwrap();
         assert!((c.a - 0.5f64.sqrt() * 0.5 / 0.75).abs() < 1e-15);
         assert!((c.b - 0.5f64.sqrt() * 0.5 / 0.75).abs() < 1e-15);
         assert!((c.c - 0.5 * 0.5 / 0.75).abs() < 1e-15);
         // t = 1 from abar_0 = 0: the update ignores z_0 and is q(z_1|y) itself.
-        let c = sched.coefficients(1);
+        let c = sched.coefficients(1).unwrap();
         assert!((c.a - 0.25f64.sqrt()).abs() < 1e-15);
         assert_eq!(c.b, 0.0);
         assert!((c.c - 0.75).abs() < 1e-15);
-        assert!((sched.snr(3) - 9.0).abs() < 1e-12);
-        assert!((sched.dt_weight(3, 0.1) - 3.0 * 0.1 / 2.0 * (9.0 - 1.0)).abs() < 1e-12);
-        assert!((sched.alpha(1) - 0.5).abs() < 1e-15);
+        assert!((sched.snr(3).unwrap() - 9.0).abs() < 1e-12);
+        assert!((sched.dt_weight(3, 0.1).unwrap() - 3.0 * 0.1 / 2.0 * (9.0 - 1.0)).abs() < 1e-12);
+        assert!((sched.alpha(1).unwrap() - 0.5).abs() < 1e-15);
     }
 
     #[test]
@@ -329,7 +396,7 @@ mod tests {
     fn linear_schedule_values() {
         let s = DiscreteSchedule::linear(4, 0.0, 0.8).unwrap();
         for (t, want) in [0.0, 0.2, 0.4, 0.6, 0.8].iter().enumerate() {
-            assert!((s.alpha_bar(t) - want).abs() < 1e-15);
+            assert!((s.alpha_bar(t).unwrap() - want).abs() < 1e-15);
         }
     }
 }

@@ -319,7 +319,7 @@ fn dt_weights_converge_to_ct_weight() {
             for frac in [0.1, 0.25, 0.5, 0.75, 1.0] {
                 let k = (frac * t_max as f64).round() as usize;
                 let want = eta / 2.0 * sched.snr_derivative_at(k as f64 / t_max as f64).unwrap();
-                let got = dt.dt_weight(k, eta);
+                let got = dt.dt_weight(k, eta).unwrap();
                 worst = worst.max((got - want).abs() / want);
             }
             // The backward difference is first-order accurate.
@@ -348,7 +348,7 @@ fn dt_weights_converge_to_ct_weight() {
         let uhat = tvec(&[e(k as f64 / t_max as f64).sqrt(), 0.0], DType::F64)
             .reshape((1, 2))
             .unwrap();
-        let term = denoise_loss(&uhat, &u, dt.dt_weight(k, eta)).unwrap();
+        let term = denoise_loss(&uhat, &u, dt.dt_weight(k, eta).unwrap()).unwrap();
         dt_mean += term.to_scalar::<f64>().unwrap() / t_max as f64;
     }
     // The CT loss over a batch of midpoints t_i is the midpoint rule of the integral.

@@ -3,7 +3,8 @@
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{DataError, Dataset};
+use crate::dataset::Dataset;
+use crate::error::DataError;
 
 /// The shuffled example indices of one pass over a data set, cut into
 /// batches.
@@ -149,7 +150,7 @@ pub fn gather_into(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Normalization;
+    use crate::normalization::Normalization;
 
     fn sorted(mut v: Vec<usize>) -> Vec<usize> {
         v.sort_unstable();

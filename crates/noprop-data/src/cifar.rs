@@ -1,105 +1,29 @@
-//! CIFAR-10 and CIFAR-100 in their canonical binary versions.
+//! Data sets stored like CIFAR-10 and CIFAR-100's binary versions.
 //!
 //! Both are files of fixed-size records. A CIFAR-10 record is one label byte
 //! and 3,072 pixel bytes: the 32x32 red plane, then green, then blue, each row
 //! by row. A CIFAR-100 record has two label bytes, the coarse (20 classes)
 //! and then the fine (100 classes) label, before the same 3,072 pixel bytes.
 //! The official files hold 10,000 records each (CIFAR-100's `train.bin`
-//! 50,000), but any whole number of records is accepted so that small test
-//! files work the same way.
+//! 50,000), but any whole, non-zero number of records is accepted so that
+//! small test files work the same way. Everything specific to a data set
+//! comes from its [`DatasetSpec`] in the catalog.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use crate::dataset::PixelTable;
-use crate::files::open_maybe_gz;
-use crate::{DataError, Dataset, Normalization, Split};
-
-/// The side of a CIFAR image in pixels.
-const SIDE: usize = 32;
-/// The number of pixel bytes in one record.
-const PIXELS: usize = 3 * SIDE * SIDE;
-
-/// What tells the two CIFAR variants apart.
-pub(crate) struct Spec {
-    /// The name used in messages.
-    name: &'static str,
-    /// The folder name used by the NOPROP_DATA layout, for hints.
-    data_subdir: &'static str,
-    /// The folder the official archive unpacks to.
-    pub(crate) folder: &'static str,
-    /// The official archive's file name.
-    pub(crate) archive: &'static str,
-    train: &'static [&'static str],
-    test: &'static [&'static str],
-    /// The number of coarse classes, for CIFAR-100's extra label byte.
-    coarse_classes: Option<usize>,
-    /// The number of classes of the label that is kept.
-    classes: usize,
-}
-
-/// CIFAR-10's layout.
-pub(crate) const CIFAR10: Spec = Spec {
-    name: "CIFAR-10",
-    data_subdir: "cifar10",
-    folder: "cifar-10-batches-bin",
-    archive: "cifar-10-binary.tar.gz",
-    train: &[
-        "data_batch_1.bin",
-        "data_batch_2.bin",
-        "data_batch_3.bin",
-        "data_batch_4.bin",
-        "data_batch_5.bin",
-    ],
-    test: &["test_batch.bin"],
-    coarse_classes: None,
-    classes: 10,
+use crate::catalog::{CifarLayout, DatasetKind, DatasetSpec, CIFAR100_LAYOUT, CIFAR10_LAYOUT};
+use crate::dataset::Dataset;
+use crate::error::DataError;
+use crate::files::{
+    check_claim, content_bound, open_maybe_gz, read_exact_vec, Bounded, MAX_FILE_LEN,
 };
+use crate::labels::labels_as_bytes;
+use crate::normalization::{Normalization, PixelTable};
+use crate::split::Split;
 
-/// CIFAR-100's layout.
-pub(crate) const CIFAR100: Spec = Spec {
-    name: "CIFAR-100",
-    data_subdir: "cifar100",
-    folder: "cifar-100-binary",
-    archive: "cifar-100-binary.tar.gz",
-    train: &["train.bin"],
-    test: &["test.bin"],
-    coarse_classes: Some(20),
-    classes: 100,
-};
-
-impl Spec {
-    fn files(&self, split: Split) -> &'static [&'static str] {
-        match split {
-            Split::Train => self.train,
-            Split::Test => self.test,
-        }
-    }
-
-    /// Every file of both splits.
-    pub(crate) fn all_files(&self) -> impl Iterator<Item = &'static str> {
-        self.train.iter().chain(self.test).copied()
-    }
-
-    fn label_bytes(&self) -> usize {
-        if self.coarse_classes.is_some() {
-            2
-        } else {
-            1
-        }
-    }
-
-    fn record_len(&self) -> usize {
-        self.label_bytes() + PIXELS
-    }
-
-    fn normalization(&self) -> Normalization {
-        if self.coarse_classes.is_some() {
-            Normalization::cifar100()
-        } else {
-            Normalization::cifar10()
-        }
-    }
+/// The number of bytes in one record of `layout` for images of `spec`.
+fn record_len(spec: &DatasetSpec, layout: &CifarLayout) -> usize {
+    layout.label_bytes() + spec.image_len()
 }
 
 /// Where the files of one data set are.
@@ -113,22 +37,27 @@ pub(crate) enum Source {
 /// Finds the data: `dir` may be an archive, a folder holding the unpacked
 /// folder, the unpacked folder itself, or a folder holding the archive, tried
 /// in that order.
-pub(crate) fn locate(dir: &Path, spec: &Spec, split: Split) -> Result<Source, DataError> {
+pub(crate) fn locate(
+    dir: &Path,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
+    split: Split,
+) -> Result<Source, DataError> {
     if dir.is_file() {
         return Ok(Source::Archive(dir.to_path_buf()));
     }
-    let unpacked = dir.join(spec.folder);
+    let unpacked = dir.join(layout.folder);
     if unpacked.is_dir() {
         return Ok(Source::Dir(unpacked));
     }
-    if spec
-        .files(split)
+    if layout
+        .split_files(split)
         .iter()
         .all(|name| dir.join(name).is_file())
     {
         return Ok(Source::Dir(dir.to_path_buf()));
     }
-    let archive = dir.join(spec.archive);
+    let archive = dir.join(layout.archive);
     if archive.is_file() {
         return Ok(Source::Archive(archive));
     }
@@ -137,21 +66,68 @@ pub(crate) fn locate(dir: &Path, spec: &Spec, split: Split) -> Result<Source, Da
         hint: format!(
             "expected {}/ or {} in {}; pass the folder with --data, set NOPROP_DATA \
              to a folder holding {}/, or enable downloading",
-            spec.folder,
-            spec.archive,
+            layout.folder,
+            layout.archive,
             dir.display(),
-            spec.data_subdir
+            spec.name
         ),
     })
+}
+
+/// Whether `dir` holds the archive or every record file of both splits (not
+/// whether they are valid: loading checks that).
+pub(crate) fn is_present(layout: &CifarLayout, dir: &Path) -> bool {
+    let unpacked = dir.join(layout.folder);
+    dir.join(layout.archive).is_file()
+        || layout.all_files().all(|name| unpacked.join(name).is_file())
+        || layout.all_files().all(|name| dir.join(name).is_file())
+}
+
+/// Checks a record file's size, as a folder entry or an archive header gives
+/// it, before anything is allocated for it.
+fn check_records(path: &Path, len: u64, record_len: usize) -> Result<(), DataError> {
+    if len == 0 {
+        return Err(DataError::NoRecords {
+            path: path.to_path_buf(),
+        });
+    }
+    if len > MAX_FILE_LEN {
+        return Err(DataError::TooLarge {
+            path: path.to_path_buf(),
+            claimed: len,
+            limit: MAX_FILE_LEN,
+        });
+    }
+    if len % record_len as u64 != 0 {
+        return Err(DataError::PartialRecord {
+            path: path.to_path_buf(),
+            len,
+            record_len,
+        });
+    }
+    Ok(())
+}
+
+/// Reads one record file from a folder, checking its size first.
+fn read_record_file(path: &Path, record_len: usize) -> Result<Vec<u8>, DataError> {
+    let io_err = |e| DataError::io(path, e);
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let len = file.metadata().map_err(io_err)?.len();
+    check_records(path, len, record_len)?;
+    // The file could change between the size check and the read; reading
+    // exactly `len` bytes keeps the buffer to the size just checked.
+    read_exact_vec(&mut file, path, len, 0)
 }
 
 /// Reads the named files from a source, in the order given, each with the
 /// path that errors should name.
 fn read_files(
     source: &Source,
-    spec: &Spec,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
     names: &[&str],
 ) -> Result<Vec<(PathBuf, Vec<u8>)>, DataError> {
+    let record_len = record_len(spec, layout);
     match source {
         Source::Dir(dir) => names
             .iter()
@@ -161,31 +137,31 @@ fn read_files(
                     return Err(DataError::MissingFile {
                         hint: format!(
                             "the {} folder {} is incomplete; unpack {} again",
-                            spec.name,
+                            spec.title,
                             dir.display(),
-                            spec.archive
+                            layout.archive
                         ),
                         path,
                     });
                 }
-                let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
+                let bytes = read_record_file(&path, record_len)?;
                 Ok((path, bytes))
             })
             .collect(),
         Source::Archive(archive) => {
-            let mut found = read_members(archive, spec.folder, names)?;
+            let mut found = read_members(archive, spec, layout, names)?;
             names
                 .iter()
                 .zip(found.iter_mut())
                 .map(|(name, bytes)| {
-                    let path = archive.join(spec.folder).join(name);
+                    let path = archive.join(layout.folder).join(name);
                     match bytes.take() {
                         Some(bytes) => Ok((path, bytes)),
                         None => Err(DataError::MissingFile {
                             path,
                             hint: format!(
                                 "the archive has no member {}/{name}; is it the official {} archive?",
-                                spec.folder, spec.archive
+                                layout.folder, layout.archive
                             ),
                         }),
                     }
@@ -195,18 +171,38 @@ fn read_files(
     }
 }
 
-/// Reads the members `folder/name` of a tar archive, gzip-compressed or not,
-/// stopping as soon as all are found.
+/// Reads the record files `folder/name` of a tar archive, gzip-compressed or
+/// not, checking each member's size before allocating for it, and reading
+/// the archive to its very end.
+///
+/// Reading to the end matters for a `.tar.gz`: the gzip stream's CRC and
+/// length are only checked when the decoder reaches its trailer, so an
+/// archive cut short after the wanted members would otherwise load without
+/// complaint.
 pub(crate) fn read_members(
     archive: &Path,
-    folder: &str,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
     names: &[&str],
 ) -> Result<Vec<Option<Vec<u8>>>, DataError> {
-    let io_err = |e| DataError::io(archive, e);
-    let reader = open_maybe_gz(archive).map_err(io_err)?;
+    let record_len = record_len(spec, layout);
+    let opened = open_maybe_gz(archive)?;
+    let (file_len, gzip) = (opened.file_len, opened.gzip);
+    let limit = content_bound(file_len, gzip);
+    let (reader, exceeded) = Bounded::new(opened.reader, limit);
+    let io_err = |e| {
+        if exceeded.get() {
+            DataError::ArchiveTooLarge {
+                path: archive.to_path_buf(),
+                limit,
+            }
+        } else {
+            DataError::io(archive, e)
+        }
+    };
     let wanted: Vec<PathBuf> = names
         .iter()
-        .map(|name| Path::new(folder).join(name))
+        .map(|name| Path::new(layout.folder).join(name))
         .collect();
     let mut found: Vec<Option<Vec<u8>>> = vec![None; names.len()];
     let mut tar = tar::Archive::new(reader);
@@ -219,16 +215,32 @@ pub(crate) fn read_members(
         let Some(slot) = wanted.iter().position(|w| path.ends_with(w)) else {
             continue;
         };
-        // The size comes from the archive, so it only guides the first
-        // allocation up to a sane bound.
-        let size = usize::try_from(entry.size()).unwrap_or(0).min(1 << 30);
-        let mut bytes = Vec::with_capacity(size);
-        entry.read_to_end(&mut bytes).map_err(io_err)?;
-        found[slot] = Some(bytes);
-        if found.iter().all(Option::is_some) {
-            break;
+        if found[slot].is_some() {
+            // A repeated member is skipped (the tar reader still reads past
+            // it), so the first copy wins, as when the archive is unpacked
+            // without overwriting.
+            continue;
         }
+        let member = archive.join(layout.folder).join(names[slot]);
+        // The size comes from the archive's header, so it is checked
+        // against the limit, against what the archive could hold, and
+        // against the record size before it sizes a buffer.
+        let size = entry.size();
+        check_records(&member, size, record_len)?;
+        match check_claim(&member, size, file_len, gzip) {
+            // An uncompressed archive holds headers too, so a member is only
+            // implausible when it claims more than the whole file.
+            Err(DataError::TrailingBytes { .. }) => {}
+            other => other?,
+        }
+        let bytes = read_exact_vec(&mut entry, &member, size, 0).map_err(|e| match e {
+            DataError::Io { source, .. } if exceeded.get() => io_err(source),
+            other => other,
+        })?;
+        found[slot] = Some(bytes);
     }
+    let mut rest = tar.into_inner();
+    std::io::copy(&mut rest, &mut std::io::sink()).map_err(io_err)?;
     Ok(found)
 }
 
@@ -237,11 +249,12 @@ pub(crate) fn read_members(
 /// `dir` may be the folder that holds `cifar-10-batches-bin/`, that folder
 /// itself, a folder holding the official `cifar-10-binary.tar.gz`, or the
 /// path of that archive; the archive is read directly, without unpacking it
-/// to disk. The training split is `data_batch_1.bin` to `data_batch_5.bin`
-/// in that order, the test split `test_batch.bin`. Pixels are normalised
-/// with CIFAR-10's training statistics ([`Normalization::cifar10`]).
+/// to disk, and read to its end so that its gzip checksum is verified. The
+/// training split is `data_batch_1.bin` to `data_batch_5.bin` in that order,
+/// the test split `test_batch.bin`. Pixels are normalised with CIFAR-10's
+/// training statistics ([`Normalization::cifar10`]).
 pub fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    load(dir, split, &CIFAR10)
+    load(DatasetKind::Cifar10.spec(), &CIFAR10_LAYOUT, dir, split)
 }
 
 /// Loads one split of CIFAR-100 from its binary version, with its 100 fine
@@ -254,34 +267,29 @@ pub fn load_cifar10(dir: &Path, split: Split) -> Result<Dataset, DataError> {
 /// Pixels are normalised with CIFAR-100's training statistics
 /// ([`Normalization::cifar100`]).
 pub fn load_cifar100(dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    load(dir, split, &CIFAR100)
+    load(DatasetKind::Cifar100.spec(), &CIFAR100_LAYOUT, dir, split)
 }
 
-fn load(dir: &Path, split: Split, spec: &Spec) -> Result<Dataset, DataError> {
-    let source = locate(dir, spec, split)?;
-    let files = read_files(&source, spec, spec.files(split))?;
-    let record_len = spec.record_len();
-    for (path, bytes) in &files {
-        if bytes.is_empty() {
-            return Err(DataError::NoRecords { path: path.clone() });
-        }
-        if bytes.len() % record_len != 0 {
-            return Err(DataError::PartialRecord {
-                path: path.clone(),
-                len: bytes.len() as u64,
-                record_len,
-            });
-        }
-    }
-
+/// Loads one split of a record-file data set.
+pub(crate) fn load(
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
+    dir: &Path,
+    split: Split,
+) -> Result<Dataset, DataError> {
+    let source = locate(dir, spec, layout, split)?;
+    let files = read_files(&source, spec, layout, layout.split_files(split))?;
+    let record_len = record_len(spec, layout);
+    let image_len = spec.image_len();
+    // Every file was checked to hold a whole, non-zero number of records.
     let count: usize = files
         .iter()
         .map(|(_, bytes)| bytes.len() / record_len)
         .sum();
-    let table = PixelTable::new(&spec.normalization(), 3)?;
-    let mut images = Vec::with_capacity(count * PIXELS);
+    let table = PixelTable::new(&Normalization::of(spec), spec.channels)?;
+    let mut images = Vec::with_capacity(count * image_len);
     let mut labels = Vec::with_capacity(count);
-    let label_at = spec.label_bytes() - 1;
+    let label_at = layout.label_bytes() - 1;
     for (path, bytes) in &files {
         for (index, record) in bytes.chunks_exact(record_len).enumerate() {
             let out_of_range = |label: u8, classes: usize| DataError::LabelOutOfRange {
@@ -290,14 +298,14 @@ fn load(dir: &Path, split: Split, spec: &Spec) -> Result<Dataset, DataError> {
                 label: u32::from(label),
                 classes,
             };
-            if let Some(coarse) = spec.coarse_classes {
+            if let Some(coarse) = layout.coarse_classes {
                 if usize::from(record[0]) >= coarse {
                     return Err(out_of_range(record[0], coarse));
                 }
             }
             let label = record[label_at];
-            if usize::from(label) >= spec.classes {
-                return Err(out_of_range(label, spec.classes));
+            if usize::from(label) >= spec.num_classes {
+                return Err(out_of_range(label, spec.num_classes));
             }
             labels.push(u32::from(label));
             table.extend(&mut images, &record[label_at + 1..]);
@@ -306,10 +314,10 @@ fn load(dir: &Path, split: Split, spec: &Spec) -> Result<Dataset, DataError> {
     Ok(Dataset {
         images,
         labels,
-        channels: 3,
-        height: SIDE,
-        width: SIDE,
-        num_classes: spec.classes,
+        channels: spec.channels,
+        height: spec.height,
+        width: spec.width,
+        num_classes: spec.num_classes,
     })
 }
 
@@ -320,37 +328,39 @@ fn load(dir: &Path, split: Split, spec: &Spec) -> Result<Dataset, DataError> {
 /// written as `fine / 5`, a stand-in for the real grouping, which the loader
 /// checks for range and otherwise ignores.
 pub(crate) fn write(
-    spec: &Spec,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
     dir: &Path,
     split: Split,
     pixels: &[u8],
     labels: &[u32],
 ) -> Result<(), DataError> {
     let n = labels.len();
-    if pixels.len() != n * PIXELS {
+    let image_len = spec.image_len();
+    if Some(pixels.len()) != n.checked_mul(image_len) {
         return Err(DataError::ShapeMismatch {
             pixels: pixels.len(),
             labels: n,
-            image_len: PIXELS,
+            image_len,
         });
     }
-    let labels = crate::kind::labels_as_bytes(labels, spec.classes)?;
-    let folder = dir.join(spec.folder);
+    let labels = labels_as_bytes(labels, spec.num_classes)?;
+    let folder = dir.join(layout.folder);
     std::fs::create_dir_all(&folder).map_err(|e| DataError::io(&folder, e))?;
-    let names = spec.files(split);
+    let names = layout.split_files(split);
     for (k, name) in names.iter().enumerate() {
         let path = folder.join(name);
         let range = k * n / names.len()..(k + 1) * n / names.len();
         if range.is_empty() {
             return Err(DataError::NoRecords { path });
         }
-        let mut bytes = Vec::with_capacity(range.len() * spec.record_len());
+        let mut bytes = Vec::with_capacity(range.len() * record_len(spec, layout));
         for i in range {
-            if spec.coarse_classes.is_some() {
+            if layout.coarse_classes.is_some() {
                 bytes.push(labels[i] / 5);
             }
             bytes.push(labels[i]);
-            bytes.extend_from_slice(&pixels[i * PIXELS..(i + 1) * PIXELS]);
+            bytes.extend_from_slice(&pixels[i * image_len..(i + 1) * image_len]);
         }
         std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))?;
     }

@@ -1,146 +1,7 @@
-//! The in-memory data set and its per-channel normalisation.
+//! The in-memory data set.
 
-use crate::DataError;
-
-/// MNIST's per-channel mean of the training images, with pixels scaled to
-/// `[0, 1]`.
-pub const MNIST_MEAN: [f32; 1] = [0.1307];
-/// MNIST's per-channel standard deviation of the training images, with
-/// pixels scaled to `[0, 1]`.
-pub const MNIST_STD: [f32; 1] = [0.3081];
-/// CIFAR-10's per-channel (R, G, B) mean of the training images, with pixels
-/// scaled to `[0, 1]`.
-pub const CIFAR10_MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-/// CIFAR-10's per-channel (R, G, B) standard deviation of the training
-/// images, with pixels scaled to `[0, 1]`.
-pub const CIFAR10_STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
-/// CIFAR-100's per-channel (R, G, B) mean of the training images, with
-/// pixels scaled to `[0, 1]`.
-pub const CIFAR100_MEAN: [f32; 3] = [0.5071, 0.4865, 0.4409];
-/// CIFAR-100's per-channel (R, G, B) standard deviation of the training
-/// images, with pixels scaled to `[0, 1]`.
-pub const CIFAR100_STD: [f32; 3] = [0.2673, 0.2564, 0.2762];
-
-/// A per-channel affine normalisation of 8-bit pixels.
-///
-/// A pixel `p` of channel `c` becomes `(p / 255 - mean[c]) / std[c]`: it is
-/// first scaled to `[0, 1]` and then standardised, as torchvision's
-/// `ToTensor` followed by `Normalize` does. The presets use the per-channel
-/// statistics of each data set's *training* split, so that the training
-/// images come out with mean about 0 and standard deviation about 1 in every
-/// channel; the test split is normalised with the same training statistics.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Normalization {
-    /// The mean of each channel, on the `[0, 1]` scale.
-    pub mean: Vec<f32>,
-    /// The standard deviation of each channel, on the `[0, 1]` scale.
-    pub std: Vec<f32>,
-}
-
-impl Normalization {
-    /// MNIST's training-set statistics ([`MNIST_MEAN`], [`MNIST_STD`]).
-    pub fn mnist() -> Self {
-        Self {
-            mean: MNIST_MEAN.to_vec(),
-            std: MNIST_STD.to_vec(),
-        }
-    }
-
-    /// CIFAR-10's training-set statistics ([`CIFAR10_MEAN`], [`CIFAR10_STD`]).
-    pub fn cifar10() -> Self {
-        Self {
-            mean: CIFAR10_MEAN.to_vec(),
-            std: CIFAR10_STD.to_vec(),
-        }
-    }
-
-    /// CIFAR-100's training-set statistics ([`CIFAR100_MEAN`],
-    /// [`CIFAR100_STD`]).
-    pub fn cifar100() -> Self {
-        Self {
-            mean: CIFAR100_MEAN.to_vec(),
-            std: CIFAR100_STD.to_vec(),
-        }
-    }
-
-    /// Only scales pixels to `[0, 1]`: mean 0 and standard deviation 1 in
-    /// every channel.
-    pub fn unit_range(channels: usize) -> Self {
-        Self {
-            mean: vec![0.0; channels],
-            std: vec![1.0; channels],
-        }
-    }
-
-    /// Normalises one pixel of one channel.
-    ///
-    /// # Panics
-    ///
-    /// If `channel` is not below the number of channels.
-    pub fn apply(&self, channel: usize, pixel: u8) -> f32 {
-        let scaled = f64::from(pixel) / 255.0;
-        ((scaled - f64::from(self.mean[channel])) / f64::from(self.std[channel])) as f32
-    }
-
-    /// Checks that there is one finite mean and one positive, finite
-    /// standard deviation per channel.
-    pub fn validate(&self, channels: usize) -> Result<(), DataError> {
-        if self.mean.len() != channels || self.std.len() != channels {
-            return Err(DataError::NormalizationChannels {
-                channels,
-                means: self.mean.len(),
-                stds: self.std.len(),
-            });
-        }
-        for (channel, (&mean, &std)) in self.mean.iter().zip(&self.std).enumerate() {
-            if !mean.is_finite() || !std.is_finite() || std <= 0.0 {
-                return Err(DataError::BadNormalization { channel, mean, std });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// One lookup table of 256 normalised values per channel.
-///
-/// Normalising through a table costs one load per pixel, which keeps loading
-/// 60,000 MNIST images far below a second.
-pub(crate) struct PixelTable {
-    tables: Vec<[f32; 256]>,
-}
-
-impl PixelTable {
-    /// Builds the tables after checking the normalisation against the number
-    /// of channels.
-    pub(crate) fn new(norm: &Normalization, channels: usize) -> Result<Self, DataError> {
-        norm.validate(channels)?;
-        let tables = (0..channels)
-            .map(|channel| {
-                let mut table = [0.0f32; 256];
-                for (pixel, value) in table.iter_mut().enumerate() {
-                    // The index is below 256, so it always fits in a byte.
-                    *value = norm.apply(channel, pixel as u8);
-                }
-                table
-            })
-            .collect();
-        Ok(Self { tables })
-    }
-
-    /// Appends one image given as channel-major (planar) bytes.
-    ///
-    /// `image` must hold `channels` planes of equal size.
-    pub(crate) fn extend(&self, out: &mut Vec<f32>, image: &[u8]) {
-        let plane = image.len() / self.tables.len();
-        if plane == 0 {
-            // An IDX file may hold zero images; `chunks_exact(0)` would panic.
-            return;
-        }
-        for (table, bytes) in self.tables.iter().zip(image.chunks_exact(plane)) {
-            out.extend(bytes.iter().map(|&p| table[usize::from(p)]));
-        }
-    }
-}
+use crate::error::DataError;
+use crate::normalization::{Normalization, PixelTable};
 
 /// A labelled image data set held in host memory, already normalised.
 ///
@@ -254,14 +115,24 @@ impl Dataset {
                 len: self.len(),
             });
         }
-        let mut images = Vec::new();
-        let mut labels = Vec::new();
-        crate::batch::gather_into(self, indices, &mut images, &mut labels);
+        // Copied here rather than through `batch::gather_into`, so that the
+        // batching module depends on this one and not the other way round.
+        let mut images = Vec::with_capacity(indices.len() * self.image_len());
+        let mut labels = Vec::with_capacity(indices.len());
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+            labels.push(self.labels[i]);
+        }
         Ok(self.with_examples(images, labels))
     }
 
     /// A new data set holding the first `n` examples, or all of them if there
     /// are fewer.
+    ///
+    /// `take(0)` gives an empty data set: zero is a count here, never a
+    /// stand-in for "no limit". A caller whose configuration uses 0 to mean
+    /// "everything" must test for it before calling, and one that forbids an
+    /// empty selection must reject 0 itself.
     pub fn take(&self, n: usize) -> Dataset {
         let n = n.min(self.len());
         self.with_examples(
@@ -296,6 +167,7 @@ impl Dataset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::{CIFAR100_MEAN, CIFAR100_STD, CIFAR10_MEAN, CIFAR10_STD};
 
     fn close(a: f32, b: f64) -> bool {
         (f64::from(a) - b).abs() <= 1e-6 * b.abs().max(1.0)
@@ -392,6 +264,9 @@ mod tests {
         ));
         assert_eq!(ds.take(2).labels, vec![0, 1]);
         assert_eq!(ds.take(10).len(), 4);
+        // Zero means zero examples, not "no limit".
+        assert!(ds.take(0).is_empty());
+        assert!(ds.take(0).images.is_empty());
         assert_eq!(ds.class_counts(), vec![1, 2, 1]);
     }
 }

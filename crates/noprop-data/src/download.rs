@@ -6,54 +6,56 @@
 //! are already there are verified instead of fetched again; one that fails
 //! verification is reported, not overwritten, since it may be the user's.
 
-use std::fmt::Display;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use md5::Md5;
-use sha2::{Digest, Sha256};
-
-use crate::cifar::{self, Spec};
-use crate::files::open_maybe_gz;
-use crate::{mnist, DataError};
+use crate::catalog::{CifarLayout, DatasetSpec, CIFAR100_LAYOUT, CIFAR10_LAYOUT, MNIST_LAYOUT};
+use crate::catalog::{DatasetKind, Layout};
+use crate::cifar;
+use crate::error::DataError;
+use crate::files::find_raw_or_gz;
+use crate::verify::{check, md5_of, sha256_of_content, verify_record_sizes};
 
 /// The default MNIST mirror, which serves the four canonical `.gz` files.
-pub const MNIST_BASE_URL: &str = "https://ossci-datasets.s3.amazonaws.com/mnist/";
+pub const MNIST_BASE_URL: &str = MNIST_LAYOUT.base_url;
 
 /// The SHA-256 of each canonical MNIST file *after* decompression, keyed by
-/// its name without `.gz`.
+/// its name without `.gz` (from the catalog).
 ///
 /// Checking the IDX content rather than the `.gz` wrapper accepts any mirror
 /// that re-compressed the files, and raw files a user unpacked by hand.
 pub const MNIST_SHA256: [(&str, &str); 4] = [
-    (
-        "train-images-idx3-ubyte",
-        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    ),
-    (
-        "train-labels-idx1-ubyte",
-        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    ),
-    (
-        "t10k-images-idx3-ubyte",
-        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    ),
-    (
-        "t10k-labels-idx1-ubyte",
-        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-    ),
+    (MNIST_LAYOUT.files[0].stem, MNIST_LAYOUT.files[0].sha256),
+    (MNIST_LAYOUT.files[1].stem, MNIST_LAYOUT.files[1].sha256),
+    (MNIST_LAYOUT.files[2].stem, MNIST_LAYOUT.files[2].sha256),
+    (MNIST_LAYOUT.files[3].stem, MNIST_LAYOUT.files[3].sha256),
 ];
 
 /// The official CIFAR-10 binary archive.
-pub const CIFAR10_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+pub const CIFAR10_URL: &str = CIFAR10_LAYOUT.url;
 /// The MD5 of [`CIFAR10_URL`]'s archive, as published on the CIFAR page.
-pub const CIFAR10_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+pub const CIFAR10_MD5: &str = CIFAR10_LAYOUT.md5;
 /// The official CIFAR-100 binary archive.
-pub const CIFAR100_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz";
+pub const CIFAR100_URL: &str = CIFAR100_LAYOUT.url;
 /// The MD5 of [`CIFAR100_URL`]'s archive, as published on the CIFAR page.
-pub const CIFAR100_MD5: &str = "03b5dce01913d631647c71ecec9e9cb8";
+pub const CIFAR100_MD5: &str = CIFAR100_LAYOUT.md5;
+
+/// Verifies the files of a data set already in `dest` and fetches the
+/// missing ones from the catalog's default URLs; what
+/// [`DatasetKind::ensure`] calls with `download` true.
+pub fn download(kind: DatasetKind, dest: &Path) -> Result<(), DataError> {
+    let spec = kind.spec();
+    match &spec.layout {
+        Layout::Idx(layout) => fetch_mnist(dest, layout.base_url, &idx_table(layout)),
+        Layout::Cifar(layout) => fetch_cifar(dest, layout.url, spec, layout, layout.md5),
+    }
+}
+
+fn idx_table(layout: &crate::catalog::IdxLayout) -> Vec<(&'static str, &'static str)> {
+    layout.files.iter().map(|f| (f.stem, f.sha256)).collect()
+}
 
 /// Downloads the four MNIST files from `base_url` (a folder URL such as
 /// [`MNIST_BASE_URL`]) into `dest`, as `<name>.gz`.
@@ -68,19 +70,32 @@ pub fn download_mnist(dest: &Path, base_url: &str) -> Result<(), DataError> {
 /// checks its MD5 against [`CIFAR10_MD5`], and unpacks its
 /// `cifar-10-batches-bin/` folder into `dest`.
 ///
-/// Nothing is done when that folder is already complete. An archive already
+/// When that folder is already complete, its files are only checked to have
+/// the official sizes (CIFAR publishes no checksum for them). An archive already
 /// in `dest` is verified and unpacked instead of downloaded, and kept; a
 /// downloaded one is deleted once unpacked, since the loader reads the
 /// unpacked files faster.
 pub fn download_cifar10(dest: &Path, url: &str) -> Result<(), DataError> {
-    fetch_cifar(dest, url, &cifar::CIFAR10, CIFAR10_MD5)
+    fetch_cifar(
+        dest,
+        url,
+        DatasetKind::Cifar10.spec(),
+        &CIFAR10_LAYOUT,
+        CIFAR10_MD5,
+    )
 }
 
 /// Downloads the CIFAR-100 archive from `url` (normally [`CIFAR100_URL`]),
 /// checks its MD5 against [`CIFAR100_MD5`], and unpacks its
 /// `cifar-100-binary/` folder into `dest`, as [`download_cifar10`] does.
 pub fn download_cifar100(dest: &Path, url: &str) -> Result<(), DataError> {
-    fetch_cifar(dest, url, &cifar::CIFAR100, CIFAR100_MD5)
+    fetch_cifar(
+        dest,
+        url,
+        DatasetKind::Cifar100.spec(),
+        &CIFAR100_LAYOUT,
+        CIFAR100_MD5,
+    )
 }
 
 /// [`download_mnist`] with the expected checksums as a parameter, so that
@@ -88,9 +103,8 @@ pub fn download_cifar100(dest: &Path, url: &str) -> Result<(), DataError> {
 fn fetch_mnist(dest: &Path, base_url: &str, table: &[(&str, &str)]) -> Result<(), DataError> {
     create_dir(dest)?;
     for &(name, expected) in table {
-        if let Some(existing) = mnist::find_file(dest, name) {
-            let found = sha256_of_content(&existing).map_err(|e| DataError::io(&existing, e))?;
-            check(existing.display(), expected, found)?;
+        if let Some(existing) = find_raw_or_gz(dest, name) {
+            check(existing.display(), expected, sha256_of_content(&existing)?)?;
             continue;
         }
         let url = join_url(base_url, &format!("{name}.gz"));
@@ -106,25 +120,32 @@ fn fetch_mnist(dest: &Path, base_url: &str, table: &[(&str, &str)]) -> Result<()
 }
 
 /// The CIFAR downloads with the expected checksum as a parameter.
-fn fetch_cifar(dest: &Path, url: &str, spec: &Spec, expected_md5: &str) -> Result<(), DataError> {
-    let unpacked = dest.join(spec.folder);
-    if spec.all_files().all(|name| unpacked.join(name).is_file()) {
-        return Ok(());
+fn fetch_cifar(
+    dest: &Path,
+    url: &str,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
+    expected_md5: &str,
+) -> Result<(), DataError> {
+    let unpacked = dest.join(layout.folder);
+    let archive = dest.join(layout.archive);
+    if layout.all_files().all(|name| unpacked.join(name).is_file()) {
+        // An archive kept beside the folder is verified too: a corrupt file
+        // is reported whichever copy it is.
+        if archive.is_file() {
+            check(archive.display(), expected_md5, md5_of(&archive)?)?;
+        }
+        return verify_record_sizes(spec, layout, &unpacked);
     }
     create_dir(dest)?;
-    let archive = dest.join(spec.archive);
     let downloaded = if archive.is_file() {
-        let found = md5_of(&archive).map_err(|e| DataError::io(&archive, e))?;
-        check(archive.display(), expected_md5, found)?;
+        check(archive.display(), expected_md5, md5_of(&archive)?)?;
         false
     } else {
-        download_verified(url, &archive, |tmp| {
-            let found = md5_of(tmp).map_err(|e| DataError::io(tmp, e))?;
-            check(url, expected_md5, found)
-        })?;
+        download_verified(url, &archive, |tmp| check(url, expected_md5, md5_of(tmp)?))?;
         true
     };
-    unpack(&archive, spec, &unpacked)?;
+    unpack(&archive, spec, layout, &unpacked)?;
     if downloaded {
         std::fs::remove_file(&archive).map_err(|e| DataError::io(&archive, e))?;
     }
@@ -134,15 +155,20 @@ fn fetch_cifar(dest: &Path, url: &str, spec: &Spec, expected_md5: &str) -> Resul
 /// Writes the record files of `spec` from the archive into `unpacked`, each
 /// through a temporary file, so that a half-written file never looks
 /// complete.
-fn unpack(archive: &Path, spec: &Spec, unpacked: &Path) -> Result<(), DataError> {
-    let names: Vec<&str> = spec.all_files().collect();
-    let members = cifar::read_members(archive, spec.folder, &names)?;
+fn unpack(
+    archive: &Path,
+    spec: &DatasetSpec,
+    layout: &CifarLayout,
+    unpacked: &Path,
+) -> Result<(), DataError> {
+    let names: Vec<&str> = layout.all_files().collect();
+    let members = cifar::read_members(archive, spec, layout, &names)?;
     create_dir(unpacked)?;
     for (name, bytes) in names.iter().zip(members) {
         let Some(bytes) = bytes else {
             return Err(DataError::MissingFile {
-                path: archive.join(spec.folder).join(name),
-                hint: format!("the archive has no member {}/{name}", spec.folder),
+                path: archive.join(layout.folder).join(name),
+                hint: format!("the archive has no member {}/{name}", layout.folder),
             });
         };
         let path = unpacked.join(name);
@@ -224,40 +250,13 @@ fn join_url(base: &str, name: &str) -> String {
     format!("{}/{name}", base.trim_end_matches('/'))
 }
 
-/// The SHA-256 of a file's content, decompressed first if it is gzip.
-fn sha256_of_content(path: &Path) -> std::io::Result<String> {
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut open_maybe_gz(path)?, &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
-}
-
-/// The MD5 of a file's bytes as they are.
-fn md5_of(path: &Path) -> std::io::Result<String> {
-    let mut hasher = Md5::new();
-    std::io::copy(&mut File::open(path)?, &mut hasher)?;
-    Ok(hex(&hasher.finalize()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn check(location: impl Display, expected: &str, found: String) -> Result<(), DataError> {
-    if found.eq_ignore_ascii_case(expected) {
-        Ok(())
-    } else {
-        Err(DataError::Checksum {
-            location: location.to_string(),
-            expected: expected.to_ascii_lowercase(),
-            found,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{idx, load_cifar10, load_mnist, Split};
+    use crate::verify::hex;
+    use crate::{idx, load_cifar10, load_mnist, Split, MNIST_FILES};
+    use md5::Md5;
+    use sha2::{Digest, Sha256};
     use std::collections::HashMap;
     use std::io::BufRead;
     use std::net::{TcpListener, TcpStream};
@@ -344,7 +343,7 @@ mod tests {
         ];
         let mut files = HashMap::new();
         let mut table = Vec::new();
-        for (name, content) in mnist::MNIST_FILES.iter().zip(&contents) {
+        for (name, content) in MNIST_FILES.iter().zip(&contents) {
             files.insert(format!("{name}.gz"), gzip(content));
             table.push((name.to_string(), sha256_hex(content)));
         }
@@ -373,10 +372,7 @@ mod tests {
         let url = serve(files, 4);
         let dest = tempfile::tempdir().unwrap();
         fetch_mnist(dest.path(), &url, &borrowed(&table)).unwrap();
-        let mut expected: Vec<String> = mnist::MNIST_FILES
-            .iter()
-            .map(|n| format!("{n}.gz"))
-            .collect();
+        let mut expected: Vec<String> = MNIST_FILES.iter().map(|n| format!("{n}.gz")).collect();
         expected.sort();
         assert_eq!(entries(dest.path()), expected);
         let train = load_mnist(dest.path(), Split::Train).unwrap();
@@ -446,7 +442,7 @@ mod tests {
     /// A CIFAR-10-format archive with one record per file.
     fn tiny_cifar10_archive() -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
-        for (k, name) in cifar::CIFAR10.all_files().enumerate() {
+        for (k, name) in CIFAR10_LAYOUT.all_files().enumerate() {
             let mut record = vec![k as u8];
             record.extend(std::iter::repeat_n(k as u8 * 10, 3072));
             let mut header = tar::Header::new_gnu();
@@ -470,10 +466,18 @@ mod tests {
         let md5 = hex(&Md5::digest(&archive));
         let url = serve(HashMap::from([("c10.tar.gz".to_string(), archive)]), 1);
         let dest = tempfile::tempdir().unwrap();
+        // The tiny archive has one record per file, so the size check of an
+        // unpacked folder expects one.
+        let layout = CifarLayout {
+            train_records_per_file: 1,
+            test_records_per_file: 1,
+            ..CIFAR10_LAYOUT
+        };
         fetch_cifar(
             dest.path(),
             &format!("{url}c10.tar.gz"),
-            &cifar::CIFAR10,
+            DatasetKind::Cifar10.spec(),
+            &layout,
             &md5,
         )
         .unwrap();
@@ -483,14 +487,30 @@ mod tests {
         assert_eq!(train.labels, vec![0, 1, 2, 3, 4]);
         let test = load_cifar10(dest.path(), Split::Test).unwrap();
         assert_eq!(test.labels, vec![5]);
-        // Present now, so nothing is fetched (the server is gone).
+        // Present now, so nothing is fetched (the server is gone), but the
+        // files are checked: one cut short is reported by name.
         fetch_cifar(
             dest.path(),
             &format!("{url}c10.tar.gz"),
-            &cifar::CIFAR10,
+            DatasetKind::Cifar10.spec(),
+            &layout,
             &md5,
         )
         .unwrap();
+        let batch = dest.path().join("cifar-10-batches-bin/data_batch_3.bin");
+        std::fs::write(&batch, [2u8; 100]).unwrap();
+        let err = fetch_cifar(
+            dest.path(),
+            &format!("{url}c10.tar.gz"),
+            DatasetKind::Cifar10.spec(),
+            &layout,
+            &md5,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, DataError::Truncated { path, .. } if path.ends_with("data_batch_3.bin")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -503,7 +523,8 @@ mod tests {
         let err = fetch_cifar(
             dest.path(),
             &format!("{url}c10.tar.gz"),
-            &cifar::CIFAR10,
+            DatasetKind::Cifar10.spec(),
+            &CIFAR10_LAYOUT,
             CIFAR10_MD5,
         )
         .unwrap_err();
@@ -530,7 +551,7 @@ mod tests {
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/mnist")
             });
         for (name, expected) in MNIST_SHA256 {
-            let path = mnist::find_file(&dir, name).expect("the MNIST file is present");
+            let path = find_raw_or_gz(&dir, name).expect("the MNIST file is present");
             check(path.display(), expected, sha256_of_content(&path).unwrap()).unwrap();
         }
     }

@@ -77,6 +77,56 @@ pub enum DataError {
         found_len: u64,
     },
 
+    /// A compressed file decompresses to more than its header describes.
+    ///
+    /// How much more is not measured: reading on to count could mean
+    /// inflating a decompression bomb.
+    #[error("{} holds more data than the {expected_len} bytes its header describes", path.display())]
+    TrailingData {
+        /// The file.
+        path: PathBuf,
+        /// The length implied by the header.
+        expected_len: u64,
+    },
+
+    /// A header claims more data than this crate accepts in one file
+    /// ([`MAX_FILE_LEN`](crate::MAX_FILE_LEN)), so it is corrupt or forged.
+    #[error("{} claims {claimed} bytes of data, more than the limit of {limit}", path.display())]
+    TooLarge {
+        /// The file (or archive member).
+        path: PathBuf,
+        /// The size the header claims.
+        claimed: u64,
+        /// The largest size accepted.
+        limit: u64,
+    },
+
+    /// An archive decompresses to more than this crate reads from one file
+    /// ([`MAX_FILE_LEN`](crate::MAX_FILE_LEN)) or more than its compressed
+    /// length can hold.
+    #[error("{} decompresses to more than {limit} bytes, more than it can hold", path.display())]
+    ArchiveTooLarge {
+        /// The archive.
+        path: PathBuf,
+        /// The most it could hold.
+        limit: u64,
+    },
+
+    /// A header claims more data than a compressed file of this length could
+    /// hold, so it is corrupt or forged.
+    #[error(
+        "{} claims {claimed} bytes of data, more than {compressed_len} compressed bytes can hold",
+        path.display()
+    )]
+    ImplausibleSize {
+        /// The file (or archive member).
+        path: PathBuf,
+        /// The size the header claims.
+        claimed: u64,
+        /// The length of the compressed file on disk.
+        compressed_len: u64,
+    },
+
     /// A file of fixed-size records ends in the middle of a record.
     #[error(
         "{} is {len} bytes long, not a whole number of {record_len}-byte records (truncated?)",
@@ -91,7 +141,8 @@ pub enum DataError {
         record_len: usize,
     },
 
-    /// A file of records holds none.
+    /// A file of records (or of images) holds none, so the data set would
+    /// be empty.
     #[error("{} holds no records", path.display())]
     NoRecords {
         /// The file.

@@ -10,7 +10,8 @@
 
 use std::path::Path;
 
-use crate::DataError;
+use crate::error::DataError;
+use crate::files::{open_maybe_gz, read_up_to};
 
 /// The magic number of an IDX file of unsigned bytes in three dimensions
 /// (images, rows, columns).
@@ -73,6 +74,62 @@ pub fn parse<'a>(
         });
     }
     Ok((dims, &bytes[header_len..]))
+}
+
+/// Reads an IDX file of unsigned bytes from disk, raw or gzip-compressed,
+/// checking the magic number and that the content is exactly as long as the
+/// header says.
+///
+/// Returns the dimensions and the values. Unlike [`parse`], this never holds
+/// more than the header promises: the header is read first from the
+/// (decompressing) stream, its size is checked against
+/// [`MAX_FILE_LEN`](crate::MAX_FILE_LEN) and against what the file on disk
+/// can hold, and only then is a buffer of exactly that size filled. Content
+/// past that size is an error found after reading one more byte, so a gzip
+/// bomb behind a modest header costs no more memory than the header claims.
+pub fn read(path: &Path, expected_magic: u32) -> Result<(Vec<usize>, Vec<u8>), DataError> {
+    let mut file = open_maybe_gz(path)?;
+    let mut header = [0u8; 4 + 4 * 255];
+    let mut word = |at: usize, file: &mut crate::files::Opened| -> Result<u32, DataError> {
+        let four = &mut header[at..at + 4];
+        let got = read_up_to(&mut file.reader, four).map_err(|e| DataError::io(path, e))?;
+        if got < 4 {
+            return Err(DataError::Truncated {
+                path: path.to_path_buf(),
+                expected_len: at as u64 + 4,
+                found_len: (at + got) as u64,
+            });
+        }
+        Ok(u32::from_be_bytes([four[0], four[1], four[2], four[3]]))
+    };
+
+    let magic = word(0, &mut file)?;
+    if magic != expected_magic {
+        return Err(DataError::BadMagic {
+            path: path.to_path_buf(),
+            found: magic,
+            expected: expected_magic,
+        });
+    }
+    // The magic number matched the caller's, so the number of dimensions is
+    // the caller's too; the header buffer holds the most a byte can say.
+    let ndims = (magic & 0xff) as usize;
+    let mut dims = Vec::with_capacity(ndims);
+    for d in 0..ndims {
+        dims.push(word(4 + 4 * d, &mut file)? as usize);
+    }
+    let header_len = 4 + 4 * ndims as u64;
+    // Each dimension fits in a u32 but their product may not fit anywhere;
+    // saturating keeps an overflowing product above every limit.
+    let body_len = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    let expected_len = body_len.saturating_add(header_len);
+    file.check_claim(expected_len)?;
+    let body = file.read_exact_vec(body_len, header_len)?;
+    file.expect_end(expected_len)?;
+    Ok((dims, body))
 }
 
 /// Encodes unsigned bytes as an IDX file with the given dimensions.

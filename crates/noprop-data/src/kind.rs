@@ -1,146 +1,85 @@
-//! The three supported data sets, their splits, and where their files live.
+//! The dispatcher: loading, checking, fetching and writing a data set by
+//! its [`DatasetKind`], and deciding where its files live.
+//!
+//! This is the top of the crate's module graph. It imports the catalog and
+//! the format modules; none of them imports it, so the facts about a data set
+//! live in the catalog and the code for a file format in its own module.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use crate::{cifar, mnist, DataError, Dataset, Normalization};
+use crate::catalog::{DatasetKind, Layout};
+use crate::dataset::Dataset;
+use crate::error::DataError;
+use crate::split::Split;
+use crate::{cifar, mnist, verify};
 
 /// The environment variable naming the data root: a folder holding `mnist/`,
 /// `cifar10/` and `cifar100/`.
 pub const DATA_ENV: &str = "NOPROP_DATA";
 
-/// The training or the test part of a data set.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Split {
-    /// The training examples (60,000 for MNIST, 50,000 for CIFAR).
-    Train,
-    /// The test examples (10,000 for each data set).
-    Test,
-}
-
-impl fmt::Display for Split {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Split::Train => "train",
-            Split::Test => "test",
-        })
-    }
-}
-
-impl FromStr for Split {
-    type Err = DataError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "train" => Ok(Split::Train),
-            "test" => Ok(Split::Test),
-            _ => Err(DataError::UnknownSplit { name: s.to_owned() }),
-        }
-    }
-}
-
-/// One of the supported data sets.
-///
-/// Its [`Display`](fmt::Display) form (`mnist`, `cifar10`, `cifar100`) is
-/// also the name of its folder under the data root, and [`FromStr`] accepts
-/// it in any case, as well as `cifar-10` and `cifar-100`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DatasetKind {
-    /// MNIST: 28x28 grey handwritten digits, 10 classes.
-    Mnist,
-    /// CIFAR-10: 32x32 colour images, 10 classes.
-    Cifar10,
-    /// CIFAR-100: 32x32 colour images, 100 fine classes.
-    Cifar100,
-}
-
 impl DatasetKind {
-    /// All kinds, in a fixed order.
-    pub const ALL: [DatasetKind; 3] = [
-        DatasetKind::Mnist,
-        DatasetKind::Cifar10,
-        DatasetKind::Cifar100,
-    ];
-
-    /// The short name, which is also the folder name under the data root.
-    pub fn name(self) -> &'static str {
-        match self {
-            DatasetKind::Mnist => "mnist",
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Cifar100 => "cifar100",
-        }
-    }
-
-    /// The number of classes.
-    pub fn num_classes(self) -> usize {
-        match self {
-            DatasetKind::Mnist | DatasetKind::Cifar10 => 10,
-            DatasetKind::Cifar100 => 100,
-        }
-    }
-
-    /// The shape of one image as (channels, height, width).
-    pub fn shape(self) -> (usize, usize, usize) {
-        match self {
-            DatasetKind::Mnist => (1, 28, 28),
-            DatasetKind::Cifar10 | DatasetKind::Cifar100 => (3, 32, 32),
-        }
-    }
-
-    /// The normalisation the loader applies: the training set's per-channel
-    /// statistics.
-    pub fn normalization(self) -> Normalization {
-        match self {
-            DatasetKind::Mnist => Normalization::mnist(),
-            DatasetKind::Cifar10 => Normalization::cifar10(),
-            DatasetKind::Cifar100 => Normalization::cifar100(),
-        }
-    }
-
     /// Loads one split from `dir` (see [`load_mnist`](crate::load_mnist),
     /// [`load_cifar10`](crate::load_cifar10) and
     /// [`load_cifar100`](crate::load_cifar100) for what `dir` may be).
+    ///
+    /// A split with no examples is an error naming the file, never an empty
+    /// [`Dataset`].
     pub fn load(self, dir: &Path, split: Split) -> Result<Dataset, DataError> {
-        match self {
-            DatasetKind::Mnist => mnist::load_mnist(dir, split),
-            DatasetKind::Cifar10 => cifar::load_cifar10(dir, split),
-            DatasetKind::Cifar100 => cifar::load_cifar100(dir, split),
+        let spec = self.spec();
+        match &spec.layout {
+            Layout::Idx(layout) => mnist::load(spec, layout, dir, split),
+            Layout::Cifar(layout) => cifar::load(spec, layout, dir, split),
         }
     }
 
     /// Whether `dir` holds the files of both splits (not whether they are
     /// valid: loading checks that).
     pub fn is_present(self, dir: &Path) -> bool {
-        match self {
-            DatasetKind::Mnist => mnist::MNIST_FILES
-                .iter()
-                .all(|name| mnist::find_file(dir, name).is_some()),
-            DatasetKind::Cifar10 => cifar_present(dir, &cifar::CIFAR10),
-            DatasetKind::Cifar100 => cifar_present(dir, &cifar::CIFAR100),
+        match &self.spec().layout {
+            Layout::Idx(layout) => mnist::is_present(layout, dir),
+            Layout::Cifar(layout) => cifar::is_present(layout, dir),
         }
     }
 
-    /// Makes sure `dir` holds the data set, downloading it when it is missing
-    /// and `download` is true.
+    /// Makes sure `dir` holds the data set.
     ///
-    /// Without the `download` feature, or with `download` false, missing
-    /// files give [`DataError::MissingFile`] with a hint on how to get them.
+    /// With `download` false this only checks that the files are there
+    /// ([`is_present`](Self::is_present)), and missing files give
+    /// [`DataError::MissingFile`] with a hint on how to get them. It does not
+    /// compare checksums: a data set written by [`write`](Self::write) (tests,
+    /// demonstrations, a user's own data in the same format) is a valid input
+    /// to training but can never match the published files, and loading
+    /// checks every header, length and label anyway. Hashing itself would be
+    /// cheap: MNIST's four files decompress and hash in about a quarter of a
+    /// second.
+    ///
+    /// With `download` true it makes sure `dir` holds the *official* data
+    /// set: every published file already there is verified against the
+    /// catalog's checksum (the SHA-256 of MNIST's decompressed content, the
+    /// MD5 of a CIFAR archive; unpacked CIFAR files, which have no published
+    /// checksum, must have the official sizes), and a corrupt one is a
+    /// [`DataError::Checksum`] (or size) error naming it, never replaced.
+    /// Missing files are then downloaded when the `download` feature is on,
+    /// and reported as [`DataError::MissingFile`] when it is off.
     pub fn ensure(self, dir: &Path, download: bool) -> Result<(), DataError> {
-        if self.is_present(dir) {
+        if !download {
+            if self.is_present(dir) {
+                return Ok(());
+            }
+            return Err(DataError::MissingFile {
+                path: dir.to_path_buf(),
+                hint: format!(
+                    "no {self} data there; pass the folder with --data, set {DATA_ENV} to a \
+                     folder holding {self}/, or enable downloading"
+                ),
+            });
+        }
+        let missing = verify::verify_present(self.spec(), dir)?;
+        if missing.is_empty() {
             return Ok(());
         }
-        if download {
-            return fetch(self, dir);
-        }
-        Err(DataError::MissingFile {
-            path: dir.to_path_buf(),
-            hint: format!(
-                "no {self} data there; pass the folder with --data, set {DATA_ENV} to a \
-                 folder holding {self}/, or enable downloading"
-            ),
-        })
+        fetch(self, dir, &missing)
     }
 
     /// Writes one split in the data set's canonical layout under `dir`, so
@@ -158,38 +97,27 @@ impl DatasetKind {
         pixels: &[u8],
         labels: &[u32],
     ) -> Result<(), DataError> {
-        match self {
-            DatasetKind::Mnist => mnist::write(dir, split, pixels, labels),
-            DatasetKind::Cifar10 => cifar::write(&cifar::CIFAR10, dir, split, pixels, labels),
-            DatasetKind::Cifar100 => cifar::write(&cifar::CIFAR100, dir, split, pixels, labels),
+        let spec = self.spec();
+        match &spec.layout {
+            Layout::Idx(layout) => mnist::write(spec, layout, dir, split, pixels, labels),
+            Layout::Cifar(layout) => cifar::write(spec, layout, dir, split, pixels, labels),
         }
     }
 }
 
-fn cifar_present(dir: &Path, spec: &cifar::Spec) -> bool {
-    let unpacked = dir.join(spec.folder);
-    dir.join(spec.archive).is_file()
-        || spec.all_files().all(|name| unpacked.join(name).is_file())
-        || spec.all_files().all(|name| dir.join(name).is_file())
-}
-
 #[cfg(feature = "download")]
-fn fetch(kind: DatasetKind, dir: &Path) -> Result<(), DataError> {
-    use crate::download;
-    match kind {
-        DatasetKind::Mnist => download::download_mnist(dir, download::MNIST_BASE_URL),
-        DatasetKind::Cifar10 => download::download_cifar10(dir, download::CIFAR10_URL),
-        DatasetKind::Cifar100 => download::download_cifar100(dir, download::CIFAR100_URL),
-    }
+fn fetch(kind: DatasetKind, dir: &Path, _missing: &[String]) -> Result<(), DataError> {
+    crate::download::download(kind, dir)
 }
 
 #[cfg(not(feature = "download"))]
-fn fetch(kind: DatasetKind, dir: &Path) -> Result<(), DataError> {
+fn fetch(kind: DatasetKind, dir: &Path, missing: &[String]) -> Result<(), DataError> {
     Err(DataError::MissingFile {
-        path: dir.to_path_buf(),
+        path: verify::missing_paths(dir, missing),
         hint: format!(
-            "no {kind} data there, and this build cannot download it (it was built \
-             without the `download` feature); pass the folder with --data or set {DATA_ENV}"
+            "{} of the {kind} files missing, and this build cannot download them (it was \
+             built without the `download` feature); pass the folder with --data or set {DATA_ENV}",
+            missing.len()
         ),
     })
 }
@@ -200,25 +128,6 @@ fn fetch(kind: DatasetKind, dir: &Path) -> Result<(), DataError> {
 /// The same as [`DatasetKind::Mnist.ensure(dir, download)`](DatasetKind::ensure).
 pub fn ensure_mnist(dir: &Path, download: bool) -> Result<(), DataError> {
     DatasetKind::Mnist.ensure(dir, download)
-}
-
-impl fmt::Display for DatasetKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for DatasetKind {
-    type Err = DataError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "mnist" => Ok(DatasetKind::Mnist),
-            "cifar10" | "cifar-10" => Ok(DatasetKind::Cifar10),
-            "cifar100" | "cifar-100" => Ok(DatasetKind::Cifar100),
-            _ => Err(DataError::UnknownDataset { name: s.to_owned() }),
-        }
-    }
 }
 
 /// Decides which folder a data set is read from.
@@ -247,46 +156,9 @@ fn resolve_with_env(kind: DatasetKind, explicit: Option<&Path>, env: Option<OsSt
     }
 }
 
-/// Converts labels to the single bytes the file formats store, checking them
-/// against the number of classes.
-pub(crate) fn labels_as_bytes(labels: &[u32], classes: usize) -> Result<Vec<u8>, DataError> {
-    labels
-        .iter()
-        .enumerate()
-        .map(|(index, &label)| {
-            u8::try_from(label)
-                .ok()
-                .filter(|&byte| usize::from(byte) < classes)
-                .ok_or(DataError::InvalidLabel {
-                    index,
-                    label,
-                    classes,
-                })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for kind in DatasetKind::ALL {
-            assert_eq!(kind.to_string().parse::<DatasetKind>().unwrap(), kind);
-        }
-        assert_eq!(
-            "CIFAR-100".parse::<DatasetKind>().unwrap(),
-            DatasetKind::Cifar100
-        );
-        assert!(matches!(
-            "imagenet".parse::<DatasetKind>(),
-            Err(DataError::UnknownDataset { name }) if name == "imagenet"
-        ));
-        assert_eq!("Test".parse::<Split>().unwrap(), Split::Test);
-        assert_eq!(Split::Train.to_string(), "train");
-        assert!("val".parse::<Split>().is_err());
-    }
 
     #[test]
     fn facts_are_consistent() {
@@ -316,6 +188,53 @@ mod tests {
         assert_eq!(
             resolve_with_env(DatasetKind::Mnist, None, None),
             Path::new("data/mnist")
+        );
+    }
+
+    /// `ensure(dir, true)` is what `noprop data download` calls: files that
+    /// are present must be verified, not trusted because they exist.
+    #[test]
+    fn ensure_with_download_reports_a_corrupt_present_file_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let pixels = vec![0u8; 2 * 784];
+        for split in Split::ALL {
+            DatasetKind::Mnist
+                .write(dir.path(), split, &pixels, &[1, 2])
+                .unwrap();
+        }
+        // Present and well-formed, so training may use them...
+        DatasetKind::Mnist.ensure(dir.path(), false).unwrap();
+        // ...but they are not the published files.
+        let err = DatasetKind::Mnist.ensure(dir.path(), true).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Checksum { location, .. } if location.ends_with("train-images-idx3-ubyte")),
+            "{err}"
+        );
+
+        // A CIFAR archive that is not the published one.
+        let cifar = tempfile::tempdir().unwrap();
+        std::fs::write(cifar.path().join("cifar-10-binary.tar.gz"), b"not it").unwrap();
+        let err = DatasetKind::Cifar10.ensure(cifar.path(), true).unwrap_err();
+        assert!(
+            matches!(&err, DataError::Checksum { location, .. } if location.ends_with("cifar-10-binary.tar.gz")),
+            "{err}"
+        );
+
+        // Unpacked CIFAR files have no published checksum, but a file cut
+        // short is caught by its size.
+        let unpacked = tempfile::tempdir().unwrap();
+        let pixels = vec![0u8; 5 * 3072];
+        for split in Split::ALL {
+            DatasetKind::Cifar10
+                .write(unpacked.path(), split, &pixels, &[0, 1, 2, 3, 4])
+                .unwrap();
+        }
+        let err = DatasetKind::Cifar10
+            .ensure(unpacked.path(), true)
+            .unwrap_err();
+        assert!(
+            matches!(&err, DataError::Truncated { path, .. } if path.ends_with("data_batch_1.bin")),
+            "{err}"
         );
     }
 

@@ -1,53 +1,39 @@
-//! MNIST in its canonical IDX files.
+//! Data sets stored as IDX files, like MNIST: one image file and one label
+//! file per split, each raw or gzip-compressed.
+//!
+//! Everything specific to a data set (file names, image size, classes,
+//! normalisation) comes from its [`DatasetSpec`] in the catalog.
 
 use std::path::{Path, PathBuf};
 
-use crate::dataset::PixelTable;
-use crate::files::read_maybe_gz;
-use crate::{idx, DataError, Dataset, Normalization, Split};
+use crate::catalog::{DatasetKind, DatasetSpec, IdxLayout, MNIST_LAYOUT};
+use crate::dataset::Dataset;
+use crate::error::DataError;
+use crate::files::find_raw_or_gz;
+use crate::idx;
+use crate::labels::{labels_as_bytes, labels_from_bytes};
+use crate::normalization::{Normalization, PixelTable};
+use crate::split::Split;
 
-/// The side of an MNIST image in pixels.
-const SIDE: usize = 28;
-/// The number of MNIST classes (the digits).
-const CLASSES: usize = 10;
-
-/// The canonical names of the four MNIST files, without `.gz`: train images,
-/// train labels, test images, test labels.
-pub const MNIST_FILES: [&str; 4] = [
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-];
-
-/// The image and label file names of a split, without `.gz`.
-pub(crate) fn file_names(split: Split) -> (&'static str, &'static str) {
-    match split {
-        Split::Train => (MNIST_FILES[0], MNIST_FILES[1]),
-        Split::Test => (MNIST_FILES[2], MNIST_FILES[3]),
-    }
-}
-
-/// Finds `name` or `name.gz` in `dir`, preferring the uncompressed file,
-/// which loads faster.
-pub(crate) fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
-    let raw = dir.join(name);
-    if raw.is_file() {
-        return Some(raw);
-    }
-    let gz = dir.join(format!("{name}.gz"));
-    gz.is_file().then_some(gz)
-}
-
-fn locate(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
-    find_file(dir, name).ok_or_else(|| DataError::MissingFile {
+fn locate(dir: &Path, name: &str, spec: &DatasetSpec) -> Result<PathBuf, DataError> {
+    find_raw_or_gz(dir, name).ok_or_else(|| DataError::MissingFile {
         path: dir.join(format!("{name}.gz")),
         hint: format!(
             "expected {name} or {name}.gz in {}; pass the folder with --data, set \
-             NOPROP_DATA to a folder holding mnist/, or enable downloading",
-            dir.display()
+             NOPROP_DATA to a folder holding {}/, or enable downloading",
+            dir.display(),
+            spec.name
         ),
     })
+}
+
+/// Whether `dir` holds both files of both splits, raw or gzipped (not
+/// whether they are valid: loading checks that).
+pub(crate) fn is_present(layout: &IdxLayout, dir: &Path) -> bool {
+    layout
+        .files
+        .iter()
+        .all(|file| find_raw_or_gz(dir, file.stem).is_some())
 }
 
 /// Loads one split of MNIST from a folder holding the canonical IDX files.
@@ -56,24 +42,32 @@ fn locate(dir: &Path, name: &str) -> Result<PathBuf, DataError> {
 /// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte` may be raw or
 /// gzip-compressed (`.gz` appended); where both exist the raw file is read.
 /// The files are checked: magic numbers, 28x28 images, as many labels as
-/// images, and labels below 10. Pixels are normalised with MNIST's training
-/// statistics ([`Normalization::mnist`]).
+/// images, at least one image, and labels below 10. Pixels are normalised
+/// with MNIST's training statistics ([`Normalization::mnist`]).
 pub fn load_mnist(dir: &Path, split: Split) -> Result<Dataset, DataError> {
-    let (images_name, labels_name) = file_names(split);
-    let images_path = locate(dir, images_name)?;
-    let labels_path = locate(dir, labels_name)?;
+    load(DatasetKind::Mnist.spec(), &MNIST_LAYOUT, dir, split)
+}
 
-    let label_bytes = read_maybe_gz(&labels_path)?;
-    let (label_dims, labels) = idx::parse(&label_bytes, &labels_path, idx::LABELS_MAGIC)?;
-    let image_bytes = read_maybe_gz(&images_path)?;
-    let (image_dims, pixels) = idx::parse(&image_bytes, &images_path, idx::IMAGES_MAGIC)?;
+/// Loads one split of an IDX data set.
+pub(crate) fn load(
+    spec: &DatasetSpec,
+    layout: &IdxLayout,
+    dir: &Path,
+    split: Split,
+) -> Result<Dataset, DataError> {
+    let (images_file, labels_file) = layout.split_files(split);
+    let images_path = locate(dir, images_file.stem, spec)?;
+    let labels_path = locate(dir, labels_file.stem, spec)?;
 
-    // The magic numbers already fixed the number of dimensions, so only the
-    // image size remains to check.
-    if image_dims[1..] != [SIDE, SIDE] {
+    let (label_dims, labels) = idx::read(&labels_path, idx::LABELS_MAGIC)?;
+    let (image_dims, pixels) = idx::read(&images_path, idx::IMAGES_MAGIC)?;
+
+    // The magic numbers already fixed the number of dimensions, and MNIST's
+    // images are grey, so only the image size remains to check.
+    if spec.channels != 1 || image_dims[1..] != [spec.height, spec.width] {
         return Err(DataError::BadDims {
             path: images_path,
-            expected: vec![image_dims[0], SIDE, SIDE],
+            expected: vec![image_dims[0], spec.height, spec.width],
             found: image_dims,
         });
     }
@@ -85,60 +79,55 @@ pub fn load_mnist(dir: &Path, split: Split) -> Result<Dataset, DataError> {
             labels: label_dims[0],
         });
     }
-    let labels = checked_labels(labels, &labels_path)?;
+    // A data set of no images would only fail later, far from its cause (a
+    // division by zero in an epoch's mean loss, an empty batch loop).
+    if image_dims[0] == 0 {
+        return Err(DataError::NoRecords { path: images_path });
+    }
+    let labels = labels_from_bytes(&labels, spec.num_classes, &labels_path)?;
 
-    let table = PixelTable::new(&Normalization::mnist(), 1)?;
+    let table = PixelTable::new(&Normalization::of(spec), 1)?;
     let mut images = Vec::with_capacity(pixels.len());
-    table.extend(&mut images, pixels);
+    table.extend(&mut images, &pixels);
     Ok(Dataset {
         images,
         labels,
         channels: 1,
-        height: SIDE,
-        width: SIDE,
-        num_classes: CLASSES,
+        height: spec.height,
+        width: spec.width,
+        num_classes: spec.num_classes,
     })
 }
 
-fn checked_labels(labels: &[u8], path: &Path) -> Result<Vec<u32>, DataError> {
-    if let Some((index, &label)) = labels
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| usize::from(l) >= CLASSES)
-    {
-        return Err(DataError::LabelOutOfRange {
-            path: path.to_path_buf(),
-            index,
-            label: u32::from(label),
-            classes: CLASSES,
-        });
-    }
-    Ok(labels.iter().map(|&l| u32::from(l)).collect())
-}
-
-/// Writes one split in the canonical uncompressed IDX layout that
-/// [`load_mnist`] reads.
+/// Writes one split in the canonical uncompressed IDX layout that [`load`]
+/// reads.
 pub(crate) fn write(
+    spec: &DatasetSpec,
+    layout: &IdxLayout,
     dir: &Path,
     split: Split,
     pixels: &[u8],
     labels: &[u32],
 ) -> Result<(), DataError> {
     let n = labels.len();
-    if pixels.len() != n * SIDE * SIDE {
+    let image_len = spec.image_len();
+    if Some(pixels.len()) != n.checked_mul(image_len) {
         return Err(DataError::ShapeMismatch {
             pixels: pixels.len(),
             labels: n,
-            image_len: SIDE * SIDE,
+            image_len,
         });
     }
-    let labels = crate::kind::labels_as_bytes(labels, CLASSES)?;
-    let (images_name, labels_name) = file_names(split);
+    let labels = labels_as_bytes(labels, spec.num_classes)?;
+    let (images_file, labels_file) = layout.split_files(split);
     std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
     let write = |name: &str, bytes: Vec<u8>| {
         let path = dir.join(name);
         std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))
     };
-    write(images_name, idx::encode(&[n, SIDE, SIDE], pixels))?;
-    write(labels_name, idx::encode(&[n], &labels))
+    write(
+        images_file.stem,
+        idx::encode(&[n, spec.height, spec.width], pixels),
+    )?;
+    write(labels_file.stem, idx::encode(&[n], &labels))
 }

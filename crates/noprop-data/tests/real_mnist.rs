@@ -1,8 +1,9 @@
 //! The real MNIST files, when they are at hand.
 //!
-//! Run with `cargo test -p noprop-data --release -- --ignored`. The files are
-//! found in `$NOPROP_DATA/mnist`, else in the shared data folder beside the
-//! workspace (`<workspace>/../shared/data/mnist`).
+//! Run with
+//! `NOPROP_DATA=/path/to/data cargo test -p noprop-data --all-features -- --ignored`.
+//! The files are found in `$NOPROP_DATA/mnist`, else in the shared data
+//! folder beside the workspace (`<workspace>/../shared/data/mnist`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,4 +52,44 @@ fn real_mnist_loads_completely() {
         / n;
     assert!(mean.abs() < 1e-3, "mean {mean}");
     assert!((var.sqrt() - 1.0).abs() < 1e-3, "std {}", var.sqrt());
+}
+
+/// `ensure(dir, true)`, what `noprop data download` calls, verifies the
+/// files already there: the real ones pass, and a copy with one corrupt file
+/// is reported by that file's name.
+#[test]
+#[ignore = "needs real MNIST: set NOPROP_DATA or have ../shared/data"]
+fn ensure_verifies_real_mnist_and_names_a_corrupt_file() {
+    use noprop_data::{DataError, DatasetKind};
+
+    let dir = mnist_dir();
+    let start = Instant::now();
+    DatasetKind::Mnist.ensure(&dir, true).unwrap();
+    eprintln!("verified the four MNIST files in {:?}", start.elapsed());
+
+    let copy = tempfile::tempdir().unwrap();
+    for name in noprop_data::MNIST_FILES {
+        let gz = format!("{name}.gz");
+        std::fs::copy(dir.join(&gz), copy.path().join(&gz)).unwrap();
+    }
+    DatasetKind::Mnist.ensure(copy.path(), true).unwrap();
+    // A raw file takes precedence over the `.gz`; make it the real test
+    // labels with one label changed, so that only its checksum is wrong.
+    let mut labels = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(
+            std::fs::File::open(dir.join("t10k-labels-idx1-ubyte.gz")).unwrap(),
+        ),
+        &mut labels,
+    )
+    .unwrap();
+    labels[100] = (labels[100] + 1) % 10;
+    std::fs::write(copy.path().join("t10k-labels-idx1-ubyte"), &labels).unwrap();
+    // It still loads (it is well-formed), but it is not the published file.
+    assert_eq!(load_mnist(copy.path(), Split::Test).unwrap().len(), 10_000);
+    let err = DatasetKind::Mnist.ensure(copy.path(), true).unwrap_err();
+    assert!(
+        matches!(&err, DataError::Checksum { location, .. } if location.ends_with("t10k-labels-idx1-ubyte")),
+        "{err}"
+    );
 }

@@ -3,8 +3,8 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::image_path::{image_path, FoldedImagePath, ImagePath, ImagePathConfig, ImageTail};
-use crate::layers::{batch_norm1d, linear, softmax_embed, BatchNorm1d, Linear, Mode};
+use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
+use crate::layers::{linear, norm_linear, softmax_embed, Linear, Mode, NormLinear};
 use crate::ops::Kernels;
 
 /// Shapes and options of a [`DtBlock`].
@@ -48,7 +48,7 @@ impl DtBlockConfig {
 #[derive(Debug, Clone)]
 enum LabelPath {
     /// `h1 = ReLU(BN(Linear d->256 (z)))`, `fz = h1 + BN(Linear(ReLU(BN(Linear(h1)))))`.
-    Mlp { fc1: Linear, bn1: BatchNorm1d, fc2: Linear, bn2: BatchNorm1d, fc3: Linear, bn3: BatchNorm1d },
+    Mlp { fc1: NormLinear, fc2: NormLinear, fc3: NormLinear },
     /// `z` reshaped to `[B, C, H, W]` through a copy of the image path.
     Image(ImagePath),
 }
@@ -63,15 +63,16 @@ enum LabelPath {
 /// fuse:  [fx, fz] -> Linear 256 BN ReLU -> Linear 128 BN ReLU -> Linear m
 /// uhat = softmax(logits) @ W_embed
 /// ```
+///
+/// The layers are defined once, here; [`DtBlock::folded`] derives the
+/// inference block from them.
 #[derive(Debug, Clone)]
 pub struct DtBlock {
     cfg: DtBlockConfig,
     image: ImagePath,
     label: LabelPath,
-    fuse_fc1: Linear,
-    fuse_bn1: BatchNorm1d,
-    fuse_fc2: Linear,
-    fuse_bn2: BatchNorm1d,
+    fuse1: NormLinear,
+    fuse2: NormLinear,
     fuse_out: Linear,
 }
 
@@ -86,21 +87,16 @@ pub fn dt_block(cfg: DtBlockConfig, vb: VarBuilder) -> candle_core::Result<DtBlo
         LabelPath::Image(image_path(cfg.image(true), lab)?)
     } else {
         LabelPath::Mlp {
-            fc1: linear(cfg.latent_dim, 256, lab.pp("fc1"))?,
-            bn1: batch_norm1d(256, lab.pp("bn1"))?,
-            fc2: linear(256, 256, lab.pp("fc2"))?,
-            bn2: batch_norm1d(256, lab.pp("bn2"))?,
-            fc3: linear(256, 256, lab.pp("fc3"))?,
-            bn3: batch_norm1d(256, lab.pp("bn3"))?,
+            fc1: norm_linear(cfg.latent_dim, 256, lab.pp("fc1"), Some(lab.pp("bn1")))?,
+            fc2: norm_linear(256, 256, lab.pp("fc2"), Some(lab.pp("bn2")))?,
+            fc3: norm_linear(256, 256, lab.pp("fc3"), Some(lab.pp("bn3")))?,
         }
     };
     Ok(DtBlock {
         image,
         label,
-        fuse_fc1: linear(512, 256, fuse.pp("fc1"))?,
-        fuse_bn1: batch_norm1d(256, fuse.pp("bn1"))?,
-        fuse_fc2: linear(256, 128, fuse.pp("fc2"))?,
-        fuse_bn2: batch_norm1d(128, fuse.pp("bn2"))?,
+        fuse1: norm_linear(512, 256, fuse.pp("fc1"), Some(fuse.pp("bn1")))?,
+        fuse2: norm_linear(256, 128, fuse.pp("fc2"), Some(fuse.pp("bn2")))?,
         fuse_out: linear(128, cfg.classes, fuse.pp("out"))?,
         cfg,
     })
@@ -122,10 +118,10 @@ impl DtBlock {
     pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
         let k = self.cfg.kernels;
         let fz = match &self.label {
-            LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => {
-                let h1 = bn1.forward_with(k, &fc1.forward_with(k, z)?, mode)?.relu()?;
-                let h2 = bn2.forward_with(k, &fc2.forward_with(k, &h1)?, mode)?.relu()?;
-                let h2 = bn3.forward_with(k, &fc3.forward_with(k, &h2)?, mode)?;
+            LabelPath::Mlp { fc1, fc2, fc3 } => {
+                let h1 = fc1.forward_with(k, z, mode)?.relu()?;
+                let h2 = fc2.forward_with(k, &h1, mode)?.relu()?;
+                let h2 = fc3.forward_with(k, &h2, mode)?;
                 (h1 + h2)?
             }
             LabelPath::Image(path) => {
@@ -134,8 +130,8 @@ impl DtBlock {
             }
         };
         let h = Tensor::cat(&[fx, &fz], 1)?;
-        let h = self.fuse_bn1.forward_with(k, &self.fuse_fc1.forward_with(k, &h)?, mode)?.relu()?;
-        let h = self.fuse_bn2.forward_with(k, &self.fuse_fc2.forward_with(k, &h)?, mode)?.relu()?;
+        let h = self.fuse1.forward_with(k, &h, mode)?.relu()?;
+        let h = self.fuse2.forward_with(k, &h, mode)?.relu()?;
         self.fuse_out.forward_with(k, &h)
     }
 
@@ -145,81 +141,47 @@ impl DtBlock {
         let logits = self.logits_from_features(z, &fx, mode)?;
         softmax_embed(&logits, w_embed)
     }
+
+    /// The block in evaluation mode with its BatchNorms folded into the
+    /// Linear layers before them, from the current parameters and running
+    /// statistics (a snapshot: later training does not reach it).
+    pub fn folded(&self) -> candle_core::Result<FoldedDtBlock> {
+        let label = match &self.label {
+            LabelPath::Mlp { fc1, fc2, fc3 } => LabelPath::Mlp { fc1: fc1.folded()?, fc2: fc2.folded()?, fc3: fc3.folded()? },
+            LabelPath::Image(path) => LabelPath::Image(path.folded()?),
+        };
+        Ok(FoldedDtBlock(DtBlock {
+            cfg: self.cfg,
+            image: self.image.folded()?,
+            label,
+            fuse1: self.fuse1.folded()?,
+            fuse2: self.fuse2.folded()?,
+            fuse_out: self.fuse_out.detached(),
+        }))
+    }
 }
 
 /// A [`DtBlock`] for inference: evaluation mode with every BatchNorm folded
 /// into the Linear layer before it, so that each normalised layer is one
 /// GEMM with a bias. Its outputs equal the unfolded block's in
-/// [`Mode::Eval`] up to `f32` rounding.
+/// [`Mode::Eval`] up to `f32` rounding. It is the same block type, run in
+/// evaluation mode, so an architecture change is made once.
 #[derive(Debug, Clone)]
-pub struct FoldedDtBlock {
-    cfg: DtBlockConfig,
-    image: FoldedImagePath,
-    label: FoldedLabel,
-    fuse_fc1: Linear,
-    fuse_fc2: Linear,
-    fuse_out: Linear,
-}
-
-#[derive(Debug, Clone)]
-enum FoldedLabel {
-    Mlp { fc1: Linear, fc2: Linear, fc3: Linear },
-    Image(FoldedImagePath),
-}
-
-impl DtBlock {
-    /// The block in evaluation mode with its BatchNorms folded away, from the
-    /// current parameters and running statistics (a snapshot: later training
-    /// does not reach it).
-    pub fn folded(&self) -> candle_core::Result<FoldedDtBlock> {
-        let label = match &self.label {
-            LabelPath::Mlp { fc1, bn1, fc2, bn2, fc3, bn3 } => FoldedLabel::Mlp {
-                fc1: fc1.fold_batch_norm(bn1)?,
-                fc2: fc2.fold_batch_norm(bn2)?,
-                fc3: fc3.fold_batch_norm(bn3)?,
-            },
-            LabelPath::Image(path) => FoldedLabel::Image(path.folded()?),
-        };
-        Ok(FoldedDtBlock {
-            cfg: self.cfg,
-            image: self.image.folded()?,
-            label,
-            fuse_fc1: self.fuse_fc1.fold_batch_norm(&self.fuse_bn1)?,
-            fuse_fc2: self.fuse_fc2.fold_batch_norm(&self.fuse_bn2)?,
-            fuse_out: self.fuse_out.detached(),
-        })
-    }
-}
+pub struct FoldedDtBlock(DtBlock);
 
 impl FoldedDtBlock {
     /// The image features `fx` `[B, 256]`, as [`DtBlock::image_features`] in evaluation mode.
     pub fn image_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.image.forward(x)
+        self.0.image_features(x, &mut Mode::Eval)
     }
 
     /// The logits `[B, m]`, as [`DtBlock::logits_from_features`] in evaluation mode.
     pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor) -> candle_core::Result<Tensor> {
-        let k = self.cfg.kernels;
-        let fz = match &self.label {
-            FoldedLabel::Mlp { fc1, fc2, fc3 } => {
-                let h1 = fc1.forward_with(k, z)?.relu()?;
-                let h2 = fc2.forward_with(k, &h1)?.relu()?;
-                (h1 + fc3.forward_with(k, &h2)?)?
-            }
-            FoldedLabel::Image(path) => {
-                let c = &self.cfg;
-                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?)?
-            }
-        };
-        let h = Tensor::cat(&[fx, &fz], 1)?;
-        let h = self.fuse_fc1.forward_with(k, &h)?.relu()?;
-        let h = self.fuse_fc2.forward_with(k, &h)?.relu()?;
-        self.fuse_out.forward_with(k, &h)
+        self.0.logits_from_features(z, fx, &mut Mode::Eval)
     }
 
     /// `uhat = softmax(logits) @ W_embed` `[B, d]`, as [`DtBlock::forward`] in evaluation mode.
     pub fn forward(&self, z: &Tensor, x: &Tensor, w_embed: &Tensor) -> candle_core::Result<Tensor> {
-        let fx = self.image_features(x)?;
-        softmax_embed(&self.logits_from_features(z, &fx)?, w_embed)
+        self.0.forward(z, x, w_embed, &mut Mode::Eval)
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
-use crate::layers::{batch_norm1d, conv2d, linear, BatchNorm1d, Conv2d, Linear, Mode};
+use crate::layers::{conv2d, norm_linear, Conv2d, Mode, NormLinear};
 use crate::ops::Kernels;
 
 /// What follows the image path's Linear layer.
@@ -17,13 +17,18 @@ pub enum ImageTail {
 
 /// `conv3x3(C->32) ReLU maxpool2 dropout, conv3x3(32->64) ReLU dropout,
 /// conv3x3(64->128) ReLU maxpool2 dropout, flatten, Linear -> 256, tail`.
+///
+/// [`ImagePath::folded`] derives the inference path from this one (no
+/// dropout, the BatchNorm folded into the Linear layer), so the layers are
+/// defined once, here.
 #[derive(Debug, Clone)]
 pub struct ImagePath {
     conv1: Conv2d,
     conv2: Conv2d,
     conv3: Conv2d,
-    fc: Linear,
-    bn: Option<BatchNorm1d>,
+    /// The Linear layer with the BatchNorm of [`ImageTail::BatchNorm`].
+    fc: NormLinear,
+    relu_tail: bool,
     dropout: f64,
     kernels: Kernels,
 }
@@ -54,18 +59,13 @@ pub fn image_path(cfg: ImagePathConfig, vb: VarBuilder) -> candle_core::Result<I
         candle_core::bail!("the Figure-6 image path needs H and W divisible by 4, got {}x{}", cfg.height, cfg.width);
     }
     let flat = 128 * (cfg.height / 4) * (cfg.width / 4);
-    Ok(ImagePath {
-        conv1: conv2d(cfg.channels, 32, 3, 1, cfg.input_grad, vb.pp("conv1"))?,
-        conv2: conv2d(32, 64, 3, 1, true, vb.pp("conv2"))?,
-        conv3: conv2d(64, 128, 3, 1, true, vb.pp("conv3"))?,
-        fc: linear(flat, 256, vb.pp("fc"))?,
-        bn: match cfg.tail {
-            ImageTail::BatchNorm => Some(batch_norm1d(256, vb.pp("bn"))?),
-            ImageTail::Relu => None,
-        },
-        dropout: cfg.dropout,
-        kernels: cfg.kernels,
-    })
+    // Construction order fixes the order of the seeded initialisation.
+    let conv1 = conv2d(cfg.channels, 32, 3, 1, cfg.input_grad, vb.pp("conv1"))?;
+    let conv2 = conv2d(32, 64, 3, 1, true, vb.pp("conv2"))?;
+    let conv3 = conv2d(64, 128, 3, 1, true, vb.pp("conv3"))?;
+    let bn = (cfg.tail == ImageTail::BatchNorm).then(|| vb.pp("bn"));
+    let fc = norm_linear(flat, 256, vb.pp("fc"), bn)?;
+    Ok(ImagePath { conv1, conv2, conv3, fc, relu_tail: cfg.tail == ImageTail::Relu, dropout: cfg.dropout, kernels: cfg.kernels })
 }
 
 impl ImagePath {
@@ -78,58 +78,26 @@ impl ImagePath {
         let h = self.conv1.forward_stage(x, k, true, p, mode)?;
         let h = self.conv2.forward_stage(&h, k, false, p, mode)?;
         let h = self.conv3.forward_stage(&h, k, true, p, mode)?;
-        let h = self.fc.forward_with(k, &h.flatten_from(1)?)?;
-        match &self.bn {
-            Some(bn) => bn.forward_with(k, &h, mode),
-            None => h.relu(),
-        }
-    }
-}
-
-/// An [`ImagePath`] for inference: no dropout, and a trailing BatchNorm
-/// folded into the Linear layer before it (see [`Linear::fold_batch_norm`]).
-#[derive(Debug, Clone)]
-pub struct FoldedImagePath {
-    conv1: Conv2d,
-    conv2: Conv2d,
-    conv3: Conv2d,
-    fc: Linear,
-    relu_tail: bool,
-    kernels: Kernels,
-}
-
-impl ImagePath {
-    /// This path in evaluation mode with its BatchNorm folded away.
-    pub fn folded(&self) -> candle_core::Result<FoldedImagePath> {
-        let (fc, relu_tail) = match &self.bn {
-            Some(bn) => (self.fc.fold_batch_norm(bn)?, false),
-            None => (self.fc.detached(), true),
-        };
-        Ok(FoldedImagePath {
-            conv1: self.conv1.detached(),
-            conv2: self.conv2.detached(),
-            conv3: self.conv3.detached(),
-            fc,
-            relu_tail,
-            kernels: self.kernels,
-        })
-    }
-}
-
-impl FoldedImagePath {
-    /// Features `[B, 256]` of images `[B, C, H, W]`, equal up to rounding to
-    /// [`ImagePath::forward`] in [`Mode::Eval`].
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let k = self.kernels;
-        let eval = &mut Mode::Eval;
-        let h = self.conv1.forward_stage(x, k, true, 0.0, eval)?;
-        let h = self.conv2.forward_stage(&h, k, false, 0.0, eval)?;
-        let h = self.conv3.forward_stage(&h, k, true, 0.0, eval)?;
-        let h = self.fc.forward_with(k, &h.flatten_from(1)?)?;
+        let h = self.fc.forward_with(k, &h.flatten_from(1)?, mode)?;
         if self.relu_tail {
             h.relu()
         } else {
             Ok(h)
         }
+    }
+
+    /// This path for inference: detached, no dropout, its BatchNorm folded
+    /// into the Linear layer before it. In [`Mode::Eval`] its output equals
+    /// the unfolded path's up to `f32` rounding.
+    pub fn folded(&self) -> candle_core::Result<ImagePath> {
+        Ok(ImagePath {
+            conv1: self.conv1.detached(),
+            conv2: self.conv2.detached(),
+            conv3: self.conv3.detached(),
+            fc: self.fc.folded()?,
+            relu_tail: self.relu_tail,
+            dropout: 0.0,
+            kernels: self.kernels,
+        })
     }
 }

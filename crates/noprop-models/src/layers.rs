@@ -223,6 +223,47 @@ impl BatchNorm1d {
     }
 }
 
+/// A Linear layer and, optionally, the BatchNorm that follows it: the one
+/// definition of a normalised layer, for training and for inference.
+///
+/// [`NormLinear::folded`] gives the same layer in evaluation mode with the
+/// BatchNorm folded into the Linear weights, so the inference network is
+/// derived from the training one rather than written a second time.
+#[derive(Debug, Clone)]
+pub struct NormLinear {
+    fc: Linear,
+    bn: Option<BatchNorm1d>,
+}
+
+/// `Linear in_dim -> out_dim` (`{prefix}.weight`, `.bias`) followed by a
+/// BatchNorm1d named by `bn` under the same parent (`None`: no BatchNorm).
+pub fn norm_linear(in_dim: usize, out_dim: usize, fc: VarBuilder, bn: Option<VarBuilder>) -> candle_core::Result<NormLinear> {
+    let fc = linear(in_dim, out_dim, fc)?;
+    let bn = bn.map(|vb| batch_norm1d(out_dim, vb)).transpose()?;
+    Ok(NormLinear { fc, bn })
+}
+
+impl NormLinear {
+    /// `BN(x W^T + b)`, or `x W^T + b` once folded.
+    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+        let h = self.fc.forward_with(kernels, x)?;
+        match &self.bn {
+            Some(bn) => bn.forward_with(kernels, &h, mode),
+            None => Ok(h),
+        }
+    }
+
+    /// This layer in evaluation mode as one Linear layer (see
+    /// [`Linear::fold_batch_norm`]), detached from the autograd graph.
+    pub fn folded(&self) -> candle_core::Result<NormLinear> {
+        let fc = match &self.bn {
+            Some(bn) => self.fc.fold_batch_norm(bn)?,
+            None => self.fc.detached(),
+        };
+        Ok(NormLinear { fc, bn: None })
+    }
+}
+
 /// Inverted dropout with probability `p`, on the fast kernels where they
 /// apply; see [`dropout_with`].
 pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {

@@ -37,9 +37,9 @@ pub use init::seeded_var_builder;
 pub use layers::Mode;
 pub use ct_net::{ct_net, sinusoidal_embedding, CtNet, CtNetConfig};
 pub use embedding::{dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind};
-pub use image_path::{image_path, FoldedImagePath, ImagePath, ImagePathConfig, ImageTail};
+pub use image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
 pub use ct_model::CtModel;
-pub use model::{DtModel, DtModelConfig, STREAM_INIT};
+pub use model::{DtModel, DtModelConfig};
 pub use ops::Kernels;
 
 /// Errors of model construction and loading.

@@ -13,8 +13,8 @@ use crate::init::seeded_var_builder;
 use crate::layers::{linear, softmax_embed, Linear, Mode};
 use crate::ModelError;
 
-/// Sub-seed stream for parameter initialisation (see [`noprop_core::sub_seed`]).
-pub const STREAM_INIT: u64 = 1;
+/// The sub-seed stream of parameter initialisation.
+pub(crate) const STREAM_INIT: u64 = noprop_core::Stream::Init as u64;
 
 /// Shapes of a [`DtModel`].
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,11 +1,125 @@
-//! safetensors files with metadata, written atomically.
+//! safetensors files with metadata, written atomically, and the typed
+//! records a checkpoint's metadata holds.
+//!
+//! A model checkpoint (`model.safetensors`) holds every tensor of the model
+//! under its checkpoint name and a [`ModelRecord`] as string metadata, so a
+//! reader in another framework needs nothing else:
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `format` | `noprop/2` |
+//! | `method` | `dt`, `ct`, `fm`, `backprop` or `adjoint` |
+//! | `epoch`, `train_seconds` | the training clock |
+//! | `config` | the resolved configuration, as JSON |
+//! | `schedule` | NoProp-DT: the `alpha_bar_0..=T` table as a JSON list (CT's learnable schedule is in the tensors `schedule.*`) |
+//! | `normalization` | `{"mean": [...], "std": [...]}` per channel: a pixel `p` in `[0, 255]` enters as `(p / 255 - mean) / std` |
+//! | `seed_streams` | the run's random streams, `{name: number}` |
+//! | `blocks` | how blocks are numbered: `blocks.{t}` for `t = 1..=T` maps `z_{t-1}` to `uhat_t` |
+//!
+//! An optimizer checkpoint (`optimizer.safetensors`) holds the moments of
+//! every trainable variable (`{name}.m`, `{name}.v`) and an
+//! [`OptimizerRecord`] (epoch and step counts).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{safetensors::Load, Device, Tensor};
+use serde_json::json;
 
-use crate::TrainError;
+use crate::config::RawConfig;
+use crate::error::TrainError;
+
+/// The metadata format this version writes.
+pub const FORMAT: &str = "noprop/2";
+
+/// What a model checkpoint's metadata says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRecord {
+    /// The method's name.
+    pub method: String,
+    /// Epochs trained.
+    pub epoch: usize,
+    /// Seconds spent in training steps (across resumes).
+    pub train_seconds: f64,
+    /// The configuration.
+    pub config: RawConfig,
+    /// NoProp-DT's `alpha_bar_0..=T`.
+    pub schedule: Option<Vec<f64>>,
+    /// Per-channel mean and standard deviation of the input normalisation.
+    pub normalization: (Vec<f32>, Vec<f32>),
+    /// The random streams, name and number.
+    pub seed_streams: BTreeMap<String, u64>,
+}
+
+impl ModelRecord {
+    /// The record as safetensors metadata.
+    pub fn to_metadata(&self) -> Result<HashMap<String, String>, TrainError> {
+        let json_err = |e: serde_json::Error| TrainError::Checkpoint { path: "metadata".into(), reason: e.to_string() };
+        let mut m = HashMap::new();
+        m.insert("format".into(), FORMAT.into());
+        m.insert("method".into(), self.method.clone());
+        m.insert("epoch".into(), self.epoch.to_string());
+        m.insert("train_seconds".into(), format!("{:.3}", self.train_seconds));
+        m.insert("config".into(), serde_json::to_string(&self.config).map_err(json_err)?);
+        if let Some(s) = &self.schedule {
+            m.insert("schedule".into(), serde_json::to_string(s).map_err(json_err)?);
+        }
+        m.insert("normalization".into(), json!({"mean": self.normalization.0, "std": self.normalization.1}).to_string());
+        m.insert("seed_streams".into(), serde_json::to_string(&self.seed_streams).map_err(json_err)?);
+        m.insert("blocks".into(), "blocks.{t} for t = 1..=T maps z_{t-1} to uhat_t; z_0 is noise, z_T the label".into());
+        Ok(m)
+    }
+
+    /// Reads the record from the metadata of the checkpoint at `path`.
+    pub fn from_metadata(path: &Path, m: &HashMap<String, String>) -> Result<Self, TrainError> {
+        let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+        let get = |key: &str| m.get(key).ok_or_else(|| bad(format!("no {key} in its metadata (not written by noprop?)")));
+        let format = get("format")?;
+        if format != FORMAT {
+            return Err(bad(format!("metadata format {format:?}, this noprop reads {FORMAT:?} (written by an older version: retrain, or evaluate it with the version that wrote it)")));
+        }
+        let epoch = get("epoch")?.parse().map_err(|_| bad("epoch is not a number".into()))?;
+        let train_seconds: f64 = get("train_seconds")?.parse().map_err(|_| bad("train_seconds is not a number".into()))?;
+        let value: serde_json::Value = serde_json::from_str(get("config")?).map_err(|e| bad(format!("config in metadata: {e}")))?;
+        let config = RawConfig::from_json_value(value).map_err(|e| bad(format!("config in metadata: {e}")))?;
+        let schedule = m.get("schedule").map(|s| serde_json::from_str(s)).transpose().map_err(|e| bad(format!("schedule in metadata: {e}")))?;
+        let norm: serde_json::Value = serde_json::from_str(get("normalization")?).map_err(|e| bad(format!("normalization in metadata: {e}")))?;
+        let channel = |key: &str| -> Result<Vec<f32>, TrainError> {
+            serde_json::from_value(norm[key].clone()).map_err(|e| bad(format!("normalization.{key} in metadata: {e}")))
+        };
+        let normalization = (channel("mean")?, channel("std")?);
+        let seed_streams = serde_json::from_str(get("seed_streams")?).map_err(|e| bad(format!("seed_streams in metadata: {e}")))?;
+        Ok(Self { method: get("method")?.clone(), epoch, train_seconds, config, schedule, normalization, seed_streams })
+    }
+}
+
+/// What an optimizer checkpoint's metadata says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerRecord {
+    /// Epochs trained (must equal the model checkpoint's).
+    pub epoch: usize,
+    /// Steps taken by each parameter group's optimizer.
+    pub steps: Vec<u64>,
+}
+
+impl OptimizerRecord {
+    /// The record as safetensors metadata.
+    pub fn to_metadata(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("format".into(), FORMAT.into());
+        m.insert("epoch".into(), self.epoch.to_string());
+        m.insert("steps".into(), json!(self.steps).to_string());
+        m
+    }
+
+    /// Reads the record from the metadata of the checkpoint at `path`.
+    pub fn from_metadata(path: &Path, m: &HashMap<String, String>) -> Result<Self, TrainError> {
+        let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
+        let epoch = m.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| bad("no epoch in its metadata".into()))?;
+        let steps = m.get("steps").and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| bad("no step counts in its metadata".into()))?;
+        Ok(Self { epoch, steps })
+    }
+}
 
 /// Writes `tensors` with `metadata` to `path` through a temporary file in the
 /// same folder and a rename, so a reader never sees a half-written file.

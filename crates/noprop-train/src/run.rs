@@ -1,9 +1,11 @@
-//! The run folder and the epoch loop that fills it.
+//! The run folder, owned by [`RunDir`] (every file in it is written through
+//! this type), and the epoch loop that fills it.
 //!
 //! ```text
 //! RUN/config.json            the resolved configuration, written before the first step
-//! RUN/meta.json              version, device, seeds, command line, resumes
+//! RUN/meta.json              version, device, seeds and streams, command line, resumes
 //! RUN/metrics.jsonl          one JSON object per event (pass, eval, epoch)
+//! RUN/embed-init.safetensors the initial class embedding (learned embeddings only)
 //! RUN/checkpoints/epoch-NNNN/model.safetensors      weights + metadata
 //! RUN/checkpoints/epoch-NNNN/optimizer.safetensors  AdamW moments, for --resume
 //! ```
@@ -11,18 +13,67 @@
 //! An epoch folder is written under a temporary name and renamed into place,
 //! so a killed run leaves either a whole checkpoint or none.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use candle_core::{Device, Tensor};
+use noprop_core::Stream;
+use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{load_safetensors, save_safetensors};
-use crate::config::Config;
-use crate::dt::DeviceData;
-use crate::trainer::Trainer;
+use crate::checkpoint::{load_safetensors, save_safetensors, ModelRecord, OptimizerRecord};
+use crate::config::{Config, RawConfig};
+use crate::data::RunData;
+use crate::error::TrainError;
+use crate::groups::EMBED;
+use crate::method::Method;
 use crate::observer::{EvalReport, Event, Observer};
-use crate::TrainError;
+use crate::trainer::{CheckpointData, Trainer};
+
+/// What `meta.json` records about the process that started a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunMeta {
+    /// The crate's version.
+    pub noprop_version: &'static str,
+    /// The git commit the binary was built from, if known.
+    pub git_sha: Option<&'static str>,
+    /// The device, as candle prints it.
+    pub device: String,
+    /// CPU worker threads.
+    pub threads: usize,
+    /// The root seed.
+    pub seed: u64,
+    /// Every random stream derived from it, name and number.
+    pub seed_streams: BTreeMap<&'static str, u64>,
+    /// The command line.
+    pub command: Vec<String>,
+    /// Trainable parameters, BatchNorm buffers and the class embedding excluded.
+    pub parameters: usize,
+}
+
+impl RunMeta {
+    /// The metadata of a run of `trainer` started by `command`.
+    pub fn new<M: Method>(trainer: &Trainer<M>, threads: usize, command: Vec<String>) -> Self {
+        let parameters = trainer
+            .named_tensors()
+            .iter()
+            .filter(|(k, _)| !noprop_models::layers::is_buffer(k) && k.as_str() != EMBED)
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        RunMeta {
+            noprop_version: env!("CARGO_PKG_VERSION"),
+            git_sha: option_env!("NOPROP_GIT_SHA"),
+            device: format!("{:?}", trainer.device()),
+            threads,
+            seed: trainer.config().train().seed,
+            seed_streams: Stream::ALL.iter().map(|s| (s.name(), s.id())).collect(),
+            command,
+            parameters,
+        }
+    }
+}
 
 /// A run folder on disk.
 #[derive(Debug, Clone)]
@@ -35,24 +86,36 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 impl RunDir {
-    /// Creates a new run folder (it must not exist, or be empty) and writes
-    /// the configuration and `meta` into it.
-    pub fn create(root: &Path, config: &Config, meta: Value) -> Result<Self, TrainError> {
+    /// Creates a new run folder (it must not exist, or be empty) for
+    /// `trainer` and writes its configuration, `meta` and, for a learned
+    /// embedding, the initial embedding into it.
+    pub fn create<M: Method>(root: &Path, trainer: &Trainer<M>, meta: &RunMeta) -> Result<Self, TrainError> {
+        let run = Self::create_with(root, trainer.config(), &serde_json::to_value(meta).map_err(|e| TrainError::Json { path: root.join("meta.json"), reason: e.to_string() })?)?;
+        if trainer.config().model().embedding.is_learned() {
+            let mut t = BTreeMap::new();
+            t.insert(EMBED.to_string(), trainer.method().embed().clone());
+            save_safetensors(&run.root.join("embed-init.safetensors"), &t, Default::default())?;
+        }
+        Ok(run)
+    }
+
+    /// Creates a new run folder with `config` and `meta` (a JSON object).
+    pub fn create_with(root: &Path, config: &Config, meta: &Value) -> Result<Self, TrainError> {
         if root.exists() && fs::read_dir(root).map_err(io_err(root))?.next().is_some() {
             return Err(TrainError::RunExists { path: root.to_path_buf() });
         }
         fs::create_dir_all(root.join("checkpoints")).map_err(io_err(root))?;
         let run = Self { root: root.to_path_buf() };
-        run.write_json("config.json", &serde_json::to_value(config).map_err(|e| TrainError::Json { path: root.join("config.json"), reason: e.to_string() })?)?;
-        run.write_json("meta.json", &meta)?;
+        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json { path: root.join("config.json"), reason: e.to_string() })?;
+        run.write_json("config.json", &raw)?;
+        run.write_json("meta.json", meta)?;
         fs::write(run.metrics_path(), b"").map_err(io_err(&run.metrics_path()))?;
         Ok(run)
     }
 
     /// Opens an existing run folder.
     pub fn open(root: &Path) -> Result<Self, TrainError> {
-        let cfg = root.join("config.json");
-        if !cfg.is_file() {
+        if !root.join("config.json").is_file() {
             return Err(TrainError::NotARun { path: root.to_path_buf() });
         }
         Ok(Self { root: root.to_path_buf() })
@@ -63,11 +126,20 @@ impl RunDir {
         &self.root
     }
 
-    /// The configuration the run was started with.
-    pub fn config(&self) -> Result<Config, TrainError> {
+    /// The configuration the run was started with (or last extended to).
+    pub fn config(&self) -> Result<RawConfig, TrainError> {
         let path = self.root.join("config.json");
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        serde_json::from_str(&text).map_err(|e| TrainError::Json { path, reason: e.to_string() })
+        let value: Value = serde_json::from_str(&text).map_err(|e| TrainError::Json { path: path.clone(), reason: e.to_string() })?;
+        RawConfig::from_json_value(value).map_err(|e| TrainError::Json { path, reason: e.to_string() })
+    }
+
+    /// Records a change of the number of epochs (`--resume --epochs N`) in `config.json`.
+    pub fn set_epochs(&self, epochs: usize) -> Result<(), TrainError> {
+        let mut raw = self.config()?;
+        raw.train.epochs = epochs;
+        let value = serde_json::to_value(raw).map_err(|e| TrainError::Json { path: self.root.join("config.json"), reason: e.to_string() })?;
+        self.write_json("config.json", &value)
     }
 
     /// `metrics.jsonl`.
@@ -106,6 +178,15 @@ impl RunDir {
         let path = self.metrics_path();
         let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         writeln!(f, "{v}").map_err(io_err(&path))
+    }
+
+    fn append_event<T: Serialize>(&self, event: &str, v: &T, extra: &[(&str, Value)]) -> Result<(), TrainError> {
+        let mut v = serde_json::to_value(v).map_err(|e| TrainError::Json { path: self.metrics_path(), reason: e.to_string() })?;
+        v["event"] = json!(event);
+        for (k, x) in extra {
+            v[*k] = x.clone();
+        }
+        self.append_metric(&v)
     }
 
     /// All events of `metrics.jsonl`, in order.
@@ -166,9 +247,19 @@ impl RunDir {
         Ok(self.checkpoint_epochs()?.last().map(|&e| self.checkpoint_dir(e).join("model.safetensors")))
     }
 
+    /// The initial class embedding, if the run saved one.
+    pub fn initial_embedding(&self, device: &Device) -> Result<Option<Tensor>, TrainError> {
+        let path = self.root.join("embed-init.safetensors");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let (mut t, _) = load_safetensors(&path, device)?;
+        t.remove(EMBED).map(Some).ok_or_else(|| TrainError::Checkpoint { path, reason: format!("no `{EMBED}` tensor") })
+    }
+
     /// Writes the trainer's state as the checkpoint of its current epoch and
     /// prunes old ones down to `keep_last` (0 keeps all).
-    pub fn save_checkpoint(&self, trainer: &dyn Trainer, keep_last: usize) -> Result<PathBuf, TrainError> {
+    pub fn save_checkpoint<M: Method>(&self, trainer: &Trainer<M>, keep_last: usize) -> Result<PathBuf, TrainError> {
         let epoch = trainer.epochs_done();
         let final_dir = self.checkpoint_dir(epoch);
         let tmp = self.root.join("checkpoints").join(format!(".epoch-{epoch:04}.tmp"));
@@ -176,10 +267,9 @@ impl RunDir {
             fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let (model, model_meta) = trainer.model_checkpoint();
-        save_safetensors(&tmp.join("model.safetensors"), &model, model_meta)?;
-        let (optim, optim_meta) = trainer.optimizer_checkpoint();
-        save_safetensors(&tmp.join("optimizer.safetensors"), &optim, optim_meta)?;
+        let ckpt = trainer.checkpoint();
+        save_safetensors(&tmp.join("model.safetensors"), &ckpt.model, ckpt.record.to_metadata()?)?;
+        save_safetensors(&tmp.join("optimizer.safetensors"), &ckpt.optimizer, ckpt.optimizer_record.to_metadata())?;
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
         }
@@ -195,41 +285,31 @@ impl RunDir {
     }
 
     /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if none).
-    pub fn restore_latest(&self, trainer: &mut dyn Trainer) -> Result<usize, TrainError> {
+    pub fn restore_latest<M: Method>(&self, trainer: &mut Trainer<M>) -> Result<usize, TrainError> {
         let Some(&epoch) = self.checkpoint_epochs()?.last() else { return Ok(0) };
         let dir = self.checkpoint_dir(epoch);
-        let (model, model_meta) = load_safetensors(&dir.join("model.safetensors"), trainer.device())?;
-        let (optim, optim_meta) = load_safetensors(&dir.join("optimizer.safetensors"), trainer.device())?;
-        trainer.restore(&model, &model_meta, &optim, &optim_meta)?;
+        let (model_path, optim_path) = (dir.join("model.safetensors"), dir.join("optimizer.safetensors"));
+        let (model, model_meta) = load_safetensors(&model_path, trainer.device())?;
+        let (optimizer, optim_meta) = load_safetensors(&optim_path, trainer.device())?;
+        let ckpt = CheckpointData {
+            model,
+            record: ModelRecord::from_metadata(&model_path, &model_meta)?,
+            optimizer,
+            optimizer_record: OptimizerRecord::from_metadata(&optim_path, &optim_meta)?,
+        };
+        trainer.restore(&ckpt)?;
         Ok(epoch)
     }
-}
-
-/// Data for a run: the training set, the test set, and the fixed training
-/// subset on which train accuracy is measured.
-pub struct RunData {
-    /// Training set.
-    pub train: DeviceData,
-    /// Test set.
-    pub test: DeviceData,
-    /// First examples of the training set, for train accuracy.
-    pub train_subset: Option<DeviceData>,
 }
 
 /// Trains from `trainer.epochs_done() + 1` to the configured number of epochs,
 /// evaluating, logging to `run` and checkpointing after every epoch. Returns
 /// the last evaluation.
-pub fn fit(
-    trainer: &mut dyn Trainer,
-    data: &RunData,
-    run: Option<&RunDir>,
-    observer: &mut dyn Observer,
-) -> Result<Option<EvalReport>, TrainError> {
-    let raw = trainer.config().raw().clone();
-    let epochs = raw.train.epochs;
-    let batches = data.train.len().div_ceil(raw.train.batch_size);
-    // NoProp-DT makes one pass per block; the other methods one pass per epoch.
-    let passes = if raw.model.method == crate::config::Method::Dt { raw.model.blocks } else { 1 };
+pub fn fit<M: Method>(trainer: &mut Trainer<M>, data: &RunData, run: Option<&RunDir>, observer: &mut dyn Observer) -> Result<Option<EvalReport>, TrainError> {
+    let cfg = trainer.config().clone();
+    let epochs = cfg.train().epochs;
+    let batches = data.train.len().div_ceil(cfg.train().batch_size);
+    let passes = trainer.method().epoch_plan(&cfg).iter().map(|p| p.lanes.len()).sum();
     observer.on_event(&Event::Start { first_epoch: trainer.epochs_done() + 1, epochs, blocks: passes, batches });
     let mut last = None;
     while trainer.epochs_done() < epochs {
@@ -239,34 +319,30 @@ pub fn fit(
         let epoch = trainer.epochs_done();
         if let Some(run) = run {
             for p in &passes {
-                let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
-                v["event"] = json!("pass");
-                run.append_metric(&v)?;
+                run.append_event("pass", p, &[])?;
             }
         }
         let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
-        if epoch % raw.eval.every == 0 || epoch == epochs {
+        if epoch % cfg.eval().every == 0 || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
             observer.on_event(&Event::EvalEnd(&report));
             if let Some(run) = run {
-                let mut v = serde_json::to_value(&report).unwrap_or(Value::Null);
-                v["event"] = json!("eval");
-                v["train_seconds"] = json!(trainer.train_seconds());
-                run.append_metric(&v)?;
+                run.append_event("eval", &report, &[("train_seconds", json!(trainer.train_seconds()))])?;
             }
             last = Some(report);
         }
         if let Some(run) = run {
-            let path = run.save_checkpoint(trainer, raw.checkpoint.keep_last)?;
+            let path = run.save_checkpoint(trainer, cfg.keep_last())?;
             // The epoch line comes last: its presence marks a finished, saved epoch.
+            let rel = path.strip_prefix(run.path()).map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
             run.append_metric(&json!({
                 "event": "epoch",
                 "epoch": epoch,
                 "epoch_seconds": epoch_seconds,
                 "train_seconds": trainer.train_seconds(),
                 "train_peak_rss_bytes": train_peak_rss,
-                "checkpoint": path.strip_prefix(run.path()).unwrap_or(&path),
+                "checkpoint": rel,
             }))?;
             observer.on_event(&Event::Checkpoint { epoch, path: &path });
         }

@@ -1,234 +1,294 @@
-//! What every method's trainer offers the epoch loop and the run folder.
+//! The one training skeleton: configuration, device, clock, optimizers, the
+//! epoch loop, evaluation and its tally, checkpoints and resume, around a
+//! [`Method`] that supplies only its variables, its step and its prediction.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
 
-use candle_core::{Device, Tensor, D};
-use noprop_core::{radial_log_probs, ClassProbability, NoiseRng};
+use candle_core::{Device, Tensor};
+use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::Dataset;
 
-use crate::config::{EvalConfig, Method, ValidConfig};
-use crate::dt::{DeviceData, DtTrainer};
+use crate::adjoint::Adjoint;
+use crate::backprop::Backprop;
+use crate::checkpoint::{load_safetensors, ModelRecord, OptimizerRecord};
+use crate::config::{Config, InferenceChange, MethodSettings, RawConfig};
+use crate::ct::Ct;
+use crate::data::DeviceData;
+use crate::dt::Dt;
+use crate::error::TrainError;
+use crate::fm::Fm;
+use crate::groups::Optimizers;
+use crate::method::{DeterministicRun, Method};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
-use crate::optim::{AdamW, AdamWParams};
-use crate::TrainError;
 
-/// A model with its optimizers and training clock.
-pub trait Trainer {
-    /// The validated configuration.
-    fn config(&self) -> &ValidConfig;
-    /// The device the model lives on.
-    fn device(&self) -> &Device;
-    /// Epochs completed so far.
-    fn epochs_done(&self) -> usize;
-    /// Seconds spent in training steps so far (across resumes).
-    fn train_seconds(&self) -> f64;
-    /// Trains epoch `epochs_done() + 1`; returns one entry per pass over the data.
-    fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError>;
-    /// Test accuracy (and train accuracy on `train_subset`) after `epoch`.
-    fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError>;
-    /// The model's tensors and checkpoint metadata.
-    fn model_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>);
-    /// The optimizer state and its metadata.
-    fn optimizer_checkpoint(&self) -> (BTreeMap<String, Tensor>, HashMap<String, String>);
-    /// Restores both checkpoints (for `--resume`).
-    fn restore(
-        &mut self,
-        model: &BTreeMap<String, Tensor>,
-        model_meta: &HashMap<String, String>,
-        optim: &BTreeMap<String, Tensor>,
-        optim_meta: &HashMap<String, String>,
-    ) -> Result<(), TrainError>;
-    /// Loads weights only (for evaluation) and the epoch counter from metadata.
-    fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, model_meta: &HashMap<String, String>) -> Result<(), TrainError>;
-    /// Replaces the evaluation settings.
-    fn set_eval_config(&mut self, eval: EvalConfig) -> Result<(), TrainError>;
-    /// The model's tensors (as in the checkpoint).
-    fn named_tensors(&self) -> BTreeMap<String, Tensor> {
-        self.model_checkpoint().0
-    }
+/// A method's model with its optimizers and training clock: everything a
+/// checkpoint holds.
+pub struct Trainer<M = Box<dyn Method>> {
+    cfg: Config,
+    device: Device,
+    method: M,
+    optims: Optimizers,
+    epochs_done: usize,
+    train_seconds: f64,
+}
+
+/// A model checkpoint and an optimizer checkpoint, in memory.
+pub struct CheckpointData {
+    /// The model's tensors.
+    pub model: BTreeMap<String, Tensor>,
+    /// What the model checkpoint's metadata says.
+    pub record: ModelRecord,
+    /// The optimizers' moments.
+    pub optimizer: BTreeMap<String, Tensor>,
+    /// What the optimizer checkpoint's metadata says.
+    pub optimizer_record: OptimizerRecord,
 }
 
 /// A trainer for the configured method. `train` is the training set, used
 /// to initialise prototype embeddings (pass `None` when weights will be loaded).
-pub fn build_trainer(cfg: ValidConfig, device: Device, train: Option<&Dataset>) -> Result<Box<dyn Trainer>, TrainError> {
-    Ok(match cfg.raw().model.method {
-        Method::Dt => Box::new(DtTrainer::with_data(cfg, device, train)?),
-        Method::Ct | Method::Fm | Method::Adjoint => Box::new(crate::ct::CtTrainer::new(cfg, device, train)?),
-        Method::Backprop => Box::new(crate::backprop::BackpropTrainer::new(cfg, device, train)?),
-    })
+pub fn build_trainer(cfg: Config, device: Device, train: Option<&Dataset>) -> Result<Trainer, TrainError> {
+    let method: Box<dyn Method> = match cfg.method() {
+        MethodSettings::Dt(_) => Box::new(Dt::new(&cfg, &device, train)?),
+        MethodSettings::Ct(_) => Box::new(Ct::new(&cfg, &device, train)?),
+        MethodSettings::Fm(_) => Box::new(Fm::new(&cfg, &device, train)?),
+        MethodSettings::Backprop(_) => Box::new(Backprop::new(&cfg, &device, train)?),
+        MethodSettings::Adjoint(_) => Box::new(Adjoint::new(&cfg, &device, train)?),
+    };
+    Trainer::new(cfg, device, method)
 }
 
 /// A trainer restored from a model checkpoint file alone (weights and the
 /// config in its metadata), for evaluation; optimizer state is not loaded.
-pub fn load_for_eval(path: &std::path::Path, device: &Device) -> Result<Box<dyn Trainer>, TrainError> {
-    let (tensors, meta) = crate::checkpoint::load_safetensors(path, device)?;
-    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
-    let cfg: crate::Config = meta
-        .get("config")
-        .ok_or_else(|| bad("no config in its metadata (not written by noprop?)".into()))
-        .and_then(|c| serde_json::from_str(c).map_err(|e| bad(format!("config in metadata: {e}"))))?;
-    let mut trainer = build_trainer(cfg.validate()?, device.clone(), None)?;
-    trainer.load_weights(&tensors, &meta)?;
+pub fn load_for_eval(path: &Path, device: &Device) -> Result<Trainer, TrainError> {
+    let (tensors, meta) = load_safetensors(path, device)?;
+    let record = ModelRecord::from_metadata(path, &meta)?;
+    let mut trainer = build_trainer(record.config.clone().validate()?, device.clone(), None)?;
+    trainer.load_weights(&tensors, &record)?;
     Ok(trainer)
 }
 
-/// `log p(y | z)` `[B, m]` from the head's logits: softmax (eq. 14) or radial (eq. 15-16).
-pub fn class_log_probs(logits: &Tensor, w_embed: &Tensor, cp: ClassProbability) -> Result<Tensor, TrainError> {
-    Ok(match cp {
-        ClassProbability::Softmax => noprop_core::log_softmax(logits)?,
-        ClassProbability::Radial { sigma } => {
-            let p = candle_nn::ops::softmax(logits, D::Minus1)?;
-            radial_log_probs(&p.matmul(w_embed)?, w_embed, sigma)?
-        }
-    })
-}
-
 /// Mean and standard error of per-run accuracies.
-pub(crate) fn mean_se(runs: &[f64]) -> (f64, f64) {
+fn mean_se(runs: &[f64]) -> (f64, f64) {
     let k = runs.len() as f64;
     let mean = runs.iter().sum::<f64>() / k.max(1.0);
     let se = if runs.len() > 1 { (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt() } else { 0.0 };
     (mean, se)
 }
 
-/// Per-run hit counts of stacked inference runs: `pred` holds `runs` blocks
-/// of `labels.len()` predictions, run `r`'s hits go to `correct[r]`.
-pub(crate) fn tally_runs(correct: &mut [usize], pred: &[u32], labels: &[u32]) {
-    let b = labels.len();
-    for (r, c) in correct.iter_mut().enumerate() {
-        *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
+impl<M: Method> Trainer<M> {
+    /// A trainer around `method`, whose model was built from `cfg`.
+    pub fn new(cfg: Config, device: Device, method: M) -> Result<Self, TrainError> {
+        let optims = Optimizers::new(method.param_groups()?, cfg.train(), cfg.model().embedding_lr)?;
+        Ok(Self { cfg, device, method, optims, epochs_done: 0, train_seconds: 0.0 })
     }
-}
 
-/// Hit counts as percentages of `n` examples.
-pub(crate) fn percentages(correct: Vec<usize>, n: usize) -> Vec<f64> {
-    correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect()
-}
-
-/// The name of a learned `W_embed` in the optimizers and checkpoints.
-pub(crate) const EMBED: &str = "embed";
-
-/// AdamW over `vars`, the learned embedding among them (named [`EMBED`])
-/// at `train.embedding_lr` when the config sets it.
-pub(crate) fn optimizer(cfg: &ValidConfig, vars: Vec<(String, candle_core::Var)>, params: AdamWParams) -> candle_core::Result<AdamW> {
-    let mut opt = AdamW::new(vars, params)?;
-    if let Some(lr) = cfg.raw().train.embedding_lr {
-        opt.set_lr(EMBED, lr);
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
-    Ok(opt)
-}
-
-/// Named trainable variables of a `VarMap` (BatchNorm buffers excluded).
-pub(crate) fn trainable(vars: &candle_nn::VarMap) -> Vec<(String, candle_core::Var)> {
-    vars.data()
-        .lock()
-        .map(|d| d.iter().filter(|(k, _)| !noprop_models::layers::is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
-}
-
-/// Checkpoint metadata common to all methods.
-pub(crate) fn model_meta(cfg: &ValidConfig, epoch: usize, train_seconds: f64) -> HashMap<String, String> {
-    let mut meta = HashMap::new();
-    meta.insert("format".into(), "noprop/1".into());
-    meta.insert("method".into(), cfg.raw().model.method.name().into());
-    meta.insert("epoch".into(), epoch.to_string());
-    meta.insert("train_seconds".into(), format!("{train_seconds:.3}"));
-    meta.insert("config".into(), serde_json::to_string(cfg.raw()).unwrap_or_default());
-    meta
-}
-
-/// The epoch and training clock recorded in a model checkpoint.
-pub(crate) fn meta_epoch(meta: &HashMap<String, String>) -> Result<(usize, f64), TrainError> {
-    let epoch = meta.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| TrainError::Resume { reason: "checkpoint has no epoch".into() })?;
-    Ok((epoch, meta.get("train_seconds").and_then(|s| s.parse().ok()).unwrap_or(0.0)))
-}
-
-/// Adam's weight decay as PyTorch's `Adam` applies it: `g += wd * p` before
-/// the moment updates (an L2 term), for every variable in `vars` that has a
-/// gradient. Used with an [`AdamW`](crate::optim::AdamW) whose own decoupled
-/// decay is 0.
-pub(crate) fn add_l2(grads: &mut candle_core::backprop::GradStore, vars: &[(String, candle_core::Var)], wd: f64) -> Result<(), TrainError> {
-    if wd == 0.0 {
-        return Ok(());
+    /// The device the model lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
-    for (_, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let g = (g + (var.as_tensor().detach() * wd)?)?;
-            grads.insert(var.as_tensor(), g);
+    /// The method and its model.
+    pub fn method(&self) -> &M {
+        &self.method
+    }
+    /// Epochs completed so far.
+    pub fn epochs_done(&self) -> usize {
+        self.epochs_done
+    }
+    /// Seconds spent in training steps so far (across resumes).
+    pub fn train_seconds(&self) -> f64 {
+        self.train_seconds
+    }
+
+    /// One update of lane `lane` (block `t` for NoProp-DT, 0 otherwise) on a
+    /// minibatch; returns `[total, ce, kl, denoise]`.
+    pub fn train_step(&mut self, lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<[f64; 4], TrainError> {
+        let mut step = self.method.gradients(&self.cfg, lane, x, y, noise, dropout)?;
+        self.optims.step(&mut step.grads, &step.groups)?;
+        Ok(step.losses)
+    }
+
+    /// Trains epoch `epochs_done() + 1`; returns one entry per lane (block).
+    ///
+    /// Each pass of the method's plan draws its minibatch order from the
+    /// stream keyed by (epoch, pass key); each lane draws q-noise and
+    /// dropout from its own (epoch, lane) streams, and steps on every
+    /// minibatch of its pass. A pass with several lanes (NoProp-DT's fused
+    /// order) reports a step event with the lanes' mean loss and gives each
+    /// lane an equal share of the pass's time.
+    pub fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
+        let epoch = self.epochs_done + 1;
+        let (seed, batch) = (self.cfg.train().seed, self.cfg.train().batch_size);
+        let mut out = Vec::new();
+        for pass in self.method.epoch_plan(&self.cfg) {
+            observer.on_event(&Event::PassStart { epoch, block: pass.key });
+            let start = Instant::now();
+            let stream = noprop_data::pass_stream(epoch as u64, pass.key as u64);
+            let batcher = noprop_data::Batcher::new(data.len(), batch, noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]), stream)?.min_batch_len(2);
+            let mut rngs: Vec<(NoiseRng, NoiseRng)> = pass
+                .lanes
+                .iter()
+                .map(|&l| {
+                    (NoiseRng::derived(seed, &[Stream::Noise.id(), epoch as u64, l as u64]), NoiseRng::derived(seed, &[Stream::Dropout.id(), epoch as u64, l as u64]))
+                })
+                .collect();
+            let mut sums = vec![[0.0f64; 4]; pass.lanes.len()];
+            let mut count = 0usize;
+            for idx in batcher.batches() {
+                let (x, y) = data.batch(idx)?;
+                let mut total = 0.0;
+                for ((&lane, (noise, drop)), sum) in pass.lanes.iter().zip(rngs.iter_mut()).zip(sums.iter_mut()) {
+                    let l = self.train_step(lane, &x, &y, noise, drop)?;
+                    if !l[0].is_finite() {
+                        return Err(TrainError::Diverged { epoch, block: lane, loss: l[0] });
+                    }
+                    for (s, v) in sum.iter_mut().zip(l) {
+                        *s += v;
+                    }
+                    total += l[0];
+                }
+                count += 1;
+                observer.on_event(&Event::Step { loss: if pass.lanes.len() == 1 { total } else { total / pass.lanes.len() as f64 } });
+            }
+            let seconds = start.elapsed().as_secs_f64();
+            let n = count.max(1) as f64;
+            for (&lane, s) in pass.lanes.iter().zip(&sums) {
+                let p = PassMetrics {
+                    epoch,
+                    block: lane,
+                    loss: s[0] / n,
+                    ce: s[1] / n,
+                    kl: s[2] / n,
+                    denoise: s[3] / n,
+                    batches: count,
+                    seconds: seconds / pass.lanes.len() as f64,
+                };
+                observer.on_event(&Event::PassEnd(&p));
+                out.push(p);
+            }
+        }
+        self.train_seconds += out.iter().map(|p| p.seconds).sum::<f64>();
+        self.epochs_done = epoch;
+        Ok(out)
+    }
+
+    /// Accuracy (percent) over `data` of one inference run per entry of
+    /// `modes`, all runs of a batch of images stacked into one pass of at
+    /// most `eval.batch_size` rows.
+    pub fn accuracy(&self, data: &DeviceData, modes: &[Inference], rng: &mut NoiseRng) -> Result<Vec<f64>, TrainError> {
+        let predict = self.method.predictor(&self.cfg)?;
+        let runs = modes.len();
+        let n = data.len();
+        let mut correct = vec![0usize; runs];
+        let per_batch = (self.cfg.eval().batch_size / runs.max(1)).max(1);
+        let mut start = 0;
+        while start < n {
+            let b = per_batch.min(n - start);
+            let pred = predict(&data.images().narrow(0, start, b)?, modes, rng)?;
+            let labels = &data.labels_host()[start..start + b];
+            for (r, c) in correct.iter_mut().enumerate() {
+                *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
+            }
+            start += b;
+        }
+        Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+    }
+
+    /// Test accuracy (mean and standard error over `eval.runs` stochastic
+    /// runs, and a deterministic run where the sampler has noise and the
+    /// config asks for it), and train accuracy on `train_subset` if given.
+    /// Draws come from streams fixed by the seed and `epoch`.
+    pub fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
+        let start = Instant::now();
+        let ev = self.cfg.eval();
+        let seed = self.cfg.train().seed;
+        let stream = |k: u64| NoiseRng::derived(seed, &[Stream::Eval.id(), epoch as u64, k]);
+        let stochastic = vec![Inference::Stochastic; ev.runs];
+        let det_run = if ev.deterministic { self.method.deterministic_run(&self.cfg) } else { DeterministicRun::None };
+        let (runs, det) = match det_run {
+            DeterministicRun::Stacked => {
+                // The stochastic runs and the deterministic one share each batch's image features.
+                let mut modes = stochastic;
+                modes.push(Inference::Deterministic);
+                let mut runs = self.accuracy(test, &modes, &mut stream(0))?;
+                let det = runs.pop();
+                (runs, det)
+            }
+            DeterministicRun::Separate => {
+                let runs = self.accuracy(test, &stochastic, &mut stream(0))?;
+                (runs, Some(self.accuracy(test, &[Inference::Deterministic], &mut stream(1))?[0]))
+            }
+            DeterministicRun::None => (self.accuracy(test, &stochastic, &mut stream(0))?, None),
+        };
+        let (mean, se) = mean_se(&runs);
+        let train_acc = match train_subset {
+            Some(d) if !d.is_empty() => Some(self.accuracy(d, &[Inference::Stochastic], &mut stream(2))?[0]),
+            _ => None,
+        };
+        Ok(EvalReport { epoch, test_acc: mean, test_acc_se: se, test_acc_runs: runs, test_acc_deterministic: det, train_acc, seconds: start.elapsed().as_secs_f64() })
+    }
+
+    /// The model's tensors (as in the checkpoint).
+    pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
+        self.method.tensors()
+    }
+
+    /// What the model checkpoint's metadata says now.
+    pub fn record(&self) -> ModelRecord {
+        let norm = self.cfg.dataset().normalization();
+        let schedule = match self.cfg.method() {
+            MethodSettings::Dt(s) => Some(s.schedule.alpha_bars().to_vec()),
+            _ => None,
+        };
+        ModelRecord {
+            method: self.cfg.method().method().name().into(),
+            epoch: self.epochs_done,
+            train_seconds: self.train_seconds,
+            config: self.cfg.to_raw(),
+            schedule,
+            normalization: (norm.mean, norm.std),
+            seed_streams: Stream::ALL.iter().map(|s| (s.name().to_string(), s.id())).collect(),
         }
     }
-    Ok(())
-}
 
-/// One shuffled pass over `data` for `block` (0 for the single network of CT
-/// and FM) in `epoch`: draws the minibatch order, q-noise and dropout from
-/// the streams keyed by (seed, epoch, block), calls `step` per minibatch
-/// (which returns `[total, ce, kl, denoise]`), reports to `observer`, and
-/// returns the pass's mean losses.
-pub(crate) fn run_pass(
-    data: &DeviceData,
-    seed: u64,
-    batch_size: usize,
-    epoch: usize,
-    block: usize,
-    observer: &mut dyn Observer,
-    mut step: impl FnMut(&Tensor, &Tensor, &mut NoiseRng, &mut NoiseRng) -> Result<[f64; 4], TrainError>,
-) -> Result<PassMetrics, TrainError> {
-    use crate::dt::streams;
-    observer.on_event(&Event::PassStart { epoch, block });
-    let start = std::time::Instant::now();
-    let stream = noprop_data::pass_stream(epoch as u64, block as u64);
-    let batcher = noprop_data::Batcher::new(data.len(), batch_size, noprop_core::sub_seed(seed, &[streams::SHUFFLE]), stream)?.min_batch_len(2);
-    let mut noise = NoiseRng::derived(seed, &[streams::NOISE, epoch as u64, block as u64]);
-    let mut drop = NoiseRng::derived(seed, &[streams::DROPOUT, epoch as u64, block as u64]);
-    let mut sums = [0.0f64; 4];
-    let mut count = 0usize;
-    for idx in batcher.batches() {
-        let (x, y) = data.batch(idx)?;
-        let l = step(&x, &y, &mut noise, &mut drop)?;
-        if !l[0].is_finite() {
-            return Err(TrainError::Diverged { epoch, block, loss: l[0] });
-        }
-        for (s, v) in sums.iter_mut().zip(l) {
-            *s += v;
-        }
-        count += 1;
-        observer.on_event(&Event::Step { loss: l[0] });
+    /// The model and optimizer state of the current epoch.
+    pub fn checkpoint(&self) -> CheckpointData {
+        let (optimizer, steps) = self.optims.state();
+        CheckpointData { model: self.method.tensors(), record: self.record(), optimizer, optimizer_record: OptimizerRecord { epoch: self.epochs_done, steps } }
     }
-    let n = count.max(1) as f64;
-    let pass = PassMetrics {
-        epoch,
-        block,
-        loss: sums[0] / n,
-        ce: sums[1] / n,
-        kl: sums[2] / n,
-        denoise: sums[3] / n,
-        batches: count,
-        seconds: start.elapsed().as_secs_f64(),
-    };
-    observer.on_event(&Event::PassEnd(&pass));
-    Ok(pass)
-}
 
-/// Checks that a model and an optimizer checkpoint belong to the same epoch;
-/// returns that epoch, the training clock and the optimizers' step counts.
-pub(crate) fn check_resume(
-    model_meta: &HashMap<String, String>,
-    optim_meta: &HashMap<String, String>,
-    optimizers: usize,
-) -> Result<(usize, f64, Vec<u64>), TrainError> {
-    let bad = |reason: String| TrainError::Resume { reason };
-    let (epoch, seconds) = meta_epoch(model_meta)?;
-    let optim_epoch: usize = optim_meta.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(usize::MAX);
-    if optim_epoch != epoch {
-        return Err(bad(format!("model is at epoch {epoch} but optimizer state at {optim_epoch}")));
+    /// Restores a checkpoint written by [`Self::checkpoint`] (for `--resume`).
+    pub fn restore(&mut self, ckpt: &CheckpointData) -> Result<(), TrainError> {
+        if ckpt.optimizer_record.epoch != ckpt.record.epoch {
+            return Err(TrainError::Resume {
+                reason: format!("model is at epoch {} but optimizer state at {}", ckpt.record.epoch, ckpt.optimizer_record.epoch),
+            });
+        }
+        self.load_weights(&ckpt.model, &ckpt.record)?;
+        self.optims.load_state(&ckpt.optimizer, &ckpt.optimizer_record.steps)
     }
-    let steps: Vec<u64> = optim_meta
-        .get("steps")
-        .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| bad("optimizer state has no step counts".into()))?;
-    if steps.len() != optimizers {
-        return Err(bad(format!("optimizer state has {} step counts, expected {optimizers}", steps.len())));
+
+    /// Loads weights only (for evaluation) and the training clock.
+    pub fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, record: &ModelRecord) -> Result<(), TrainError> {
+        self.method.load_tensors(model)?;
+        self.epochs_done = record.epoch;
+        self.train_seconds = record.train_seconds;
+        Ok(())
     }
-    Ok((epoch, seconds, steps))
+
+    /// Changes the inference settings (the model is unchanged).
+    pub fn change_inference(&mut self, change: InferenceChange) -> Result<(), TrainError> {
+        self.cfg = self.cfg.with_inference(change)?;
+        Ok(())
+    }
+
+    /// The configuration as a file would say it.
+    pub fn raw_config(&self) -> RawConfig {
+        self.cfg.to_raw()
+    }
 }

@@ -1,0 +1,59 @@
+//! What NoProp-CT, NoProp-FM and the adjoint baseline share at inference:
+//! the continuous-time network with its image features computed once per
+//! batch, as the samplers' denoiser and velocity field.
+
+use candle_core::{Tensor, D};
+use noprop_core::{ContinuousDenoiser, VelocityField};
+use noprop_models::{CtModel, Mode};
+
+/// The network with fixed image features `fx` (stacked for every run).
+pub struct Cached<'a> {
+    model: &'a CtModel,
+    fx: Tensor,
+    /// `fx` through the image columns of the fuse layer, for one-time calls.
+    projected: Tensor,
+}
+
+impl<'a> Cached<'a> {
+    /// The network on the images whose features are `fx` `[B, 256]`,
+    /// repeated for `runs` stacked inference runs.
+    pub fn new(model: &'a CtModel, fx: &Tensor, runs: usize) -> candle_core::Result<Self> {
+        let fx = if runs == 1 { fx.clone() } else { Tensor::cat(&vec![fx; runs], 0)? };
+        let projected = model.net().project_features(&fx)?;
+        Ok(Self { model, fx, projected })
+    }
+
+    /// Rows: images times runs.
+    pub fn rows(&self) -> candle_core::Result<usize> {
+        self.fx.dim(0)
+    }
+
+    fn logits_at(&self, z: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.model.net().logits_projected(z, t, &self.projected, &mut Mode::Eval)
+    }
+}
+
+impl ContinuousDenoiser for Cached<'_> {
+    fn latent_dim(&self) -> usize {
+        self.model.embed().dims().get(1).copied().unwrap_or(0)
+    }
+    fn denoise(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.model.net().logits_from_features(z, t, &self.fx, &mut Mode::Eval)?;
+        candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())
+    }
+    fn denoise_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        candle_nn::ops::softmax(&self.logits_at(z, t)?, D::Minus1)?.matmul(self.model.embed())
+    }
+}
+
+impl VelocityField for Cached<'_> {
+    fn latent_dim(&self) -> usize {
+        self.model.embed().dims().get(1).copied().unwrap_or(0)
+    }
+    fn velocity(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
+        self.model.net().logits_from_features(z, t, &self.fx, &mut Mode::Eval)?.matmul(self.model.embed())
+    }
+    fn velocity_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
+        self.logits_at(z, t)?.matmul(self.model.embed())
+    }
+}
