@@ -372,7 +372,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let command: Vec<String> = std::env::args().collect();
     let (target, mut raw) = match &args.resume {
         Some(dir) => {
-            let run = RunDir::open(dir)?;
+            let run = RunDir::resume(dir)?;
             let raw = run.config()?;
             (Target::Resume(run), raw)
         }
@@ -421,7 +421,7 @@ fn train(args: TrainArgs) -> Result<()> {
     let run = match target {
         Target::Resume(run) => {
             let epoch = run.restore_latest(&mut trainer).context("cannot restore the newest checkpoint")?;
-            run.truncate_metrics_after(epoch)?;
+            run.reconcile_metrics(epoch)?;
             if trainer.config().train().epochs != epochs_before {
                 run.set_epochs(trainer.config().train().epochs)?;
             }

@@ -39,15 +39,16 @@ fn write_config(path: &Path, epochs: usize, extra: &str) {
 [data]
 dataset = "mnist"
 [model]
-method = "dt"
+embedding = {{ kind = "one-hot" }}
+[method]
+kind = "dt"
 blocks = 3
-embedding = "one-hot"
+eta = 0.1
 [train]
 epochs = {epochs}
 batch_size = 16
 lr = 1e-3
 weight_decay = 1e-3
-eta = 0.1
 seed = 4
 [eval]
 runs = 2
@@ -159,7 +160,7 @@ fn bad_input_gives_a_one_line_error() {
     let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
     assert_one_line_error(&out, "unknown field");
     // T = 0 and a negative learning rate.
-    for (from, to, needle) in [("blocks = 3", "blocks = 0", "model.blocks"), ("lr = 1e-3", "lr = -1e-3", "train.lr")] {
+    for (from, to, needle) in [("blocks = 3", "blocks = 0", "method.blocks"), ("lr = 1e-3", "lr = -1e-3", "train.lr")] {
         let cfg = f.root.join("bad.toml");
         write_config(&cfg, 1, "");
         let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
@@ -167,6 +168,27 @@ fn bad_input_gives_a_one_line_error() {
         let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
         assert_one_line_error(&out, needle);
     }
+    // A field of another method is an unknown field of this one, named.
+    let cfg = f.root.join("foreign.toml");
+    write_config(&cfg, 1, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("eta = 0.1", "eta = 0.1\nsigma = 0.2");
+    std::fs::write(&cfg, text).unwrap();
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    assert_one_line_error(&out, "unknown field `sigma`");
+    // A config in the format before 0.2 says what moved where.
+    let cfg = f.root.join("old.toml");
+    std::fs::write(&cfg, "[data]\ndataset = \"mnist\"\n[model]\nmethod = \"dt\"\nblocks = 3\nembedding = \"one-hot\"\n[train]\nepochs = 1\nbatch_size = 16\nlr = 1e-3\nweight_decay = 0.0\neta = 0.1\n").unwrap();
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    assert_one_line_error(&out, "model.method moved to method.kind");
+    assert_one_line_error(&out, "train.eta moved to method.eta");
+    // Training on no images is an error, not "everything".
+    let cfg = f.root.join("ok.toml");
+    write_config(&cfg, 1, "");
+    let out = noprop().args(["train", "--train-limit", "0", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    assert_one_line_error(&out, "data.train_limit must be at least 1");
+    // Enumerated arguments are checked by the parser.
+    let out = noprop().args(["train", "--kernels", "gpu", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fast"), "{}", String::from_utf8_lossy(&out.stderr));
     // Missing data.
     let cfg = f.root.join("ok.toml");
     write_config(&cfg, 1, "");
@@ -257,7 +279,7 @@ fn prototype_embeddings_render_as_png() {
     let f = fixture(40);
     let cfg = f.root.join("proto.toml");
     write_config(&cfg, 1, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("embedding = \"one-hot\"", "embedding = \"prototype\"").replace("blocks = 3", "blocks = 1");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"one-hot\"", "kind = \"prototype\"").replace("blocks = 3", "blocks = 1");
     std::fs::write(&cfg, text).unwrap();
     let run = f.root.join("run");
     let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(f.root.join("mnist")).arg("--out").arg(&run).output().unwrap();

@@ -5,7 +5,8 @@
 use candle_core::{DType, Device};
 use noprop_core::NoiseRng;
 use noprop_data::Dataset;
-use noprop_train::{build_trainer, fit, Config, DeviceData, RunData, Silent};
+use noprop_train::config::RawMethod;
+use noprop_train::{build_trainer, fit, DeviceData, RawConfig, RunData, Silent};
 
 fn synthetic(n: usize, (c, h, w): (usize, usize, usize), classes: usize, seed: u64) -> Dataset {
     let mut images = vec![0f32; n * c * h * w];
@@ -24,7 +25,7 @@ fn every_config_validates_and_trains_a_few_steps() {
     let dev = Device::Cpu;
     for path in names {
         let text = std::fs::read_to_string(&path).unwrap();
-        let mut cfg: Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let mut cfg: RawConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         cfg.clone().validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // Shrink it to a few steps.
         let kind = cfg.data.dataset;
@@ -32,10 +33,12 @@ fn every_config_validates_and_trains_a_few_steps() {
         let n = kind.num_classes().max(8);
         cfg.train.epochs = 1;
         cfg.train.batch_size = n / 2;
-        cfg.model.blocks = cfg.model.blocks.min(2);
+        match &mut cfg.method {
+            RawMethod::Dt { blocks, .. } | RawMethod::Backprop { blocks, .. } => *blocks = (*blocks).min(2),
+            RawMethod::Ct { steps, .. } | RawMethod::Fm { steps, .. } => *steps = 2,
+            RawMethod::Adjoint { train_steps, steps, .. } => (*train_steps, *steps) = (2, 2),
+        }
         cfg.eval.runs = 1;
-        cfg.eval.steps = 2;
-        cfg.model.ode_steps = 2;
         cfg.eval.batch_size = 8;
         cfg.eval.train_subset = 0;
         let train = synthetic(n, kind.shape(), kind.num_classes(), 1);
@@ -46,7 +49,7 @@ fn every_config_validates_and_trains_a_few_steps() {
             test: DeviceData::new(&test, DType::F32, &dev).unwrap(),
             train_subset: None,
         };
-        let report = fit(trainer.as_mut(), &data, None, &mut Silent).unwrap_or_else(|e| panic!("{}: {e}", path.display())).unwrap();
+        let report = fit(&mut trainer, &data, None, &mut Silent).unwrap_or_else(|e| panic!("{}: {e}", path.display())).unwrap();
         assert!((0.0..=100.0).contains(&report.test_acc), "{}", path.display());
     }
 }

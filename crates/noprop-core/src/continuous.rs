@@ -292,6 +292,12 @@ impl LearnableSchedule {
         "schedule.w2",
     ];
 
+    /// The parameters that shape `gamma` between its endpoints and not the
+    /// endpoints themselves (`gamma(0)` and `gamma(1)` depend on
+    /// `schedule.gamma0` and `schedule.gamma_gap` alone, exactly): the
+    /// "interior" that variance minimisation (Kingma et al. 2021) trains.
+    pub const INTERIOR_PARAMETER_NAMES: [&'static str; 3] = ["schedule.b1", "schedule.w1", "schedule.w2"];
+
     /// A schedule with parameters drawn from `rng`: `b1`, `w1_raw`, `w2_raw`
     /// (in that order) from `N(0, 1)`, which makes the initial `gamma` close to
     /// linear between the configured endpoints; `gamma0 = cfg.gamma0` and

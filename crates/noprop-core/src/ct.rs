@@ -46,6 +46,45 @@ pub fn sample_t(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng)
     Ok(rng.uniform(&[batch], 0.0, 1.0, dtype, device)?)
 }
 
+/// Draws stratified times for a batch: `t_i = (u + i / B) mod 1` for
+/// `i = 0..B`, with a single `u ~ U(0, 1)` for the whole batch; `dtype` must
+/// be a float type.
+///
+/// Each `t_i` on its own is still `U(0, 1)` (a uniform shift of a grid, taken
+/// modulo 1), so every per-example term keeps its expectation, but the batch
+/// covers `[0, 1)` evenly: one point in each interval `[k/B, (k+1)/B)`. This
+/// is the low-discrepancy sampler of Kingma et al. (2021, Variational
+/// Diffusion Models), which lowers the variance of a minibatch estimate of
+/// an integral over `t` such as the NoProp-CT denoising term. It draws one
+/// number from `rng` where [`sample_t`] draws `B`. Computed in `f64`, then
+/// cast to `dtype`.
+///
+/// ```
+/// use noprop_core::candle_core::{DType, Device};
+/// use noprop_core::{sample_t_stratified, NoiseRng};
+///
+/// let t = sample_t_stratified(4, DType::F64, &Device::Cpu, &mut NoiseRng::new(0))?;
+/// let mut t: Vec<f64> = t.to_vec1()?;
+/// t.sort_by(|a, b| a.total_cmp(b));
+/// // One time in each quarter of [0, 1), all a quarter apart.
+/// for (k, w) in t.windows(2).enumerate() {
+///     assert!((w[1] - w[0] - 0.25).abs() < 1e-12 && (t[k] * 4.0).floor() as usize == k);
+/// }
+/// # Ok::<(), noprop_core::CoreError>(())
+/// ```
+///
+/// # Shapes
+/// Returns `[batch]`.
+pub fn sample_t_stratified(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng) -> Result<Tensor> {
+    if !dtype.is_float() {
+        return Err(CoreError::NotFloat { what: "sample_t_stratified: dtype", dtype });
+    }
+    let u: f64 = rand::Rng::random_range(rng.rng_mut(), 0.0..1.0);
+    let n = batch.max(1) as f64;
+    let t: Vec<f64> = (0..batch).map(|i| (u + i as f64 / n).rem_euclid(1.0)).collect();
+    Ok(Tensor::from_vec(t, batch, device)?.to_dtype(dtype)?)
+}
+
 /// Samples `z_i ~ q(z_{t_i} | y_i) = N(sqrt(abar(t_i)) u_i, (1 - abar(t_i)) I)`,
 /// one time per row.
 ///
@@ -149,6 +188,35 @@ pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) 
     let sq = (uhat - u)?.sqr()?.sum(1)?;
     let weighted = (sq * snr_prime.to_dtype(u.dtype())?)?;
     Ok((weighted.mean(0)? * (eta / 2.0))?)
+}
+
+/// The CT denoising term of eq. 9 per example, not averaged:
+/// `L_i = eta / 2 SNR'(t_i) ||uhat_i - u_i||^2`, squared norm summed over
+/// `d`, so that `mean_i L_i` is [`ct_denoise_loss`] (up to rounding). Per
+/// example terms are what variance minimisation of the schedule needs
+/// (Kingma et al. 2021: the gradient of `mean_i L_i^2`).
+///
+/// # Shapes
+/// `uhat`, `u`: `[B, d]`, `snr_prime`: `[B]`; returns `[B]`.
+pub fn ct_denoise_terms(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) -> Result<Tensor> {
+    check_shape("ct_denoise_terms: u", u, &[None, None], "[B, d]")?;
+    if !(eta.is_finite() && eta >= 0.0) {
+        return Err(CoreError::BadArgument {
+            name: "eta",
+            value: eta,
+            reason: "must be finite and >= 0",
+        });
+    }
+    if uhat.dims() != u.dims() {
+        return Err(CoreError::Shape {
+            what: "ct_denoise_terms: uhat",
+            expected: format!("{:?} (the shape of u)", u.dims()),
+            found: uhat.dims().to_vec(),
+        });
+    }
+    check_shape("ct_denoise_terms: snr_prime", snr_prime, &[Some(u.dim(0)?)], "[B]")?;
+    let sq = (uhat - u)?.sqr()?.sum(1)?;
+    Ok(((sq * snr_prime.to_dtype(u.dtype())?)? * (eta / 2.0))?)
 }
 
 /// The three terms of the NoProp-CT loss (eq. 9) and their sum.
@@ -352,4 +420,118 @@ where
         }
         Ok(((uhat * (rate * abar.sqrt()))? - (z * (rate * abar))?)?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::continuous::FixedLinearGamma;
+
+    #[test]
+    fn stratified_times_are_a_shifted_grid_with_a_uniform_marginal() {
+        let dev = Device::Cpu;
+        let b = 8;
+        let mut rng = NoiseRng::new(3);
+        let mut all = Vec::new();
+        for _ in 0..2000 {
+            let t: Vec<f64> = sample_t_stratified(b, DType::F64, &dev, &mut rng).unwrap().to_vec1().unwrap();
+            // The batch is u + i/B mod 1: consecutive entries differ by 1/B
+            // (or 1/B - 1 where the grid wraps), and sorted they are a grid.
+            for w in t.windows(2) {
+                let step = (w[1] - w[0]).rem_euclid(1.0);
+                assert!((step - 1.0 / b as f64).abs() < 1e-12, "{t:?}");
+            }
+            let mut sorted = t.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            for (k, v) in sorted.iter().enumerate() {
+                assert!((0.0..1.0).contains(v));
+                assert_eq!((v * b as f64).floor() as usize, k, "one time per stratum: {sorted:?}");
+            }
+            // Any one position is U(0, 1) across batches.
+            all.push(t[5]);
+        }
+        // Marginal of t_5: mean 1/2, variance 1/12, and a flat histogram.
+        let n = all.len() as f64;
+        let mean = all.iter().sum::<f64>() / n;
+        let var = all.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / n;
+        assert!((mean - 0.5).abs() < 0.03, "mean {mean}");
+        assert!((var - 1.0 / 12.0).abs() < 0.01, "variance {var}");
+        let mut hist = [0usize; 4];
+        for t in &all {
+            hist[(t * 4.0) as usize] += 1;
+        }
+        assert!(hist.iter().all(|&c| (c as f64 - n / 4.0).abs() < 0.1 * n), "{hist:?}");
+    }
+
+    #[test]
+    fn stratified_times_are_deterministic_given_the_rng_and_use_one_draw() {
+        let dev = Device::Cpu;
+        let a: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9)).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9)).unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+        // One draw per batch: the stream continues exactly one number later.
+        let mut r1 = NoiseRng::new(9);
+        sample_t_stratified(16, DType::F32, &dev, &mut r1).unwrap();
+        let mut r2 = NoiseRng::new(9);
+        let _: f64 = rand::Rng::random_range(r2.rng_mut(), 0.0..1.0);
+        assert_eq!(rand::Rng::random::<u64>(r1.rng_mut()), rand::Rng::random::<u64>(r2.rng_mut()));
+        assert!(sample_t_stratified(4, DType::U32, &dev, &mut NoiseRng::new(0)).is_err());
+        assert_eq!(sample_t_stratified(0, DType::F32, &dev, &mut NoiseRng::new(0)).unwrap().dims(), &[0]);
+    }
+
+    #[test]
+    fn per_example_denoise_terms_average_to_the_batch_loss() {
+        let dev = Device::Cpu;
+        let mut rng = NoiseRng::new(1);
+        let u = rng.randn(&[5, 3], DType::F64, &dev).unwrap();
+        let uhat = rng.randn(&[5, 3], DType::F64, &dev).unwrap();
+        let t = sample_t(5, DType::F64, &dev, &mut rng).unwrap();
+        let snr_prime = FixedLinearGamma::default().snr_derivative(&t).unwrap();
+        let terms = ct_denoise_terms(&uhat, &u, &snr_prime, 0.7).unwrap();
+        assert_eq!(terms.dims(), &[5]);
+        let mean: f64 = terms.mean(0).unwrap().to_scalar().unwrap();
+        let loss: f64 = ct_denoise_loss(&uhat, &u, &snr_prime, 0.7).unwrap().to_scalar().unwrap();
+        assert!((mean - loss).abs() <= 1e-12 * loss.abs().max(1.0), "{mean} vs {loss}");
+        // Each term by hand.
+        let (u2, h2, w): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) =
+            (u.to_vec2().unwrap(), uhat.to_vec2().unwrap(), snr_prime.to_vec1().unwrap());
+        let got: Vec<f64> = terms.to_vec1().unwrap();
+        for i in 0..5 {
+            let sq: f64 = (0..3).map(|k| (h2[i][k] - u2[i][k]).powi(2)).sum();
+            assert!((got[i] - 0.35 * w[i] * sq).abs() < 1e-12 * got[i].abs().max(1.0));
+        }
+        assert!(ct_denoise_terms(&uhat, &u, &snr_prime, -1.0).is_err());
+        assert!(ct_denoise_terms(&uhat.narrow(0, 0, 4).unwrap(), &u, &snr_prime, 1.0).is_err());
+    }
+
+    /// The reason for variance minimisation: with stratified times over a
+    /// large batch, the denoising term estimates `eta/2 int SNR'(t) e dt =
+    /// eta/2 e (SNR(1) - SNR(0))`, which does not depend on the interior of
+    /// the schedule, so its gradient in `w1`, `w2` is ~0; the gradient of
+    /// `mean L_i^2` in them is not.
+    #[test]
+    fn only_the_squared_terms_see_the_interior_of_the_schedule() {
+        use crate::continuous::{LearnableSchedule, LearnableScheduleConfig};
+        let dev = Device::Cpu;
+        let cfg = LearnableScheduleConfig { hidden: 4, gamma0: -3.0, gamma1: 3.0 };
+        let sched = LearnableSchedule::new(&cfg, DType::F64, &dev, &mut NoiseRng::new(5)).unwrap();
+        let b = 4096;
+        let t = sample_t_stratified(b, DType::F64, &dev, &mut NoiseRng::new(2)).unwrap();
+        // A denoiser whose error does not depend on z or t: ||uhat - u||^2 = 1.
+        let u = Tensor::zeros((b, 1), DType::F64, &dev).unwrap();
+        let uhat = Tensor::ones((b, 1), DType::F64, &dev).unwrap();
+        let terms = ct_denoise_terms(&uhat, &u, &sched.snr_derivative(&t).unwrap(), 1.0).unwrap();
+        let plain = terms.mean(0).unwrap().backward().unwrap();
+        let squared = terms.sqr().unwrap().mean(0).unwrap().backward().unwrap();
+        let norm = |g: &candle_core::backprop::GradStore, name: &str| -> f64 {
+            let var = sched.vars().into_iter().find(|(n, _)| n == name).unwrap().1;
+            g.get(var.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap()
+        };
+        for name in ["schedule.w1", "schedule.w2"] {
+            let (p, q) = (norm(&plain, name), norm(&squared, name));
+            assert!(p < 1e-2 * q, "{name}: plain {p} vs squared {q}");
+        }
+        // The endpoints do move the plain term (SNR(1) - SNR(0)).
+        assert!(norm(&plain, "schedule.gamma0") > 1e-3);
+    }
 }

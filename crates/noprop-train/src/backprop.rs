@@ -15,7 +15,7 @@ use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
 
-use crate::config::{BackpropSettings, Config, HeadInit, MethodSettings};
+use crate::config::{BackpropSettings, Config, MethodSettings};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{build_dt_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
@@ -41,10 +41,8 @@ impl Backprop {
     /// A fresh model; prototype embeddings are initialised from `train`.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         let s = settings(cfg)?;
+        // build_dt_model aligns the head when `head_init = "embedding"` (the default here).
         let model = build_dt_model(cfg, s.blocks, device, train)?;
-        if cfg.model().head_init == HeadInit::Embedding {
-            model.align_head()?;
-        }
         let w0 = s.alpha_init.atanh() as f32;
         let alpha = Var::from_tensor(&Tensor::full(w0, s.blocks, device)?)?;
         Ok(Self { model, alpha })

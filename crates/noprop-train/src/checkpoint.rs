@@ -139,8 +139,37 @@ pub fn save_safetensors(
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
+    // The rename is atomic, but only a synced file and folder survive a power loss.
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
-    Ok(())
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Flushes a folder's entries (new and renamed files) to disk.
+pub fn sync_dir(dir: &Path) -> Result<(), TrainError> {
+    // Opening a folder to sync it works on Unix; elsewhere it is not needed
+    // (or possible), so only a failure to sync an opened folder is an error.
+    match std::fs::File::open(dir) {
+        Ok(f) => f.sync_all().or_else(|e| if cfg!(unix) { Err(e) } else { Ok(()) }).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source }),
+        Err(_) if !cfg!(unix) => Ok(()),
+        Err(source) => Err(TrainError::Io { path: dir.to_path_buf(), source }),
+    }
+}
+
+/// The first tensor (in name order) holding NaN or infinite values: its
+/// name and how many it holds.
+pub fn first_non_finite(tensors: &BTreeMap<String, Tensor>) -> Result<Option<(String, usize)>, TrainError> {
+    for (name, t) in tensors {
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values: Vec<f64> = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Ok(Some((name.clone(), bad)));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads every tensor of a safetensors file onto `device`, with its metadata.
@@ -154,8 +183,15 @@ pub fn load_safetensors(
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
+        // noprop writes F32 only; anything else would be converted silently.
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(bad(format!("tensor {name} has dtype {:?}; noprop checkpoints hold F32", view.dtype())));
+        }
         let t = view.load(device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
         out.insert(name, t);
+    }
+    if let Some((name, count)) = first_non_finite(&out)? {
+        return Err(bad(format!("tensor {name} holds {count} non-finite values")));
     }
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }

@@ -13,7 +13,7 @@ use noprop_models::{EmbeddingKind, Kernels};
 
 pub use crate::raw::{
     old_style_fields, CtSampler, EmbeddingInit, HeadInit, OptimizerKind, RawCheckpoint, RawConfig, RawData, RawEmbedding, RawEval, RawMethod, RawModel,
-    RawTrain, TrainOrder, MOVED_FIELDS,
+    RawTrain, ScheduleTraining, TimeSampling, TrainOrder, MOVED_FIELDS,
 };
 use crate::error::ConfigError;
 
@@ -90,6 +90,9 @@ pub struct ModelSettings {
     pub embedding_init: Option<EmbeddingInit>,
     /// A learned embedding's own learning rate, if it has one.
     pub embedding_lr: Option<f64>,
+    /// Whether the denoising or flow target `u_y` passes its gradient to a
+    /// learned `W_embed` (`true`, the paper's loss; always `true` for one-hot).
+    pub embedding_target_grad: bool,
     /// Dropout probability of the image path.
     pub dropout: f64,
     /// The kernels of the image path.
@@ -137,6 +140,10 @@ pub struct CtSettings {
     pub sampler: CtSampler,
     /// Integration steps at inference.
     pub steps: usize,
+    /// How the training times are drawn.
+    pub t_sampling: TimeSampling,
+    /// How the learnable schedule is trained.
+    pub schedule_training: ScheduleTraining,
 }
 
 /// NoProp-FM's settings.
@@ -151,6 +158,8 @@ pub struct FmSettings {
     pub solver: OdeSolver,
     /// Integration steps at inference.
     pub steps: usize,
+    /// How the training times are drawn.
+    pub t_sampling: TimeSampling,
 }
 
 /// The back-propagation baseline's settings.
@@ -308,15 +317,24 @@ impl Config {
         let m = &self.model;
         let embedding = match m.embedding {
             EmbeddingKind::OneHot => RawEmbedding::OneHot,
-            EmbeddingKind::Learned { dim } => RawEmbedding::Learned { dim, init: m.embedding_init, lr: m.embedding_lr },
-            EmbeddingKind::Prototype => RawEmbedding::Prototype { init: m.embedding_init, lr: m.embedding_lr },
+            EmbeddingKind::Learned { dim } => RawEmbedding::Learned { dim, init: m.embedding_init, lr: m.embedding_lr, target_grad: m.embedding_target_grad },
+            EmbeddingKind::Prototype => RawEmbedding::Prototype { init: m.embedding_init, lr: m.embedding_lr, target_grad: m.embedding_target_grad },
         };
         let method = match &self.method {
             MethodSettings::Dt(s) => RawMethod::Dt { blocks: s.schedule.blocks(), eta: s.eta, order: s.order, schedule: s.spec.clone() },
-            MethodSettings::Ct(s) => {
-                RawMethod::Ct { eta: s.eta, time_dim: s.time.dim, time_scale: s.time.scale, schedule: s.schedule.clone(), sampler: s.sampler, steps: s.steps }
+            MethodSettings::Ct(s) => RawMethod::Ct {
+                eta: s.eta,
+                time_dim: s.time.dim,
+                time_scale: s.time.scale,
+                schedule: s.schedule.clone(),
+                sampler: s.sampler,
+                steps: s.steps,
+                t_sampling: s.t_sampling,
+                schedule_training: s.schedule_training,
+            },
+            MethodSettings::Fm(s) => {
+                RawMethod::Fm { sigma: s.sigma, time_dim: s.time.dim, time_scale: s.time.scale, solver: s.solver, steps: s.steps, t_sampling: s.t_sampling }
             }
-            MethodSettings::Fm(s) => RawMethod::Fm { sigma: s.sigma, time_dim: s.time.dim, time_scale: s.time.scale, solver: s.solver, steps: s.steps },
             MethodSettings::Backprop(s) => RawMethod::Backprop { blocks: s.blocks, alpha_init: s.alpha_init },
             MethodSettings::Adjoint(s) => RawMethod::Adjoint { time_dim: s.time.dim, time_scale: s.time.scale, train_steps: s.train_steps, steps: s.steps },
         };
@@ -467,14 +485,14 @@ impl RawConfig {
             return Err(ConfigError::OutOfRange { field: "model.dropout", range: "[0, 1)", found: raw_model.dropout });
         }
         raw_model.class_probability.validate().map_err(|source| ConfigError::ClassProbability { source })?;
-        let (embedding, init, embedding_lr) = match raw_model.embedding {
-            RawEmbedding::OneHot => (EmbeddingKind::OneHot, None, None),
-            RawEmbedding::Learned { dim, init, lr } => {
+        let (embedding, init, embedding_lr, target_grad) = match raw_model.embedding {
+            RawEmbedding::OneHot => (EmbeddingKind::OneHot, None, None, true),
+            RawEmbedding::Learned { dim, init, lr, target_grad } => {
                 between("model.embedding.dim", dim, 1, limits::EMBEDDING_DIM)?;
                 let init = init.unwrap_or(if dim >= m { EmbeddingInit::Orthogonal } else { EmbeddingInit::Normal });
-                (EmbeddingKind::Learned { dim }, Some(init), lr)
+                (EmbeddingKind::Learned { dim }, Some(init), lr, target_grad)
             }
-            RawEmbedding::Prototype { init, lr } => (EmbeddingKind::Prototype, Some(init.unwrap_or(EmbeddingInit::Prototype)), lr),
+            RawEmbedding::Prototype { init, lr, target_grad } => (EmbeddingKind::Prototype, Some(init.unwrap_or(EmbeddingInit::Prototype)), lr, target_grad),
         };
         let d = embedding.latent_dim(m, c * h * w);
         match init {
@@ -491,7 +509,7 @@ impl RawConfig {
                 let built = schedule.build(blocks).map_err(|source| ConfigError::Schedule { source })?;
                 MethodSettings::Dt(DtSettings { order, eta, schedule: built, spec: schedule })
             }
-            RawMethod::Ct { eta, time_dim, time_scale, schedule, sampler, steps: n } => {
+            RawMethod::Ct { eta, time_dim, time_scale, schedule, sampler, steps: n, t_sampling, schedule_training } => {
                 at_least("method.schedule.hidden", schedule.hidden, 1)?;
                 MethodSettings::Ct(CtSettings {
                     eta: non_negative("method.eta", eta)?,
@@ -499,13 +517,16 @@ impl RawConfig {
                     schedule,
                     sampler,
                     steps: steps("method.steps", n)?,
+                    t_sampling,
+                    schedule_training,
                 })
             }
-            RawMethod::Fm { sigma, time_dim, time_scale, solver, steps: n } => MethodSettings::Fm(FmSettings {
+            RawMethod::Fm { sigma, time_dim, time_scale, solver, steps: n, t_sampling } => MethodSettings::Fm(FmSettings {
                 sigma: non_negative("method.sigma", sigma)?,
                 time: time_embedding(time_dim, time_scale)?,
                 solver,
                 steps: steps("method.steps", n)?,
+                t_sampling,
             }),
             RawMethod::Backprop { blocks, alpha_init } => {
                 between("method.blocks", blocks, 1, limits::BLOCKS)?;
@@ -520,6 +541,16 @@ impl RawConfig {
                 steps: steps("method.steps", n)?,
             }),
         };
+        // The baselines have no denoising or flow target to detach; a
+        // `target_grad = false` there would be silently ignored.
+        if !target_grad && matches!(method, MethodSettings::Backprop(_) | MethodSettings::Adjoint(_)) {
+            return Err(ConfigError::Schema {
+                reason: format!(
+                    "model.embedding.target_grad = false applies to dt, ct and fm only; method {} has no denoising target",
+                    method.method().name()
+                ),
+            });
+        }
         let head_init = raw_model.head_init.unwrap_or(match method {
             MethodSettings::Backprop(_) => HeadInit::Embedding,
             _ => HeadInit::Uniform,
@@ -528,6 +559,7 @@ impl RawConfig {
             embedding,
             embedding_init: init,
             embedding_lr,
+            embedding_target_grad: target_grad,
             dropout: raw_model.dropout,
             kernels: raw_model.kernels,
             class_probability: raw_model.class_probability,

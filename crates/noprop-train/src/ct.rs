@@ -5,15 +5,18 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
-use noprop_core::{ct_loss, q_sample_ct, sample_ct_eq3, sample_ct_ode, sample_t, ContinuousSchedule, Inference, LearnableSchedule, NoiseRng, Stream};
+use noprop_core::{
+    cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct, sample_ct_eq3, sample_ct_ode, ContinuousSchedule, Inference, LearnableSchedule,
+    NoiseRng, Stream,
+};
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{Config, CtSampler, CtSettings, MethodSettings};
+use crate::config::{Config, CtSampler, CtSettings, MethodSettings, ScheduleTraining};
 use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_ct_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::method::{build_ct_model, class_log_probs, denoise_target, draw_times, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
 
 /// NoProp-CT's network, head, embedding and learnable schedule.
 pub struct Ct {
@@ -66,13 +69,24 @@ impl Method for Ct {
         vec![Pass { key: 0, lanes: vec![0] }]
     }
 
-    /// Algorithm 2's loss on a minibatch, one `t ~ U(0, 1)` per example.
+    /// Algorithm 2's loss on a minibatch (eq. 9, assembled as
+    /// [`noprop_core::ct_loss`] does), one `t ~ U(0, 1)` per example
+    /// (`t_sampling = "uniform"`) or a stratified grid (`"stratified"`); the
+    /// denoising target is detached from `W_embed` when `target_grad = false`.
+    ///
+    /// With `schedule_training = "variance"` the schedule's interior
+    /// parameters ([`LearnableSchedule::INTERIOR_PARAMETER_NAMES`]) get the
+    /// gradient of `mean_i L_i^2` over the per-example denoising terms `L_i`
+    /// (a second backward pass) instead of the loss's; everything else,
+    /// the schedule's endpoints included, keeps the loss's gradient. The
+    /// endpoints stay on the loss because they are what its expectation
+    /// depends on: minimising `L_i^2` in them would only shrink the SNR range.
     fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
-        let t = sample_t(b, DType::F32, dev, noise)?;
+        let t = draw_times(s.t_sampling, b, dev, noise)?;
         let z = q_sample_ct(sched, &u, &t, noise)?;
         let logits = self.model.net().forward(&z, x, &t, &mut Mode::Train(dropout))?;
         let uhat = candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())?;
@@ -81,9 +95,26 @@ impl Method for Ct {
         let logp = class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?;
         let snr_prime = sched.snr_derivative(&t)?;
         let abar0 = sched.alpha_bar(&Tensor::zeros(1, DType::F32, dev)?)?;
-        let l = ct_loss(&logp, y, &uhat, &u, &snr_prime, &abar0, s.eta)?;
-        let grads = l.total.backward()?;
-        let losses = [scalar(&l.total)?, scalar(&l.cross_entropy)?, scalar(&l.kl)?, scalar(&l.denoise)?];
+        let target = denoise_target(cfg, &u);
+        let ce = cross_entropy(&logp, y)?;
+        let kl = kl_prior_tensor(&u, &abar0)?;
+        let denoise = ct_denoise_loss(&uhat, &target, &snr_prime, s.eta)?;
+        let total = ((&ce + &kl)? + &denoise)?;
+        let mut grads = total.backward()?;
+        if s.schedule_training == ScheduleTraining::Variance {
+            let terms = ct_denoise_terms(&uhat, &target, &snr_prime, s.eta)?;
+            let variance = terms.sqr()?.mean(0)?.backward()?;
+            for (name, var) in sched.vars() {
+                if LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&name.as_str()) {
+                    let g = match variance.get(var.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => var.as_tensor().zeros_like()?,
+                    };
+                    grads.insert(var.as_tensor(), g);
+                }
+            }
+        }
+        let losses = [scalar(&total)?, scalar(&ce)?, scalar(&kl)?, scalar(&denoise)?];
         Ok(StepGrads { grads, losses, groups: vec![0, 1] })
     }
 

@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor, D};
-use noprop_core::{dt_loss, dt_step, q_sample, Inference, NoiseRng};
+use noprop_core::{cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
 
 use crate::config::{Config, DtSettings, MethodSettings, TrainOrder};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_dt_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::method::{build_dt_model, class_log_probs, denoise_target, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.
 pub struct Dt {
@@ -64,7 +64,9 @@ impl Method for Dt {
         }
     }
 
-    /// Block `t`'s loss `L_t` (eq. 61's term for `t`) on a minibatch.
+    /// Block `t`'s loss `L_t` (eq. 61's term for `t`) on a minibatch, as
+    /// [`noprop_core::dt_loss`] assembles it, with the denoising target
+    /// detached when `target_grad = false`.
     fn gradients(&self, cfg: &Config, t: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let sched = &s.schedule;
@@ -74,9 +76,12 @@ impl Method for Dt {
         let uhat = self.model.denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
         // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
         let logp = class_log_probs(cfg, &self.model.classify(&z_last)?, self.model.embed())?;
-        let loss = dt_loss(&logp, y, &uhat, &u, sched.alpha_bar(0)?, sched.dt_weight(t, s.eta)?)?;
-        let grads = loss.total.backward()?;
-        let losses = [scalar(&loss.total)?, scalar(&loss.cross_entropy)?, scalar(&loss.kl)?, scalar(&loss.denoise)?];
+        let ce = cross_entropy(&logp, y)?;
+        let kl = kl_prior(&u, sched.alpha_bar(0)?)?;
+        let denoise = denoise_loss(&uhat, &denoise_target(cfg, &u), sched.dt_weight(t, s.eta)?)?;
+        let total = ((&ce + &kl)? + &denoise)?;
+        let grads = total.backward()?;
+        let losses = [scalar(&total)?, scalar(&ce)?, scalar(&kl)?, scalar(&denoise)?];
         Ok(StepGrads { grads, losses, groups: vec![t, 0] })
     }
 

@@ -198,6 +198,24 @@ pub enum TrainError {
         /// The configuration's method.
         config: &'static str,
     },
+    /// Training produced a non-finite value in a tensor the checkpoint would hold.
+    #[error("training diverged in epoch {epoch}: {tensor} holds {count} non-finite values (the last good checkpoint is kept)")]
+    NonFiniteState {
+        /// Epoch.
+        epoch: usize,
+        /// The tensor's checkpoint name (`.m`/`.v` for optimizer moments).
+        tensor: String,
+        /// How many values are NaN or infinite.
+        count: usize,
+    },
+    /// The run folder is in use by another process.
+    #[error("run folder {path} is in use by another noprop process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    RunLocked {
+        /// The folder.
+        path: PathBuf,
+        /// The holder's process id, if it wrote one.
+        pid: Option<u32>,
+    },
     /// The loss became NaN or infinite.
     #[error("training diverged at epoch {epoch}, block {block}: loss {loss}")]
     Diverged {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use noprop_core::{fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, sample_fm, sample_t, Inference, NoiseRng};
+use noprop_core::{fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, sample_fm, Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
@@ -13,7 +13,7 @@ use crate::config::{Config, FmSettings, MethodSettings};
 use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_ct_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::method::{build_ct_model, class_log_probs, denoise_target, draw_times, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
 
 /// NoProp-FM's network, head and embedding.
 pub struct Fm {
@@ -56,17 +56,19 @@ impl Method for Fm {
     /// Algorithm 3's flow-matching loss on a minibatch; with a learned
     /// embedding, plus the cross-entropy of the extrapolated `z_1` (the
     /// anchor that keeps the embedding from collapsing). Reported as
-    /// `[total, ce, 0, flow]`.
+    /// `[total, ce, 0, flow]`. The times follow `t_sampling`; with
+    /// `target_grad = false` the flow target `u_y - z_0` is detached from
+    /// `W_embed` (the path `z_t` and the anchor keep their gradients).
     fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let u = self.model.embed().index_select(y, 0)?;
-        let t = sample_t(b, DType::F32, dev, noise)?;
+        let t = draw_times(s.t_sampling, b, dev, noise)?;
         let z0 = noise.randn(u.dims(), DType::F32, dev)?;
         let zt = fm_interpolate(&z0, &u, &t, s.sigma, noise)?;
         let logits = self.model.net().forward(&zt, x, &t, &mut Mode::Train(dropout))?;
         let v = logits.matmul(self.model.embed())?;
-        let flow = fm_loss(&v, &z0, &u)?;
+        let flow = fm_loss(&v, &z0, &denoise_target(cfg, &u))?;
         let (total, ce) = if self.model.embedding().var().is_some() {
             let z1 = fm_extrapolate(&zt, &v, &t)?;
             let ce = noprop_core::cross_entropy(&class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?, y)?;

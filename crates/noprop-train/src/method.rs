@@ -15,7 +15,7 @@ use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::Dataset;
 use noprop_models::{ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind};
 
-use crate::config::{Config, EmbeddingInit, TimeEmbedding};
+use crate::config::{Config, EmbeddingInit, HeadInit, TimeEmbedding, TimeSampling};
 use crate::error::TrainError;
 use crate::groups::ParamGroup;
 
@@ -136,8 +136,35 @@ pub fn build_embedding(cfg: &Config, train: Option<&Dataset>, device: &Device) -
     Ok(ClassEmbedding::trainable(cfg.model().embedding, &init)?)
 }
 
+/// Whether a freshly built model should align `f_out` with `W_embed`
+/// (`[model] head_init = "embedding"`). A prototype embedding built without
+/// training data is all zeros, a placeholder for weights that will be
+/// loaded (head included), so it is left alone: its dual basis does not exist.
+pub fn aligns_head(cfg: &Config, train: Option<&Dataset>) -> bool {
+    cfg.model().head_init == HeadInit::Embedding && (train.is_some() || cfg.model().embedding_init != Some(EmbeddingInit::Prototype))
+}
+
+/// The denoising or flow target `u_y` `[B, d]`: `u` itself, or `u`
+/// detached from `W_embed` when `[model.embedding] target_grad = false`.
+pub fn denoise_target(cfg: &Config, u: &Tensor) -> Tensor {
+    if cfg.model().embedding_target_grad {
+        u.clone()
+    } else {
+        u.detach()
+    }
+}
+
+/// The training times `t_i` `[B]` of a minibatch, as `[method] t_sampling` says.
+pub fn draw_times(sampling: TimeSampling, batch: usize, device: &Device, noise: &mut NoiseRng) -> Result<Tensor, TrainError> {
+    Ok(match sampling {
+        TimeSampling::Uniform => noprop_core::sample_t(batch, DType::F32, device, noise)?,
+        TimeSampling::Stratified => noprop_core::sample_t_stratified(batch, DType::F32, device, noise)?,
+    })
+}
+
 /// The `T` blocks, head and embedding of NoProp-DT (and the back-propagation
-/// baseline), initialised from the config's seed.
+/// baseline), initialised from the config's seed, the head aligned with the
+/// embedding when `head_init = "embedding"`.
 pub fn build_dt_model(cfg: &Config, blocks: usize, device: &Device, train: Option<&Dataset>) -> Result<DtModel, TrainError> {
     let (c, h, w) = cfg.dataset().shape();
     let embedding: EmbeddingKind = cfg.model().embedding;
@@ -151,11 +178,16 @@ pub fn build_dt_model(cfg: &Config, blocks: usize, device: &Device, train: Optio
         kernels: cfg.model().kernels,
     };
     let embed = build_embedding(cfg, train, device)?;
-    Ok(DtModel::new(DtModelConfig { block, blocks, embedding }, embed, cfg.train().seed, DType::F32, device)?)
+    let model = DtModel::new(DtModelConfig { block, blocks, embedding }, embed, cfg.train().seed, DType::F32, device)?;
+    if aligns_head(cfg, train) {
+        model.align_head()?;
+    }
+    Ok(model)
 }
 
 /// The continuous-time network, head and embedding of NoProp-CT, NoProp-FM
-/// and the adjoint baseline.
+/// and the adjoint baseline, the head aligned with the embedding when
+/// `head_init = "embedding"`.
 pub fn build_ct_model(cfg: &Config, time: TimeEmbedding, device: &Device, train: Option<&Dataset>) -> Result<CtModel, TrainError> {
     let (c, h, w) = cfg.dataset().shape();
     let net = CtNetConfig {
@@ -170,5 +202,9 @@ pub fn build_ct_model(cfg: &Config, time: TimeEmbedding, device: &Device, train:
         kernels: cfg.model().kernels,
     };
     let embed = build_embedding(cfg, train, device)?;
-    Ok(CtModel::new(net, embed, cfg.train().seed, DType::F32, device)?)
+    let model = CtModel::new(net, embed, cfg.train().seed, DType::F32, device)?;
+    if aligns_head(cfg, train) {
+        model.align_head()?;
+    }
+    Ok(model)
 }

@@ -91,7 +91,9 @@ pub struct RawModel {
     #[serde(default)]
     pub class_probability: ClassProbability,
     /// Initialisation of `f_out`; when absent, `embedding` for the
-    /// back-propagation baseline and `uniform` otherwise (the paper does not say).
+    /// back-propagation baseline and `uniform` otherwise. The paper does not
+    /// say: PyTorch's default Linear initialisation (`uniform`) is the
+    /// literal reading. Every method honours it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_init: Option<HeadInit>,
 }
@@ -118,17 +120,33 @@ pub enum RawEmbedding {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         init: Option<EmbeddingInit>,
         /// Its own learning rate; when absent, `train.lr`. 0 freezes it.
+        /// The paper trains `W_embed` with everything else at Table 3's
+        /// rate, so absent is the literal reading.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lr: Option<f64>,
+        /// Whether the denoising (DT, CT) or flow (FM) term's target `u_y`
+        /// passes its gradient to `W_embed`. The paper's losses (eq. 8, 9,
+        /// 13) differentiate `||uhat - u_y||^2` in `u_y` too, so `true` is
+        /// the literal reading and the default; `false` detaches `u_y` in
+        /// that target only, while `W_embed` still learns through the
+        /// cross-entropy, the KL term, the noisy input `z` and the
+        /// softmax-weighted `uhat`.
+        #[serde(default = "default_true")]
+        target_grad: bool,
     },
     /// Learned, `d = C*H*W`, initialised from training images.
     Prototype {
         /// How it starts; when absent, `prototype`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         init: Option<EmbeddingInit>,
-        /// Its own learning rate; when absent, `train.lr`. 0 freezes it.
+        /// Its own learning rate; when absent, `train.lr` (the literal
+        /// reading). 0 freezes it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lr: Option<f64>,
+        /// As for `learned`: `true` (the paper's loss, the default) lets the
+        /// denoising or flow target `u_y` pass its gradient to `W_embed`.
+        #[serde(default = "default_true")]
+        target_grad: bool,
     },
 }
 
@@ -217,6 +235,41 @@ impl<'de> Deserialize<'de> for CtSampler {
     }
 }
 
+/// How NoProp-CT and NoProp-FM draw the times `t_i` of a minibatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimeSampling {
+    /// One `t_i ~ U(0, 1)` per example, independently (Algorithms 2 and 3:
+    /// the literal reading, and the default).
+    #[default]
+    Uniform,
+    /// `t_i = (u + i / B) mod 1` with one `u ~ U(0, 1)` per minibatch: every
+    /// `t_i` is still `U(0, 1)`, but the batch covers `[0, 1)` evenly, which
+    /// lowers the variance of the loss estimate (the low-discrepancy sampler
+    /// of Kingma et al. 2021, Variational Diffusion Models).
+    Stratified,
+}
+
+/// How NoProp-CT's learnable schedule is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleTraining {
+    /// The schedule's parameters get the gradient of the loss itself
+    /// (spec section 8: "update theta, theta_out, the schedule parameters
+    /// and W_embed together"): the literal reading, and the default.
+    #[default]
+    Gradient,
+    /// Variance minimisation (Kingma et al. 2021, Variational Diffusion
+    /// Models, section 5.3 and its appendix): the expected denoising loss
+    /// depends on the schedule only through its endpoints, so the interior
+    /// parameters (`schedule.b1`, `schedule.w1`, `schedule.w2`) get the
+    /// gradient of `mean_i L_i^2`, the squared per-example denoising terms,
+    /// which lowers the variance of the loss estimate; the endpoints
+    /// (`schedule.gamma0`, `schedule.gamma_gap`) and the network keep the
+    /// loss's own gradient. Costs a second backward pass per step.
+    Variance,
+}
+
 /// `[method]`: the training method, tagged by `kind`, with its own fields.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -253,6 +306,14 @@ pub enum RawMethod {
         /// Integration steps from t = 0 to 1 at inference (1000 in the paper).
         #[serde(default = "default_steps")]
         steps: usize,
+        /// How the training times `t_i` are drawn: `uniform` (the paper's,
+        /// default) or `stratified`.
+        #[serde(default)]
+        t_sampling: TimeSampling,
+        /// How the learnable schedule is trained: `gradient` (the paper's,
+        /// default) or `variance`.
+        #[serde(default)]
+        schedule_training: ScheduleTraining,
     },
     /// NoProp-FM, Algorithm 3.
     Fm {
@@ -271,6 +332,10 @@ pub enum RawMethod {
         /// Integration steps at inference (1000 in the paper).
         #[serde(default = "default_steps")]
         steps: usize,
+        /// How the training times `t_i` are drawn: `uniform` (the paper's,
+        /// default) or `stratified`.
+        #[serde(default)]
+        t_sampling: TimeSampling,
     },
     /// Baseline: the DT blocks chained by eq. 17-19, trained end to end by back-propagation.
     Backprop {
@@ -465,6 +530,8 @@ impl RawConfig {
             schedule: LearnableScheduleConfig::default(),
             sampler: CtSampler::Eq3,
             steps: default_steps(),
+            t_sampling: TimeSampling::Uniform,
+            schedule_training: ScheduleTraining::Gradient,
         };
         c
     }
@@ -472,7 +539,7 @@ impl RawConfig {
     /// The paper's NoProp-FM settings (Table 3), as [`Self::paper_ct`], Euler steps at inference.
     pub fn paper_fm(dataset: DatasetKind) -> Self {
         let mut c = Self::paper_continuous(dataset);
-        c.method = RawMethod::Fm { sigma: 0.0, time_dim: default_time_dim(), time_scale: default_time_scale(), solver: OdeSolver::Euler, steps: default_steps() };
+        c.method = RawMethod::Fm { sigma: 0.0, time_dim: default_time_dim(), time_scale: default_time_scale(), solver: OdeSolver::Euler, steps: default_steps(), t_sampling: TimeSampling::Uniform };
         c
     }
 

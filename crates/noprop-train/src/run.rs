@@ -23,7 +23,7 @@ use noprop_core::Stream;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{load_safetensors, save_safetensors, ModelRecord, OptimizerRecord};
+use crate::checkpoint::{load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord};
 use crate::config::{Config, RawConfig};
 use crate::data::RunData;
 use crate::error::TrainError;
@@ -75,10 +75,34 @@ impl RunMeta {
     }
 }
 
-/// A run folder on disk.
+/// A run folder on disk. One made by [`RunDir::create`] or
+/// [`RunDir::resume`] holds an exclusive lock on `RUN/.lock` for as long as
+/// it (or a clone) lives, so a second process cannot train into it.
 #[derive(Debug, Clone)]
 pub struct RunDir {
     root: PathBuf,
+    _lock: Option<std::sync::Arc<fs::File>>,
+}
+
+/// The files noprop writes while creating a run folder, before `config.json`
+/// (written last) marks the creation as complete.
+const CREATION_FILES: &[&str] = &[".lock", "meta.json", ".meta.json.tmp", "metrics.jsonl", ".config.json.tmp", "embed-init.safetensors", "embed-init.safetensors.tmp", "checkpoints"];
+
+/// Takes the exclusive lock of the run folder `root` (which must exist) and
+/// writes this process's id into it.
+fn lock(root: &Path) -> Result<std::sync::Arc<fs::File>, TrainError> {
+    let path = root.join(".lock");
+    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let pid = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
+            return Err(TrainError::RunLocked { path: root.to_path_buf(), pid });
+        }
+        Err(fs::TryLockError::Error(source)) => return Err(TrainError::Io { path, source }),
+    }
+    f.set_len(0).and_then(|_| write!(f, "{}", std::process::id())).map_err(io_err(&path))?;
+    Ok(std::sync::Arc::new(f))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -90,35 +114,66 @@ impl RunDir {
     /// `trainer` and writes its configuration, `meta` and, for a learned
     /// embedding, the initial embedding into it.
     pub fn create<M: Method>(root: &Path, trainer: &Trainer<M>, meta: &RunMeta) -> Result<Self, TrainError> {
-        let run = Self::create_with(root, trainer.config(), &serde_json::to_value(meta).map_err(|e| TrainError::Json { path: root.join("meta.json"), reason: e.to_string() })?)?;
-        if trainer.config().model().embedding.is_learned() {
+        let meta = serde_json::to_value(meta).map_err(|e| TrainError::Json { path: root.join("meta.json"), reason: e.to_string() })?;
+        let initial = trainer.config().model().embedding.is_learned().then(|| trainer.method().embed().clone());
+        Self::create_inner(root, trainer.config(), &meta, initial)
+    }
+
+    fn create_inner(root: &Path, config: &Config, meta: &Value, initial: Option<Tensor>) -> Result<Self, TrainError> {
+        let run = Self::create_with(root, config, meta)?;
+        if let Some(embed) = initial {
             let mut t = BTreeMap::new();
-            t.insert(EMBED.to_string(), trainer.method().embed().clone());
+            t.insert(EMBED.to_string(), embed);
             save_safetensors(&run.root.join("embed-init.safetensors"), &t, Default::default())?;
         }
         Ok(run)
     }
 
     /// Creates a new run folder with `config` and `meta` (a JSON object).
+    ///
+    /// The folder must not exist, be empty, or hold only what an earlier
+    /// creation killed before it finished wrote (no `config.json`). The lock
+    /// is taken before anything is checked, so of two processes creating
+    /// the same folder one gets [`TrainError::RunLocked`] or
+    /// [`TrainError::RunExists`]. `config.json` is written last: its
+    /// presence marks a complete run folder.
     pub fn create_with(root: &Path, config: &Config, meta: &Value) -> Result<Self, TrainError> {
-        if root.exists() && fs::read_dir(root).map_err(io_err(root))?.next().is_some() {
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let lock = lock(root)?;
+        for entry in fs::read_dir(root).map_err(io_err(root))? {
+            let name = entry.map_err(io_err(root))?.file_name();
+            if !CREATION_FILES.iter().any(|f| name == *f) || root.join("config.json").exists() {
+                return Err(TrainError::RunExists { path: root.to_path_buf() });
+            }
+        }
+        // Leftovers of a creation that was killed: nothing of value (no config, no checkpoint).
+        let ckpts = root.join("checkpoints");
+        if ckpts.is_dir() && fs::read_dir(&ckpts).map_err(io_err(&ckpts))?.next().is_some() {
             return Err(TrainError::RunExists { path: root.to_path_buf() });
         }
-        fs::create_dir_all(root.join("checkpoints")).map_err(io_err(root))?;
-        let run = Self { root: root.to_path_buf() };
-        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json { path: root.join("config.json"), reason: e.to_string() })?;
-        run.write_json("config.json", &raw)?;
+        fs::create_dir_all(&ckpts).map_err(io_err(root))?;
+        let run = Self { root: root.to_path_buf(), _lock: Some(lock) };
         run.write_json("meta.json", meta)?;
         fs::write(run.metrics_path(), b"").map_err(io_err(&run.metrics_path()))?;
+        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json { path: root.join("config.json"), reason: e.to_string() })?;
+        run.write_json("config.json", &raw)?;
         Ok(run)
     }
 
-    /// Opens an existing run folder.
+    /// Opens an existing run folder to read it (no lock: a run may be
+    /// evaluated or inspected while it trains).
     pub fn open(root: &Path) -> Result<Self, TrainError> {
         if !root.join("config.json").is_file() {
             return Err(TrainError::NotARun { path: root.to_path_buf() });
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self { root: root.to_path_buf(), _lock: None })
+    }
+
+    /// Opens an existing run folder to continue training it, holding its lock.
+    pub fn resume(root: &Path) -> Result<Self, TrainError> {
+        let mut run = Self::open(root)?;
+        run._lock = Some(lock(root)?);
+        Ok(run)
     }
 
     /// The folder.
@@ -151,8 +206,9 @@ impl RunDir {
         let path = self.root.join(name);
         let tmp = self.root.join(format!(".{name}.tmp"));
         let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Json { path: path.clone(), reason: e.to_string() })?;
-        fs::write(&tmp, text + "\n").map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        write_synced(&tmp, (text + "\n").as_bytes())?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.root)
     }
 
     /// Reads `meta.json`.
@@ -177,17 +233,9 @@ impl RunDir {
     pub fn append_metric(&self, v: &Value) -> Result<(), TrainError> {
         let path = self.metrics_path();
         let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-        writeln!(f, "{v}").map_err(io_err(&path))
+        writeln!(f, "{v}").and_then(|_| f.sync_data()).map_err(io_err(&path))
     }
 
-    fn append_event<T: Serialize>(&self, event: &str, v: &T, extra: &[(&str, Value)]) -> Result<(), TrainError> {
-        let mut v = serde_json::to_value(v).map_err(|e| TrainError::Json { path: self.metrics_path(), reason: e.to_string() })?;
-        v["event"] = json!(event);
-        for (k, x) in extra {
-            v[*k] = x.clone();
-        }
-        self.append_metric(&v)
-    }
 
     /// All events of `metrics.jsonl`, in order.
     pub fn metrics(&self) -> Result<Vec<Value>, TrainError> {
@@ -199,23 +247,42 @@ impl RunDir {
             .collect()
     }
 
-    /// Drops every event of an epoch after `epoch` (work a killed run did
-    /// after its last checkpoint), so a resumed run neither loses nor repeats epochs.
-    pub fn truncate_metrics_after(&self, epoch: usize) -> Result<(), TrainError> {
+    /// Makes `metrics.jsonl` hold exactly the events of epochs `1..=epoch`,
+    /// the epochs with a committed checkpoint: events of later epochs (work
+    /// a killed run did after its last checkpoint) are dropped, and if the
+    /// run was killed after epoch `epoch`'s checkpoint was committed but
+    /// before its events reached `metrics.jsonl`, they are restored from the
+    /// copy committed with the checkpoint (`events.jsonl`). A resumed run
+    /// thus neither loses nor repeats an epoch's events.
+    pub fn reconcile_metrics(&self, epoch: usize) -> Result<(), TrainError> {
         let path = self.metrics_path();
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        let mut kept = String::new();
+        let mut kept: Vec<&str> = vec![];
+        let mut committed = false;
         for line in text.lines() {
             // A torn last line (killed mid-write) is not valid JSON: drop it.
             let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-            if v.get("epoch").and_then(Value::as_u64).is_some_and(|e| e as usize <= epoch) {
-                kept.push_str(line);
-                kept.push('\n');
+            let e = v.get("epoch").and_then(Value::as_u64).map(|e| e as usize);
+            if e.is_some_and(|e| e <= epoch) {
+                kept.push(line);
+                committed |= e == Some(epoch) && v["event"] == "epoch";
             }
         }
+        let mut out: Vec<String> = kept.iter().map(|l| l.to_string()).collect();
+        if epoch > 0 && !committed {
+            let journal = self.checkpoint_dir(epoch).join("events.jsonl");
+            let events = fs::read_to_string(&journal).map_err(io_err(&journal))?;
+            out.retain(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["epoch"].as_u64()) != Some(epoch as u64));
+            out.extend(events.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+        }
         let tmp = self.root.join(".metrics.jsonl.tmp");
-        fs::write(&tmp, kept).map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        let mut text = out.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        write_synced(&tmp, text.as_bytes())?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        sync_dir(&self.root)
     }
 
     fn checkpoint_dir(&self, epoch: usize) -> PathBuf {
@@ -257,9 +324,44 @@ impl RunDir {
         t.remove(EMBED).map(Some).ok_or_else(|| TrainError::Checkpoint { path, reason: format!("no `{EMBED}` tensor") })
     }
 
-    /// Writes the trainer's state as the checkpoint of its current epoch and
-    /// prunes old ones down to `keep_last` (0 keeps all).
-    pub fn save_checkpoint<M: Method>(&self, trainer: &Trainer<M>, keep_last: usize) -> Result<PathBuf, TrainError> {
+    /// Writes the trainer's state as the checkpoint of its current epoch,
+    /// with the epoch's `events` (appended to `metrics.jsonl` once the
+    /// checkpoint is committed), and prunes old ones down to `keep_last` (0
+    /// keeps all). The rename of the epoch folder is the commit point.
+    pub fn commit_epoch<M: Method>(&self, trainer: &Trainer<M>, keep_last: usize, events: &[Value]) -> Result<PathBuf, TrainError> {
+        let dir = self.save_checkpoint(trainer, events)?;
+        failpoint("after-commit");
+        for v in events {
+            self.append_metric(v)?;
+        }
+        failpoint("after-events");
+        self.prune(keep_last)?;
+        Ok(dir)
+    }
+
+    /// Removes the oldest checkpoints beyond `keep_last` (0 keeps all):
+    /// only the files noprop wrote, and the folder if nothing else is in it.
+    fn prune(&self, keep_last: usize) -> Result<(), TrainError> {
+        if keep_last == 0 {
+            return Ok(());
+        }
+        let epochs = self.checkpoint_epochs()?;
+        for &old in epochs.iter().take(epochs.len().saturating_sub(keep_last)) {
+            let dir = self.checkpoint_dir(old);
+            for f in CHECKPOINT_FILES {
+                let p = dir.join(f);
+                if p.exists() {
+                    fs::remove_file(&p).map_err(io_err(&p))?;
+                }
+            }
+            // A user's own files keep the folder (and it no longer counts as a checkpoint).
+            let _ = fs::remove_dir(&dir);
+        }
+        Ok(())
+    }
+
+    /// Writes the trainer's state as the checkpoint of its current epoch.
+    fn save_checkpoint<M: Method>(&self, trainer: &Trainer<M>, events: &[Value]) -> Result<PathBuf, TrainError> {
         let epoch = trainer.epochs_done();
         let final_dir = self.checkpoint_dir(epoch);
         let tmp = self.root.join("checkpoints").join(format!(".epoch-{epoch:04}.tmp"));
@@ -270,17 +372,14 @@ impl RunDir {
         let ckpt = trainer.checkpoint();
         save_safetensors(&tmp.join("model.safetensors"), &ckpt.model, ckpt.record.to_metadata()?)?;
         save_safetensors(&tmp.join("optimizer.safetensors"), &ckpt.optimizer, ckpt.optimizer_record.to_metadata())?;
+        let journal: String = events.iter().map(|v| format!("{v}\n")).collect();
+        write_synced(&tmp.join("events.jsonl"), journal.as_bytes())?;
+        sync_dir(&tmp)?;
         if final_dir.exists() {
             fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
         }
         fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
-        if keep_last > 0 {
-            let epochs = self.checkpoint_epochs()?;
-            for &old in epochs.iter().take(epochs.len().saturating_sub(keep_last)) {
-                let dir = self.checkpoint_dir(old);
-                fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-            }
-        }
+        sync_dir(&self.root.join("checkpoints"))?;
         Ok(final_dir)
     }
 
@@ -291,15 +390,47 @@ impl RunDir {
         let (model_path, optim_path) = (dir.join("model.safetensors"), dir.join("optimizer.safetensors"));
         let (model, model_meta) = load_safetensors(&model_path, trainer.device())?;
         let (optimizer, optim_meta) = load_safetensors(&optim_path, trainer.device())?;
+        let record = ModelRecord::from_metadata(&model_path, &model_meta)?;
+        if record.epoch != epoch {
+            return Err(TrainError::Checkpoint { path: model_path, reason: format!("its metadata says epoch {} but its folder epoch {epoch}", record.epoch) });
+        }
         let ckpt = CheckpointData {
             model,
-            record: ModelRecord::from_metadata(&model_path, &model_meta)?,
+            record,
             optimizer,
             optimizer_record: OptimizerRecord::from_metadata(&optim_path, &optim_meta)?,
         };
         trainer.restore(&ckpt)?;
         Ok(epoch)
     }
+}
+
+/// The files of a checkpoint folder, all written by noprop.
+const CHECKPOINT_FILES: &[&str] = &["model.safetensors", "optimizer.safetensors", "events.jsonl", "model.safetensors.tmp", "optimizer.safetensors.tmp"];
+
+/// A test hook: when the environment variable `NOPROP_FAILPOINT` names
+/// this point, the process aborts here, as a kill at this instruction would
+/// end it. The kill-window tests use it.
+fn failpoint(name: &str) {
+    if std::env::var_os("NOPROP_FAILPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
+}
+
+/// One `metrics.jsonl` event: `v`'s fields, `event`, and `extra`.
+fn event<T: Serialize>(name: &str, v: &T, extra: &[(&str, Value)]) -> Result<Value, TrainError> {
+    let mut v = serde_json::to_value(v).map_err(|e| TrainError::Json { path: "metrics.jsonl".into(), reason: e.to_string() })?;
+    v["event"] = json!(name);
+    for (k, x) in extra {
+        v[*k] = x.clone();
+    }
+    Ok(v)
+}
+
+/// Writes `bytes` to `path` and flushes it to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let mut f = fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_err(path))
 }
 
 /// Trains from `trainer.epochs_done() + 1` to the configured number of epochs,
@@ -317,33 +448,32 @@ pub fn fit<M: Method>(trainer: &mut Trainer<M>, data: &RunData, run: Option<&Run
         let passes = trainer.train_epoch(&data.train, observer)?;
         let train_peak_rss = crate::memory::peak_rss_bytes();
         let epoch = trainer.epochs_done();
-        if let Some(run) = run {
-            for p in &passes {
-                run.append_event("pass", p, &[])?;
-            }
+        // A loss can stay finite while a BatchNorm statistic or a moment
+        // overflows; such a state is never evaluated or saved.
+        if let Some((tensor, count)) = trainer.first_non_finite()? {
+            return Err(TrainError::NonFiniteState { epoch, tensor, count });
         }
+        let mut events = passes.iter().map(|p| event("pass", p, &[])).collect::<Result<Vec<_>, _>>()?;
         let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
         if epoch % cfg.eval().every == 0 || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
             observer.on_event(&Event::EvalEnd(&report));
-            if let Some(run) = run {
-                run.append_event("eval", &report, &[("train_seconds", json!(trainer.train_seconds()))])?;
-            }
+            events.push(event("eval", &report, &[("train_seconds", json!(trainer.train_seconds()))])?);
             last = Some(report);
         }
         if let Some(run) = run {
-            let path = run.save_checkpoint(trainer, cfg.keep_last())?;
             // The epoch line comes last: its presence marks a finished, saved epoch.
-            let rel = path.strip_prefix(run.path()).map(Path::to_path_buf).unwrap_or_else(|_| path.clone());
-            run.append_metric(&json!({
+            let rel = Path::new("checkpoints").join(format!("epoch-{epoch:04}"));
+            events.push(json!({
                 "event": "epoch",
                 "epoch": epoch,
                 "epoch_seconds": epoch_seconds,
                 "train_seconds": trainer.train_seconds(),
                 "train_peak_rss_bytes": train_peak_rss,
                 "checkpoint": rel,
-            }))?;
+            }));
+            let path = run.commit_epoch(trainer, cfg.keep_last(), &events)?;
             observer.on_event(&Event::Checkpoint { epoch, path: &path });
         }
     }

@@ -12,7 +12,7 @@ use noprop_data::Dataset;
 
 use crate::adjoint::Adjoint;
 use crate::backprop::Backprop;
-use crate::checkpoint::{load_safetensors, ModelRecord, OptimizerRecord};
+use crate::checkpoint::{first_non_finite, load_safetensors, ModelRecord, OptimizerRecord};
 use crate::config::{Config, InferenceChange, MethodSettings, RawConfig};
 use crate::ct::Ct;
 use crate::data::DeviceData;
@@ -260,6 +260,15 @@ impl<M: Method> Trainer<M> {
     pub fn checkpoint(&self) -> CheckpointData {
         let (optimizer, steps) = self.optims.state();
         CheckpointData { model: self.method.tensors(), record: self.record(), optimizer, optimizer_record: OptimizerRecord { epoch: self.epochs_done, steps } }
+    }
+
+    /// The first tensor of the model or the optimizer state (in name order)
+    /// that holds NaN or infinite values, and how many.
+    pub fn first_non_finite(&self) -> Result<Option<(String, usize)>, TrainError> {
+        if let Some(found) = first_non_finite(&self.method.tensors())? {
+            return Ok(Some(found));
+        }
+        first_non_finite(&self.optims.state().0)
     }
 
     /// Restores a checkpoint written by [`Self::checkpoint`] (for `--resume`).

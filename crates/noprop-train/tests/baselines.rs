@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use noprop_core::NoiseRng;
 use noprop_data::{Dataset, DatasetKind};
-use noprop_models::Mode;
-use noprop_train::config::{Embedding, HeadInit};
-use noprop_train::{build_trainer, fit, BackpropTrainer, Config, CtTrainer, DeviceData, RunData, RunDir, Silent, Trainer};
+use noprop_models::{Kernels, Mode};
+use noprop_train::config::{HeadInit, RawEmbedding, RawMethod};
+use noprop_train::{build_trainer, fit, Adjoint, Backprop, DeviceData, Method, RawConfig, RunData, RunDir, Silent, Trainer};
 
 /// MNIST-shaped images where the class brightens one band of rows.
 fn synthetic(n: usize, seed: u64) -> Dataset {
@@ -33,16 +33,35 @@ fn batch(ds: &Dataset, dev: &Device) -> (Tensor, Tensor) {
     (Tensor::from_slice(&ds.images, (n, 1, 28, 28), dev).unwrap(), Tensor::from_slice(&ds.labels, n, dev).unwrap())
 }
 
-fn small(mut cfg: Config, epochs: usize) -> Config {
+fn small(mut cfg: RawConfig, epochs: usize) -> RawConfig {
     cfg.train.epochs = epochs;
     cfg.train.batch_size = 16;
     cfg.eval.runs = 2;
-    cfg.eval.steps = 8;
     cfg.eval.batch_size = 40;
     cfg.eval.train_subset = 16;
-    cfg.model.ode_steps = 8;
+    // Eight Euler steps in training and at inference (the adjoint baseline;
+    // the back-propagation chain has no steps to set).
+    if let RawMethod::Adjoint { train_steps, steps, .. } = &mut cfg.method {
+        *train_steps = 8;
+        *steps = 8;
+    }
     cfg.checkpoint.keep_last = 0;
     cfg
+}
+
+/// Sets `T` of a back-propagation config.
+fn set_blocks(cfg: &mut RawConfig, t: usize) {
+    match &mut cfg.method {
+        RawMethod::Backprop { blocks, .. } => *blocks = t,
+        other => panic!("not backprop: {other:?}"),
+    }
+}
+
+/// A back-propagation trainer for `raw`.
+fn backprop_trainer(raw: RawConfig, dev: &Device, train: Option<&Dataset>) -> Trainer<Backprop> {
+    let cfg = raw.validate().unwrap();
+    let method = Backprop::new(&cfg, dev, train).unwrap();
+    Trainer::new(cfg, dev.clone(), method).unwrap()
 }
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -55,13 +74,13 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn backprop_updates_every_block_and_alpha() {
     let dev = Device::Cpu;
-    let mut cfg = small(Config::paper_backprop(DatasetKind::Mnist), 1);
-    cfg.model.blocks = 3;
-    let mut t = BackpropTrainer::new(cfg.validate().unwrap(), dev.clone(), None).unwrap();
+    let mut cfg = small(RawConfig::paper_backprop(DatasetKind::Mnist), 1);
+    set_blocks(&mut cfg, 3);
+    let mut t = backprop_trainer(cfg, &dev, None);
     // Copies: the optimizer updates the variables in place.
     let before: BTreeMap<String, Tensor> = t.named_tensors().into_iter().map(|(k, v)| (k, v.copy().unwrap())).collect();
     let (x, y) = batch(&synthetic(8, 3), &dev);
-    let l = t.train_step(&x, &y, &mut NoiseRng::new(0), &mut NoiseRng::new(1)).unwrap();
+    let l = t.train_step(0, &x, &y, &mut NoiseRng::new(0), &mut NoiseRng::new(1)).unwrap();
     assert!(l[0].is_finite() && l[0] > 0.0);
     let after = t.named_tensors();
     for name in ["blocks.1.img.conv1.weight", "blocks.2.img.fc.weight", "blocks.3.label.fc1.weight", "head.weight", "alpha.w"] {
@@ -69,7 +88,7 @@ fn backprop_updates_every_block_and_alpha() {
         let diff = rel_err(&after[key], &before[key]);
         assert!(diff > 0.0, "{key} did not change");
     }
-    let alphas = t.alphas().unwrap();
+    let alphas = t.method().alphas().unwrap();
     assert_eq!(alphas.len(), 3);
     assert!(alphas.iter().all(|a| (a - 0.5).abs() < 0.01 && *a != 0.5), "{alphas:?}");
 }
@@ -81,15 +100,14 @@ fn backprop_updates_every_block_and_alpha() {
 fn backprop_head_starts_aligned_with_the_embedding() {
     let dev = Device::Cpu;
     let train = synthetic(40, 5);
-    for embedding in [Embedding::OneHot, Embedding::Learned, Embedding::Prototype] {
-        let mut cfg = small(Config::paper_backprop(DatasetKind::Mnist), 1);
-        cfg.model.blocks = 1;
-        cfg.model.embedding = embedding;
-        assert_eq!(cfg.head_init(), HeadInit::Embedding);
-        let t = BackpropTrainer::new(cfg.clone().validate().unwrap(), dev.clone(), Some(&train))
-            .unwrap();
-        let u = t.model().embed().clone();
-        let logits: Vec<Vec<f32>> = t.model().classify(&u).unwrap().to_vec2().unwrap();
+    for embedding in [RawEmbedding::OneHot, RawEmbedding::Learned { dim: 20, init: None, lr: None }, RawEmbedding::Prototype { init: None, lr: None }] {
+        let mut cfg = small(RawConfig::paper_backprop(DatasetKind::Mnist), 1);
+        set_blocks(&mut cfg, 1);
+        cfg.model.embedding = embedding.clone();
+        assert_eq!(cfg.clone().validate().unwrap().model().head_init, HeadInit::Embedding);
+        let t = backprop_trainer(cfg.clone(), &dev, Some(&train));
+        let u = t.method().model().embed().clone();
+        let logits: Vec<Vec<f32>> = t.method().model().classify(&u).unwrap().to_vec2().unwrap();
         for (y, row) in logits.iter().enumerate() {
             let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
             assert_eq!(best, y, "{embedding:?}: f_out(u_{y}) = {row:?}");
@@ -101,14 +119,11 @@ fn backprop_head_starts_aligned_with_the_embedding() {
         assert!(bias.iter().all(|&b| b == 0.0));
 
         cfg.model.head_init = Some(HeadInit::Uniform);
-        let t = BackpropTrainer::new(cfg.validate().unwrap(), dev.clone(), Some(&train)).unwrap();
+        let t = backprop_trainer(cfg, &dev, Some(&train));
         let bias: Vec<f32> = t.named_tensors()["head.bias"].to_vec1().unwrap();
         assert!(bias.iter().any(|&b| b != 0.0), "uniform init draws a bias");
     }
-    assert_eq!(
-        Config::paper_dt(DatasetKind::Mnist).head_init(),
-        HeadInit::Uniform
-    );
+    assert_eq!(RawConfig::paper_dt(DatasetKind::Mnist).validate().unwrap().model().head_init, HeadInit::Uniform);
 }
 
 #[test]
@@ -117,12 +132,16 @@ fn adjoint_gradients_match_backprop_through_the_solver() {
     let (x, y) = batch(&synthetic(4, 7), &dev);
     let mut errs = Vec::new();
     for steps in [10, 40] {
-        let mut cfg = small(Config::paper_adjoint(DatasetKind::Mnist), 1);
-        cfg.model.ode_steps = steps;
-        cfg.model.kernels = "stock".into();
+        let mut cfg = small(RawConfig::paper_adjoint(DatasetKind::Mnist), 1);
+        if let RawMethod::Adjoint { train_steps, .. } = &mut cfg.method {
+            *train_steps = steps;
+        }
+        cfg.model.kernels = Kernels::Stock;
         cfg.train.weight_decay = 0.0;
-        let t = CtTrainer::new(cfg.validate().unwrap(), dev.clone(), None).unwrap();
-        let (loss_adj, adj) = t.adjoint_gradients(&x, &y, &mut NoiseRng::new(11), &mut NoiseRng::new(12)).unwrap();
+        let cfg = cfg.validate().unwrap();
+        let t = Adjoint::new(&cfg, &dev, None).unwrap();
+        let step = t.gradients(&cfg, 0, &x, &y, &mut NoiseRng::new(11), &mut NoiseRng::new(12)).unwrap();
+        let (loss_adj, adj) = (step.losses[0], step.grads);
 
         // Reference: the same Euler solve kept as one autograd graph.
         let m = t.model();
@@ -164,27 +183,27 @@ fn baselines_learn_and_resume_exactly() {
         test: DeviceData::new(&synthetic(40, 2), DType::F32, &dev).unwrap(),
         train_subset: None,
     };
-    let mut bp = small(Config::paper_backprop(DatasetKind::Mnist), 2);
-    bp.model.blocks = 2;
+    let mut bp = small(RawConfig::paper_backprop(DatasetKind::Mnist), 2);
+    set_blocks(&mut bp, 2);
     // A larger step than the paper's so that a few steps are past chance.
     bp.train.lr = 3e-3;
-    let mut adj = small(Config::paper_adjoint(DatasetKind::Mnist), 2);
+    let mut adj = small(RawConfig::paper_adjoint(DatasetKind::Mnist), 2);
     adj.train.lr = 3e-3;
     for cfg in [bp, adj] {
-        let method = cfg.model.method;
+        let method = cfg.clone().validate().unwrap().method().method();
         let tmp = tempfile::tempdir().unwrap();
         let mut a = build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
         let chance = a.evaluate(&data.test, None, 0).unwrap().test_acc;
-        let report_a = fit(a.as_mut(), &data, None, &mut Silent).unwrap().unwrap();
+        let report_a = fit(&mut a, &data, None, &mut Silent).unwrap().unwrap();
 
         let mut one = cfg.clone();
         one.train.epochs = 1;
-        let run = RunDir::create(&tmp.path().join("b"), &one, serde_json::json!({})).unwrap();
+        let run = RunDir::create_with(&tmp.path().join("b"), &one.clone().validate().unwrap(), &serde_json::json!({})).unwrap();
         let mut b = build_trainer(one.validate().unwrap(), dev.clone(), None).unwrap();
-        fit(b.as_mut(), &data, Some(&run), &mut Silent).unwrap();
+        fit(&mut b, &data, Some(&run), &mut Silent).unwrap();
         let mut c = build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
-        run.restore_latest(c.as_mut()).unwrap();
-        let report_c = fit(c.as_mut(), &data, Some(&run), &mut Silent).unwrap().unwrap();
+        run.restore_latest(&mut c).unwrap();
+        let report_c = fit(&mut c, &data, Some(&run), &mut Silent).unwrap().unwrap();
         for (k, v) in a.named_tensors() {
             assert_eq!(rel_err(&c.named_tensors()[&k], &v), 0.0, "{method:?}: {k} differs after resume");
         }
@@ -205,13 +224,14 @@ fn backprop_gradients_are_the_same_with_fast_and_stock_kernels() {
     let dev = Device::Cpu;
     let (x, y) = batch(&synthetic(6, 9), &dev);
     let mut grads = Vec::new();
-    for kernels in ["fast", "stock"] {
-        let mut cfg = small(Config::paper_backprop(DatasetKind::Mnist), 1);
-        cfg.model.blocks = 3;
+    for kernels in [Kernels::Fast, Kernels::Stock] {
+        let mut cfg = small(RawConfig::paper_backprop(DatasetKind::Mnist), 1);
+        set_blocks(&mut cfg, 3);
         cfg.model.dropout = 0.0;
-        cfg.model.kernels = kernels.into();
-        let t = BackpropTrainer::new(cfg.validate().unwrap(), dev.clone(), None).unwrap();
-        let (loss, g) = t.gradients(&x, &y, &mut NoiseRng::new(4), &mut NoiseRng::new(5)).unwrap();
+        cfg.model.kernels = kernels;
+        let t = backprop_trainer(cfg, &dev, None);
+        let step = t.method().gradients(t.config(), 0, &x, &y, &mut NoiseRng::new(4), &mut NoiseRng::new(5)).unwrap();
+        let (loss, g) = (step.losses[0], step.grads);
         let named: BTreeMap<String, Tensor> = t.named_tensors().into_iter().filter_map(|(k, v)| g.get(&v).map(|g| (k, g.clone()))).collect();
         grads.push((loss, named));
     }

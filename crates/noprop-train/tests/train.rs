@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use noprop_core::{dt_loss, q_sample, NoiseRng};
+use noprop_core::{dt_loss, q_sample, NoiseRng, Stream};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::Mode;
-use noprop_train::{checkpoint, fit, Config, DeviceData, DtTrainer, RunData, RunDir, Silent, Trainer};
+use noprop_train::config::{MethodSettings, RawEmbedding, RawMethod, TrainOrder};
+use noprop_train::{checkpoint, fit, DeviceData, Dt, RawConfig, RunData, RunDir, Silent, Trainer};
 
 /// A synthetic MNIST-shaped set where the class sets the brightness of one
 /// image row band, so a few steps are enough to learn something.
@@ -27,9 +28,9 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
     Dataset { images, labels, channels: 1, height: 28, width: 28, num_classes: 10 }
 }
 
-fn tiny_config(epochs: usize) -> Config {
-    let mut cfg = Config::paper_dt(DatasetKind::Mnist);
-    cfg.model.blocks = 3;
+fn tiny_config(epochs: usize) -> RawConfig {
+    let mut cfg = RawConfig::paper_dt(DatasetKind::Mnist);
+    set_blocks(&mut cfg, 3);
     cfg.train.epochs = epochs;
     cfg.train.batch_size = 16;
     cfg.eval.runs = 2;
@@ -37,6 +38,26 @@ fn tiny_config(epochs: usize) -> Config {
     cfg.eval.train_subset = 16;
     cfg.checkpoint.keep_last = 0;
     cfg
+}
+
+/// Sets `T` of a NoProp-DT or back-propagation config.
+fn set_blocks(cfg: &mut RawConfig, t: usize) {
+    match &mut cfg.method {
+        RawMethod::Dt { blocks, .. } | RawMethod::Backprop { blocks, .. } => *blocks = t,
+        other => panic!("no blocks in {other:?}"),
+    }
+}
+
+/// A NoProp-DT trainer for `raw`.
+fn dt_trainer(raw: RawConfig, dev: &Device) -> Trainer<Dt> {
+    let cfg = raw.validate().unwrap();
+    let method = Dt::new(&cfg, dev, None).unwrap();
+    Trainer::new(cfg, dev.clone(), method).unwrap()
+}
+
+/// A new run folder for `raw` with empty process metadata.
+fn run_dir(path: &std::path::Path, raw: &RawConfig) -> RunDir {
+    RunDir::create_with(path, &raw.clone().validate().unwrap(), &serde_json::json!({})).unwrap()
 }
 
 fn data(dev: &Device) -> RunData {
@@ -49,20 +70,23 @@ fn data(dev: &Device) -> RunData {
 #[test]
 fn gradients_never_cross_blocks() {
     let dev = Device::Cpu;
-    let trainer = DtTrainer::new(tiny_config(1).validate().unwrap(), dev.clone()).unwrap();
-    let model = trainer.model();
-    let sched = trainer.config().schedule().clone();
+    let trainer = dt_trainer(tiny_config(1), &dev);
+    let model = trainer.method().model();
+    let sched = match trainer.config().method() {
+        MethodSettings::Dt(s) => s.schedule.clone(),
+        other => panic!("not a DT config: {other:?}"),
+    };
     let ds = synthetic(8, 3);
     let x = Tensor::from_slice(&ds.images, (8, 1, 28, 28), &dev).unwrap();
     let y = Tensor::from_slice(&ds.labels, 8, &dev).unwrap();
     let mut rng = NoiseRng::new(0);
     for t in 1..=3 {
         let u = model.embed().index_select(&y, 0).unwrap();
-        let z = q_sample(&u, sched.alpha_bar(t - 1), &mut rng).unwrap();
-        let zt = q_sample(&u, sched.alpha_bar(3), &mut rng).unwrap();
+        let z = q_sample(&u, sched.alpha_bar(t - 1).unwrap(), &mut rng).unwrap();
+        let zt = q_sample(&u, sched.alpha_bar(3).unwrap(), &mut rng).unwrap();
         let mut drop = NoiseRng::new(1);
         let uhat = model.denoise_mode(t, &z, &x, &mut Mode::Train(&mut drop)).unwrap();
-        let loss = dt_loss(&model.classify(&zt).unwrap(), &y, &uhat, &u, sched.alpha_bar(0), sched.dt_weight(t, 0.1)).unwrap();
+        let loss = dt_loss(&model.classify(&zt).unwrap(), &y, &uhat, &u, sched.alpha_bar(0).unwrap(), sched.dt_weight(t, 0.1).unwrap()).unwrap();
         let grads = loss.total.backward().unwrap();
         for j in 1..=3 {
             let data = model.block_vars(j).data().lock().unwrap();
@@ -81,10 +105,10 @@ fn gradients_never_cross_blocks() {
 
 #[test]
 fn parameter_names_and_count() {
-    let mut cfg = Config::paper_dt(DatasetKind::Mnist);
-    cfg.model.blocks = 2;
-    let trainer = DtTrainer::new(cfg.validate().unwrap(), Device::Cpu).unwrap();
-    let names = trainer.model().named_tensors();
+    let mut cfg = RawConfig::paper_dt(DatasetKind::Mnist);
+    set_blocks(&mut cfg, 2);
+    let trainer = dt_trainer(cfg, &Device::Cpu);
+    let names = trainer.method().model().named_tensors();
     assert_eq!(names["blocks.1.img.conv1.weight"].dims(), &[32, 1, 3, 3]);
     assert_eq!(names["blocks.2.img.fc.weight"].dims(), &[256, 6272]);
     assert_eq!(names["blocks.2.fuse.out.weight"].dims(), &[10, 128]);
@@ -92,19 +116,19 @@ fn parameter_names_and_count() {
     assert_eq!(names["head.weight"].dims(), &[10, 10]);
     assert_eq!(names["embed"].dims(), &[10, 10]);
     // Figure 6's block for MNIST with d = 10: about 2.0 M parameters.
-    let count = trainer.model().block_parameter_count();
+    let count = trainer.method().model().block_parameter_count();
     assert!((1_900_000..2_100_000).contains(&count), "{count}");
 }
 
 #[test]
 fn same_seed_same_parameters() {
-    let a = DtTrainer::new(tiny_config(1).validate().unwrap(), Device::Cpu).unwrap();
-    let b = DtTrainer::new(tiny_config(1).validate().unwrap(), Device::Cpu).unwrap();
+    let a = dt_trainer(tiny_config(1), &Device::Cpu);
+    let b = dt_trainer(tiny_config(1), &Device::Cpu);
     let mut c = tiny_config(1);
     c.train.seed = 9;
-    let c = DtTrainer::new(c.validate().unwrap(), Device::Cpu).unwrap();
+    let c = dt_trainer(c, &Device::Cpu);
     let key = "blocks.2.label.fc1.weight";
-    let get = |t: &DtTrainer| t.model().named_tensors()[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let get = |t: &Trainer<Dt>| t.method().model().named_tensors()[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(get(&a), get(&b));
     assert_ne!(get(&a), get(&c));
 }
@@ -125,19 +149,19 @@ fn resume_ends_where_an_uninterrupted_run_would() {
     let tmp = tempfile::tempdir().unwrap();
 
     let cfg = tiny_config(2);
-    let run_a = RunDir::create(&tmp.path().join("a"), &cfg, serde_json::json!({})).unwrap();
-    let mut a = DtTrainer::new(cfg.clone().validate().unwrap(), dev.clone()).unwrap();
+    let run_a = run_dir(&tmp.path().join("a"), &cfg);
+    let mut a = dt_trainer(cfg.clone(), &dev);
     let report_a = fit(&mut a, &d, Some(&run_a), &mut Silent).unwrap().unwrap();
 
     // The same run, stopped after epoch 1 and resumed from its checkpoint.
-    let run_b = RunDir::create(&tmp.path().join("b"), &tiny_config(1), serde_json::json!({})).unwrap();
-    let mut b = DtTrainer::new(tiny_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let run_b = run_dir(&tmp.path().join("b"), &tiny_config(1));
+    let mut b = dt_trainer(tiny_config(1), &dev);
     fit(&mut b, &d, Some(&run_b), &mut Silent).unwrap();
-    let mut c = DtTrainer::new(cfg.validate().unwrap(), dev.clone()).unwrap();
+    let mut c = dt_trainer(cfg, &dev);
     assert_eq!(run_b.restore_latest(&mut c).unwrap(), 1);
     let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
 
-    assert_same_tensors(&a.model().named_tensors(), &c.model().named_tensors());
+    assert_same_tensors(&a.method().model().named_tensors(), &c.method().model().named_tensors());
     assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs);
     assert_eq!(run_b.checkpoint_epochs().unwrap(), vec![1, 2]);
     let epochs: Vec<u64> = run_b.metrics().unwrap().iter().filter(|v| v["event"] == "epoch").map(|v| v["epoch"].as_u64().unwrap()).collect();
@@ -149,18 +173,21 @@ fn checkpoint_round_trip_with_metadata() {
     let dev = Device::Cpu;
     let d = data(&dev);
     let tmp = tempfile::tempdir().unwrap();
-    let run = RunDir::create(&tmp.path().join("r"), &tiny_config(1), serde_json::json!({})).unwrap();
-    let mut a = DtTrainer::new(tiny_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let run = run_dir(&tmp.path().join("r"), &tiny_config(1));
+    let mut a = dt_trainer(tiny_config(1), &dev);
     fit(&mut a, &d, Some(&run), &mut Silent).unwrap();
     let path = run.latest_model().unwrap().unwrap();
     let (tensors, meta) = checkpoint::load_safetensors(&path, &dev).unwrap();
     assert_eq!(meta["method"], "dt");
     assert_eq!(meta["epoch"], "1");
-    let cfg: Config = serde_json::from_str(&meta["config"]).unwrap();
-    assert_eq!(cfg, tiny_config(1));
-    assert_same_tensors(&tensors, &a.model().named_tensors());
+    let record = checkpoint::ModelRecord::from_metadata(&path, &meta).unwrap();
+    assert_eq!(record.method, "dt");
+    assert_eq!(record.epoch, 1);
+    // The written config has every default resolved.
+    assert_eq!(record.config, tiny_config(1).validate().unwrap().to_raw());
+    assert_same_tensors(&tensors, &a.method().model().named_tensors());
     let b = noprop_train::load_for_eval(&path, &dev).unwrap();
-    assert_same_tensors(&b.named_tensors(), &a.model().named_tensors());
+    assert_same_tensors(&b.named_tensors(), &a.method().model().named_tensors());
     assert_eq!(b.epochs_done(), 1);
     // A file that is not safetensors gives a typed error, not a panic.
     let bad = tmp.path().join("bad.safetensors");
@@ -178,7 +205,7 @@ fn training_learns_the_synthetic_task() {
     // A larger step than the paper's, so that the head (a Linear on z_T,
     // trained from scratch) is past chance within the few steps a test affords.
     cfg.train.lr = 5e-3;
-    let mut t = DtTrainer::new(cfg.validate().unwrap(), dev).unwrap();
+    let mut t = dt_trainer(cfg, &dev);
     let before = t.evaluate(&d.test, None, 0).unwrap().test_acc;
     let after = fit(&mut t, &d, None, &mut Silent).unwrap().unwrap();
     assert!(after.test_acc > 60.0 && after.test_acc > before + 30.0, "before {before}, after {:?}", after);
@@ -186,120 +213,146 @@ fn training_learns_the_synthetic_task() {
 
 #[test]
 fn invalid_configs_are_rejected() {
-    use noprop_train::TrainError::InvalidConfig;
+    use noprop_train::config::EmbeddingInit;
+    let field = |c: RawConfig| c.validate().err().map(|e| e.field());
     let mut c = tiny_config(1);
-    c.model.blocks = 0;
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.blocks", .. })));
+    set_blocks(&mut c, 0);
+    assert_eq!(field(c), Some("method.blocks"));
     let mut c = tiny_config(1);
     c.train.lr = -1e-3;
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "train.lr", .. })));
+    assert_eq!(field(c), Some("train.lr"));
+    let json = serde_json::to_value(tiny_config(1)).unwrap();
+    assert!(serde_json::from_value::<RawConfig>(json.clone()).is_ok());
+    // Unknown kernels are rejected when the file is read.
+    let mut bad = json.clone();
+    bad["model"]["kernels"] = serde_json::json!("gpu");
+    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "kernels = \"gpu\"");
     let mut c = tiny_config(1);
-    c.model.kernels = "gpu".into();
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.kernels", .. })));
+    match &mut c.method {
+        RawMethod::Dt { schedule, .. } => *schedule = noprop_core::ScheduleSpec::Explicit { alpha_bar: vec![0.0, 0.5, 0.4, 0.9] },
+        other => panic!("not DT: {other:?}"),
+    }
+    assert_eq!(field(c), Some("method.schedule"));
     let mut c = tiny_config(1);
-    c.schedule = noprop_core::ScheduleSpec::Explicit { alpha_bar: vec![0.0, 0.5, 0.4, 0.9] };
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "schedule", .. })));
-    use noprop_train::config::{Embedding, EmbeddingInit};
-    let mut c = tiny_config(1);
-    c.model.embedding_init = Some(EmbeddingInit::Normal);
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "one-hot is fixed");
-    let mut c = tiny_config(1);
-    c.model.embedding = Embedding::Learned;
-    c.model.embedding_init = Some(EmbeddingInit::Prototype);
-    assert!(matches!(c.clone().validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "prototype needs d = C*H*W");
-    c.model.embedding_dim = 784;
+    c.model.embedding = RawEmbedding::Learned { dim: 20, init: Some(EmbeddingInit::Prototype), lr: None };
+    assert_eq!(field(c.clone()), Some("model.embedding.init"), "prototype needs d = C*H*W");
+    c.model.embedding = RawEmbedding::Learned { dim: 784, init: Some(EmbeddingInit::Prototype), lr: None };
     assert!(c.validate().is_ok());
     let mut c = tiny_config(1);
-    c.model.embedding = Embedding::Learned;
-    c.model.embedding_dim = 5;
-    c.model.embedding_init = Some(EmbeddingInit::Orthogonal);
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.embedding_init", .. })), "orthogonal needs d >= m");
+    c.model.embedding = RawEmbedding::Learned { dim: 5, init: Some(EmbeddingInit::Orthogonal), lr: None };
+    assert_eq!(field(c), Some("model.embedding.init"), "orthogonal needs d >= m");
     let mut c = tiny_config(1);
-    c.train.embedding_lr = Some(1e-4);
-    assert!(matches!(c.clone().validate(), Err(InvalidConfig { field: "train.embedding_lr", .. })), "one-hot is fixed");
-    c.model.embedding = Embedding::Learned;
+    c.model.embedding = RawEmbedding::Learned { dim: 20, init: None, lr: Some(1e-4) };
     assert!(c.clone().validate().is_ok());
-    c.train.embedding_lr = Some(-1e-4);
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "train.embedding_lr", .. })));
+    c.model.embedding = RawEmbedding::Learned { dim: 20, init: None, lr: Some(-1e-4) };
+    assert_eq!(field(c), Some("model.embedding.lr"));
+    // alpha_init is the back-propagation baseline's.
     let mut c = tiny_config(1);
-    c.model.alpha_init = 1.0;
-    assert!(matches!(c.validate(), Err(InvalidConfig { field: "model.alpha_init", .. })));
-    let json = serde_json::to_value(tiny_config(1)).unwrap();
+    c.method = RawMethod::Backprop { blocks: 3, alpha_init: 1.0 };
+    assert_eq!(field(c), Some("method.alpha_init"));
     let mut bad = json.clone();
     bad["train"]["learning_rate"] = serde_json::json!(0.1);
-    assert!(serde_json::from_value::<Config>(bad).is_err());
+    assert!(serde_json::from_value::<RawConfig>(bad).is_err());
+    // One-hot is fixed: it has no init or lr to give, so either is an error.
+    let mut bad = json.clone();
+    bad["model"]["embedding"] = serde_json::json!({"kind": "one-hot", "init": "normal"});
+    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "one-hot is fixed: init");
+    let mut bad = json.clone();
+    bad["model"]["embedding"] = serde_json::json!({"kind": "one-hot", "lr": 1e-4});
+    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "one-hot is fixed: lr");
 }
 
 #[test]
 fn continuous_methods_checkpoint_and_resume_exactly() {
-    use noprop_train::config::Method;
     let dev = Device::Cpu;
     let d = data(&dev);
-    for method in [Method::Ct, Method::Fm] {
-        let mut cfg = Config::paper_continuous(DatasetKind::Mnist, method);
+    for (name, paper) in [("ct", RawConfig::paper_ct(DatasetKind::Mnist)), ("fm", RawConfig::paper_fm(DatasetKind::Mnist))] {
+        let mut cfg = paper;
         cfg.train.epochs = 2;
         cfg.train.batch_size = 16;
         cfg.eval.runs = 2;
-        cfg.eval.steps = 5;
+        match &mut cfg.method {
+            RawMethod::Ct { steps, .. } | RawMethod::Fm { steps, .. } => *steps = 5,
+            other => panic!("not continuous: {other:?}"),
+        }
         cfg.eval.batch_size = 40;
         cfg.checkpoint.keep_last = 0;
         let tmp = tempfile::tempdir().unwrap();
-        let run_a = RunDir::create(&tmp.path().join("a"), &cfg, serde_json::json!({})).unwrap();
+        let run_a = run_dir(&tmp.path().join("a"), &cfg);
         let mut a = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
-        let report_a = fit(a.as_mut(), &d, Some(&run_a), &mut Silent).unwrap().unwrap();
+        let report_a = fit(&mut a, &d, Some(&run_a), &mut Silent).unwrap().unwrap();
         let names = a.named_tensors();
         assert!(names.contains_key("net.img.conv1.weight") && names.contains_key("net.time.fc.weight"));
-        assert_eq!(names.contains_key("schedule.w1"), method == Method::Ct);
+        assert_eq!(names.contains_key("schedule.w1"), name == "ct");
 
         let mut one = cfg.clone();
         one.train.epochs = 1;
-        let run_b = RunDir::create(&tmp.path().join("b"), &one, serde_json::json!({})).unwrap();
+        let run_b = run_dir(&tmp.path().join("b"), &one);
         let mut b = noprop_train::build_trainer(one.validate().unwrap(), dev.clone(), None).unwrap();
-        fit(b.as_mut(), &d, Some(&run_b), &mut Silent).unwrap();
+        fit(&mut b, &d, Some(&run_b), &mut Silent).unwrap();
         let mut c = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
-        run_b.restore_latest(c.as_mut()).unwrap();
-        let report_c = fit(c.as_mut(), &d, Some(&run_b), &mut Silent).unwrap().unwrap();
+        run_b.restore_latest(&mut c).unwrap();
+        let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
         assert_same_tensors(&a.named_tensors(), &c.named_tensors());
-        assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs, "{method:?}");
+        assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs, "{name}");
         let e = noprop_train::load_for_eval(&run_b.latest_model().unwrap().unwrap(), &dev).unwrap();
         assert_same_tensors(&e.named_tensors(), &a.named_tensors());
     }
 }
 
-fn fused_config(epochs: usize) -> Config {
+fn fused_config(epochs: usize) -> RawConfig {
     let mut cfg = tiny_config(epochs);
-    cfg.train.order = noprop_train::config::TrainOrder::Fused;
+    match &mut cfg.method {
+        RawMethod::Dt { order, .. } => *order = TrainOrder::Fused,
+        other => panic!("not DT: {other:?}"),
+    }
     cfg
 }
 
-/// A fused step is the T sequential steps of Algorithm 1 on one minibatch,
-/// each block drawing from its own streams: the same updates, bit for bit,
-/// for the blocks and the head.
+/// A fused epoch is, on each minibatch, the T sequential steps of
+/// Algorithm 1, each block drawing from its own streams (which carry over
+/// from one minibatch to the next): the same updates, bit for bit, for the
+/// blocks and the head, and the same losses.
 #[test]
-fn fused_step_is_each_blocks_sequential_step_on_one_minibatch() {
+fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     let dev = Device::Cpu;
-    let ds = synthetic(16, 4);
-    let x = Tensor::from_slice(&ds.images, (16, 1, 28, 28), &dev).unwrap();
-    let y = Tensor::from_slice(&ds.labels, 16, &dev).unwrap();
-    let streams = |t: u64| (NoiseRng::new(100 + t), NoiseRng::new(200 + t));
-    let mut fused = DtTrainer::new(fused_config(1).validate().unwrap(), dev.clone()).unwrap();
-    let mut seq = DtTrainer::new(tiny_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let d = data(&dev);
+    let mut fused = dt_trainer(fused_config(1), &dev);
+    let mut seq = dt_trainer(tiny_config(1), &dev);
+    let fused_passes = fused.train_epoch(&d.train, &mut Silent).unwrap();
+    assert_eq!(fused_passes.iter().map(|p| p.block).collect::<Vec<_>>(), vec![1, 2, 3]);
+
+    // The same epoch by hand: the fused pass's minibatch order (epoch 1,
+    // pass key 0) and each block's (epoch 1, block) noise and dropout streams.
+    let cfg = seq.config().clone();
+    let seed = cfg.train().seed;
+    let streams = |t: u64| (NoiseRng::derived(seed, &[Stream::Noise.id(), 1, t]), NoiseRng::derived(seed, &[Stream::Dropout.id(), 1, t]));
     let mut rngs: Vec<_> = (1..=3).map(streams).collect();
-    let fused_losses = fused.fused_step(&x, &y, &mut rngs).unwrap();
-    for t in 1..=3 {
-        let (mut noise, mut drop) = streams(t as u64);
-        let l = seq.train_step(t, &x, &y, &mut noise, &mut drop).unwrap();
-        assert_eq!(l, fused_losses[t - 1], "block {t}: losses");
+    let batcher = noprop_data::Batcher::new(d.train.len(), cfg.train().batch_size, noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]), noprop_data::pass_stream(1, 0))
+        .unwrap()
+        .min_batch_len(2);
+    let mut sums = vec![[0.0f64; 4]; 3];
+    let mut count = 0;
+    for idx in batcher.batches() {
+        let (x, y) = d.train.batch(idx).unwrap();
+        for t in 1..=3 {
+            let (noise, drop) = &mut rngs[t - 1];
+            let l = seq.train_step(t, &x, &y, noise, drop).unwrap();
+            for (s, v) in sums[t - 1].iter_mut().zip(l) {
+                *s += v;
+            }
+        }
+        count += 1;
     }
-    assert_same_tensors(&fused.model().named_tensors(), &seq.model().named_tensors());
-    // And the streams moved on exactly as far.
-    let (mut noise, _) = streams(2);
-    let u = Tensor::zeros((16, 10), DType::F32, &dev).unwrap();
-    for _ in 0..2 {
-        q_sample(&u, 0.5, &mut noise).unwrap();
+    assert_eq!(count, 3);
+    for (t, p) in (1..=3).zip(&fused_passes) {
+        let n = count as f64;
+        let s = sums[t - 1];
+        assert_eq!([p.loss, p.ce, p.kl, p.denoise], [s[0] / n, s[1] / n, s[2] / n, s[3] / n], "block {t}: losses");
+        assert_eq!(p.batches, count);
     }
-    let next = |r: &mut NoiseRng| q_sample(&u, 0.5, r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(next(&mut rngs[1].0), next(&mut noise));
+    assert_same_tensors(&fused.method().model().named_tensors(), &seq.method().model().named_tensors());
+    assert_eq!(fused.checkpoint().optimizer_record.steps, seq.checkpoint().optimizer_record.steps);
 }
 
 /// Both orders give every block one update per minibatch and the shared
@@ -309,12 +362,11 @@ fn both_orders_update_each_parameter_equally_often() {
     let dev = Device::Cpu;
     let d = data(&dev);
     for (cfg, head_steps) in [(fused_config(1), 9), (tiny_config(1), 9)] {
-        let mut t = DtTrainer::new(cfg.validate().unwrap(), dev.clone()).unwrap();
+        let mut t = dt_trainer(cfg, &dev);
         let passes = t.train_epoch(&d.train, &mut Silent).unwrap();
         assert_eq!(passes.iter().map(|p| p.block).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert!(passes.iter().all(|p| p.batches == 3 && p.loss.is_finite()));
-        let (_, meta) = t.optimizer_checkpoint();
-        let steps: Vec<u64> = serde_json::from_str(&meta["steps"]).unwrap();
+        let steps: Vec<u64> = t.checkpoint().optimizer_record.steps;
         assert_eq!(steps, vec![head_steps, 3, 3, 3]);
     }
 }
@@ -324,18 +376,18 @@ fn fused_order_resumes_exactly() {
     let dev = Device::Cpu;
     let d = data(&dev);
     let tmp = tempfile::tempdir().unwrap();
-    let run_a = RunDir::create(&tmp.path().join("a"), &fused_config(2), serde_json::json!({})).unwrap();
-    let mut a = DtTrainer::new(fused_config(2).validate().unwrap(), dev.clone()).unwrap();
+    let run_a = run_dir(&tmp.path().join("a"), &fused_config(2));
+    let mut a = dt_trainer(fused_config(2), &dev);
     let report_a = fit(&mut a, &d, Some(&run_a), &mut Silent).unwrap().unwrap();
 
-    let run_b = RunDir::create(&tmp.path().join("b"), &fused_config(1), serde_json::json!({})).unwrap();
-    let mut b = DtTrainer::new(fused_config(1).validate().unwrap(), dev.clone()).unwrap();
+    let run_b = run_dir(&tmp.path().join("b"), &fused_config(1));
+    let mut b = dt_trainer(fused_config(1), &dev);
     fit(&mut b, &d, Some(&run_b), &mut Silent).unwrap();
-    let mut c = DtTrainer::new(fused_config(2).validate().unwrap(), dev.clone()).unwrap();
+    let mut c = dt_trainer(fused_config(2), &dev);
     assert_eq!(run_b.restore_latest(&mut c).unwrap(), 1);
     let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
 
-    assert_same_tensors(&a.model().named_tensors(), &c.model().named_tensors());
+    assert_same_tensors(&a.method().model().named_tensors(), &c.method().model().named_tensors());
     assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs);
     // One pass line per block and epoch, as in the sequential order.
     let passes = run_a.metrics().unwrap().iter().filter(|v| v["event"] == "pass").count();
@@ -351,40 +403,46 @@ fn fused_training_learns_the_synthetic_task() {
     let d = RunData { train, test, train_subset: None };
     let mut cfg = fused_config(3);
     cfg.train.lr = 5e-3;
-    let mut t = DtTrainer::new(cfg.validate().unwrap(), dev).unwrap();
+    let mut t = dt_trainer(cfg, &dev);
     let before = t.evaluate(&d.test, None, 0).unwrap().test_acc;
     let after = fit(&mut t, &d, None, &mut Silent).unwrap().unwrap();
     assert!(after.test_acc > 60.0 && after.test_acc > before + 30.0, "before {before}, after {:?}", after);
 }
 
-/// `train.embedding_lr = 0` keeps a learned embedding at its initialisation
+/// `model.embedding.lr = 0` keeps a learned embedding at its initialisation
 /// under every method while the networks train; without it the embedding moves.
 #[test]
 fn embedding_lr_zero_freezes_a_learned_embedding() {
-    use noprop_train::config::{Embedding, Method, Sampler};
     let dev = Device::Cpu;
     let d = data(&dev);
-    for method in [Method::Dt, Method::Ct, Method::Fm, Method::Backprop] {
+    let paper = |raw: RawConfig| raw.method;
+    let methods = [
+        ("dt", tiny_config(1).method),
+        // eta as in the DT config the other settings come from.
+        ("ct", match paper(RawConfig::paper_ct(DatasetKind::Mnist)) {
+            RawMethod::Ct { time_dim, time_scale, schedule, sampler, steps, .. } => RawMethod::Ct { eta: 0.1, time_dim, time_scale, schedule, sampler, steps },
+            other => panic!("{other:?}"),
+        }),
+        // Euler steps at inference.
+        ("fm", paper(RawConfig::paper_fm(DatasetKind::Mnist))),
+        ("backprop", RawMethod::Backprop { blocks: 3, alpha_init: 0.5 }),
+    ];
+    for (method, settings) in methods {
         for frozen in [true, false] {
             let mut c = tiny_config(1);
-            c.model.method = method;
-            c.model.embedding = Embedding::Learned;
-            c.model.embedding_dim = 12;
-            if method == Method::Fm {
-                c.eval.sampler = Sampler::Euler;
-            }
-            c.train.embedding_lr = frozen.then_some(0.0);
+            c.method = settings.clone();
+            c.model.embedding = RawEmbedding::Learned { dim: 12, init: None, lr: frozen.then_some(0.0) };
             let mut trainer = noprop_train::build_trainer(c.validate().unwrap(), dev.clone(), None).unwrap();
             // Copies: the optimizer updates the parameters in place.
-            let values = |t: &dyn Trainer| -> BTreeMap<String, Vec<f32>> {
+            let values = |t: &Trainer| -> BTreeMap<String, Vec<f32>> {
                 t.named_tensors().into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
             };
-            let before = values(trainer.as_ref());
+            let before = values(&trainer);
             trainer.train_epoch(&d.train, &mut Silent).unwrap();
-            let after = values(trainer.as_ref());
-            assert_eq!(before["embed"] == after["embed"], frozen, "{method:?}, frozen {frozen}");
+            let after = values(&trainer);
+            assert_eq!(before["embed"] == after["embed"], frozen, "{method}, frozen {frozen}");
             let moved = before.keys().filter(|k| k.as_str() != "embed" && before[*k] != after[*k]).count();
-            assert!(moved > 0, "{method:?}: the networks train");
+            assert!(moved > 0, "{method}: the networks train");
         }
     }
 }

@@ -55,7 +55,7 @@ impl Method {
     /// Table 1's order: the discrete-time rows, then the continuous-time ones.
     pub const ALL: [Method; 5] = [Method::Backprop, Method::Dt, Method::Adjoint, Method::Ct, Method::Fm];
 
-    /// The name used in config file names (and in `model.method`).
+    /// The name used in config file names (and in `method.kind`).
     pub fn name(self) -> &'static str {
         match self {
             Method::Backprop => "backprop",
@@ -85,7 +85,7 @@ impl Method {
         }
     }
 
-    /// Whether inference integrates over continuous time (`eval.steps` applies).
+    /// Whether inference integrates over continuous time (`method.steps` applies).
     pub fn continuous(self) -> bool {
         matches!(self, Method::Adjoint | Method::Ct | Method::Fm)
     }
@@ -133,7 +133,7 @@ pub enum Init {
 }
 
 impl Init {
-    /// The value of `model.embedding_init`.
+    /// The value of `model.embedding.init`.
     pub fn name(self) -> &'static str {
         match self {
             Init::Orthogonal => "orthogonal",
@@ -151,7 +151,7 @@ pub enum Variant {
     /// (its softmax counterpart is the Table 1 row).
     Radial,
     /// Figure 5: the prototype row (a learned `W_embed` with `d = C*H*W`)
-    /// with this `model.embedding_init` instead of the prototype images
+    /// with this `model.embedding.init` instead of the prototype images
     /// (the prototype initialisation is the Table 1 row itself).
     Init(Init),
 }
@@ -406,8 +406,11 @@ pub fn effective_config(base: &Table, row: &Row, seed: u64, quick: bool, device:
         Variant::Init(init) => {
             // The prototype row's config (a learned `d = C*H*W` embedding)
             // with another initialisation.
-            set(&mut t, "model", "embedding", "prototype")?;
-            set(&mut t, "model", "embedding_init", init.name())?;
+            let model = table_mut(&mut t, "model")?;
+            let embedding = model.entry("embedding".to_string()).or_insert_with(|| Value::Table(Table::new()));
+            let embedding = embedding.as_table_mut().context("model.embedding is not a table")?;
+            embedding.insert("kind".into(), "prototype".into());
+            embedding.insert("init".into(), init.name().into());
         }
     }
     if quick {
@@ -418,10 +421,10 @@ pub fn effective_config(base: &Table, row: &Row, seed: u64, quick: bool, device:
         set(&mut t, "eval", "train_subset", int(q.train_subset))?;
         set(&mut t, "eval", "every", int(q.eval_every))?;
         if let Some(n) = q.eval_steps {
-            set(&mut t, "eval", "steps", int(n))?;
+            set(&mut t, "method", "steps", int(n))?;
         }
         if let Some(n) = q.ode_steps {
-            set(&mut t, "model", "ode_steps", int(n))?;
+            set(&mut t, "method", "train_steps", int(n))?;
         }
     }
     if device == "cpu" && row.image_sized() {
@@ -530,7 +533,7 @@ mod tests {
 
     fn base() -> Table {
         toml::from_str(
-            "[data]\ndataset = \"mnist\"\n[model]\nmethod = \"dt\"\nembedding = \"prototype\"\n\
+            "[data]\ndataset = \"mnist\"\n[model]\nembedding = { kind = \"prototype\" }\n[method]\nkind = \"dt\"\n\
              [train]\nepochs = 100\nseed = 0\n[eval]\nruns = 5\nbatch_size = 1000\n",
         )
         .unwrap()
@@ -550,14 +553,14 @@ mod tests {
     fn effective_config_quick_and_variants() {
         let row = Row { dataset: Dataset::Mnist, method: Method::Dt, embedding: Embedding::Prototype, variant: Variant::Init(Init::Normal) };
         let t = effective_config(&base(), &row, 0, true, "cpu").unwrap();
-        assert_eq!(t["model"]["embedding"].as_str(), Some("prototype"));
-        assert_eq!(t["model"]["embedding_init"].as_str(), Some("normal"));
+        assert_eq!(t["model"]["embedding"]["kind"].as_str(), Some("prototype"));
+        assert_eq!(t["model"]["embedding"]["init"].as_str(), Some("normal"));
         assert_eq!(config_epochs(&t).unwrap(), 2);
         assert_eq!(t["data"]["train_limit"].as_integer(), Some(QUICK_TRAIN as i64));
         assert_eq!(t["eval"]["every"].as_integer(), Some(2));
         assert_eq!(t["eval"]["batch_size"].as_integer(), Some(CPU_IMAGE_SIZED_EVAL_BATCH));
         assert_eq!(t["data"]["test_limit"].as_integer(), Some(QUICK_TEST_IMAGE_SIZED as i64));
-        assert!(t["eval"].get("steps").is_none());
+        assert!(t["method"].get("steps").is_none());
 
         let row = Row { dataset: Dataset::Mnist, method: Method::Dt, embedding: Embedding::Dim20, variant: Variant::Radial };
         let t = effective_config(&base(), &row, 0, false, "cpu").unwrap();
@@ -566,8 +569,8 @@ mod tests {
 
         let row = Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot);
         let t = effective_config(&base(), &row, 0, true, "cpu").unwrap();
-        assert_eq!(t["model"]["ode_steps"].as_integer(), Some(20));
-        assert_eq!(t["eval"]["steps"].as_integer(), Some(20));
+        assert_eq!(t["method"]["train_steps"].as_integer(), Some(20));
+        assert_eq!(t["method"]["steps"].as_integer(), Some(20));
         // The written TOML reads back to the same table.
         let text = toml::to_string(&t).unwrap();
         assert_eq!(toml::from_str::<Table>(&text).unwrap(), t);

@@ -1,0 +1,373 @@
+//! The fidelity levers of issue 11: each config field has the paper's
+//! literal reading as its default, round-trips through `Config::to_raw`, is
+//! rejected where it does not apply, and changes what it should (and only
+//! that) when set to the other value.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var, D};
+use noprop_core::{denoise_loss, q_sample, LearnableSchedule, NoiseRng};
+use noprop_data::DatasetKind;
+use noprop_models::Mode;
+use noprop_train::config::{HeadInit, RawEmbedding, RawMethod, ScheduleTraining, TimeSampling};
+use noprop_train::method::{draw_times, Method};
+use noprop_train::{Config, Ct, Dt, Fm, RawConfig};
+
+const B: usize = 8;
+
+fn learned(dim: usize) -> RawEmbedding {
+    RawEmbedding::Learned { dim, init: None, lr: None, target_grad: true }
+}
+
+/// A small config for `raw`: a learned embedding with `d = 12`, a tiny time
+/// embedding and schedule, two inference steps.
+fn small(mut raw: RawConfig) -> RawConfig {
+    raw.model.embedding = learned(12);
+    raw.train.batch_size = B;
+    match &mut raw.method {
+        RawMethod::Ct { time_dim, schedule, steps, .. } => {
+            *time_dim = 8;
+            schedule.hidden = 4;
+            *steps = 2;
+        }
+        RawMethod::Fm { time_dim, steps, .. } => {
+            *time_dim = 8;
+            *steps = 2;
+        }
+        RawMethod::Dt { blocks, .. } => *blocks = 2,
+        _ => {}
+    }
+    raw
+}
+
+fn set_target_grad(raw: &mut RawConfig, on: bool) {
+    match &mut raw.model.embedding {
+        RawEmbedding::Learned { target_grad, .. } | RawEmbedding::Prototype { target_grad, .. } => *target_grad = on,
+        RawEmbedding::OneHot => panic!("one-hot has no target_grad"),
+    }
+}
+
+/// Synthetic MNIST-shaped images and labels.
+fn minibatch(dev: &Device) -> (Tensor, Tensor) {
+    let x = NoiseRng::new(77).randn(&[B, 1, 28, 28], DType::F32, dev).unwrap();
+    let y = Tensor::from_vec((0..B as u32).map(|i| (i * 3) % 10).collect::<Vec<_>>(), B, dev).unwrap();
+    (x, y)
+}
+
+fn grad_of(g: &GradStore, var: &Var) -> Option<Vec<f32>> {
+    g.get(var.as_tensor()).map(|t| t.flatten_all().unwrap().to_vec1().unwrap())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Every named variable of the method's parameter groups.
+fn named_vars(m: &dyn Method) -> Vec<(String, Var)> {
+    m.param_groups().unwrap().into_iter().flat_map(|g| g.vars).collect()
+}
+
+/// One step's gradients from fixed noise and dropout streams.
+fn grads(m: &dyn Method, cfg: &Config, lane: usize) -> GradStore {
+    let (x, y) = minibatch(&Device::Cpu);
+    m.gradients(cfg, lane, &x, &y, &mut NoiseRng::new(5), &mut NoiseRng::new(6)).unwrap().grads
+}
+
+#[test]
+fn defaults_are_the_literal_reading_and_round_trip() {
+    for raw in [RawConfig::paper_ct(DatasetKind::Mnist), RawConfig::paper_fm(DatasetKind::Mnist), RawConfig::paper_dt(DatasetKind::Mnist)] {
+        let mut raw = small(raw);
+        // A config that never names the new fields.
+        let mut json = serde_json::to_value(&raw).unwrap();
+        json["model"]["embedding"].as_object_mut().unwrap().remove("target_grad");
+        if let Some(m) = json["method"].as_object_mut() {
+            m.remove("t_sampling");
+            m.remove("schedule_training");
+        }
+        let cfg = RawConfig::from_json_value(json).unwrap().validate().unwrap();
+        assert!(cfg.model().embedding_target_grad);
+        let back = cfg.to_raw();
+        match &back.method {
+            RawMethod::Ct { t_sampling, schedule_training, .. } => {
+                assert_eq!((*t_sampling, *schedule_training), (TimeSampling::Uniform, ScheduleTraining::Gradient));
+            }
+            RawMethod::Fm { t_sampling, .. } => assert_eq!(*t_sampling, TimeSampling::Uniform),
+            _ => {}
+        }
+        // to_raw writes every field, so config.json names them.
+        let written = serde_json::to_value(&back).unwrap();
+        assert_eq!(written["model"]["embedding"]["target_grad"], serde_json::json!(true));
+        assert_eq!(back.clone().validate().unwrap(), cfg);
+
+        // The other values round-trip too.
+        set_target_grad(&mut raw, false);
+        match &mut raw.method {
+            RawMethod::Ct { t_sampling, schedule_training, .. } => {
+                *t_sampling = TimeSampling::Stratified;
+                *schedule_training = ScheduleTraining::Variance;
+            }
+            RawMethod::Fm { t_sampling, .. } => *t_sampling = TimeSampling::Stratified,
+            _ => {}
+        }
+        raw.model.head_init = Some(HeadInit::Embedding);
+        let cfg = raw.clone().validate().unwrap();
+        assert!(!cfg.model().embedding_target_grad);
+        assert_eq!(cfg.to_raw().validate().unwrap(), cfg);
+        let text = serde_json::to_string(&cfg.to_raw()).unwrap();
+        assert_eq!(RawConfig::from_json_value(serde_json::from_str(&text).unwrap()).unwrap().validate().unwrap(), cfg);
+    }
+}
+
+#[test]
+fn levers_are_rejected_where_they_do_not_apply() {
+    let parse = |raw: &RawConfig, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = serde_json::to_value(raw).unwrap();
+        edit(&mut v);
+        RawConfig::from_json_value(v).and_then(|r| r.validate())
+    };
+    let dt = small(RawConfig::paper_dt(DatasetKind::Mnist));
+    let fm = small(RawConfig::paper_fm(DatasetKind::Mnist));
+    let err = parse(&dt, &|v| v["method"]["t_sampling"] = "stratified".into()).unwrap_err();
+    assert!(err.to_string().contains("t_sampling"), "{err}");
+    let err = parse(&fm, &|v| v["method"]["schedule_training"] = "variance".into()).unwrap_err();
+    assert!(err.to_string().contains("schedule_training"), "{err}");
+    let err = parse(&dt, &|v| v["method"]["t_sampling"] = "sobol".into());
+    assert!(err.is_err());
+    // One-hot has no target to detach from anything.
+    let mut onehot = RawConfig::paper_ct(DatasetKind::Mnist);
+    onehot.model.embedding = RawEmbedding::OneHot;
+    let err = parse(&onehot, &|v| v["model"]["embedding"]["target_grad"] = false.into()).unwrap_err();
+    assert!(err.to_string().contains("target_grad"), "{err}");
+    // The baselines have no denoising target.
+    for raw in [RawConfig::paper_backprop(DatasetKind::Mnist), RawConfig::paper_adjoint(DatasetKind::Mnist)] {
+        let mut raw = raw;
+        raw.model.embedding = learned(12);
+        assert!(raw.clone().validate().is_ok());
+        set_target_grad(&mut raw, false);
+        let err = raw.validate().unwrap_err();
+        assert!(err.to_string().contains("target_grad"), "{err}");
+    }
+}
+
+/// `head_init = "embedding"` aligns `f_out` for NoProp-DT, CT and FM as it
+/// does for the back-propagation baseline: `f_out(u_y)` ranks `y` first.
+#[test]
+fn head_init_embedding_aligns_the_head_of_every_method() {
+    let dev = Device::Cpu;
+    let ranks_first = |logits: Tensor| -> bool {
+        let pred: Vec<u32> = logits.argmax(D::Minus1).unwrap().to_vec1().unwrap();
+        pred == (0..10).collect::<Vec<u32>>()
+    };
+    for raw in [RawConfig::paper_ct(DatasetKind::Mnist), RawConfig::paper_fm(DatasetKind::Mnist), RawConfig::paper_dt(DatasetKind::Mnist)] {
+        let mut raw = small(raw);
+        // The default stays uniform: the head is not aligned.
+        let cfg = raw.clone().validate().unwrap();
+        assert_eq!(cfg.model().head_init, HeadInit::Uniform);
+        raw.model.head_init = Some(HeadInit::Embedding);
+        let cfg = raw.validate().unwrap();
+        let (aligned, default_head): (Tensor, Tensor) = match cfg.method().method().name() {
+            "ct" => {
+                let m = Ct::new(&cfg, &dev, None).unwrap();
+                let u = Ct::new(&cfg.to_raw().validate().unwrap(), &dev, None).unwrap();
+                let _ = u;
+                let plain = Ct::new(&{
+                    let mut r = cfg.to_raw();
+                    r.model.head_init = Some(HeadInit::Uniform);
+                    r.validate().unwrap()
+                }, &dev, None)
+                .unwrap();
+                (m.model().classify(m.model().embed()).unwrap(), plain.model().classify(plain.model().embed()).unwrap())
+            }
+            "fm" => {
+                let m = Fm::new(&cfg, &dev, None).unwrap();
+                let mut r = cfg.to_raw();
+                r.model.head_init = Some(HeadInit::Uniform);
+                let plain = Fm::new(&r.validate().unwrap(), &dev, None).unwrap();
+                (m.model().classify(m.model().embed()).unwrap(), plain.model().classify(plain.model().embed()).unwrap())
+            }
+            _ => {
+                let m = Dt::new(&cfg, &dev, None).unwrap();
+                let mut r = cfg.to_raw();
+                r.model.head_init = Some(HeadInit::Uniform);
+                let plain = Dt::new(&r.validate().unwrap(), &dev, None).unwrap();
+                (m.model().classify(m.model().embed()).unwrap(), plain.model().classify(plain.model().embed()).unwrap())
+            }
+        };
+        assert!(ranks_first(aligned.clone()), "{}: {aligned}", cfg.method().method().name());
+        // softmax(f_out(u_y)) gives y probability ~0.9 (the gain ln(9 (m - 1))).
+        let p: Vec<Vec<f32>> = candle_nn::ops::softmax(&aligned, D::Minus1).unwrap().to_vec2().unwrap();
+        assert!(p.iter().enumerate().all(|(y, row)| (row[y] - 0.9).abs() < 0.05), "{p:?}");
+        assert!(!ranks_first(default_head), "{}: a uniform head ranks every class first by chance", cfg.method().method().name());
+    }
+}
+
+#[test]
+fn stratified_training_times_are_a_shifted_grid() {
+    let dev = Device::Cpu;
+    let mut t: Vec<f32> = draw_times(TimeSampling::Stratified, B, &dev, &mut NoiseRng::new(1)).unwrap().to_vec1().unwrap();
+    t.sort_by(|a, b| a.total_cmp(b));
+    for (k, v) in t.iter().enumerate() {
+        assert_eq!((v * B as f32).floor() as usize, k, "{t:?}");
+        if k > 0 {
+            assert!((v - t[k - 1] - 1.0 / B as f32).abs() < 1e-5, "{t:?}");
+        }
+    }
+    // The uniform sampler is today's sample_t, draw for draw.
+    let a: Vec<f32> = draw_times(TimeSampling::Uniform, B, &dev, &mut NoiseRng::new(1)).unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = noprop_core::sample_t(B, DType::F32, &dev, &mut NoiseRng::new(1)).unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+}
+
+/// With the same draws, a stratified CT step sees other times than a
+/// uniform one, so its loss differs.
+#[test]
+fn stratified_sampling_changes_the_ct_and_fm_steps() {
+    let dev = Device::Cpu;
+    for raw in [RawConfig::paper_ct(DatasetKind::Mnist), RawConfig::paper_fm(DatasetKind::Mnist)] {
+        let raw = small(raw);
+        let mut strat = raw.clone();
+        match &mut strat.method {
+            RawMethod::Ct { t_sampling, .. } | RawMethod::Fm { t_sampling, .. } => *t_sampling = TimeSampling::Stratified,
+            _ => unreachable!(),
+        }
+        let loss = |raw: RawConfig| -> f64 {
+            let cfg = raw.validate().unwrap();
+            let m: Box<dyn Method> = if cfg.method().method().name() == "ct" { Box::new(Ct::new(&cfg, &dev, None).unwrap()) } else { Box::new(Fm::new(&cfg, &dev, None).unwrap()) };
+            let (x, y) = minibatch(&dev);
+            m.gradients(&cfg, 0, &x, &y, &mut NoiseRng::new(5), &mut NoiseRng::new(6)).unwrap().losses[3]
+        };
+        assert_ne!(loss(raw.clone()), loss(strat));
+        assert_eq!(loss(raw.clone()), loss(raw));
+    }
+}
+
+/// `target_grad = false` changes only `W_embed`'s gradient, and by exactly
+/// the path through the denoising target: for NoProp-DT block `t`,
+/// `d/dW [w (1/B) sum_i ||stop(uhat_i) - u_i||^2]`, computed here by hand
+/// from the same forward pass.
+#[test]
+fn target_grad_false_removes_exactly_the_target_path_dt() {
+    let dev = Device::Cpu;
+    let raw = small(RawConfig::paper_dt(DatasetKind::Mnist));
+    let mut off = raw.clone();
+    set_target_grad(&mut off, false);
+    let (cfg_on, cfg_off) = (raw.validate().unwrap(), off.validate().unwrap());
+    let t = 2;
+    let m = Dt::new(&cfg_on, &dev, None).unwrap();
+    let (g_on, g_off) = (grads(&m, &cfg_on, t), grads(&m, &cfg_off, t));
+    let vars = named_vars(&m);
+    let embed = &vars.iter().find(|(n, _)| n == "embed").unwrap().1;
+    for (name, var) in &vars {
+        if name != "embed" {
+            assert_eq!(grad_of(&g_on, var), grad_of(&g_off, var), "{name}");
+        }
+    }
+    // The same forward pass as Dt::gradients, from the same streams.
+    let (x, y) = minibatch(&dev);
+    let (mut noise, mut dropout) = (NoiseRng::new(5), NoiseRng::new(6));
+    let sched = match cfg_on.method() {
+        noprop_train::config::MethodSettings::Dt(s) => s.schedule.clone(),
+        _ => unreachable!(),
+    };
+    let u = m.model().embed().index_select(&y, 0).unwrap();
+    let z_prev = q_sample(&u, sched.alpha_bar(t - 1).unwrap(), &mut noise).unwrap();
+    let _z_last = q_sample(&u, sched.alpha_bar(2).unwrap(), &mut noise).unwrap();
+    let uhat = m.model().denoise_mode(t, &z_prev, &x, &mut Mode::Train(&mut dropout)).unwrap();
+    let eta = 0.1;
+    let target_path = denoise_loss(&uhat.detach(), &u, sched.dt_weight(t, eta).unwrap()).unwrap().backward().unwrap();
+    let expected = grad_of(&target_path, embed).unwrap();
+    let (on, off) = (grad_of(&g_on, embed).unwrap(), grad_of(&g_off, embed).unwrap());
+    let diff: Vec<f32> = on.iter().zip(&off).map(|(a, b)| a - b).collect();
+    let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
+    assert!(scale > 1e-6, "the target path must carry a gradient");
+    assert!(max_abs_diff(&diff, &expected) < 1e-4 * scale.max(1.0), "{diff:?} vs {expected:?}");
+    // By hand: -2 w / B (uhat_i - u_i), summed into row y_i.
+    let w = sched.dt_weight(t, eta).unwrap() as f32;
+    let (uh, uu): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (uhat.to_vec2().unwrap(), u.to_vec2().unwrap());
+    let labels: Vec<u32> = y.to_vec1().unwrap();
+    let d = uu[0].len();
+    let mut hand = vec![0f32; 10 * d];
+    for i in 0..B {
+        for k in 0..d {
+            hand[labels[i] as usize * d + k] += -2.0 * w / B as f32 * (uh[i][k] - uu[i][k]);
+        }
+    }
+    assert!(max_abs_diff(&hand, &expected) < 1e-5 * scale.max(1.0));
+}
+
+/// For CT and FM: `target_grad = false` leaves every gradient but
+/// `W_embed`'s unchanged and changes `W_embed`'s.
+#[test]
+fn target_grad_false_changes_only_the_embedding_gradient_ct_fm() {
+    let dev = Device::Cpu;
+    for raw in [RawConfig::paper_ct(DatasetKind::Mnist), RawConfig::paper_fm(DatasetKind::Mnist)] {
+        let raw = small(raw);
+        let mut off = raw.clone();
+        set_target_grad(&mut off, false);
+        let (cfg_on, cfg_off) = (raw.validate().unwrap(), off.validate().unwrap());
+        let m: Box<dyn Method> = if cfg_on.method().method().name() == "ct" { Box::new(Ct::new(&cfg_on, &dev, None).unwrap()) } else { Box::new(Fm::new(&cfg_on, &dev, None).unwrap()) };
+        let (g_on, g_off) = (grads(&*m, &cfg_on, 0), grads(&*m, &cfg_off, 0));
+        for (name, var) in named_vars(&*m) {
+            let (a, b) = (grad_of(&g_on, &var).unwrap(), grad_of(&g_off, &var).unwrap());
+            if name == "embed" {
+                assert!(max_abs_diff(&a, &b) > 1e-6, "{}: embed", cfg_on.method().method().name());
+            } else {
+                assert!(max_abs_diff(&a, &b) <= 1e-6 * a.iter().fold(1f32, |m, v| m.max(v.abs())), "{}: {name}", cfg_on.method().method().name());
+            }
+        }
+    }
+}
+
+/// `schedule_training = "variance"` replaces only the gradient of the
+/// schedule's interior (`b1`, `w1`, `w2`) with that of `mean_i L_i^2`; the
+/// network, head, embedding and the endpoints keep the loss's gradient. A
+/// few steps then leave the interior elsewhere than plain training does.
+#[test]
+fn variance_training_changes_only_the_schedule_interior() {
+    let dev = Device::Cpu;
+    let raw = small(RawConfig::paper_ct(DatasetKind::Mnist));
+    let mut var_raw = raw.clone();
+    if let RawMethod::Ct { schedule_training, .. } = &mut var_raw.method {
+        *schedule_training = ScheduleTraining::Variance;
+    }
+    let (cfg_plain, cfg_var) = (raw.validate().unwrap(), var_raw.validate().unwrap());
+    let m = Ct::new(&cfg_plain, &dev, None).unwrap();
+    let (g_plain, g_var) = (grads(&m, &cfg_plain, 0), grads(&m, &cfg_var, 0));
+    for (name, var) in named_vars(&m) {
+        let (a, b) = (grad_of(&g_plain, &var).unwrap(), grad_of(&g_var, &var).unwrap());
+        if LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&name.as_str()) {
+            assert!(max_abs_diff(&a, &b) > 1e-6 * a.iter().fold(1e-12f32, |m, v| m.max(v.abs())), "{name} unchanged");
+        } else {
+            assert_eq!(a, b, "{name}");
+        }
+    }
+
+    // A few steps with each: the interior parameters move in both, to
+    // different places; the endpoints' first update is the same.
+    let interior = |m: &Ct| -> Vec<Vec<f32>> {
+        m.schedule()
+            .vars()
+            .into_iter()
+            .filter(|(n, _)| LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&n.as_str()))
+            .map(|(_, v)| v.as_tensor().to_vec1().unwrap())
+            .collect()
+    };
+    let run = |cfg: &Config| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let ct = Ct::new(cfg, &dev, None).unwrap();
+        let before = interior(&ct);
+        let mut trainer = noprop_train::Trainer::new(cfg.clone(), dev.clone(), ct).unwrap();
+        let (x, y) = minibatch(&dev);
+        let (mut noise, mut dropout) = (NoiseRng::new(5), NoiseRng::new(6));
+        for _ in 0..3 {
+            let l = trainer.train_step(0, &x, &y, &mut noise, &mut dropout).unwrap();
+            assert!(l[0].is_finite());
+        }
+        (before, interior(trainer.method()))
+    };
+    let (start, plain) = run(&cfg_plain);
+    let (start_v, variance) = run(&cfg_var);
+    assert_eq!(start, start_v);
+    let moved = |a: &[Vec<f32>], b: &[Vec<f32>]| a.iter().zip(b).map(|(x, y)| max_abs_diff(x, y)).fold(0f32, f32::max);
+    assert!(moved(&start, &variance) > 1e-4, "variance training moves the interior");
+    assert!(moved(&plain, &variance) > 1e-4, "and elsewhere than plain training");
+}
