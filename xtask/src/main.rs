@@ -18,7 +18,10 @@ use serde_json::{json, Value};
 mod reproduce;
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,7 +32,11 @@ fn main() -> std::process::ExitCode {
         Some("ci") => ci(),
         Some("reproduce") => reproduce::run(&args[1..], &root()),
         _ => {
-            eprintln!("usage: cargo xtask <bench|data|ci|reproduce> [options]\n\n{}\n{}", HELP, reproduce::HELP);
+            eprintln!(
+                "usage: cargo xtask <bench|data|ci|reproduce> [options]\n\n{}\n{}",
+                HELP,
+                reproduce::HELP
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -55,16 +62,28 @@ data    download a data set with checksums (noprop data download)
 ci      run the test suite as CI does";
 
 fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn run_json(cmd: &mut Command) -> Result<Value> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line in output")?;
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON line in output")?;
     Ok(serde_json::from_str(last)?)
 }
 
@@ -100,7 +119,9 @@ fn med_of(vals: &[Value], key: &str) -> f64 {
 /// Per-op medians over rounds: each op's forward and backward milliseconds,
 /// and the throughput they imply.
 fn op_medians(rounds: &[Value]) -> Vec<Value> {
-    let Some(first) = rounds.first().and_then(|r| r["ops"].as_array()) else { return vec![] };
+    let Some(first) = rounds.first().and_then(|r| r["ops"].as_array()) else {
+        return vec![];
+    };
     first
         .iter()
         .enumerate()
@@ -121,9 +142,13 @@ fn op_medians(rounds: &[Value]) -> Vec<Value> {
 
 fn bench(args: &[String]) -> Result<()> {
     let threads = flag(args, "--threads").unwrap_or_else(|| "2".into());
-    let rounds: usize = flag(args, "--rounds").map(|r| r.parse()).transpose()?.unwrap_or(3);
+    let rounds: usize = flag(args, "--rounds")
+        .map(|r| r.parse())
+        .transpose()?
+        .unwrap_or(3);
     let as_json = args.iter().any(|a| a == "--json");
-    let torch_python = flag(args, "--torch-python").or_else(|| std::env::var("NOPROP_TORCH_PYTHON").ok());
+    let torch_python =
+        flag(args, "--torch-python").or_else(|| std::env::var("NOPROP_TORCH_PYTHON").ok());
     let torch_script = flag(args, "--torch-script")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("../shared/bench/torch_reference.py"));
@@ -132,21 +157,73 @@ fn bench(args: &[String]) -> Result<()> {
     // Interleave the implementations so that machine noise hits them alike.
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
-        let common = ["bench", "--json", "--threads", &threads, "--infer-batch", "1000"];
-        fast.push(run_json(Command::new(&noprop).args(common).args(["--kernels", "fast", "--steps", "30", "--fused-steps", "5", "--op-reps", "10"]))?);
-        stock.push(run_json(Command::new(&noprop).args(common).args(["--kernels", "stock", "--steps", "10", "--fused-steps", "0", "--op-reps", "2"]))?);
+        let common = [
+            "bench",
+            "--json",
+            "--threads",
+            &threads,
+            "--infer-batch",
+            "1000",
+        ];
+        fast.push(run_json(Command::new(&noprop).args(common).args([
+            "--kernels",
+            "fast",
+            "--steps",
+            "30",
+            "--fused-steps",
+            "5",
+            "--op-reps",
+            "10",
+        ]))?);
+        stock.push(run_json(Command::new(&noprop).args(common).args([
+            "--kernels",
+            "stock",
+            "--steps",
+            "10",
+            "--fused-steps",
+            "0",
+            "--op-reps",
+            "2",
+        ]))?);
         if let Some(py) = &torch_python {
-            torch.push(run_json(Command::new(py).arg(&torch_script).args(["step", "--threads", &threads]))?);
+            torch.push(run_json(Command::new(py).arg(&torch_script).args([
+                "step",
+                "--threads",
+                &threads,
+            ]))?);
         }
     }
-    let peak = fast.first().and_then(|v| v["peak_gflops"].as_f64()).unwrap_or(f64::NAN);
+    let peak = fast
+        .first()
+        .and_then(|v| v["peak_gflops"].as_f64())
+        .unwrap_or(f64::NAN);
     let fast_ops = op_medians(&fast);
     let stock_ops = op_medians(&stock);
-    println!("{:<26} {:<24} {:>9} {:>9} {:>9} {:>13} {:>11} {:>9} {:>9}", "op (median ms)", "shape", "algo", "fwd", "bwd", "GFLOP/s f/b", "% peak f/b", "stock fwd", "stock bwd");
-    for (f, s) in fast_ops.iter().zip(stock_ops.iter().map(Some).chain(std::iter::repeat(None))) {
+    println!(
+        "{:<26} {:<24} {:>9} {:>9} {:>9} {:>13} {:>11} {:>9} {:>9}",
+        "op (median ms)",
+        "shape",
+        "algo",
+        "fwd",
+        "bwd",
+        "GFLOP/s f/b",
+        "% peak f/b",
+        "stock fwd",
+        "stock bwd"
+    );
+    for (f, s) in fast_ops
+        .iter()
+        .zip(stock_ops.iter().map(Some).chain(std::iter::repeat(None)))
+    {
         let rate = |k: &str| f[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
-        let pct = |k: &str| f[k].as_f64().map_or("-".into(), |v| format!("{:.0}", 100.0 * v / peak));
-        let st = |k: &str| s.and_then(|s| s[k].as_f64()).map_or("-".into(), |v| format!("{v:.2}"));
+        let pct = |k: &str| {
+            f[k].as_f64()
+                .map_or("-".into(), |v| format!("{:.0}", 100.0 * v / peak))
+        };
+        let st = |k: &str| {
+            s.and_then(|s| s[k].as_f64())
+                .map_or("-".into(), |v| format!("{v:.2}"))
+        };
         println!(
             "{:<26} {:<24} {:>9} {:>9.2} {:>9.2} {:>13} {:>11} {:>9} {:>9}",
             f["op"].as_str().unwrap_or(""),
@@ -163,11 +240,26 @@ fn bench(args: &[String]) -> Result<()> {
     let fast_step = med_of(&fast, "block_step_ms");
     let fused = med_of(&fast, "fused_step_ms_per_block");
     let fast_inf = med_of(&fast, "infer_images_per_s");
-    let step_gflop = fast.first().and_then(|v| v["block_step_gflop"].as_f64()).unwrap_or(f64::NAN);
+    let step_gflop = fast
+        .first()
+        .and_then(|v| v["block_step_gflop"].as_f64())
+        .unwrap_or(f64::NAN);
     println!();
-    println!("{:<14} {:>14} {:>22} {:>18}", "impl", "step ms (med)", "fused ms/block (med)", "infer img/s (med)");
-    println!("{:<14} {:>14.1} {:>22.1} {:>18.1}", "noprop fast", fast_step, fused, fast_inf);
-    println!("{:<14} {:>14.1} {:>22} {:>18.1}", "noprop stock", med_of(&stock, "block_step_ms"), "-", med_of(&stock, "infer_images_per_s"));
+    println!(
+        "{:<14} {:>14} {:>22} {:>18}",
+        "impl", "step ms (med)", "fused ms/block (med)", "infer img/s (med)"
+    );
+    println!(
+        "{:<14} {:>14.1} {:>22.1} {:>18.1}",
+        "noprop fast", fast_step, fused, fast_inf
+    );
+    println!(
+        "{:<14} {:>14.1} {:>22} {:>18.1}",
+        "noprop stock",
+        med_of(&stock, "block_step_ms"),
+        "-",
+        med_of(&stock, "infer_images_per_s")
+    );
     println!(
         "block step: {:.2} GFLOP (direct-method count), {:.1} GFLOP/s, {:.0}% of the {:.0} GFLOP/s peak ({})",
         step_gflop,
@@ -195,7 +287,10 @@ fn bench(args: &[String]) -> Result<()> {
     if !torch.is_empty() {
         let t_step = med_of(&torch, "train_step_ms_median");
         let t_inf = med_of(&torch, "infer_T10_images_per_s");
-        println!("{:<14} {:>14.1} {:>22} {:>18.1}", "pytorch", t_step, "-", t_inf);
+        println!(
+            "{:<14} {:>14.1} {:>22} {:>18.1}",
+            "pytorch", t_step, "-", t_inf
+        );
         println!(
             "vs PyTorch: block step {:.2}x the time, fused step per block {:.2}x, inference {:.2}x the throughput",
             fast_step / t_step,
@@ -232,7 +327,10 @@ fn data(args: &[String]) -> Result<()> {
 }
 
 fn ci() -> Result<()> {
-    let status = Command::new(env!("CARGO")).current_dir(root()).args(["test", "--workspace"]).status()?;
+    let status = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args(["test", "--workspace"])
+        .status()?;
     if !status.success() {
         bail!("tests failed");
     }

@@ -94,7 +94,11 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| it.next().cloned().with_context(|| format!("{name} needs a value"));
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{name} needs a value"))
+        };
         match a.as_str() {
             "--quick" => o.quick = true,
             "--only" => o.only.push(value("--only")?),
@@ -103,11 +107,21 @@ fn parse(args: &[String]) -> Result<Options> {
             "--data" => o.data = Some(value("--data")?.into()),
             "--seeds" => {
                 let v = value("--seeds")?;
-                o.seeds = Some(v.parse().ok().filter(|n| *n >= 1).with_context(|| format!("--seeds {v:?}: expected a number >= 1"))?);
+                o.seeds = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .with_context(|| format!("--seeds {v:?}: expected a number >= 1"))?,
+                );
             }
             "--threads" => {
                 let v = value("--threads")?;
-                o.threads = Some(v.parse().ok().filter(|n| *n >= 1).with_context(|| format!("--threads {v:?}: expected a number >= 1"))?);
+                o.threads = Some(
+                    v.parse()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .with_context(|| format!("--threads {v:?}: expected a number >= 1"))?,
+                );
             }
             "--plan" => o.plan = true,
             "--report" => o.report_only = true,
@@ -126,7 +140,11 @@ fn parse(args: &[String]) -> Result<Options> {
 /// `$NOPROP_DATA/<dataset>`, else `./data/<dataset>`.
 fn data_dir(ds: Dataset, flag: Option<&Path>) -> PathBuf {
     if let Some(d) = flag {
-        return if data_present(ds, d) { d.to_path_buf() } else { d.join(ds.name()) };
+        return if data_present(ds, d) {
+            d.to_path_buf()
+        } else {
+            d.join(ds.name())
+        };
     }
     match std::env::var_os("NOPROP_DATA") {
         Some(root) if !root.is_empty() => PathBuf::from(root).join(ds.name()),
@@ -139,11 +157,23 @@ fn data_dir(ds: Dataset, flag: Option<&Path>) -> PathBuf {
 fn data_present(ds: Dataset, dir: &Path) -> bool {
     let all = |dir: &Path, names: &[&str]| names.iter().all(|n| dir.join(n).is_file());
     match ds {
-        Dataset::Mnist => ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-            .iter()
-            .all(|n| dir.join(n).is_file() || dir.join(format!("{n}.gz")).is_file()),
+        Dataset::Mnist => [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
+        .iter()
+        .all(|n| dir.join(n).is_file() || dir.join(format!("{n}.gz")).is_file()),
         Dataset::Cifar10 => {
-            let files = ["data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin", "test_batch.bin"];
+            let files = [
+                "data_batch_1.bin",
+                "data_batch_2.bin",
+                "data_batch_3.bin",
+                "data_batch_4.bin",
+                "data_batch_5.bin",
+                "test_batch.bin",
+            ];
             dir.is_file()
                 || dir.join("cifar-10-binary.tar.gz").is_file()
                 || all(&dir.join("cifar-10-batches-bin"), &files)
@@ -151,7 +181,10 @@ fn data_present(ds: Dataset, dir: &Path) -> bool {
         }
         Dataset::Cifar100 => {
             let files = ["train.bin", "test.bin"];
-            dir.is_file() || dir.join("cifar-100-binary.tar.gz").is_file() || all(&dir.join("cifar-100-binary"), &files) || all(dir, &files)
+            dir.is_file()
+                || dir.join("cifar-100-binary.tar.gz").is_file()
+                || all(&dir.join("cifar-100-binary"), &files)
+                || all(dir, &files)
         }
     }
 }
@@ -183,14 +216,19 @@ fn job_state(job: &Job) -> Result<JobState> {
     if !cfg.is_file() {
         return Ok(JobState::Ready(State::New));
     }
-    let run_cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&cfg).with_context(|| format!("cannot read {}", cfg.display()))?)
-        .with_context(|| format!("{} is not JSON", cfg.display()))?;
+    let run_cfg: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(&cfg).with_context(|| format!("cannot read {}", cfg.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", cfg.display()))?;
     let diff = runs::config_differences(&job.config, &run_cfg);
     if !diff.is_empty() {
         return Ok(JobState::Stale(diff));
     }
     let metrics = fs::read_to_string(job.run_dir.join("metrics.jsonl")).unwrap_or_default();
-    Ok(JobState::Ready(runs::state(&metrics, rows::config_epochs(&job.config)?)))
+    Ok(JobState::Ready(runs::state(
+        &metrics,
+        rows::config_epochs(&job.config)?,
+    )))
 }
 
 fn read_summary(run_dir: &Path) -> runs::Summary {
@@ -213,7 +251,8 @@ fn target_dir(root: &Path) -> PathBuf {
 
 fn build(root: &Path, device: &str) -> Result<()> {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(root).args(["build", "--release", "-p", "noprop-cli"]);
+    cmd.current_dir(root)
+        .args(["build", "--release", "-p", "noprop-cli"]);
     if device != "cpu" {
         cmd.args(["--features", device]);
     }
@@ -235,11 +274,20 @@ fn config_text(job: &Job, base: &Path, quick: bool) -> Result<String> {
     );
     match job.row.variant {
         Variant::Table1 => {}
-        Variant::Radial => s.push_str(&format!("# Figure 4 ablation: radial class probabilities, sigma = {}.\n", rows::RADIAL_SIGMA)),
-        Variant::Init(i) => s.push_str(&format!("# Figure 5 ablation: learned embedding, d = C*H*W, {} initialisation.\n", i.name())),
+        Variant::Radial => s.push_str(&format!(
+            "# Figure 4 ablation: radial class probabilities, sigma = {}.\n",
+            rows::RADIAL_SIGMA
+        )),
+        Variant::Init(i) => s.push_str(&format!(
+            "# Figure 5 ablation: learned embedding, d = C*H*W, {} initialisation.\n",
+            i.name()
+        )),
     }
     if quick {
-        s.push_str(&format!("# Quick settings: {}.\n", Quick::for_row(&job.row).describe()));
+        s.push_str(&format!(
+            "# Quick settings: {}.\n",
+            Quick::for_row(&job.row).describe()
+        ));
     }
     s.push('\n');
     s.push_str(&toml::to_string(&job.config).context("cannot write TOML")?);
@@ -249,7 +297,11 @@ fn config_text(job: &Job, base: &Path, quick: bool) -> Result<String> {
 /// Appends one line to `log.jsonl`.
 fn log(out: &Path, v: serde_json::Value) {
     let line = format!("{v}\n");
-    let _ = fs::OpenOptions::new().create(true).append(true).open(out.join("log.jsonl")).and_then(|mut f| f.write_all(line.as_bytes()));
+    let _ = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("log.jsonl"))
+        .and_then(|mut f| f.write_all(line.as_bytes()));
 }
 
 pub fn run(args: &[String], root: &Path) -> Result<()> {
@@ -263,19 +315,31 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
     let selected = rows::select(&all, &opts.only)?;
     let seeds = opts.seeds.unwrap_or(if opts.quick { 1 } else { 3 });
     let out = opts.out.clone().unwrap_or_else(|| root.join("results"));
-    fs::create_dir_all(out.join("configs")).with_context(|| format!("cannot create {}", out.display()))?;
+    fs::create_dir_all(out.join("configs"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
 
     // A quick and a full reproduction never share a folder.
     let manifest = out.join("reproduce.json");
     let mode = if opts.quick { "quick" } else { "full" };
     if let Ok(text) = fs::read_to_string(&manifest) {
-        let old: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", manifest.display()))?;
+        let old: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON", manifest.display()))?;
         if old["mode"].as_str().is_some_and(|m| m != mode) {
-            bail!("{} holds a {} reproduction; pass --out DIR for a {mode} one", out.display(), old["mode"].as_str().unwrap_or("?"));
+            bail!(
+                "{} holds a {} reproduction; pass --out DIR for a {mode} one",
+                out.display(),
+                old["mode"].as_str().unwrap_or("?")
+            );
         }
     }
-    fs::write(&manifest, format!("{}\n", json!({"mode": mode, "seeds": seeds, "device": opts.device})))
-        .with_context(|| format!("cannot write {}", manifest.display()))?;
+    fs::write(
+        &manifest,
+        format!(
+            "{}\n",
+            json!({"mode": mode, "seeds": seeds, "device": opts.device})
+        ),
+    )
+    .with_context(|| format!("cannot write {}", manifest.display()))?;
 
     // Each row's config, edited per seed; rows without a config file are skipped.
     let mut notes: Vec<(Row, String)> = vec![];
@@ -283,25 +347,46 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
     // Runs of rows not selected now: read for the report only.
     let mut other_jobs: Vec<Job> = vec![];
     for row in &all {
-        let base = root.join("configs").join(format!("{}.toml", row.base_config()));
+        let base = root
+            .join("configs")
+            .join(format!("{}.toml", row.base_config()));
         let text = match fs::read_to_string(&base) {
             Ok(t) => t,
             Err(_) => {
-                notes.push((*row, format!("configs/{}.toml does not exist yet; skipped", row.base_config())));
+                notes.push((
+                    *row,
+                    format!(
+                        "configs/{}.toml does not exist yet; skipped",
+                        row.base_config()
+                    ),
+                ));
                 continue;
             }
         };
         let table: toml::Table = match toml::from_str(&text) {
             Ok(t) => t,
             Err(e) => {
-                notes.push((*row, format!("configs/{}.toml is not valid TOML ({}); skipped", row.base_config(), e.message())));
+                notes.push((
+                    *row,
+                    format!(
+                        "configs/{}.toml is not valid TOML ({}); skipped",
+                        row.base_config(),
+                        e.message()
+                    ),
+                ));
                 continue;
             }
         };
         for seed in 0..seeds as u64 {
             let config = rows::effective_config(&table, row, seed, opts.quick, &opts.device)?;
             let name = format!("{}-seed{seed}", row.name());
-            let job = Job { row: *row, seed, config, config_path: out.join("configs").join(format!("{name}.toml")), run_dir: out.join("runs").join(&name) };
+            let job = Job {
+                row: *row,
+                seed,
+                config,
+                config_path: out.join("configs").join(format!("{name}.toml")),
+                run_dir: out.join("runs").join(&name),
+            };
             if selected.contains(row) {
                 let shown = base.strip_prefix(root).unwrap_or(&base);
                 fs::write(&job.config_path, config_text(&job, shown, opts.quick)?)
@@ -348,7 +433,10 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
             build(root, &opts.device)?;
         }
         if !jobs.is_empty() && !noprop.is_file() {
-            bail!("{} does not exist; build it (drop --no-build)", noprop.display());
+            bail!(
+                "{} does not exist; build it (drop --no-build)",
+                noprop.display()
+            );
         }
         let n = jobs.len();
         for (i, job) in jobs.iter().enumerate() {
@@ -377,7 +465,9 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
                 }
                 State::Partial { epochs_done } => {
                     eprintln!("{tag}: resuming after epoch {epochs_done} of {epochs}");
-                    cmd.arg("--resume").arg(&job.run_dir).args(["--epochs", &epochs.to_string()]);
+                    cmd.arg("--resume")
+                        .arg(&job.run_dir)
+                        .args(["--epochs", &epochs.to_string()]);
                 }
                 State::New => {
                     eprintln!("{tag}: {epochs} epochs");
@@ -387,26 +477,45 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
                         let _ = fs::remove_dir(job.run_dir.join("checkpoints"));
                         let _ = fs::remove_dir(&job.run_dir);
                     }
-                    cmd.arg("--config").arg(&job.config_path).arg("--out").arg(&job.run_dir);
+                    cmd.arg("--config")
+                        .arg(&job.config_path)
+                        .arg("--out")
+                        .arg(&job.run_dir);
                 }
             }
-            cmd.args(["--device", &opts.device]).arg("--data").arg(data_dir(job.row.dataset, opts.data.as_deref()));
+            cmd.args(["--device", &opts.device])
+                .arg("--data")
+                .arg(data_dir(job.row.dataset, opts.data.as_deref()));
             if let Some(t) = opts.threads {
                 cmd.args(["--threads", &t.to_string()]);
             }
             let t0 = Instant::now();
             // The child draws its own progress on the inherited stderr.
-            let status = cmd.status().with_context(|| format!("cannot run {}", noprop.display()))?;
+            let status = cmd
+                .status()
+                .with_context(|| format!("cannot run {}", noprop.display()))?;
             let wall = t0.elapsed().as_secs_f64();
-            log(&out, json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
-                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick}));
+            log(
+                &out,
+                json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
+                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick}),
+            );
             if status.success() {
                 trained += 1;
                 let s = read_summary(&job.run_dir);
-                let acc = s.final_eval().map_or("no final evaluation".into(), |e| format!("test {:.2}%", e.test_acc));
-                eprintln!("{tag}: done, {} epochs, {acc}, {} wall", s.epochs_done, fmt_duration(wall));
+                let acc = s.final_eval().map_or("no final evaluation".into(), |e| {
+                    format!("test {:.2}%", e.test_acc)
+                });
+                eprintln!(
+                    "{tag}: done, {} epochs, {acc}, {} wall",
+                    s.epochs_done,
+                    fmt_duration(wall)
+                );
             } else {
-                eprintln!("{tag}: noprop train failed ({status}) after {}", fmt_duration(wall));
+                eprintln!(
+                    "{tag}: noprop train failed ({status}) after {}",
+                    fmt_duration(wall)
+                );
                 failed.push(format!("{}: noprop train failed ({status})", job.label()));
             }
         }
@@ -434,16 +543,32 @@ fn print_plan(jobs: &[Job]) -> Result<()> {
         let state = match job_state(job)? {
             JobState::Stale(d) => format!("made with another config: {}", d.join("; ")),
             JobState::Ready(State::New) => "new".into(),
-            JobState::Ready(State::Partial { epochs_done }) => format!("resume after epoch {epochs_done}"),
+            JobState::Ready(State::Partial { epochs_done }) => {
+                format!("resume after epoch {epochs_done}")
+            }
             JobState::Ready(State::Finished { .. }) => "finished".into(),
         };
-        println!("[{}/{n}] {} ({epochs} epochs, {}): {state}", i + 1, job.label(), job.config_path.display());
+        println!(
+            "[{}/{n}] {} ({epochs} epochs, {}): {state}",
+            i + 1,
+            job.label(),
+            job.config_path.display()
+        );
     }
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn report(root: &Path, out: &Path, opts: &Options, seeds: usize, all: &[Row], notes: &[(Row, String)], jobs: &[Job], noprop: &Path) -> Result<()> {
+fn report(
+    root: &Path,
+    out: &Path,
+    opts: &Options,
+    seeds: usize,
+    all: &[Row],
+    notes: &[(Row, String)],
+    jobs: &[Job],
+    noprop: &Path,
+) -> Result<()> {
     let mut results: Vec<RowResult> = vec![];
     for row in all {
         let mut r = RowResult {
@@ -457,45 +582,83 @@ fn report(root: &Path, out: &Path, opts: &Options, seeds: usize, all: &[Row], no
         let mut stale = 0;
         for job in jobs.iter().filter(|j| j.row == *row) {
             match job_state(job)? {
-                JobState::Ready(State::Finished { .. }) => r.finished.push((job.seed, read_summary(&job.run_dir))),
+                JobState::Ready(State::Finished { .. }) => {
+                    r.finished.push((job.seed, read_summary(&job.run_dir)))
+                }
                 JobState::Ready(State::Partial { .. }) => r.unfinished += 1,
                 JobState::Stale(_) => stale += 1,
                 JobState::Ready(State::New) => {}
             }
         }
         if stale > 0 {
-            r.note = Some(format!("{stale} run folder(s) made with another config, left out (see `--plan`)"));
+            r.note = Some(format!(
+                "{stale} run folder(s) made with another config, left out (see `--plan`)"
+            ));
         } else if r.finished.is_empty() && r.note.is_none() {
-            r.note = Some(if r.unfinished > 0 { "not finished yet".into() } else { "not run yet".into() });
+            r.note = Some(if r.unfinished > 0 {
+                "not finished yet".into()
+            } else {
+                "not run yet".into()
+            });
         }
         results.push(r);
     }
-    let ctx = table::Context { quick: opts.quick, device: opts.device.clone(), seeds };
+    let ctx = table::Context {
+        quick: opts.quick,
+        device: opts.device.clone(),
+        seeds,
+    };
     let mut outputs = vec![
-        figures::Output { name: "table1.md".into(), contents: table::table1_markdown(&ctx, &results) },
-        figures::Output { name: "table1.csv".into(), contents: table::table1_csv(&results) },
-        figures::Output { name: "table2.md".into(), contents: table::table2_markdown(&ctx, &results) },
-        figures::Output { name: "table2.csv".into(), contents: table::table2_csv(&results) },
+        figures::Output {
+            name: "table1.md".into(),
+            contents: table::table1_markdown(&ctx, &results),
+        },
+        figures::Output {
+            name: "table1.csv".into(),
+            contents: table::table1_csv(&results),
+        },
+        figures::Output {
+            name: "table2.md".into(),
+            contents: table::table2_markdown(&ctx, &results),
+        },
+        figures::Output {
+            name: "table2.csv".into(),
+            contents: table::table2_csv(&results),
+        },
     ];
     outputs.extend(figures::figure3(&results));
     outputs.extend(figures::figure4(all, &results));
     outputs.extend(figures::figure5(all, &results));
     for o in &outputs {
         let path = out.join(&o.name);
-        fs::write(&path, &o.contents).with_context(|| format!("cannot write {}", path.display()))?;
+        fs::write(&path, &o.contents)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let mut written: Vec<String> = outputs.iter().map(|o| o.name.clone()).collect();
 
     // Figure 2: every prototype row's first finished seed, drawn by noprop.
-    for r in results.iter().filter(|r| r.row.variant == Variant::Table1 && r.row.image_sized()) {
-        let Some((seed, _)) = r.finished.first() else { continue };
-        let run_dir = out.join("runs").join(format!("{}-seed{seed}", r.row.name()));
+    for r in results
+        .iter()
+        .filter(|r| r.row.variant == Variant::Table1 && r.row.image_sized())
+    {
+        let Some((seed, _)) = r.finished.first() else {
+            continue;
+        };
+        let run_dir = out
+            .join("runs")
+            .join(format!("{}-seed{seed}", r.row.name()));
         let name = format!("fig2-{}.png", r.row.name());
         if !noprop.is_file() {
             eprintln!("{name}: no noprop binary at {}", noprop.display());
             continue;
         }
-        let res = Command::new(noprop).current_dir(root).args(["inspect", "embeddings"]).arg(&run_dir).arg("--png").arg(out.join(&name)).output();
+        let res = Command::new(noprop)
+            .current_dir(root)
+            .args(["inspect", "embeddings"])
+            .arg(&run_dir)
+            .arg("--png")
+            .arg(out.join(&name))
+            .output();
         match res {
             Ok(o) if o.status.success() => written.push(name),
             Ok(o) => eprintln!("{name}: {}", String::from_utf8_lossy(&o.stderr).trim()),
@@ -519,7 +682,10 @@ mod tests {
         let o = parse(&args("--quick --only mnist-dt-onehot --only mnist-fm-* --device cuda --out /tmp/r --seeds 2 --threads 2 --no-build")).unwrap();
         assert!(o.quick && !o.build && !o.plan);
         assert_eq!(o.only, ["mnist-dt-onehot", "mnist-fm-*"]);
-        assert_eq!((o.device.as_str(), o.seeds, o.threads), ("cuda", Some(2), Some(2)));
+        assert_eq!(
+            (o.device.as_str(), o.seeds, o.threads),
+            ("cuda", Some(2), Some(2))
+        );
         assert_eq!(o.out, Some(PathBuf::from("/tmp/r")));
         assert!(parse(&args("--device tpu")).is_err());
         assert!(parse(&args("--seeds 0")).is_err());
@@ -533,9 +699,21 @@ mod tests {
         let mnist = dir.join("mnist");
         fs::create_dir_all(&mnist).unwrap();
         assert!(!data_present(Dataset::Mnist, &mnist));
-        for (i, n) in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"].iter().enumerate() {
+        for (i, n) in [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
+        .iter()
+        .enumerate()
+        {
             // Raw or gzipped names both count.
-            let name = if i % 2 == 0 { format!("{n}.gz") } else { n.to_string() };
+            let name = if i % 2 == 0 {
+                format!("{n}.gz")
+            } else {
+                n.to_string()
+            };
             fs::write(mnist.join(name), b"").unwrap();
         }
         assert!(data_present(Dataset::Mnist, &mnist));
@@ -547,7 +725,10 @@ mod tests {
         assert_eq!(data_dir(Dataset::Cifar10, Some(&dir)), dir.join("cifar10"));
         fs::create_dir_all(dir.join("cifar100")).unwrap();
         fs::write(dir.join("cifar100/cifar-100-binary.tar.gz"), b"").unwrap();
-        assert!(data_present(Dataset::Cifar100, &data_dir(Dataset::Cifar100, Some(&dir))));
+        assert!(data_present(
+            Dataset::Cifar100,
+            &data_dir(Dataset::Cifar100, Some(&dir))
+        ));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

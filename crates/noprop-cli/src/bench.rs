@@ -17,7 +17,10 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
-use noprop_models::ops::{batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage, Kernels, WINOGRAD_MIN_CIN};
+use noprop_models::ops::{
+    batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
+    Kernels, WINOGRAD_MIN_CIN,
+};
 use noprop_train::{DeviceData, Dt, Trainer};
 use serde_json::{json, Value};
 
@@ -49,11 +52,25 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * s).round() / s
 }
 
-fn synthetic(n: usize, c: usize, h: usize, w: usize, classes: usize, rng: &mut NoiseRng) -> Dataset {
+fn synthetic(
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    classes: usize,
+    rng: &mut NoiseRng,
+) -> Dataset {
     let mut images = vec![0f32; n * c * h * w];
     rng.fill_normal(&mut images);
     let labels = (0..n as u32).map(|i| i % classes as u32).collect();
-    Dataset { images, labels, channels: c, height: h, width: w, num_classes: classes }
+    Dataset {
+        images,
+        labels,
+        channels: c,
+        height: h,
+        width: w,
+        num_classes: classes,
+    }
 }
 
 fn randn(rng: &mut NoiseRng, dims: &[usize], dev: &Device) -> Result<Tensor> {
@@ -79,7 +96,11 @@ struct OpTimes {
 
 /// Times `f` (the forward pass) and the backward pass of its output, after
 /// two untimed repetitions.
-fn time_op(dev: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Result<(Vec<f64>, Vec<f64>)> {
+fn time_op(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> candle_core::Result<Tensor>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut fwd, mut bwd) = (vec![], vec![]);
     for i in 0..reps + 2 {
         let t0 = Instant::now();
@@ -100,7 +121,13 @@ fn time_op(dev: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result
 }
 
 /// The block's hot ops at the bench's batch size, each with fresh inputs.
-fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, usize, usize), reps: usize) -> Result<Vec<OpTimes>> {
+fn op_timings(
+    kernels: Kernels,
+    dev: &Device,
+    batch: usize,
+    (c, h, w): (usize, usize, usize),
+    reps: usize,
+) -> Result<Vec<OpTimes>> {
     let mut rng = NoiseRng::new(11);
     let mut out = vec![];
     // What `ConvAlgo::Auto` picks for these 3x3, padding-1 stages.
@@ -114,7 +141,14 @@ fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, u
     let stages = [
         ("conv1+relu+pool+dropout", c, 32, (h, w), true, false),
         ("conv2+relu+dropout", 32, 64, (h / 2, w / 2), false, true),
-        ("conv3+relu+pool+dropout", 64, 128, (h / 2, w / 2), true, true),
+        (
+            "conv3+relu+pool+dropout",
+            64,
+            128,
+            (h / 2, w / 2),
+            true,
+            true,
+        ),
     ];
     for (name, cin, cout, (sh, sw), pool, input_grad) in stages {
         let xd = [batch, cin, sh, sw];
@@ -122,8 +156,19 @@ fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, u
         let x = var(&mut rng, &xd, 1.0, dev)?;
         let wv = var(&mut rng, &wd, (1.0 / (cin as f32 * 9.0)).sqrt(), dev)?;
         let b = var(&mut rng, &[cout], 0.1, dev)?;
-        let stage = ConvStage { padding: 1, pool, dropout: 0.2, seed: 1, input_grad, algo: ConvAlgo::Auto };
-        let xt = if input_grad { x.as_tensor().clone() } else { x.as_tensor().detach() };
+        let stage = ConvStage {
+            padding: 1,
+            pool,
+            dropout: 0.2,
+            seed: 1,
+            input_grad,
+            algo: ConvAlgo::Auto,
+        };
+        let xt = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
         let (fwd, bwd) = time_op(dev, reps, || conv_stage_with(kernels, &xt, &wv, &b, &stage))?;
         let f = conv2d_flops(xd, wd, 1);
         out.push(OpTimes {
@@ -141,16 +186,33 @@ fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, u
     let b = var(&mut rng, &[256], 0.1, dev)?;
     let (fwd, bwd) = time_op(dev, reps, || linear_with(kernels, &x, &wv, &b))?;
     let f = 2.0 * (batch * flat * 256) as f64;
-    let gemm = if kernels == Kernels::Fast { "gemm" } else { "stock" };
-    out.push(OpTimes { name: "linear", shape: format!("[{batch}, {flat}] -> 256"), algo: gemm, fwd, bwd, flop: Some((f, 2.0 * f)) });
+    let gemm = if kernels == Kernels::Fast {
+        "gemm"
+    } else {
+        "stock"
+    };
+    out.push(OpTimes {
+        name: "linear",
+        shape: format!("[{batch}, {flat}] -> 256"),
+        algo: gemm,
+        fwd,
+        bwd,
+        flop: Some((f, 2.0 * f)),
+    });
     let x = var(&mut rng, &[batch, 256], 1.0, dev)?;
     let g = var(&mut rng, &[256], 1.0, dev)?;
     let b = var(&mut rng, &[256], 0.1, dev)?;
-    let (fwd, bwd) = time_op(dev, reps, || Ok(batch_norm1d_train_with(kernels, &x, &g, &b, 1e-5)?.y))?;
+    let (fwd, bwd) = time_op(dev, reps, || {
+        Ok(batch_norm1d_train_with(kernels, &x, &g, &b, 1e-5)?.y)
+    })?;
     out.push(OpTimes {
         name: "batch_norm1d (train)",
         shape: format!("[{batch}, 256]"),
-        algo: if kernels == Kernels::Fast { "fused" } else { "stock" },
+        algo: if kernels == Kernels::Fast {
+            "fused"
+        } else {
+            "stock"
+        },
         fwd,
         bwd,
         flop: None,
@@ -164,10 +226,15 @@ fn op_timings(kernels: Kernels, dev: &Device, batch: usize, (c, h, w): (usize, u
 fn block_step_flop(batch: usize, (c, h, w): (usize, usize, usize), d: usize, m: usize) -> f64 {
     let (h2, w2) = (h / 2, w / 2);
     let conv1 = conv2d_flops([batch, c, h, w], [32, c, 3, 3], 1);
-    let convs = conv2d_flops([batch, 32, h2, w2], [64, 32, 3, 3], 1) + conv2d_flops([batch, 64, h2, w2], [128, 64, 3, 3], 1);
+    let convs = conv2d_flops([batch, 32, h2, w2], [64, 32, 3, 3], 1)
+        + conv2d_flops([batch, 64, h2, w2], [128, 64, 3, 3], 1);
     let lin = |i: usize, o: usize| 2.0 * (batch * i * o) as f64;
     let fc = lin(128 * (h / 4) * (w / 4), 256);
-    let label = if d == c * h * w { conv1 + convs + fc } else { lin(d, 256) + 2.0 * lin(256, 256) };
+    let label = if d == c * h * w {
+        conv1 + convs + fc
+    } else {
+        lin(d, 256) + 2.0 * lin(256, 256)
+    };
     let fuse = lin(512, 256) + lin(256, 128) + lin(128, m);
     let fwd = conv1 + convs + fc + label + fuse;
     fwd + conv1 + 2.0 * (convs + fc + label + fuse)
@@ -175,6 +242,29 @@ fn block_step_flop(batch: usize, (c, h, w): (usize, usize, usize), d: usize, m: 
 
 pub fn run(args: BenchArgs) -> Result<()> {
     let threads = set_threads(args.common.threads)?;
+    // Sizes are checked before anything is allocated for them.
+    for (flag, v, min, max) in [
+        (
+            "--batch",
+            args.batch,
+            2,
+            noprop_train::config::limits::BATCH,
+        ),
+        (
+            "--infer-batch",
+            args.infer_batch,
+            1,
+            noprop_train::config::limits::EVAL_BATCH,
+        ),
+        ("--steps", args.steps, 1, 1_000_000),
+        ("--warmup", args.warmup, 0, 1_000_000),
+        ("--op-reps", args.op_reps, 0, 1_000_000),
+        ("--fused-steps", args.fused_steps, 0, 1_000_000),
+    ] {
+        if !(min..=max).contains(&v) {
+            bail!("{flag} must lie in {min}..={max}, got {v}");
+        }
+    }
     let dev = device(args.common.device)?;
     let mut raw = match &args.config {
         Some(p) => parse_config(p)?,
@@ -190,11 +280,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let shape = cfg.dataset().shape();
     let (c, h, w) = shape;
     let m = cfg.dataset().num_classes();
-    let Some(blocks) = cfg.method().blocks().filter(|_| matches!(cfg.method(), noprop_train::config::MethodSettings::Dt(_))) else {
-        bail!("noprop bench times NoProp-DT blocks; the config trains {}", cfg.method().method().name());
+    let Some(blocks) = cfg
+        .method()
+        .blocks()
+        .filter(|_| matches!(cfg.method(), noprop_train::config::MethodSettings::Dt(_)))
+    else {
+        bail!(
+            "noprop bench times NoProp-DT blocks; the config trains {}",
+            cfg.method().method().name()
+        );
     };
 
-    let ops = if args.op_reps > 0 { op_timings(kernels, &dev, args.batch, shape, args.op_reps)? } else { vec![] };
+    let ops = if args.op_reps > 0 {
+        op_timings(kernels, &dev, args.batch, shape, args.op_reps)?
+    } else {
+        vec![]
+    };
 
     // One block's Algorithm 1 step.
     let mut trainer = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
@@ -203,7 +304,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
     let minibatch = |i: usize| -> Result<(Tensor, Tensor)> {
         let start = (i % 8) * args.batch;
-        let x = Tensor::from_slice(&pool.images[start * c * h * w..(start + args.batch) * c * h * w], (args.batch, c, h, w), &dev)?;
+        let x = Tensor::from_slice(
+            &pool.images[start * c * h * w..(start + args.batch) * c * h * w],
+            (args.batch, c, h, w),
+            &dev,
+        )?;
         let y = Tensor::from_slice(&pool.labels[start..start + args.batch], args.batch, &dev)?;
         Ok((x, y))
     };
@@ -225,7 +330,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut fused_ms = None;
     if args.fused_steps > 0 {
         let mut fused = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
-        let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64).map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b))).collect();
+        let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64)
+            .map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b)))
+            .collect();
         let mut ftimes = vec![];
         for i in 0..1 + args.fused_steps {
             let (x, y) = minibatch(i)?;
@@ -301,7 +408,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     });
     if let Some(f) = fused_ms {
         summary["fused_step_ms_per_block"] = json!(round(f, 2));
-        summary["fused_epoch_estimate_s"] = json!(round(f / 1000.0 * blocks as f64 * batches_per_epoch as f64, 1));
+        summary["fused_epoch_estimate_s"] = json!(round(
+            f / 1000.0 * blocks as f64 * batches_per_epoch as f64,
+            1
+        ));
     }
     if args.common.json {
         println!("{summary}");
@@ -313,7 +423,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// The summary for people: one line per op, then the step and inference figures.
 fn print_table(s: &Value) {
-    println!("{:<26} {:<24} {:>9} {:>9} {:>9} {:>9} {:>8}", "op", "shape", "algo", "fwd ms", "bwd ms", "GFLOP/s", "% peak");
+    println!(
+        "{:<26} {:<24} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "op", "shape", "algo", "fwd ms", "bwd ms", "GFLOP/s", "% peak"
+    );
     for o in s["ops"].as_array().into_iter().flatten() {
         let rate = |k: &str| o[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
         println!(

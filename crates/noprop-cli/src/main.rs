@@ -11,7 +11,9 @@ use noprop_core::OdeSolver;
 use noprop_data::DatasetKind;
 use noprop_models::Kernels;
 use noprop_train::config::CtSampler;
-use noprop_train::{build_trainer, fit, load_for_eval, InferenceChange, RawConfig, RunData, RunDir, RunMeta};
+use noprop_train::{
+    build_trainer, fit, load_for_eval, InferenceChange, RawConfig, RunData, RunDir, RunMeta,
+};
 use serde_json::json;
 
 mod bench;
@@ -26,7 +28,11 @@ pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../../configs/mnist-dt-
 const DEFAULT_CONFIG_NAME: &str = "mnist-dt-onehot";
 
 #[derive(Parser)]
-#[command(name = "noprop", version, about = "Train neural networks block by block with NoProp (Li, Teh, Pascanu 2025)")]
+#[command(
+    name = "noprop",
+    version,
+    about = "Train neural networks block by block with NoProp (Li, Teh, Pascanu 2025)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -260,21 +266,29 @@ fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("NOPROP_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NOPROP_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench::run(args),
-        Command::Inspect { command: InspectCommand::Embeddings { run, png, scale } } => inspect::embeddings(&run, &png, scale.max(1)),
+        Command::Inspect {
+            command: InspectCommand::Embeddings { run, png, scale },
+        } => inspect::embeddings(&run, &png, scale),
         Command::Data { command } => data(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, whatever the causes print.
-            let msg = format!("{e:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            let msg = format!("{e:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
@@ -299,8 +313,10 @@ impl<O: noprop_train::Observer> noprop_train::Observer for ReleaseAfterEval<O> {
 pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => Device::new_cuda(0).context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
-        DeviceArg::Metal => Device::new_metal(0).context("cannot open Metal device 0 (was noprop built with --features metal?)"),
+        DeviceArg::Cuda => Device::new_cuda(0)
+            .context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
+        DeviceArg::Metal => Device::new_metal(0)
+            .context("cannot open Metal device 0 (was noprop built with --features metal?)"),
     }
 }
 
@@ -311,14 +327,22 @@ pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
         }
         // candle's CPU matmul reads RAYON_NUM_THREADS; our kernels use rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .ok();
     }
     Ok(rayon::current_num_threads())
 }
 
 pub(crate) fn parse_config(path: &Path) -> Result<RawConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-    parse_config_text(&text, path.extension().and_then(|e| e.to_str()) == Some("json")).with_context(|| format!("invalid config {}", path.display()))
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config {}", path.display()))?;
+    parse_config_text(
+        &text,
+        path.extension().and_then(|e| e.to_str()) == Some("json"),
+    )
+    .with_context(|| format!("invalid config {}", path.display()))
 }
 
 /// A one-line message for a TOML error, with its line and column.
@@ -346,7 +370,10 @@ pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<RawConfig> {
 }
 
 fn utc_stamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -358,7 +385,12 @@ fn utc_stamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 enum Target {
@@ -378,10 +410,21 @@ fn train(args: TrainArgs) -> Result<()> {
         }
         None => {
             let (raw, name) = match &args.config {
-                Some(p) => (parse_config(p)?, p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default()),
-                None => (parse_config_text(DEFAULT_CONFIG, false).context("embedded default config")?, DEFAULT_CONFIG_NAME.to_string()),
+                Some(p) => (
+                    parse_config(p)?,
+                    p.file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_default(),
+                ),
+                None => (
+                    parse_config_text(DEFAULT_CONFIG, false).context("embedded default config")?,
+                    DEFAULT_CONFIG_NAME.to_string(),
+                ),
             };
-            let out = args.out.clone().unwrap_or_else(|| PathBuf::from("runs").join(format!("{name}-{}", utc_stamp())));
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("runs").join(format!("{name}-{}", utc_stamp())));
             (Target::New(out), raw)
         }
     };
@@ -409,7 +452,12 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         }
         Target::Resume(_) => {
-            if args.seed.is_some() || args.train_limit.is_some() || args.test_limit.is_some() || args.kernels.is_some() || args.eval_runs.is_some() {
+            if args.seed.is_some()
+                || args.train_limit.is_some()
+                || args.test_limit.is_some()
+                || args.kernels.is_some()
+                || args.eval_runs.is_some()
+            {
                 bail!("--resume continues a run with its own config; only --epochs may be changed");
             }
         }
@@ -420,7 +468,9 @@ fn train(args: TrainArgs) -> Result<()> {
     let data = loaded.device;
     let run = match target {
         Target::Resume(run) => {
-            let epoch = run.restore_latest(&mut trainer).context("cannot restore the newest checkpoint")?;
+            let epoch = run
+                .restore_latest(&mut trainer)
+                .context("cannot restore the newest checkpoint")?;
             run.reconcile_metrics(epoch)?;
             if trainer.config().train().epochs != epochs_before {
                 run.set_epochs(trainer.config().train().epochs)?;
@@ -429,14 +479,20 @@ fn train(args: TrainArgs) -> Result<()> {
             eprintln!("resuming {} after epoch {epoch}", run.path().display());
             run
         }
-        Target::New(out) => RunDir::create(&out, &trainer, &RunMeta::new(&trainer, threads, command))?,
+        Target::New(out) => {
+            RunDir::create(&out, &trainer, &RunMeta::new(&trainer, threads, command))?
+        }
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));
     let report = fit(&mut trainer, &data, Some(&run), &mut obs)?;
     obs.0.finish();
     if args.common.json {
-        let epochs: Vec<_> = run.metrics()?.into_iter().filter(|v| v["event"] == "epoch").collect();
+        let epochs: Vec<_> = run
+            .metrics()?
+            .into_iter()
+            .filter(|v| v["event"] == "epoch")
+            .collect();
         println!(
             "{}",
             json!({
@@ -456,11 +512,13 @@ fn eval(args: EvalArgs) -> Result<()> {
     let dev = device(args.common.device)?;
     let checkpoint = if args.path.is_dir() {
         let run = RunDir::open(&args.path)?;
-        run.latest_model()?.with_context(|| format!("{} has no checkpoint yet", args.path.display()))?
+        run.latest_model()?
+            .with_context(|| format!("{} has no checkpoint yet", args.path.display()))?
     } else {
         args.path.clone()
     };
-    let mut trainer = load_for_eval(&checkpoint, &dev).with_context(|| format!("cannot load {}", checkpoint.display()))?;
+    let mut trainer = load_for_eval(&checkpoint, &dev)
+        .with_context(|| format!("cannot load {}", checkpoint.display()))?;
     trainer.change_inference(InferenceChange {
         runs: args.runs,
         steps: args.steps,
@@ -469,9 +527,16 @@ fn eval(args: EvalArgs) -> Result<()> {
         test_limit: args.test_limit,
     })?;
     let data = RunData::load(trainer.config(), args.common.data.as_deref(), false, &dev)?.device;
-    let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), trainer.epochs_done())?;
+    let report = trainer.evaluate(
+        &data.test,
+        data.train_subset.as_ref(),
+        trainer.epochs_done(),
+    )?;
     if args.common.json {
-        println!("{}", json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report}));
+        println!(
+            "{}",
+            json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report})
+        );
     } else {
         println!("{}", progress::describe_eval(&report));
     }
@@ -482,7 +547,9 @@ fn data(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Download { dataset, dir } => {
             let dir = noprop_data::resolve_data_dir(dataset, dir.as_deref());
-            dataset.ensure(&dir, true).with_context(|| format!("downloading {dataset} into {}", dir.display()))?;
+            dataset
+                .ensure(&dir, true)
+                .with_context(|| format!("downloading {dataset} into {}", dir.display()))?;
             eprintln!("{dataset} is ready in {}", dir.display());
             Ok(())
         }

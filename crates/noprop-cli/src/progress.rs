@@ -16,7 +16,15 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(terminal: bool) -> Self {
-        Self { bar: None, terminal, epochs: 0, blocks: 0, batches: 0, loss: 0.0, steps: 0 }
+        Self {
+            bar: None,
+            terminal,
+            epochs: 0,
+            blocks: 0,
+            batches: 0,
+            loss: 0.0,
+            steps: 0,
+        }
     }
 
     pub fn finish(&mut self) {
@@ -26,12 +34,18 @@ impl Progress {
     }
 
     fn new_bar(&self, len: u64, msg: String) -> ProgressBar {
-        let target = if self.terminal { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        let target = if self.terminal {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
         let bar = ProgressBar::with_draw_target(Some(len), target);
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(msg);
         bar
@@ -59,14 +73,21 @@ pub fn describe_eval(r: &EvalReport) -> String {
 impl Observer for Progress {
     fn on_event(&mut self, event: &Event<'_>) {
         match event {
-            Event::Start { first_epoch, epochs, blocks, batches } => {
+            Event::Start {
+                first_epoch,
+                epochs,
+                blocks,
+                batches,
+            } => {
                 self.epochs = *epochs;
                 self.blocks = *blocks;
                 self.batches = *batches;
                 if *blocks > 1 {
                     eprintln!("training epochs {first_epoch}..={epochs}, {blocks} blocks x {batches} minibatches per epoch");
                 } else {
-                    eprintln!("training epochs {first_epoch}..={epochs}, {batches} minibatches per epoch");
+                    eprintln!(
+                        "training epochs {first_epoch}..={epochs}, {batches} minibatches per epoch"
+                    );
                 }
             }
             Event::PassStart { epoch, block } => {
@@ -77,7 +98,10 @@ impl Observer for Progress {
                     // NoProp-DT's fused order trains every block in one pass.
                     format!("epoch {epoch}/{} all {} blocks", self.epochs, self.blocks)
                 } else if self.blocks > 1 {
-                    format!("epoch {epoch}/{} block {block:>2}/{}", self.epochs, self.blocks)
+                    format!(
+                        "epoch {epoch}/{} block {block:>2}/{}",
+                        self.epochs, self.blocks
+                    )
                 } else {
                     format!("epoch {epoch}/{}", self.epochs)
                 };

@@ -29,7 +29,9 @@ fn write_mnist(dir: &Path, train: usize, test: usize) {
             }
             pixels[i * 784 + (i * 31) % 784] = 255;
         }
-        DatasetKind::Mnist.write(dir, split, &pixels, &labels).unwrap();
+        DatasetKind::Mnist
+            .write(dir, split, &pixels, &labels)
+            .unwrap();
     }
 }
 
@@ -95,7 +97,11 @@ fn metrics_so_far(run: &Path) -> Vec<serde_json::Value> {
 fn checkpoint_tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.data().to_vec()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -116,27 +122,53 @@ fn train_writes_a_complete_run_folder_and_eval_reads_it() {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["epochs"], 2);
     assert!(summary["eval"]["test_acc"].as_f64().unwrap() >= 0.0);
-    for file in ["config.json", "meta.json", "metrics.jsonl", "checkpoints/epoch-0002/model.safetensors", "checkpoints/epoch-0002/optimizer.safetensors"] {
+    for file in [
+        "config.json",
+        "meta.json",
+        "metrics.jsonl",
+        "checkpoints/epoch-0002/model.safetensors",
+        "checkpoints/epoch-0002/optimizer.safetensors",
+    ] {
         assert!(run.join(file).is_file(), "{file} missing");
     }
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["seed"], 4);
     assert!(meta["command"].as_array().unwrap().len() > 3);
     let m = metrics(&run);
     assert_eq!(m.iter().filter(|v| v["event"] == "pass").count(), 6);
     assert_eq!(m.iter().filter(|v| v["event"] == "eval").count(), 2);
-    let names: Vec<String> = checkpoint_tensors(&run.join("checkpoints/epoch-0002/model.safetensors")).into_iter().map(|x| x.0).collect();
+    let names: Vec<String> =
+        checkpoint_tensors(&run.join("checkpoints/epoch-0002/model.safetensors"))
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
     assert!(names.contains(&"blocks.3.img.conv1.weight".to_string()));
     assert!(names.contains(&"head.bias".to_string()));
     assert!(names.contains(&"embed".to_string()));
     assert!(!names.iter().any(|n| n.starts_with("blocks.4")));
 
-    let out = noprop().arg("eval").arg(&run).arg("--data").arg(f.root.join("mnist")).args(["--json", "--runs", "3"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .arg("eval")
+        .arg(&run)
+        .arg("--data")
+        .arg(f.root.join("mnist"))
+        .args(["--json", "--runs", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["epoch"], 2);
     assert_eq!(v["eval"]["test_acc_runs"].as_array().unwrap().len(), 3);
@@ -147,7 +179,10 @@ fn assert_one_line_error(out: &std::process::Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     let last = err.trim_end().lines().last().unwrap_or("");
-    assert!(last.starts_with("error:") && last.contains(needle), "expected an error naming {needle:?}, got {err}");
+    assert!(
+        last.starts_with("error:") && last.contains(needle),
+        "expected an error naming {needle:?}, got {err}"
+    );
 }
 
 #[test]
@@ -157,42 +192,93 @@ fn bad_input_gives_a_one_line_error() {
     // An unknown field.
     let cfg = f.root.join("unknown.toml");
     write_config(&cfg, 1, "[extra]\nfoo = 1\n");
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "unknown field");
     // T = 0 and a negative learning rate.
-    for (from, to, needle) in [("blocks = 3", "blocks = 0", "method.blocks"), ("lr = 1e-3", "lr = -1e-3", "train.lr")] {
+    for (from, to, needle) in [
+        ("blocks = 3", "blocks = 0", "method.blocks"),
+        ("lr = 1e-3", "lr = -1e-3", "train.lr"),
+    ] {
         let cfg = f.root.join("bad.toml");
         write_config(&cfg, 1, "");
         let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
         std::fs::write(&cfg, text).unwrap();
-        let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+        let out = noprop()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap();
         assert_one_line_error(&out, needle);
     }
     // A field of another method is an unknown field of this one, named.
     let cfg = f.root.join("foreign.toml");
     write_config(&cfg, 1, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("eta = 0.1", "eta = 0.1\nsigma = 0.2");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("eta = 0.1", "eta = 0.1\nsigma = 0.2");
     std::fs::write(&cfg, text).unwrap();
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "unknown field `sigma`");
     // A config in the format before 0.2 says what moved where.
     let cfg = f.root.join("old.toml");
     std::fs::write(&cfg, "[data]\ndataset = \"mnist\"\n[model]\nmethod = \"dt\"\nblocks = 3\nembedding = \"one-hot\"\n[train]\nepochs = 1\nbatch_size = 16\nlr = 1e-3\nweight_decay = 0.0\neta = 0.1\n").unwrap();
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "model.method moved to method.kind");
     assert_one_line_error(&out, "train.eta moved to method.eta");
     // Training on no images is an error, not "everything".
     let cfg = f.root.join("ok.toml");
     write_config(&cfg, 1, "");
-    let out = noprop().args(["train", "--train-limit", "0", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
+    let out = noprop()
+        .args(["train", "--train-limit", "0", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "data.train_limit must be at least 1");
     // Enumerated arguments are checked by the parser.
-    let out = noprop().args(["train", "--kernels", "gpu", "--config"]).arg(&cfg).arg("--data").arg(&data).output().unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fast"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .args(["train", "--kernels", "gpu", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fast"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Missing data.
     let cfg = f.root.join("ok.toml");
     write_config(&cfg, 1, "");
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(f.root.join("nowhere")).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(f.root.join("nowhere"))
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "nowhere");
     // Corrupt data: a truncated image file.
     let broken = f.root.join("broken");
@@ -200,15 +286,31 @@ fn bad_input_gives_a_one_line_error() {
     let img = broken.join("train-images-idx3-ubyte");
     let bytes = std::fs::read(&img).unwrap();
     std::fs::write(&img, &bytes[..bytes.len() - 100]).unwrap();
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&broken).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&broken)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "train-images-idx3-ubyte");
     // An unreadable checkpoint.
     let bad = f.root.join("bad.safetensors");
     std::fs::write(&bad, b"garbage").unwrap();
-    let out = noprop().arg("eval").arg(&bad).arg("--data").arg(&data).output().unwrap();
+    let out = noprop()
+        .arg("eval")
+        .arg(&bad)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "bad.safetensors");
     // Not a run folder.
-    let out = noprop().args(["train", "--resume"]).arg(&f.root).output().unwrap();
+    let out = noprop()
+        .args(["train", "--resume"])
+        .arg(&f.root)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "not a run folder");
 }
 
@@ -220,8 +322,20 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     let data = f.root.join("mnist");
 
     let straight = f.root.join("straight");
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).arg("--out").arg(&straight).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&straight)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let killed = f.root.join("killed");
     let mut child = noprop()
@@ -244,33 +358,68 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     }
     // Let it get into epoch 2's passes, then kill it.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !metrics_so_far(&killed).iter().any(|v| v["event"] == "pass" && v["epoch"] == 2) {
+    while !metrics_so_far(&killed)
+        .iter()
+        .any(|v| v["event"] == "pass" && v["epoch"] == 2)
+    {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!killed.join("checkpoints/epoch-0003").exists(), "the run finished before it was killed");
+    assert!(
+        !killed.join("checkpoints/epoch-0003").exists(),
+        "the run finished before it was killed"
+    );
 
-    let out = noprop().args(["train", "--resume"]).arg(&killed).arg("--data").arg(&data).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .args(["train", "--resume"])
+        .arg(&killed)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let m = metrics(&killed);
-    let epochs: Vec<u64> = m.iter().filter(|v| v["event"] == "epoch").map(|v| v["epoch"].as_u64().unwrap()).collect();
+    let epochs: Vec<u64> = m
+        .iter()
+        .filter(|v| v["event"] == "epoch")
+        .map(|v| v["epoch"].as_u64().unwrap())
+        .collect();
     assert_eq!(epochs, vec![1, 2, 3]);
     for e in 1..=3u64 {
-        let passes: Vec<u64> = m.iter().filter(|v| v["event"] == "pass" && v["epoch"] == e).map(|v| v["block"].as_u64().unwrap()).collect();
+        let passes: Vec<u64> = m
+            .iter()
+            .filter(|v| v["event"] == "pass" && v["epoch"] == e)
+            .map(|v| v["block"].as_u64().unwrap())
+            .collect();
         assert_eq!(passes, vec![1, 2, 3], "epoch {e}");
-        assert_eq!(m.iter().filter(|v| v["event"] == "eval" && v["epoch"] == e).count(), 1);
+        assert_eq!(
+            m.iter()
+                .filter(|v| v["event"] == "eval" && v["epoch"] == e)
+                .count(),
+            1
+        );
     }
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(killed.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(killed.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["resumes"][0]["from_epoch"], 1);
     assert_eq!(
         checkpoint_tensors(&killed.join("checkpoints/epoch-0003/model.safetensors")),
         checkpoint_tensors(&straight.join("checkpoints/epoch-0003/model.safetensors")),
         "resumed weights differ from the uninterrupted run's"
     );
-    let evals = |m: &[serde_json::Value]| m.iter().filter(|v| v["event"] == "eval").map(|v| v["test_acc_runs"].clone()).collect::<Vec<_>>();
+    let evals = |m: &[serde_json::Value]| {
+        m.iter()
+            .filter(|v| v["event"] == "eval")
+            .map(|v| v["test_acc_runs"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(evals(&m), evals(&metrics(&straight)));
 }
 
@@ -279,15 +428,41 @@ fn prototype_embeddings_render_as_png() {
     let f = fixture(40);
     let cfg = f.root.join("proto.toml");
     write_config(&cfg, 1, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"one-hot\"", "kind = \"prototype\"").replace("blocks = 3", "blocks = 1");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("kind = \"one-hot\"", "kind = \"prototype\"")
+        .replace("blocks = 3", "blocks = 1");
     std::fs::write(&cfg, text).unwrap();
     let run = f.root.join("run");
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(f.root.join("mnist")).arg("--out").arg(&run).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(f.root.join("mnist"))
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(run.join("embed-init.safetensors").is_file());
     let png = f.root.join("fig2.png");
-    let out = noprop().args(["inspect", "embeddings"]).arg(&run).arg("--png").arg(&png).args(["--scale", "2"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = noprop()
+        .args(["inspect", "embeddings"])
+        .arg(&run)
+        .arg("--png")
+        .arg(&png)
+        .args(["--scale", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
     let reader = decoder.read_info().unwrap();
     let info = reader.info();
@@ -297,7 +472,56 @@ fn prototype_embeddings_render_as_png() {
     let onehot = f.root.join("onehot.toml");
     write_config(&onehot, 1, "");
     let run2 = f.root.join("run2");
-    assert!(noprop().args(["train", "--config"]).arg(&onehot).arg("--data").arg(f.root.join("mnist")).arg("--out").arg(&run2).output().unwrap().status.success());
-    let out = noprop().args(["inspect", "embeddings"]).arg(&run2).arg("--png").arg(&png).output().unwrap();
+    assert!(noprop()
+        .args(["train", "--config"])
+        .arg(&onehot)
+        .arg("--data")
+        .arg(f.root.join("mnist"))
+        .arg("--out")
+        .arg(&run2)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let out = noprop()
+        .args(["inspect", "embeddings"])
+        .arg(&run2)
+        .arg("--png")
+        .arg(&png)
+        .output()
+        .unwrap();
     assert_one_line_error(&out, "prototype");
+    // The run's own files are never overwritten, and sizes are bounded before allocating.
+    let config = std::fs::read(run.join("config.json")).unwrap();
+    let out = noprop()
+        .args(["inspect", "embeddings"])
+        .arg(&run)
+        .arg("--png")
+        .arg(run.join("config.json"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, ".png");
+    let out = noprop()
+        .args(["inspect", "embeddings"])
+        .arg(&run)
+        .arg("--png")
+        .arg(run.join("fig.png"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "inside the run folder");
+    assert_eq!(std::fs::read(run.join("config.json")).unwrap(), config);
+    let out = noprop()
+        .args(["inspect", "embeddings"])
+        .arg(&run)
+        .arg("--png")
+        .arg(&png)
+        .args(["--scale", "100000"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--scale");
+    let out = noprop()
+        .args(["bench", "--batch", "100000000"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--batch");
 }

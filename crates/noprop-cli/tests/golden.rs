@@ -44,7 +44,9 @@ fn write_mnist(dir: &Path, train: usize, test: usize) {
             }
             pixels[i * 784 + (i * 37) % 784] = 255;
         }
-        DatasetKind::Mnist.write(dir, split, &pixels, &labels).unwrap();
+        DatasetKind::Mnist
+            .write(dir, split, &pixels, &labels)
+            .unwrap();
     }
 }
 
@@ -72,7 +74,14 @@ fn metrics_digest(run: &Path) -> u64 {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let keys: &[&str] = match v["event"].as_str() {
             Some("pass") => &["epoch", "block", "loss", "ce", "kl", "denoise", "batches"],
-            Some("eval") => &["epoch", "test_acc", "test_acc_se", "test_acc_runs", "test_acc_deterministic", "train_acc"],
+            Some("eval") => &[
+                "epoch",
+                "test_acc",
+                "test_acc_se",
+                "test_acc_runs",
+                "test_acc_deterministic",
+                "train_acc",
+            ],
             Some("epoch") => &["epoch"],
             _ => &[],
         };
@@ -123,7 +132,13 @@ keep_last = 1
 /// The runs, each with the digests recorded from commit 021d005 (where the
 /// same settings were written in the old flat format).
 fn cases() -> Vec<Case> {
-    let c = |name, config, model, optimizer, metrics| Case { name, config, model, optimizer, metrics };
+    let c = |name, config, model, optimizer, metrics| Case {
+        name,
+        config,
+        model,
+        optimizer,
+        metrics,
+    };
     let learned = |dim: usize| format!("embedding = {{ kind = \"learned\", dim = {dim} }}");
     let adam = "optimizer = \"adam\"";
     vec![
@@ -163,12 +178,30 @@ fn every_method_trains_to_the_recorded_tensors() {
             .arg(&run)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}: {}", case.name, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            case.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ckpts = run.join("checkpoints");
-        let last = std::fs::read_dir(&ckpts).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).max().unwrap();
-        let got = (tensors_digest(&last.join("model.safetensors")), tensors_digest(&last.join("optimizer.safetensors")), metrics_digest(&run));
+        let last = std::fs::read_dir(&ckpts)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .max()
+            .unwrap();
+        let got = (
+            tensors_digest(&last.join("model.safetensors")),
+            tensors_digest(&last.join("optimizer.safetensors")),
+            metrics_digest(&run),
+        );
         if print {
-            println!("{:<26} model {:#018x} optimizer {:#018x} metrics {:#018x}", case.name, got.0, got.1, got.2);
+            println!(
+                "{:<26} model {:#018x} optimizer {:#018x} metrics {:#018x}",
+                case.name, got.0, got.1, got.2
+            );
         }
         if got != (case.model, case.optimizer, case.metrics) {
             failures.push(format!(
@@ -177,5 +210,9 @@ fn every_method_trains_to_the_recorded_tensors() {
             ));
         }
     }
-    assert!(failures.is_empty(), "runs differ from the recorded ones:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "runs differ from the recorded ones:\n{}",
+        failures.join("\n")
+    );
 }

@@ -60,7 +60,13 @@ pub struct AdjointGradients {
 /// to `t_{k-1}`, `k = steps..1`, each evaluating `f` at `t_{k-1}` as the
 /// matching step of [`odeint_euler`] did. `steps = 0` is a
 /// [`CoreError::BadArgument`](crate::CoreError::BadArgument).
-pub fn adjoint_euler<F>(mut f: F, z1: &Tensor, dl_dz1: &Tensor, params: &[&Tensor], steps: usize) -> Result<AdjointGradients>
+pub fn adjoint_euler<F>(
+    mut f: F,
+    z1: &Tensor,
+    dl_dz1: &Tensor,
+    params: &[&Tensor],
+    steps: usize,
+) -> Result<AdjointGradients>
 where
     F: FnMut(&Tensor, f64) -> candle_core::Result<Tensor>,
 {
@@ -91,7 +97,11 @@ where
         }
         z = (z - (fz.detach() * h)?)?;
     }
-    Ok(AdjointGradients { z0: a, z0_reconstructed: z, params: acc })
+    Ok(AdjointGradients {
+        z0: a,
+        z0_reconstructed: z,
+        params: acc,
+    })
 }
 
 #[cfg(test)]
@@ -102,7 +112,14 @@ mod tests {
     /// f(z, t) = tanh(z W + t c) on a tiny problem, in f64.
     fn problem() -> (Var, Var, Tensor) {
         let dev = Device::Cpu;
-        let w = Var::from_tensor(&Tensor::new(&[[0.3f64, -0.8, 0.1], [0.5, 0.2, -0.4], [-0.6, 0.7, 0.9]], &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(
+            &Tensor::new(
+                &[[0.3f64, -0.8, 0.1], [0.5, 0.2, -0.4], [-0.6, 0.7, 0.9]],
+                &dev,
+            )
+            .unwrap(),
+        )
+        .unwrap();
         let c = Var::from_tensor(&Tensor::new(&[0.2f64, -0.3, 0.5], &dev).unwrap()).unwrap();
         let z0 = Tensor::new(&[[1.0f64, -0.5, 0.25], [0.1, 0.2, -0.3]], &dev).unwrap();
         (w, c, z0)
@@ -118,21 +135,51 @@ mod tests {
         let zv = Var::from_tensor(z0).unwrap();
         let mut z = zv.as_tensor().clone();
         for k in 0..steps {
-            z = (&z + (f(&z, k as f64 * h, w.as_tensor(), c.as_tensor()).unwrap() * h).unwrap()).unwrap();
+            z = (&z + (f(&z, k as f64 * h, w.as_tensor(), c.as_tensor()).unwrap() * h).unwrap())
+                .unwrap();
         }
-        let g = (z.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap().backward().unwrap();
-        (g.get(w.as_tensor()).unwrap().clone(), g.get(c.as_tensor()).unwrap().clone(), g.get(zv.as_tensor()).unwrap().clone())
+        let g = (z.sqr().unwrap().sum_all().unwrap() * 0.5)
+            .unwrap()
+            .backward()
+            .unwrap();
+        (
+            g.get(w.as_tensor()).unwrap().clone(),
+            g.get(c.as_tensor()).unwrap().clone(),
+            g.get(zv.as_tensor()).unwrap().clone(),
+        )
     }
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-        let num = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-        let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+        let num = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt();
+        let den = b
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt();
         num / den
     }
 
     fn adjoint(w: &Var, c: &Var, z0: &Tensor, steps: usize) -> AdjointGradients {
         let z1 = odeint_euler(|z, t| f(z, t, w.as_tensor(), c.as_tensor()), z0, steps).unwrap();
-        adjoint_euler(|z, t| f(z, t, w.as_tensor(), c.as_tensor()), &z1, &z1, &[w.as_tensor(), c.as_tensor()], steps).unwrap()
+        adjoint_euler(
+            |z, t| f(z, t, w.as_tensor(), c.as_tensor()),
+            &z1,
+            &z1,
+            &[w.as_tensor(), c.as_tensor()],
+            steps,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -153,7 +200,10 @@ mod tests {
         eprintln!("relative errors at 25, 100, 400 steps: {errs:?}");
         // First-order agreement: four times the steps, about a quarter of the gap.
         assert!(errs[2] < 1e-2, "errors {errs:?}");
-        assert!(errs[1] < errs[0] / 3.0 && errs[2] < errs[1] / 3.0, "errors {errs:?}");
+        assert!(
+            errs[1] < errs[0] / 3.0 && errs[2] < errs[1] / 3.0,
+            "errors {errs:?}"
+        );
     }
 
     #[test]
@@ -161,7 +211,14 @@ mod tests {
         let (w, c, z0) = problem();
         let other = Var::zeros(3, DType::F64, &Device::Cpu).unwrap();
         let z1 = odeint_euler(|z, t| f(z, t, w.as_tensor(), c.as_tensor()), &z0, 10).unwrap();
-        let g = adjoint_euler(|z, t| f(z, t, w.as_tensor(), c.as_tensor()), &z1, &z1, &[other.as_tensor(), w.as_tensor()], 10).unwrap();
+        let g = adjoint_euler(
+            |z, t| f(z, t, w.as_tensor(), c.as_tensor()),
+            &z1,
+            &z1,
+            &[other.as_tensor(), w.as_tensor()],
+            10,
+        )
+        .unwrap();
         assert!(g.params[0].is_none() && g.params[1].is_some());
     }
 }

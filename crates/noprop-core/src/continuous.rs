@@ -296,7 +296,8 @@ impl LearnableSchedule {
     /// endpoints themselves (`gamma(0)` and `gamma(1)` depend on
     /// `schedule.gamma0` and `schedule.gamma_gap` alone, exactly): the
     /// "interior" that variance minimisation (Kingma et al. 2021) trains.
-    pub const INTERIOR_PARAMETER_NAMES: [&'static str; 3] = ["schedule.b1", "schedule.w1", "schedule.w2"];
+    pub const INTERIOR_PARAMETER_NAMES: [&'static str; 3] =
+        ["schedule.b1", "schedule.w1", "schedule.w2"];
 
     /// A schedule with parameters drawn from `rng`: `b1`, `w1_raw`, `w2_raw`
     /// (in that order) from `N(0, 1)`, which makes the initial `gamma` close to

@@ -31,7 +31,11 @@ pub trait ContinuousDenoiser {
     /// samplers call it; override it where a network can share its time path
     /// across rows.
     fn denoise_at(&self, z: &Tensor, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
-        self.denoise(z, x, &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?)
+        self.denoise(
+            z,
+            x,
+            &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?,
+        )
     }
 }
 
@@ -41,7 +45,10 @@ pub trait ContinuousDenoiser {
 /// Returns `[batch]`.
 pub fn sample_t(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng) -> Result<Tensor> {
     if !dtype.is_float() {
-        return Err(CoreError::NotFloat { what: "sample_t: dtype", dtype });
+        return Err(CoreError::NotFloat {
+            what: "sample_t: dtype",
+            dtype,
+        });
     }
     Ok(rng.uniform(&[batch], 0.0, 1.0, dtype, device)?)
 }
@@ -75,13 +82,23 @@ pub fn sample_t(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng)
 ///
 /// # Shapes
 /// Returns `[batch]`.
-pub fn sample_t_stratified(batch: usize, dtype: DType, device: &Device, rng: &mut NoiseRng) -> Result<Tensor> {
+pub fn sample_t_stratified(
+    batch: usize,
+    dtype: DType,
+    device: &Device,
+    rng: &mut NoiseRng,
+) -> Result<Tensor> {
     if !dtype.is_float() {
-        return Err(CoreError::NotFloat { what: "sample_t_stratified: dtype", dtype });
+        return Err(CoreError::NotFloat {
+            what: "sample_t_stratified: dtype",
+            dtype,
+        });
     }
     let u: f64 = rand::Rng::random_range(rng.rng_mut(), 0.0..1.0);
     let n = batch.max(1) as f64;
-    let t: Vec<f64> = (0..batch).map(|i| (u + i as f64 / n).rem_euclid(1.0)).collect();
+    let t: Vec<f64> = (0..batch)
+        .map(|i| (u + i as f64 / n).rem_euclid(1.0))
+        .collect();
     Ok(Tensor::from_vec(t, batch, device)?.to_dtype(dtype)?)
 }
 
@@ -214,7 +231,12 @@ pub fn ct_denoise_terms(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64)
             found: uhat.dims().to_vec(),
         });
     }
-    check_shape("ct_denoise_terms: snr_prime", snr_prime, &[Some(u.dim(0)?)], "[B]")?;
+    check_shape(
+        "ct_denoise_terms: snr_prime",
+        snr_prime,
+        &[Some(u.dim(0)?)],
+        "[B]",
+    )?;
     let sq = (uhat - u)?.sqr()?.sum(1)?;
     Ok(((sq * snr_prime.to_dtype(u.dtype())?)? * (eta / 2.0))?)
 }
@@ -434,7 +456,10 @@ mod tests {
         let mut rng = NoiseRng::new(3);
         let mut all = Vec::new();
         for _ in 0..2000 {
-            let t: Vec<f64> = sample_t_stratified(b, DType::F64, &dev, &mut rng).unwrap().to_vec1().unwrap();
+            let t: Vec<f64> = sample_t_stratified(b, DType::F64, &dev, &mut rng)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             // The batch is u + i/B mod 1: consecutive entries differ by 1/B
             // (or 1/B - 1 where the grid wraps), and sorted they are a grid.
             for w in t.windows(2) {
@@ -445,7 +470,11 @@ mod tests {
             sorted.sort_by(|a, b| a.total_cmp(b));
             for (k, v) in sorted.iter().enumerate() {
                 assert!((0.0..1.0).contains(v));
-                assert_eq!((v * b as f64).floor() as usize, k, "one time per stratum: {sorted:?}");
+                assert_eq!(
+                    (v * b as f64).floor() as usize,
+                    k,
+                    "one time per stratum: {sorted:?}"
+                );
             }
             // Any one position is U(0, 1) across batches.
             all.push(t[5]);
@@ -460,23 +489,40 @@ mod tests {
         for t in &all {
             hist[(t * 4.0) as usize] += 1;
         }
-        assert!(hist.iter().all(|&c| (c as f64 - n / 4.0).abs() < 0.1 * n), "{hist:?}");
+        assert!(
+            hist.iter().all(|&c| (c as f64 - n / 4.0).abs() < 0.1 * n),
+            "{hist:?}"
+        );
     }
 
     #[test]
     fn stratified_times_are_deterministic_given_the_rng_and_use_one_draw() {
         let dev = Device::Cpu;
-        let a: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9)).unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9)).unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = sample_t_stratified(16, DType::F32, &dev, &mut NoiseRng::new(9))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b);
         // One draw per batch: the stream continues exactly one number later.
         let mut r1 = NoiseRng::new(9);
         sample_t_stratified(16, DType::F32, &dev, &mut r1).unwrap();
         let mut r2 = NoiseRng::new(9);
         let _: f64 = rand::Rng::random_range(r2.rng_mut(), 0.0..1.0);
-        assert_eq!(rand::Rng::random::<u64>(r1.rng_mut()), rand::Rng::random::<u64>(r2.rng_mut()));
+        assert_eq!(
+            rand::Rng::random::<u64>(r1.rng_mut()),
+            rand::Rng::random::<u64>(r2.rng_mut())
+        );
         assert!(sample_t_stratified(4, DType::U32, &dev, &mut NoiseRng::new(0)).is_err());
-        assert_eq!(sample_t_stratified(0, DType::F32, &dev, &mut NoiseRng::new(0)).unwrap().dims(), &[0]);
+        assert_eq!(
+            sample_t_stratified(0, DType::F32, &dev, &mut NoiseRng::new(0))
+                .unwrap()
+                .dims(),
+            &[0]
+        );
     }
 
     #[test]
@@ -490,11 +536,20 @@ mod tests {
         let terms = ct_denoise_terms(&uhat, &u, &snr_prime, 0.7).unwrap();
         assert_eq!(terms.dims(), &[5]);
         let mean: f64 = terms.mean(0).unwrap().to_scalar().unwrap();
-        let loss: f64 = ct_denoise_loss(&uhat, &u, &snr_prime, 0.7).unwrap().to_scalar().unwrap();
-        assert!((mean - loss).abs() <= 1e-12 * loss.abs().max(1.0), "{mean} vs {loss}");
+        let loss: f64 = ct_denoise_loss(&uhat, &u, &snr_prime, 0.7)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(
+            (mean - loss).abs() <= 1e-12 * loss.abs().max(1.0),
+            "{mean} vs {loss}"
+        );
         // Each term by hand.
-        let (u2, h2, w): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) =
-            (u.to_vec2().unwrap(), uhat.to_vec2().unwrap(), snr_prime.to_vec1().unwrap());
+        let (u2, h2, w): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) = (
+            u.to_vec2().unwrap(),
+            uhat.to_vec2().unwrap(),
+            snr_prime.to_vec1().unwrap(),
+        );
         let got: Vec<f64> = terms.to_vec1().unwrap();
         for i in 0..5 {
             let sq: f64 = (0..3).map(|k| (h2[i][k] - u2[i][k]).powi(2)).sum();
@@ -513,7 +568,11 @@ mod tests {
     fn only_the_squared_terms_see_the_interior_of_the_schedule() {
         use crate::continuous::{LearnableSchedule, LearnableScheduleConfig};
         let dev = Device::Cpu;
-        let cfg = LearnableScheduleConfig { hidden: 4, gamma0: -3.0, gamma1: 3.0 };
+        let cfg = LearnableScheduleConfig {
+            hidden: 4,
+            gamma0: -3.0,
+            gamma1: 3.0,
+        };
         let sched = LearnableSchedule::new(&cfg, DType::F64, &dev, &mut NoiseRng::new(5)).unwrap();
         let b = 4096;
         let t = sample_t_stratified(b, DType::F64, &dev, &mut NoiseRng::new(2)).unwrap();
@@ -525,7 +584,16 @@ mod tests {
         let squared = terms.sqr().unwrap().mean(0).unwrap().backward().unwrap();
         let norm = |g: &candle_core::backprop::GradStore, name: &str| -> f64 {
             let var = sched.vars().into_iter().find(|(n, _)| n == name).unwrap().1;
-            g.get(var.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar().unwrap()
+            g.get(var.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
         };
         for name in ["schedule.w1", "schedule.w2"] {
             let (p, q) = (norm(&plain, name), norm(&squared, name));

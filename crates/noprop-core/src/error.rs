@@ -174,7 +174,10 @@ pub(crate) fn check_float(what: &'static str, t: &candle_core::Tensor) -> Result
     if t.dtype().is_float() {
         Ok(())
     } else {
-        Err(CoreError::NotFloat { what, dtype: t.dtype() })
+        Err(CoreError::NotFloat {
+            what,
+            dtype: t.dtype(),
+        })
     }
 }
 

@@ -25,7 +25,11 @@ pub trait VelocityField {
     /// samplers call it; override it where a network can share its time path
     /// across rows.
     fn velocity_at(&self, z: &Tensor, x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
-        self.velocity(z, x, &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?)
+        self.velocity(
+            z,
+            x,
+            &Tensor::full(t, (z.dim(0)?,), z.device())?.to_dtype(z.dtype())?,
+        )
     }
 }
 

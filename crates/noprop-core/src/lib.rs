@@ -89,20 +89,21 @@ mod stream;
 
 pub use adjoint::{adjoint_euler, odeint_euler, AdjointGradients};
 pub use class_probs::{radial_log_probs, ClassProbability};
-pub use continuous::{ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig};
+pub use continuous::{
+    ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig,
+};
 pub use ct::{
-    ct_denoise_loss, ct_denoise_terms, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_with, sample_ct_eq3, sample_ct_ode, sample_t,
-    sample_t_stratified,
-    ContinuousDenoiser, CtLoss,
+    ct_denoise_loss, ct_denoise_terms, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_with,
+    sample_ct_eq3, sample_ct_ode, sample_t, sample_t_stratified, ContinuousDenoiser, CtLoss,
 };
 pub use error::{CoreError, Result, ScheduleError};
 pub use fm::{
-    fm_extrapolate, fm_interpolate, fm_interpolate_with, fm_loss, fm_target, nearest_embedding, sample_fm,
-    VelocityField,
+    fm_extrapolate, fm_interpolate, fm_interpolate_with, fm_loss, fm_target, nearest_embedding,
+    sample_fm, VelocityField,
 };
 pub use loss::{cross_entropy, denoise_loss, dt_loss, kl_prior, log_softmax, DtLoss};
 pub use ode::OdeSolver;
 pub use rng::{sub_seed, NoiseRng};
 pub use sample::{dt_step, eq3_update, q_sample, q_sample_with, sample_dt, Denoiser, Inference};
-pub use stream::Stream;
 pub use schedule::{coefficients_between, DiscreteSchedule, Eq3Coefficients, ScheduleSpec};
+pub use stream::Stream;

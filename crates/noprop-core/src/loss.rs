@@ -34,7 +34,12 @@ pub fn kl_prior(u: &Tensor, abar0: f64) -> Result<Tensor> {
 /// `logits`: `[B, m]`; `targets`: `[B]` of `u32`; returns a scalar.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_shape("cross_entropy: logits", logits, &[None, None], "[B, m]")?;
-    check_shape("cross_entropy: targets", targets, &[Some(logits.dim(0)?)], "[B]")?;
+    check_shape(
+        "cross_entropy: targets",
+        targets,
+        &[Some(logits.dim(0)?)],
+        "[B]",
+    )?;
     let logp = log_softmax(logits)?;
     let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     Ok(picked.mean_all()?.neg()?)
@@ -110,5 +115,10 @@ pub fn dt_loss(
     let kl = kl_prior(u, abar0)?;
     let denoise = denoise_loss(uhat, u, weight)?;
     let total = ((&cross_entropy + &kl)? + &denoise)?;
-    Ok(DtLoss { cross_entropy, kl, denoise, total })
+    Ok(DtLoss {
+        cross_entropy,
+        kl,
+        denoise,
+        total,
+    })
 }

@@ -61,13 +61,24 @@ impl NoiseRng {
     /// `dtype` must be a float type: normal draws rounded to an integer type
     /// would be mostly 0, so that is a [`CoreError::NotFloat`] (converted
     /// into `candle_core::Error`) instead.
-    pub fn randn(&mut self, shape: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn randn(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         if !dtype.is_float() {
-            return Err(CoreError::NotFloat { what: "NoiseRng::randn: dtype", dtype }.into());
+            return Err(CoreError::NotFloat {
+                what: "NoiseRng::randn: dtype",
+                dtype,
+            }
+            .into());
         }
         let n = shape.iter().product();
         if dtype == DType::F64 {
-            let v: Vec<f64> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
+            let v: Vec<f64> = (0..n)
+                .map(|_| StandardNormal.sample(&mut self.rng))
+                .collect();
             return Tensor::from_vec(v, shape, device);
         }
         let mut v = vec![0f32; n];
@@ -80,14 +91,31 @@ impl NoiseRng {
     /// `lo` and `hi` must be finite with `lo < hi` (rand would panic on an
     /// empty range); otherwise the result is a [`CoreError::BadArgument`]
     /// converted into `candle_core::Error`.
-    pub fn uniform(&mut self, shape: &[usize], lo: f64, hi: f64, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    pub fn uniform(
+        &mut self,
+        shape: &[usize],
+        lo: f64,
+        hi: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         for (name, value) in [("lo", lo), ("hi", hi)] {
             if !value.is_finite() {
-                return Err(CoreError::BadArgument { name, value, reason: "must be finite" }.into());
+                return Err(CoreError::BadArgument {
+                    name,
+                    value,
+                    reason: "must be finite",
+                }
+                .into());
             }
         }
         if lo >= hi {
-            return Err(CoreError::BadArgument { name: "hi", value: hi, reason: "must be greater than lo" }.into());
+            return Err(CoreError::BadArgument {
+                name: "hi",
+                value: hi,
+                reason: "must be greater than lo",
+            }
+            .into());
         }
         let n = shape.iter().product();
         let v: Vec<f64> = (0..n).map(|_| self.rng.random_range(lo..hi)).collect();

@@ -112,10 +112,19 @@ pub fn dt_step(
 ///
 /// # Shapes
 /// `uhat`, `z_prev` and `eps`: `[B, d]`; returns `[B, d]`.
-pub fn eq3_update(k: Eq3Coefficients, uhat: &Tensor, z_prev: &Tensor, eps: Option<&Tensor>) -> Result<Tensor> {
+pub fn eq3_update(
+    k: Eq3Coefficients,
+    uhat: &Tensor,
+    z_prev: &Tensor,
+    eps: Option<&Tensor>,
+) -> Result<Tensor> {
     for (name, value) in [("a", k.a), ("b", k.b), ("c", k.c)] {
         if !value.is_finite() {
-            return Err(CoreError::BadArgument { name, value, reason: "must be finite" });
+            return Err(CoreError::BadArgument {
+                name,
+                value,
+                reason: "must be finite",
+            });
         }
     }
     if k.c < 0.0 {

@@ -135,7 +135,11 @@ pub fn coefficients_between(abar_s: f64, abar_t: f64) -> Result<Eq3Coefficients>
     if abar_s == abar_t {
         // Written out so that abar_s = abar_t = 0 gives the identity step
         // rather than 0 / 0.
-        return Ok(Eq3Coefficients { a: 0.0, b: 1.0, c: 0.0 });
+        return Ok(Eq3Coefficients {
+            a: 0.0,
+            b: 1.0,
+            c: 0.0,
+        });
     }
     let alpha = abar_s / abar_t;
     let den = 1.0 - abar_s;
@@ -197,10 +201,12 @@ impl DiscreteSchedule {
             // [0, 1)), which is exactly what `coefficients_between` requires,
             // so its error is unreachable; it is still mapped rather than
             // unwrapped.
-            let k = coefficients_between(abar[t - 1], abar[t]).map_err(|_| ScheduleError::NotIncreasing {
-                index: t,
-                prev: abar[t - 1],
-                value: abar[t],
+            let k = coefficients_between(abar[t - 1], abar[t]).map_err(|_| {
+                ScheduleError::NotIncreasing {
+                    index: t,
+                    prev: abar[t - 1],
+                    value: abar[t],
+                }
             })?;
             coeffs.push(k);
         }
@@ -241,7 +247,11 @@ impl DiscreteSchedule {
     }
 
     /// Alpha-bar linear in t: `abar_t = abar_min + (abar_max - abar_min) t / T`.
-    pub fn linear(t_max: usize, abar_min: f64, abar_max: f64) -> std::result::Result<Self, ScheduleError> {
+    pub fn linear(
+        t_max: usize,
+        abar_min: f64,
+        abar_max: f64,
+    ) -> std::result::Result<Self, ScheduleError> {
         if t_max == 0 {
             return Err(ScheduleError::TooShort { len: 1 });
         }
@@ -269,29 +279,35 @@ impl DiscreteSchedule {
     /// needs `alpha_bar(t - 1)`; the KL term needs `alpha_bar(0)` and the
     /// cross-entropy term `alpha_bar(T)`.
     pub fn alpha_bar(&self, t: usize) -> Result<f64> {
-        self.abar
-            .get(t)
-            .copied()
-            .ok_or(CoreError::TimeOutOfRange { t, blocks: self.blocks() })
+        self.abar.get(t).copied().ok_or(CoreError::TimeOutOfRange {
+            t,
+            blocks: self.blocks(),
+        })
     }
 
     /// `alpha_t = abar_t / abar_{t+1}` for `t` in `0..T` (so `alpha_{t-1}` is the
     /// signal fraction that step `t` adds); anything else is
     /// [`CoreError::AlphaOutOfRange`].
     pub fn alpha(&self, t: usize) -> Result<f64> {
-        match (self.abar.get(t), t.checked_add(1).and_then(|n| self.abar.get(n))) {
+        match (
+            self.abar.get(t),
+            t.checked_add(1).and_then(|n| self.abar.get(n)),
+        ) {
             (Some(a), Some(next)) => Ok(a / next),
-            _ => Err(CoreError::AlphaOutOfRange { t, blocks: self.blocks() }),
+            _ => Err(CoreError::AlphaOutOfRange {
+                t,
+                blocks: self.blocks(),
+            }),
         }
     }
 
     /// `SNR(t) = abar_t / (1 - abar_t)` for `t` in `0..=T`; anything else is
     /// [`CoreError::TimeOutOfRange`].
     pub fn snr(&self, t: usize) -> Result<f64> {
-        self.snr
-            .get(t)
-            .copied()
-            .ok_or(CoreError::TimeOutOfRange { t, blocks: self.blocks() })
+        self.snr.get(t).copied().ok_or(CoreError::TimeOutOfRange {
+            t,
+            blocks: self.blocks(),
+        })
     }
 
     /// The eq. 3 coefficients of block `t` in `1..=T`; anything else is
@@ -313,7 +329,10 @@ impl DiscreteSchedule {
     /// Checks that `t` is a block index, `1..=T`.
     pub fn check_block(&self, t: usize) -> Result<()> {
         if t == 0 || t > self.blocks() {
-            return Err(CoreError::BlockOutOfRange { t, blocks: self.blocks() });
+            return Err(CoreError::BlockOutOfRange {
+                t,
+                blocks: self.blocks(),
+            });
         }
         Ok(())
     }
@@ -327,7 +346,11 @@ mod tests {
     fn cosine_matches_closed_form() {
         // Independent evaluation of the spec's formula for T = 10.
         let s = 0.008;
-        let f = |tau: f64| ((std::f64::consts::PI / 2.0) * (tau / 10.0 + s) / (1.0 + s)).cos().powi(2);
+        let f = |tau: f64| {
+            ((std::f64::consts::PI / 2.0) * (tau / 10.0 + s) / (1.0 + s))
+                .cos()
+                .powi(2)
+        };
         let sched = DiscreteSchedule::cosine(10, s, 1.0 - 1e-4).unwrap();
         for t in 0..10 {
             let want = f((10 - t) as f64) / f(0.0);
@@ -365,7 +388,10 @@ mod tests {
     #[test]
     fn validation_errors() {
         use ScheduleError::*;
-        assert!(matches!(DiscreteSchedule::from_alpha_bar(vec![0.5]), Err(TooShort { len: 1 })));
+        assert!(matches!(
+            DiscreteSchedule::from_alpha_bar(vec![0.5]),
+            Err(TooShort { len: 1 })
+        ));
         assert!(matches!(
             DiscreteSchedule::from_alpha_bar(vec![0.1, 0.1]),
             Err(NotIncreasing { index: 1, .. })
@@ -382,12 +408,20 @@ mod tests {
             DiscreteSchedule::from_alpha_bar(vec![0.1, f64::NAN]),
             Err(NotFinite { index: 1, .. })
         ));
-        assert!(matches!(DiscreteSchedule::cosine(0, 0.008, 0.9999), Err(TooShort { .. })));
+        assert!(matches!(
+            DiscreteSchedule::cosine(0, 0.008, 0.9999),
+            Err(TooShort { .. })
+        ));
         assert!(matches!(
             DiscreteSchedule::cosine(10, 0.008, 1.0),
-            Err(BadParameter { name: "abar_max", .. })
+            Err(BadParameter {
+                name: "abar_max",
+                ..
+            })
         ));
-        let spec = ScheduleSpec::Explicit { alpha_bar: vec![0.1, 0.2] };
+        let spec = ScheduleSpec::Explicit {
+            alpha_bar: vec![0.1, 0.2],
+        };
         assert!(spec.build(2).is_err());
         assert!(spec.build(1).is_ok());
     }

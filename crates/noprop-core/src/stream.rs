@@ -30,7 +30,14 @@ pub enum Stream {
 
 impl Stream {
     /// Every stream, in the order of their numbers.
-    pub const ALL: [Stream; 6] = [Stream::Init, Stream::Shuffle, Stream::Noise, Stream::Dropout, Stream::Eval, Stream::ScheduleInit];
+    pub const ALL: [Stream; 6] = [
+        Stream::Init,
+        Stream::Shuffle,
+        Stream::Noise,
+        Stream::Dropout,
+        Stream::Eval,
+        Stream::ScheduleInit,
+    ];
 
     /// The first `sub_seed` index of this stream.
     pub fn id(self) -> u64 {

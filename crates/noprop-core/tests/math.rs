@@ -84,8 +84,14 @@ fn eq3_preserves_q_marginals_by_sampling() {
         let want_mean = sched.alpha_bar(t).unwrap().sqrt() * u_val;
         let want_var = 1.0 - sched.alpha_bar(t).unwrap();
         // Standard errors: sqrt(var/n) for the mean, var*sqrt(2/n) for the variance; allow 5 of them.
-        assert!((mean - want_mean).abs() < 5.0 * (want_var / n as f64).sqrt() + 1e-9, "t={t} mean {mean} vs {want_mean}");
-        assert!((var - want_var).abs() < 5.0 * want_var * (2.0 / n as f64).sqrt() + 1e-9, "t={t} var {var} vs {want_var}");
+        assert!(
+            (mean - want_mean).abs() < 5.0 * (want_var / n as f64).sqrt() + 1e-9,
+            "t={t} mean {mean} vs {want_mean}"
+        );
+        assert!(
+            (var - want_var).abs() < 5.0 * want_var * (2.0 / n as f64).sqrt() + 1e-9,
+            "t={t} var {var} vs {want_var}"
+        );
     }
 }
 
@@ -109,7 +115,14 @@ fn kl_matches_gaussian_formula() {
     assert!(close(got, want, 1e-12), "{got} vs {want}");
     // One-hot with abar0 ~ 0 gives KL ~ 0 (the reference's assumption).
     let eye = Tensor::eye(10, DType::F64, &dev).unwrap();
-    assert!(kl_prior(&eye, 1e-33).unwrap().to_scalar::<f64>().unwrap().abs() < 1e-12);
+    assert!(
+        kl_prior(&eye, 1e-33)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .abs()
+            < 1e-12
+    );
 }
 
 #[test]
@@ -117,7 +130,10 @@ fn losses_match_hand_computation() {
     let dev = Device::Cpu;
     let logits = Tensor::new(&[[1.0f64, 2.0, 0.5], [0.0, 0.0, 3.0]], &dev).unwrap();
     let y = Tensor::new(&[1u32, 0], &dev).unwrap();
-    let ce = cross_entropy(&logits, &y).unwrap().to_scalar::<f64>().unwrap();
+    let ce = cross_entropy(&logits, &y)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let lse0 = (1f64.exp() + 2f64.exp() + 0.5f64.exp()).ln();
     let lse1 = (1.0 + 1.0 + 3f64.exp()).ln();
     let want = ((lse0 - 2.0) + (lse1 - 0.0)) / 2.0;
@@ -126,7 +142,10 @@ fn losses_match_hand_computation() {
     let uhat = Tensor::new(&[[0.2f64, 0.8], [0.5, 0.5]], &dev).unwrap();
     let u = Tensor::new(&[[0.0f64, 1.0], [1.0, 0.0]], &dev).unwrap();
     let w = 1.5;
-    let got = denoise_loss(&uhat, &u, w).unwrap().to_scalar::<f64>().unwrap();
+    let got = denoise_loss(&uhat, &u, w)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     // Row 0: 0.04 + 0.04 = 0.08; row 1: 0.25 + 0.25 = 0.5; mean 0.29.
     assert!(close(got, 1.5 * 0.29, 1e-12));
 
@@ -135,7 +154,10 @@ fn losses_match_hand_computation() {
     assert!(close(total, want + 1.5 * 0.29, 1e-12));
     // Shape errors are typed, not panics.
     let bad = Tensor::zeros((2, 3), DType::F64, &dev).unwrap();
-    assert!(matches!(denoise_loss(&bad, &u, 1.0), Err(CoreError::Shape { .. })));
+    assert!(matches!(
+        denoise_loss(&bad, &u, 1.0),
+        Err(CoreError::Shape { .. })
+    ));
 }
 
 #[test]
@@ -145,11 +167,18 @@ fn losses_are_invariant_to_batch_order() {
     let uhat = rng.randn(&[6, 4], DType::F64, &dev).unwrap();
     let u = rng.randn(&[6, 4], DType::F64, &dev).unwrap();
     let perm = Tensor::new(&[5u32, 2, 0, 4, 1, 3], &dev).unwrap();
-    let a = denoise_loss(&uhat, &u, 2.0).unwrap().to_scalar::<f64>().unwrap();
-    let b = denoise_loss(&uhat.index_select(&perm, 0).unwrap(), &u.index_select(&perm, 0).unwrap(), 2.0)
+    let a = denoise_loss(&uhat, &u, 2.0)
         .unwrap()
         .to_scalar::<f64>()
         .unwrap();
+    let b = denoise_loss(
+        &uhat.index_select(&perm, 0).unwrap(),
+        &u.index_select(&perm, 0).unwrap(),
+        2.0,
+    )
+    .unwrap()
+    .to_scalar::<f64>()
+    .unwrap();
     assert!(close(a, b, 1e-12));
 }
 
@@ -180,11 +209,32 @@ fn sampler_with_perfect_denoiser_reaches_the_label() {
     let oracle = Oracle { u: u.clone() };
     for mode in [Inference::Deterministic, Inference::Stochastic] {
         let z = sample_dt(&oracle, &sched, &x, mode, &mut NoiseRng::new(1)).unwrap();
-        let err = (z - &u).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let err = (z - &u)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(err < 0.06, "{mode:?}: {err}");
     }
     // Same seed, same draws.
-    let a = sample_dt(&oracle, &sched, &x, Inference::Stochastic, &mut NoiseRng::new(5)).unwrap();
-    let b = sample_dt(&oracle, &sched, &x, Inference::Stochastic, &mut NoiseRng::new(5)).unwrap();
+    let a = sample_dt(
+        &oracle,
+        &sched,
+        &x,
+        Inference::Stochastic,
+        &mut NoiseRng::new(5),
+    )
+    .unwrap();
+    let b = sample_dt(
+        &oracle,
+        &sched,
+        &x,
+        Inference::Stochastic,
+        &mut NoiseRng::new(5),
+    )
+    .unwrap();
     assert_eq!(a.to_vec2::<f64>().unwrap(), b.to_vec2::<f64>().unwrap());
 }

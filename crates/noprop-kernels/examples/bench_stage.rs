@@ -37,16 +37,25 @@ fn main() -> Result<()> {
         println!("baseline SIMD only");
     }
     let only = args.next().unwrap_or_default();
-    println!("batch {batch}, {} rayon threads, {runs} runs: min / median ms", rayon::current_num_threads());
+    println!(
+        "batch {batch}, {} rayon threads, {runs} runs: min / median ms",
+        rayon::current_num_threads()
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let stages = [
         ("conv1 pool", [batch, 1, 28, 28], 32, true, false),
         ("conv2", [batch, 32, 14, 14], 64, false, true),
         ("conv3 pool", [batch, 64, 14, 14], 128, true, true),
     ];
-    for (name, xd, cout, pool, input_grad) in stages.into_iter().filter(|s| s.0.contains(only.as_str())) {
+    for (name, xd, cout, pool, input_grad) in
+        stages.into_iter().filter(|s| s.0.contains(only.as_str()))
+    {
         let x = Var::from_tensor(&uniform(&mut rng, &xd)?)?;
-        let x = if input_grad { x.as_tensor().clone() } else { x.as_tensor().detach() };
+        let x = if input_grad {
+            x.as_tensor().clone()
+        } else {
+            x.as_tensor().detach()
+        };
         let wd = [cout, xd[1], 3, 3];
         let w = Var::from_tensor(&(uniform(&mut rng, &wd)? * 0.1)?)?;
         let b = Var::from_tensor(&uniform(&mut rng, &[cout])?)?;
@@ -58,7 +67,14 @@ fn main() -> Result<()> {
             [ConvAlgo::Im2col, ConvAlgo::Winograd]
         };
         for algo in algos {
-            let stage = ConvStage { padding: 1, pool, dropout: 0.2, seed: 3, input_grad, algo };
+            let stage = ConvStage {
+                padding: 1,
+                pool,
+                dropout: 0.2,
+                seed: 3,
+                input_grad,
+                algo,
+            };
             let (mut fwd, mut bwd) = (vec![], vec![]);
             for run in 0..runs + 1 {
                 let t0 = Instant::now();

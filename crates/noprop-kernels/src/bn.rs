@@ -55,7 +55,14 @@ pub(crate) fn inv_std<T: Elem>(var: &[T], eps: f64) -> Vec<T> {
 }
 
 /// `gamma * (x - mean) * istd + beta` as a fresh vector.
-pub(crate) fn forward<T: Elem>(g: &BnGeom, x: &[T], gamma: &[T], beta: &[T], mean: &[T], istd: &[T]) -> Vec<T> {
+pub(crate) fn forward<T: Elem>(
+    g: &BnGeom,
+    x: &[T],
+    gamma: &[T],
+    beta: &[T],
+    mean: &[T],
+    istd: &[T],
+) -> Vec<T> {
     let f = g.features;
     // Centring first keeps the precision of features whose mean is large
     // against their spread.
@@ -106,7 +113,11 @@ pub(crate) fn backward<T: Elem>(
     let dx = wanted.x.then(|| {
         let b = T::from_f64(g.batch as f64);
         let inv_b = T::from_f64(1.0 / g.batch as f64);
-        let k: Vec<T> = gamma.iter().zip(istd).map(|(&w, &s)| w * s * inv_b).collect();
+        let k: Vec<T> = gamma
+            .iter()
+            .zip(istd)
+            .map(|(&w, &s)| w * s * inv_b)
+            .collect();
         let mut dx = Vec::with_capacity(x.len());
         for (xr, gr) in x.chunks_exact(f).zip(dy.chunks_exact(f)) {
             dx.extend((0..f).map(|i| {
@@ -130,14 +141,22 @@ mod tests {
     /// Normalised features have zero mean and unit (biased) variance.
     #[test]
     fn normalises_each_feature() {
-        let g = BnGeom { batch: 5, features: 3 };
-        let x: Vec<f64> = (0..15).map(|i| ((i * 37 % 11) as f64) * 0.7 - 2.0).collect();
+        let g = BnGeom {
+            batch: 5,
+            features: 3,
+        };
+        let x: Vec<f64> = (0..15)
+            .map(|i| ((i * 37 % 11) as f64) * 0.7 - 2.0)
+            .collect();
         let (mean, var) = stats(&g, &x);
         let istd = inv_std(&var, 0.0);
         let y = forward(&g, &x, &[1.0; 3], &[0.0; 3], &mean, &istd);
         let (m2, v2) = stats(&g, &y);
         for f in 0..3 {
-            assert!(m2[f].abs() < 1e-12 && (v2[f] - 1.0).abs() < 1e-12, "{m2:?} {v2:?}");
+            assert!(
+                m2[f].abs() < 1e-12 && (v2[f] - 1.0).abs() < 1e-12,
+                "{m2:?} {v2:?}"
+            );
         }
     }
 }

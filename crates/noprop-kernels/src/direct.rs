@@ -67,7 +67,8 @@ pub(crate) fn pad_planes<T: Elem>(g: &ConvGeom, x: &[T], xp: &mut [T]) {
     xp.fill(T::ZERO);
     for ci in 0..g.cin {
         for y in 0..g.h {
-            xp[(ci * hp + y + g.pad) * wp + g.pad..][..g.w].copy_from_slice(&x[(ci * g.h + y) * g.w..][..g.w]);
+            xp[(ci * hp + y + g.pad) * wp + g.pad..][..g.w]
+                .copy_from_slice(&x[(ci * g.h + y) * g.w..][..g.w]);
         }
     }
 }
@@ -75,7 +76,14 @@ pub(crate) fn pad_planes<T: Elem>(g: &ConvGeom, x: &[T], xp: &mut [T]) {
 /// `y [ho * wo][cout] = relu(b + conv(x))` for one image, from its padded
 /// planes `xp`; the accumulators of an output pixel stay in registers.
 #[inline(always)]
-pub(crate) fn forward_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize], wt: &[T], b: &[T], y: &mut [T]) {
+pub(crate) fn forward_image<T: Elem>(
+    g: &ConvGeom,
+    xp: &[T],
+    offs: &[usize],
+    wt: &[T],
+    b: &[T],
+    y: &mut [T],
+) {
     struct Px<'a, T> {
         xp: &'a [T],
         offs: &'a [usize],
@@ -91,7 +99,8 @@ pub(crate) fn forward_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize], wt:
         fn run<const W: usize>(&mut self, at: usize) {
             let mut acc = Lanes::<T, W>::load(self.b, at);
             for (t, &o) in self.offs.iter().enumerate() {
-                acc = Lanes::splat(self.xp[self.base + o]).mul_add(Lanes::load(self.wt, t * self.n + at), acc);
+                acc = Lanes::splat(self.xp[self.base + o])
+                    .mul_add(Lanes::load(self.wt, t * self.n + at), acc);
             }
             acc.relu().store(self.y, self.at0 + at);
         }
@@ -102,7 +111,19 @@ pub(crate) fn forward_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize], wt:
     for oy in 0..g.ho() {
         for ox in 0..wo {
             let at0 = (oy * wo + ox) * cout;
-            for_lanes_wide(cout, &mut Px { xp, offs, base: oy * wp + ox, wt, b: &b[..cout], y: &mut *y, n: cout, at0 });
+            for_lanes_wide(
+                cout,
+                &mut Px {
+                    xp,
+                    offs,
+                    base: oy * wp + ox,
+                    wt,
+                    b: &b[..cout],
+                    y: &mut *y,
+                    n: cout,
+                    at0,
+                },
+            );
         }
     }
 }
@@ -111,7 +132,13 @@ pub(crate) fn forward_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize], wt:
 /// from the convolution-output gradient `dc [ho * wo][cout]`, one tap at a
 /// time so that the sums over pixels stay in registers.
 #[inline(always)]
-pub(crate) fn weight_grad_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize], dc: &[T], dwt: &mut [T]) {
+pub(crate) fn weight_grad_image<T: Elem>(
+    g: &ConvGeom,
+    xp: &[T],
+    offs: &[usize],
+    dc: &[T],
+    dwt: &mut [T],
+) {
     struct Acc<'a, T> {
         g: &'a ConvGeom,
         xp: &'a [T],
@@ -129,7 +156,8 @@ pub(crate) fn weight_grad_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize],
             for oy in 0..self.g.ho() {
                 for ox in 0..wo {
                     let v = self.xp[oy * wp + ox + self.off];
-                    acc = Lanes::splat(v).mul_add(Lanes::load(self.dc, (oy * wo + ox) * self.n + at), acc);
+                    acc = Lanes::splat(v)
+                        .mul_add(Lanes::load(self.dc, (oy * wo + ox) * self.n + at), acc);
                 }
             }
             (Lanes::load(self.dwt, self.row + at) + acc).store(self.dwt, self.row + at);
@@ -137,7 +165,18 @@ pub(crate) fn weight_grad_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize],
     }
     let cout = g.cout;
     for (t, &off) in offs.iter().enumerate() {
-        for_lanes_wide(cout, &mut Acc { g, xp, off, dc, dwt: &mut *dwt, n: cout, row: t * cout });
+        for_lanes_wide(
+            cout,
+            &mut Acc {
+                g,
+                xp,
+                off,
+                dc,
+                dwt: &mut *dwt,
+                n: cout,
+                row: t * cout,
+            },
+        );
     }
 }
 
@@ -145,7 +184,14 @@ pub(crate) fn weight_grad_image<T: Elem>(g: &ConvGeom, xp: &[T], offs: &[usize],
 /// convolution-output gradient `dc [ho * wo][cout]`; `dxp` is scratch for
 /// the padded planes.
 #[inline(always)]
-pub(crate) fn input_grad_image<T: Elem>(g: &ConvGeom, offs: &[usize], wt: &[T], dc: &[T], dxp: &mut [T], dx: &mut [T]) {
+pub(crate) fn input_grad_image<T: Elem>(
+    g: &ConvGeom,
+    offs: &[usize],
+    wt: &[T],
+    dc: &[T],
+    dxp: &mut [T],
+    dx: &mut [T],
+) {
     let (cout, wo) = (g.cout, g.wo());
     let (hp, wp) = padded_dims(g);
     let dxp = &mut dxp[..g.cin * hp * wp];
@@ -155,13 +201,17 @@ pub(crate) fn input_grad_image<T: Elem>(g: &ConvGeom, offs: &[usize], wt: &[T], 
             let dp = &dc[(oy * wo + ox) * cout..][..cout];
             for (t, &off) in offs.iter().enumerate() {
                 let wr = &wt[t * cout..][..cout];
-                dxp[oy * wp + ox + off] += wr.iter().zip(dp).fold(T::ZERO, |s, (&a, &b)| a.mul_add(b, s));
+                dxp[oy * wp + ox + off] += wr
+                    .iter()
+                    .zip(dp)
+                    .fold(T::ZERO, |s, (&a, &b)| a.mul_add(b, s));
             }
         }
     }
     for ci in 0..g.cin {
         for y in 0..g.h {
-            dx[(ci * g.h + y) * g.w..][..g.w].copy_from_slice(&dxp[(ci * hp + y + g.pad) * wp + g.pad..][..g.w]);
+            dx[(ci * g.h + y) * g.w..][..g.w]
+                .copy_from_slice(&dxp[(ci * hp + y + g.pad) * wp + g.pad..][..g.w]);
         }
     }
 }

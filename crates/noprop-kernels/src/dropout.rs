@@ -47,7 +47,9 @@ impl Mask {
     /// The 32 random bits of elements `2j` and `2j + 1`.
     #[inline(always)]
     fn pair(&self, j: usize) -> (u32, u32) {
-        let z = mix(self.seed.wrapping_add((j as u64).wrapping_add(1).wrapping_mul(GAMMA)));
+        let z = mix(self
+            .seed
+            .wrapping_add((j as u64).wrapping_add(1).wrapping_mul(GAMMA)));
         (z as u32, (z >> 32) as u32)
     }
 
@@ -61,7 +63,13 @@ impl Mask {
     /// [`Mask::apply_in_place_at`] that also overwrites the code of every
     /// dropped element with `dropped` (`codes` as long as `data`).
     #[inline(always)]
-    pub(crate) fn apply_in_place_with_codes<T: Elem>(&self, offset: usize, data: &mut [T], codes: &mut [u8], dropped: u8) {
+    pub(crate) fn apply_in_place_with_codes<T: Elem>(
+        &self,
+        offset: usize,
+        data: &mut [T],
+        codes: &mut [u8],
+        dropped: u8,
+    ) {
         assert_eq!(codes.len(), data.len(), "one code per element");
         self.apply_pairs(offset, data, codes, dropped);
     }
@@ -98,7 +106,11 @@ impl Mask {
         let first = (offset + offset % 2) / 2;
         let pairs = data.len() / 2;
         if with_codes {
-            for (j, (d, c)) in data.chunks_exact_mut(2).zip(codes.chunks_exact_mut(2)).enumerate() {
+            for (j, (d, c)) in data
+                .chunks_exact_mut(2)
+                .zip(codes.chunks_exact_mut(2))
+                .enumerate()
+            {
                 let (lo, hi) = self.pair(first + j);
                 let (k0, k1) = (one!(d[0], lo), one!(d[1], hi));
                 c[0] = if k0 { c[0] } else { dropped };
@@ -137,7 +149,13 @@ impl Mask {
             .enumerate()
             .for_each(|(c, (dst, src))| {
                 let first_pair = c * CHUNK / 2;
-                let factor = |bits: u32| if bits >= self.threshold { scale } else { T::ZERO };
+                let factor = |bits: u32| {
+                    if bits >= self.threshold {
+                        scale
+                    } else {
+                        T::ZERO
+                    }
+                };
                 let mut pairs_d = dst.chunks_exact_mut(2);
                 let mut pairs_s = src.chunks_exact(2);
                 for (j, (d, s)) in (&mut pairs_d).zip(&mut pairs_s).enumerate() {
@@ -178,12 +196,23 @@ mod tests {
         for (offset, len) in [(0, 41), (1, 40), (2, 7), (3, 1), (7, 0), (40, 1), (5, 6)] {
             let mut part = vec![1.0f64; len];
             m.apply_in_place_at(offset, &mut part);
-            assert_eq!(&part[..], &whole[offset..offset + len], "offset {offset} len {len}");
+            assert_eq!(
+                &part[..],
+                &whole[offset..offset + len],
+                "offset {offset} len {len}"
+            );
             let mut part = vec![1.0f64; len];
             let mut codes = vec![1u8; len];
             m.apply_in_place_with_codes(offset, &mut part, &mut codes, 9);
-            assert_eq!(&part[..], &whole[offset..offset + len], "offset {offset} len {len}, with codes");
-            let want: Vec<u8> = whole[offset..offset + len].iter().map(|&f| if f == 0.0 { 9 } else { 1 }).collect();
+            assert_eq!(
+                &part[..],
+                &whole[offset..offset + len],
+                "offset {offset} len {len}, with codes"
+            );
+            let want: Vec<u8> = whole[offset..offset + len]
+                .iter()
+                .map(|&f| if f == 0.0 { 9 } else { 1 })
+                .collect();
             assert_eq!(codes, want, "offset {offset} len {len}: codes");
         }
     }

@@ -66,7 +66,8 @@ impl_elem!(f64);
 
 /// Set by [`crate::use_baseline_simd`]: run the baseline-compiled loops even
 /// where AVX2 and FMA are available (for tests and comparisons).
-pub(crate) static BASELINE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+pub(crate) static BASELINE_ONLY: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// Whether this CPU runs AVX2 and FMA instructions (checked once).
 ///
@@ -82,7 +83,9 @@ pub(crate) fn avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FLAG.get_or_init(|| std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"))
+        *FLAG.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -70,7 +70,12 @@ pub enum KernelError {
     MissingForward { op: &'static str },
     /// The Winograd algorithm was requested for a convolution it cannot compute.
     #[error("conv_stage: Winograd F(2x2, 3x3) needs a 3x3 kernel, padding 1 and an even-sized input, got k={k}, padding {padding}, {h}x{w}")]
-    WinogradShape { k: usize, padding: usize, h: usize, w: usize },
+    WinogradShape {
+        k: usize,
+        padding: usize,
+        h: usize,
+        w: usize,
+    },
     /// A pooled stage whose convolution output is smaller than one window.
     #[error("conv_stage: the convolution output {h}x{w} is smaller than the 2x2 pooling window")]
     StagePoolTooSmall { h: usize, w: usize },

@@ -285,7 +285,9 @@ pub fn dropout_with(kernels: Kernels, x: &Tensor, p: f64, seed: u64) -> Result<T
     }
     let n = x.elem_count();
     let factors = match x.dtype() {
-        DType::F64 => Tensor::from_vec(mask.factors::<f64>(n), x.shape(), &candle_core::Device::Cpu)?,
+        DType::F64 => {
+            Tensor::from_vec(mask.factors::<f64>(n), x.shape(), &candle_core::Device::Cpu)?
+        }
         _ => Tensor::from_vec(mask.factors::<f32>(n), x.shape(), &candle_core::Device::Cpu)?,
     };
     x.mul(&factors.to_dtype(x.dtype())?.to_device(x.device())?)
@@ -489,7 +491,13 @@ pub fn conv_stage(x: &Tensor, w: &Tensor, b: &Tensor, stage: &ConvStage) -> Resu
 }
 
 /// [`conv_stage`] on the chosen [`Kernels`].
-pub fn conv_stage_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, stage: &ConvStage) -> Result<Tensor> {
+pub fn conv_stage_with(
+    kernels: Kernels,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stage: &ConvStage,
+) -> Result<Tensor> {
     check_conv(x, w, Some(b), stage.padding)?;
     if !(0.0..1.0).contains(&stage.dropout) {
         return Err(KernelError::DropoutProbability { p: stage.dropout }.into());
@@ -497,16 +505,28 @@ pub fn conv_stage_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, sta
     let (xd, wd) = (x.dims(), w.dims());
     let geom = ops::conv_geom(xd, wd, stage.padding);
     if stage.pool && (geom.ho() < 2 || geom.wo() < 2) {
-        return Err(KernelError::StagePoolTooSmall { h: geom.ho(), w: geom.wo() }.into());
+        return Err(KernelError::StagePoolTooSmall {
+            h: geom.ho(),
+            w: geom.wo(),
+        }
+        .into());
     }
     let winograd_fits = stage::winograd_fits(&geom);
     if stage.algo == ConvAlgo::Winograd && !winograd_fits {
-        return Err(KernelError::WinogradShape { k: geom.k, padding: geom.pad, h: geom.h, w: geom.w }.into());
+        return Err(KernelError::WinogradShape {
+            k: geom.k,
+            padding: geom.pad,
+            h: geom.h,
+            w: geom.w,
+        }
+        .into());
     }
     if kernels.fast_for(&[x, w, b]) {
         let algo = match stage.algo {
             ConvAlgo::Winograd => stage::Algo::Winograd,
-            ConvAlgo::Auto if winograd_fits && geom.cin >= WINOGRAD_MIN_CIN => stage::Algo::Winograd,
+            ConvAlgo::Auto if winograd_fits && geom.cin >= WINOGRAD_MIN_CIN => {
+                stage::Algo::Winograd
+            }
             ConvAlgo::Auto if geom.cin < WINOGRAD_MIN_CIN => stage::Algo::Direct,
             ConvAlgo::Direct => stage::Algo::Direct,
             _ => stage::Algo::Im2col,
@@ -519,10 +539,24 @@ pub fn conv_stage_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor, sta
             mask: (stage.dropout > 0.0).then(|| dropout::Mask::new(stage.dropout, stage.seed)),
             arg: Default::default(),
         };
-        return x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, op);
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
     }
-    let y = conv_impl(Kernels::Stock, x, w, Some(b), stage.padding, stage.input_grad, true)?;
-    let y = if stage.pool { max_pool2x2_with(Kernels::Stock, &y)? } else { y };
+    let y = conv_impl(
+        Kernels::Stock,
+        x,
+        w,
+        Some(b),
+        stage.padding,
+        stage.input_grad,
+        true,
+    )?;
+    let y = if stage.pool {
+        max_pool2x2_with(Kernels::Stock, &y)?
+    } else {
+        y
+    };
     dropout_with(Kernels::Stock, &y, stage.dropout, stage.seed)
 }
 
@@ -545,26 +579,56 @@ pub struct BatchNormOutput {
 /// # Shapes
 /// - `x`: `[batch, features]`, `batch >= 1`
 /// - `weight`, `bias`: `[features]`
-pub fn batch_norm1d_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+pub fn batch_norm1d_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<BatchNormOutput> {
     batch_norm1d_train_with(Kernels::Fast, x, weight, bias, eps)
 }
 
 /// [`batch_norm1d_train`] on the chosen [`Kernels`].
-pub fn batch_norm1d_train_with(kernels: Kernels, x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<BatchNormOutput> {
+pub fn batch_norm1d_train_with(
+    kernels: Kernels,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<BatchNormOutput> {
     let (xd, wd, bd) = (x.dims(), weight.dims(), bias.dims());
     if xd.len() != 2 || xd[0] == 0 || wd != [xd[1]] || bd != [xd[1]] {
-        return Err(KernelError::BatchNormShapes { x: xd.to_vec(), w: wd.to_vec(), b: bd.to_vec() }.into());
+        return Err(KernelError::BatchNormShapes {
+            x: xd.to_vec(),
+            w: wd.to_vec(),
+            b: bd.to_vec(),
+        }
+        .into());
     }
     for (arg, t) in [("weight", weight), ("bias", bias)] {
         if t.dtype() != x.dtype() {
-            return Err(KernelError::DTypeMismatch { op: "batch_norm1d", arg, found: t.dtype(), expected: x.dtype() }.into());
+            return Err(KernelError::DTypeMismatch {
+                op: "batch_norm1d",
+                arg,
+                found: t.dtype(),
+                expected: x.dtype(),
+            }
+            .into());
         }
     }
     if kernels.fast_for(&[x, weight, bias]) {
         let stats = std::sync::Arc::new(std::sync::OnceLock::new());
-        let op = ops::BatchNormOp { eps, stats: stats.clone() };
-        let y = x.contiguous()?.apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
-        let (mean, var) = stats.get().cloned().ok_or(KernelError::MissingForward { op: "batch_norm1d" })?;
+        let op = ops::BatchNormOp {
+            eps,
+            stats: stats.clone(),
+        };
+        let y = x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        let (mean, var) = stats
+            .get()
+            .cloned()
+            .ok_or(KernelError::MissingForward { op: "batch_norm1d" })?;
         let dev = x.device();
         let f = xd[1];
         return Ok(BatchNormOutput {
@@ -577,8 +641,15 @@ pub fn batch_norm1d_train_with(kernels: Kernels, x: &Tensor, weight: &Tensor, bi
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(0)?;
     let inv = (&var + eps)?.sqrt()?.recip()?;
-    let y = centered.broadcast_mul(&inv)?.broadcast_mul(weight)?.broadcast_add(bias)?;
-    Ok(BatchNormOutput { y, mean: mean.detach().squeeze(0)?, var: var.detach().squeeze(0)? })
+    let y = centered
+        .broadcast_mul(&inv)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)?;
+    Ok(BatchNormOutput {
+        y,
+        mean: mean.detach().squeeze(0)?,
+        var: var.detach().squeeze(0)?,
+    })
 }
 
 /// The floating-point operations (two per multiply-add) of one forward

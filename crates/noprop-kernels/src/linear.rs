@@ -104,7 +104,11 @@ mod tests {
 
     #[test]
     fn matches_naive_loops() {
-        let g = LinearGeom { batch: 3, inp: 5, out: 4 };
+        let g = LinearGeom {
+            batch: 3,
+            inp: 5,
+            out: 4,
+        };
         let x: Vec<f64> = (0..15).map(|i| (i as f64 * 0.37).sin()).collect();
         let w: Vec<f64> = (0..20).map(|i| (i as f64 * 0.11).cos()).collect();
         let b = [0.5, -1.0, 2.0, 0.25];

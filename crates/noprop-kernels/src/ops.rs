@@ -323,8 +323,16 @@ impl CustomOp1 for DropoutOp {
         let grad = grad.contiguous()?;
         let (gs, gl) = grad.storage_and_layout();
         let dx = match grad.dtype() {
-            DType::F32 => host_tensor(self.0.apply(storage_slice::<f32>(&gs, gl, DROPOUT, "grad")?), x.shape())?,
-            DType::F64 => host_tensor(self.0.apply(storage_slice::<f64>(&gs, gl, DROPOUT, "grad")?), x.shape())?,
+            DType::F32 => host_tensor(
+                self.0
+                    .apply(storage_slice::<f32>(&gs, gl, DROPOUT, "grad")?),
+                x.shape(),
+            )?,
+            DType::F64 => host_tensor(
+                self.0
+                    .apply(storage_slice::<f64>(&gs, gl, DROPOUT, "grad")?),
+                x.shape(),
+            )?,
             dtype => return Err(KernelError::UnsupportedDType { op: DROPOUT, dtype }.into()),
         };
         Ok(Some(dx))
@@ -339,7 +347,11 @@ pub(crate) struct LinearOp;
 
 impl LinearOp {
     fn geom(x: &[usize], w: &[usize]) -> crate::linear::LinearGeom {
-        crate::linear::LinearGeom { batch: x[0], inp: x[1], out: w[0] }
+        crate::linear::LinearGeom {
+            batch: x[0],
+            inp: x[1],
+            out: w[0],
+        }
     }
 
     fn fwd<T: Elem>(
@@ -475,7 +487,14 @@ impl ConvStageOp {
         Ok((T::to_cpu_storage_owned(r.out), shape))
     }
 
-    fn bwd_typed<T: Elem>(&self, x: &Tensor, w: &Tensor, res: &Tensor, grad: &Tensor, wanted: Wanted) -> Result<[Option<Tensor>; 3]> {
+    fn bwd_typed<T: Elem>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+        wanted: Wanted,
+    ) -> Result<[Option<Tensor>; 3]> {
         let sg = self.geom(x.dims(), w.dims());
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -503,7 +522,10 @@ impl ConvStageOp {
         Ok([
             grads.x.map(|v| host_tensor(v, x.shape())).transpose()?,
             grads.w.map(|v| host_tensor(v, w.shape())).transpose()?,
-            grads.b.map(|v| host_tensor(v, &Shape::from(sg.conv.cout))).transpose()?,
+            grads
+                .b
+                .map(|v| host_tensor(v, &Shape::from(sg.conv.cout)))
+                .transpose()?,
         ])
     }
 }
@@ -565,21 +587,45 @@ pub(crate) struct BatchNormOp {
 
 impl BatchNormOp {
     fn geom(x: &[usize]) -> crate::bn::BnGeom {
-        crate::bn::BnGeom { batch: x[0], features: x[1] }
+        crate::bn::BnGeom {
+            batch: x[0],
+            features: x[1],
+        }
     }
 
-    fn fwd<T: Elem>(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd<T: Elem>(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = Self::geom(xl.dims());
         let x = host_slice::<T>(xs, xl, BN, "x")?;
         let (mean, var) = crate::bn::stats(&g, x);
         let istd = crate::bn::inv_std(&var, self.eps);
-        let y = crate::bn::forward(&g, x, host_slice::<T>(ws, wl, BN, "weight")?, host_slice::<T>(bs, bl, BN, "bias")?, &mean, &istd);
+        let y = crate::bn::forward(
+            &g,
+            x,
+            host_slice::<T>(ws, wl, BN, "weight")?,
+            host_slice::<T>(bs, bl, BN, "bias")?,
+            &mean,
+            &istd,
+        );
         let to64 = |v: &[T]| v.iter().map(|x| x.to_f64()).collect::<Vec<f64>>();
         let _ = self.stats.set((to64(&mean), to64(&var)));
         Ok((T::to_cpu_storage_owned(y), xl.shape().clone()))
     }
 
-    fn bwd_typed<T: Elem>(&self, x: &Tensor, w: &Tensor, b: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd_typed<T: Elem>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = Self::geom(x.dims());
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
@@ -587,8 +633,20 @@ impl BatchNormOp {
         let xv = storage_slice::<T>(&xs, xl, BN, "x")?;
         let (mean, var) = crate::bn::stats(&g, xv);
         let istd = crate::bn::inv_std(&var, self.eps);
-        let wanted = crate::bn::BnWanted { x: x.track_op(), gamma: w.track_op(), beta: b.track_op() };
-        let r = crate::bn::backward(&g, xv, storage_slice::<T>(&ws, wl, BN, "weight")?, &mean, &istd, storage_slice::<T>(&gs, gl, BN, "grad")?, wanted);
+        let wanted = crate::bn::BnWanted {
+            x: x.track_op(),
+            gamma: w.track_op(),
+            beta: b.track_op(),
+        };
+        let r = crate::bn::backward(
+            &g,
+            xv,
+            storage_slice::<T>(&ws, wl, BN, "weight")?,
+            &mean,
+            &istd,
+            storage_slice::<T>(&gs, gl, BN, "grad")?,
+            wanted,
+        );
         Ok((
             r.x.map(|v| host_tensor(v, x.shape())).transpose()?,
             r.gamma.map(|v| host_tensor(v, w.shape())).transpose()?,
@@ -602,7 +660,15 @@ impl CustomOp3 for BatchNormOp {
         "noprop-batch-norm1d"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         match xs.dtype() {
             DType::F32 => self.fwd::<f32>(xs, xl, ws, wl, bs, bl),
             DType::F64 => self.fwd::<f64>(xs, xl, ws, wl, bs, bl),
@@ -610,7 +676,14 @@ impl CustomOp3 for BatchNormOp {
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         match x.dtype() {
             DType::F32 => self.bwd_typed::<f32>(x, w, b, &grad),

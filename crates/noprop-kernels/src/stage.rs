@@ -32,9 +32,9 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use crate::conv::{self, im2col, matmul, matmul_strided, ConvGeom, ConvGrads, Mat, Wanted};
+use crate::direct;
 use crate::dropout::Mask;
 use crate::elem::{Elem, OutPtr, Output, Scratch};
-use crate::direct;
 use crate::winograd::{self, for_lanes, LaneFn, Lanes, Wino};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -133,7 +133,14 @@ fn for_chunks<R: Send>(batch: usize, f: impl Fn(Range<usize>) -> R + Sync + Send
 
 /// The forward pass: a fresh `[batch, cout, oh, ow]` output and the window
 /// codes of a pooled stage.
-pub(crate) fn forward<T: Elem>(sg: &StageGeom, algo: Algo, x: &[T], w: &[T], b: &[T], mask: Option<&Mask>) -> StageOut<T> {
+pub(crate) fn forward<T: Elem>(
+    sg: &StageGeom,
+    algo: Algo,
+    x: &[T],
+    w: &[T],
+    b: &[T],
+    mask: Option<&Mask>,
+) -> StageOut<T> {
     let g = &sg.conv;
     let oi = sg.out_image();
     let mut out = Output::<T>::new(g.batch * oi);
@@ -145,7 +152,17 @@ pub(crate) fn forward<T: Elem>(sg: &StageGeom, algo: Algo, x: &[T], w: &[T], b: 
         Algo::Direct => direct::transpose_weights(g, w),
         Algo::Im2col => Vec::new(),
     };
-    let ctx = FwdChunk { sg, algo, x, w, wk: &wk, b, mask, out: op, arg: ap };
+    let ctx = FwdChunk {
+        sg,
+        algo,
+        x,
+        w,
+        wk: &wk,
+        b,
+        mask,
+        out: op,
+        arg: ap,
+    };
     // SAFETY: each chunk writes only its own images' ranges of `out` and `arg`.
     for_chunks(g.batch, |images| unsafe { forward_chunk(&ctx, images) });
     // SAFETY: the chunks cover every image, and each wrote its ranges in full.
@@ -192,7 +209,17 @@ unsafe fn forward_chunk_avx2<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize
 
 #[inline(always)]
 unsafe fn forward_chunk_body<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize>) {
-    let &FwdChunk { sg, algo, x, w, wk, b, mask, out, arg } = ctx;
+    let &FwdChunk {
+        sg,
+        algo,
+        x,
+        w,
+        wk,
+        b,
+        mask,
+        out,
+        arg,
+    } = ctx;
     let oi = sg.out_image();
     match algo {
         Algo::Winograd => wino_forward(sg, x, wk, b, images.clone(), out, arg),
@@ -222,7 +249,13 @@ unsafe fn forward_chunk_body<T: Elem>(ctx: &FwdChunk<'_, T>, images: Range<usize
 /// # Safety
 /// `out` and `arg` must be valid for image `bi`'s range, owned by the caller.
 #[inline(always)]
-unsafe fn write_pooled_planes<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: OutPtr<T>, arg: Option<OutPtr<u8>>) {
+unsafe fn write_pooled_planes<T: Elem>(
+    sg: &StageGeom,
+    y: &[T],
+    bi: usize,
+    out: OutPtr<T>,
+    arg: Option<OutPtr<u8>>,
+) {
     let g = &sg.conv;
     let oi = sg.out_image();
     let o = out.slots(bi * oi, oi);
@@ -241,7 +274,12 @@ unsafe fn write_pooled_planes<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: 
             let bottom = &plane[(2 * oy + 1) * wo..][..2 * ow];
             let base = (c * oh + oy) * ow;
             for ox in 0..ow {
-                let (v, code) = pool4([top[2 * ox], top[2 * ox + 1], bottom[2 * ox], bottom[2 * ox + 1]]);
+                let (v, code) = pool4([
+                    top[2 * ox],
+                    top[2 * ox + 1],
+                    bottom[2 * ox],
+                    bottom[2 * ox + 1],
+                ]);
                 o[base + ox].write(v);
                 a[base + ox].write(code);
             }
@@ -275,7 +313,14 @@ unsafe fn im2col_forward<T: Elem>(
             im2col(g, xb, &mut cols);
             &cols
         };
-        matmul((g.cout, n, kdim), y.as_mut_ptr(), false, Mat::rows(w, kdim), Mat::rows(c, n), Parallelism::None);
+        matmul(
+            (g.cout, n, kdim),
+            y.as_mut_ptr(),
+            false,
+            Mat::rows(w, kdim),
+            Mat::rows(c, n),
+            Parallelism::None,
+        );
         conv::epilogue(&mut y, n, Some(b), true);
         write_pooled_planes(sg, &y, bi, out, arg);
     }
@@ -315,7 +360,13 @@ unsafe fn direct_forward<T: Elem>(
 /// # Safety
 /// As for [`write_pooled_planes`].
 #[inline(always)]
-unsafe fn write_channels_last<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: OutPtr<T>, arg: Option<OutPtr<u8>>) {
+unsafe fn write_channels_last<T: Elem>(
+    sg: &StageGeom,
+    y: &[T],
+    bi: usize,
+    out: OutPtr<T>,
+    arg: Option<OutPtr<u8>>,
+) {
     let g = &sg.conv;
     let (cout, n, wo) = (g.cout, g.n(), g.wo());
     let oi = sg.out_image();
@@ -342,8 +393,14 @@ unsafe fn write_channels_last<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: 
         #[inline(always)]
         fn run<const W: usize>(&mut self, at: usize) {
             let [k0, k1, k2, k3] = self.cells;
-            let (c0, c1) = (Lanes::<T, W>::load(self.y, k0 + at), Lanes::<T, W>::load(self.y, k1 + at));
-            let (c2, c3) = (Lanes::<T, W>::load(self.y, k2 + at), Lanes::<T, W>::load(self.y, k3 + at));
+            let (c0, c1) = (
+                Lanes::<T, W>::load(self.y, k0 + at),
+                Lanes::<T, W>::load(self.y, k1 + at),
+            );
+            let (c2, c3) = (
+                Lanes::<T, W>::load(self.y, k2 + at),
+                Lanes::<T, W>::load(self.y, k3 + at),
+            );
             for j in 0..W {
                 let (v, code) = pool4([c0.0[j], c1.0[j], c2.0[j], c3.0[j]]);
                 let k = (at + j) * self.plane + self.q;
@@ -356,7 +413,17 @@ unsafe fn write_channels_last<T: Elem>(sg: &StageGeom, y: &[T], bi: usize, out: 
         for px in 0..ow {
             let tl = (2 * py * wo + 2 * px) * cout;
             let cells = [tl, tl + cout, tl + wo * cout, tl + (wo + 1) * cout];
-            for_lanes(cout, &mut Pool { y, o: &mut *o, a: &mut *a, cells, q: py * ow + px, plane: oh * ow });
+            for_lanes(
+                cout,
+                &mut Pool {
+                    y,
+                    o: &mut *o,
+                    a: &mut *a,
+                    cells,
+                    q: py * ow + px,
+                    plane: oh * ow,
+                },
+            );
         }
     }
 }
@@ -389,7 +456,12 @@ unsafe fn wino_forward<T: Elem>(
         let group = start..(start + WINO_GROUP).min(images.end);
         for (k, bi) in group.clone().enumerate() {
             winograd::pad_channels_last(&wg, &x[bi * x_len..][..x_len], &mut xp);
-            winograd::input_transform(&wg, &xp, &mut v[k * tiles * 16 * cin..][..tiles * 16 * cin], &mut tbuf);
+            winograd::input_transform(
+                &wg,
+                &xp,
+                &mut v[k * tiles * 16 * cin..][..tiles * 16 * cin],
+                &mut tbuf,
+            );
         }
         let rows = group.len() * tiles;
         for pt in 0..16 {
@@ -440,7 +512,8 @@ fn wino_output_image<T: Elem>(
             impl<T: Elem> LaneFn<T> for Pooled<'_, T> {
                 #[inline(always)]
                 fn run<const W: usize>(&mut self, at: usize) {
-                    let [y0, y1, y2, y3] = winograd::tile_outputs::<T, W>(self.m, self.n, self.b, at);
+                    let [y0, y1, y2, y3] =
+                        winograd::tile_outputs::<T, W>(self.m, self.n, self.b, at);
                     for j in 0..W {
                         let (v, code) = pool4([y0.0[j], y1.0[j], y2.0[j], y3.0[j]]);
                         let k = (at + j) * self.tiles + self.p;
@@ -451,7 +524,18 @@ fn wino_output_image<T: Elem>(
             }
             for p in 0..tiles {
                 let mp = &m[p * 16 * cout..][..16 * cout];
-                for_lanes(cout, &mut Pooled { m: mp, b, out: &mut *out, arg: &mut *arg, n: cout, tiles, p });
+                for_lanes(
+                    cout,
+                    &mut Pooled {
+                        m: mp,
+                        b,
+                        out: &mut *out,
+                        arg: &mut *arg,
+                        n: cout,
+                        tiles,
+                        p,
+                    },
+                );
             }
         }
         None => {
@@ -480,7 +564,18 @@ fn wino_output_image<T: Elem>(
             for ti in 0..wg.th() {
                 for tj in 0..tw {
                     let mp = &m[(ti * tw + tj) * 16 * cout..][..16 * cout];
-                    for_lanes(cout, &mut Full { m: mp, b, out: &mut *out, n: cout, hw, base: 2 * ti * w + 2 * tj, w });
+                    for_lanes(
+                        cout,
+                        &mut Full {
+                            m: mp,
+                            b,
+                            out: &mut *out,
+                            n: cout,
+                            hw,
+                            base: 2 * ti * w + 2 * tj,
+                            w,
+                        },
+                    );
                 }
             }
         }
@@ -554,7 +649,9 @@ pub(crate) fn backward<T: Elem>(
         // SAFETY: every chunk wrote its images' input gradients in full.
         x: dx.map(|d| unsafe { d.finish() }),
         w: dw,
-        b: wanted.b.then(|| total_b.unwrap_or_else(|| vec![T::ZERO; g.cout])),
+        b: wanted
+            .b
+            .then(|| total_b.unwrap_or_else(|| vec![T::ZERO; g.cout])),
     }
 }
 
@@ -563,7 +660,12 @@ pub(crate) fn backward<T: Elem>(
 ///
 /// # Safety
 /// The chunk's range of `dx` must belong to the caller.
-unsafe fn backward_chunk<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+unsafe fn backward_chunk<T: Elem>(
+    ctx: &ChunkGrad<'_, T>,
+    algo: Algo,
+    images: Range<usize>,
+    dx: Option<OutPtr<T>>,
+) -> Partial<T> {
     #[cfg(target_arch = "x86_64")]
     if crate::elem::avx2_fma() {
         return backward_chunk_avx2(ctx, algo, images, dx);
@@ -573,12 +675,22 @@ unsafe fn backward_chunk<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Ra
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn backward_chunk_avx2<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+unsafe fn backward_chunk_avx2<T: Elem>(
+    ctx: &ChunkGrad<'_, T>,
+    algo: Algo,
+    images: Range<usize>,
+    dx: Option<OutPtr<T>>,
+) -> Partial<T> {
     backward_chunk_body(ctx, algo, images, dx)
 }
 
 #[inline(always)]
-unsafe fn backward_chunk_body<T: Elem>(ctx: &ChunkGrad<'_, T>, algo: Algo, images: Range<usize>, dx: Option<OutPtr<T>>) -> Partial<T> {
+unsafe fn backward_chunk_body<T: Elem>(
+    ctx: &ChunkGrad<'_, T>,
+    algo: Algo,
+    images: Range<usize>,
+    dx: Option<OutPtr<T>>,
+) -> Partial<T> {
     match algo {
         Algo::Winograd => ctx.winograd(images, dx),
         Algo::Direct => ctx.direct(images, dx),
@@ -663,7 +775,8 @@ impl<T: Elem> ChunkGrad<'_, T> {
                     #[inline(always)]
                     fn run<const W: usize>(&mut self, at: usize) {
                         let k = at * self.tiles + self.p;
-                        let g = Lanes::<T, W>::gather(self.gs, k, self.tiles) * Lanes::splat(self.scale);
+                        let g = Lanes::<T, W>::gather(self.gs, k, self.tiles)
+                            * Lanes::splat(self.scale);
                         let mut code = [0u8; W];
                         for (j, c) in code.iter_mut().enumerate() {
                             *c = self.arg[k + j * self.tiles];
@@ -683,7 +796,19 @@ impl<T: Elem> ChunkGrad<'_, T> {
                 let arg = &arg[i * oi..][..oi];
                 for p in 0..tiles {
                     let dmp = &mut dm[p * 16 * cout..][..16 * cout];
-                    for_lanes(cout, &mut Pooled { gs, arg, dm: dmp, db: &mut *db, n: cout, tiles, p, scale: self.scale });
+                    for_lanes(
+                        cout,
+                        &mut Pooled {
+                            gs,
+                            arg,
+                            dm: dmp,
+                            db: &mut *db,
+                            n: cout,
+                            tiles,
+                            p,
+                            scale: self.scale,
+                        },
+                    );
                 }
             }
             None => {
@@ -706,7 +831,8 @@ impl<T: Elem> ChunkGrad<'_, T> {
                         let k = at * self.hw + self.base;
                         let mut d = [Lanes::<T, W>::splat(T::ZERO); 4];
                         for (dc, px) in d.iter_mut().zip([k, k + 1, k + self.w, k + self.w + 1]) {
-                            let g = Lanes::<T, W>::gather(self.gs, px, self.hw) * Lanes::splat(self.scale);
+                            let g = Lanes::<T, W>::gather(self.gs, px, self.hw)
+                                * Lanes::splat(self.scale);
                             *dc = g.select(Lanes::<T, W>::gather(self.out, px, self.hw).positive());
                         }
                         (Lanes::load(self.db, at) + d[0] + d[1] + d[2] + d[3]).store(self.db, at);
@@ -719,7 +845,20 @@ impl<T: Elem> ChunkGrad<'_, T> {
                     for tj in 0..tw {
                         let dmp = &mut dm[(ti * tw + tj) * 16 * cout..][..16 * cout];
                         let base = 2 * ti * w + 2 * tj;
-                        for_lanes(cout, &mut Full { gs, out, dm: dmp, db: &mut *db, n: cout, hw, base, w, scale: self.scale });
+                        for_lanes(
+                            cout,
+                            &mut Full {
+                                gs,
+                                out,
+                                dm: dmp,
+                                db: &mut *db,
+                                n: cout,
+                                hw,
+                                base,
+                                w,
+                                scale: self.scale,
+                            },
+                        );
                     }
                 }
             }
@@ -757,7 +896,11 @@ impl<T: Elem> ChunkGrad<'_, T> {
                 for (p, px) in dc.chunks_exact_mut(cout).enumerate() {
                     for (c, d) in px.iter_mut().enumerate() {
                         let k = c * n + p;
-                        *d = if out[k] > T::ZERO { gs[k] * self.scale } else { T::ZERO };
+                        *d = if out[k] > T::ZERO {
+                            gs[k] * self.scale
+                        } else {
+                            T::ZERO
+                        };
                     }
                 }
             }
@@ -782,7 +925,8 @@ impl<T: Elem> ChunkGrad<'_, T> {
         let mut dc = Scratch::<T>::new(g.n() * g.cout);
         let mut xp = Scratch::<T>::new(if self.wanted.w { g.cin * hp * wp } else { 0 });
         let mut dxp = Scratch::<T>::new(if dx.is_some() { g.cin * hp * wp } else { 0 });
-        let mut pw = (self.wanted.w && !images.is_empty()).then(|| vec![T::ZERO; g.kdim() * g.cout]);
+        let mut pw =
+            (self.wanted.w && !images.is_empty()).then(|| vec![T::ZERO; g.kdim() * g.cout]);
         let mut db = vec![T::ZERO; g.cout];
         let first = images.start;
         for bi in images {
@@ -795,7 +939,14 @@ impl<T: Elem> ChunkGrad<'_, T> {
             if let Some(dx) = dx {
                 let p = dx.at(bi * x_len);
                 std::ptr::write_bytes(p, 0, x_len);
-                direct::input_grad_image(g, &offs, wt, &dc, &mut dxp, std::slice::from_raw_parts_mut(p, x_len));
+                direct::input_grad_image(
+                    g,
+                    &offs,
+                    wt,
+                    &dc,
+                    &mut dxp,
+                    std::slice::from_raw_parts_mut(p, x_len),
+                );
             }
         }
         Partial {
@@ -832,7 +983,14 @@ impl<T: Elem> ChunkGrad<'_, T> {
                     im2col(g, xb, &mut cols);
                     &cols
                 };
-                matmul((g.cout, kdim, n), pw.as_mut_ptr(), true, Mat::rows(&dc, n), Mat::transposed(c, n), Parallelism::None);
+                matmul(
+                    (g.cout, kdim, n),
+                    pw.as_mut_ptr(),
+                    true,
+                    Mat::rows(&dc, n),
+                    Mat::transposed(c, n),
+                    Parallelism::None,
+                );
             }
             if let Some(dx) = dx {
                 conv::input_grad_image(g, self.w, &dc, dx, bi, Parallelism::None);
@@ -854,9 +1012,17 @@ impl<T: Elem> ChunkGrad<'_, T> {
         let (want_w, want_x) = (self.wanted.w, dx.is_some());
         let mut xp = Scratch::<T>::new(if want_w { wg.padded() } else { 0 });
         let mut buf = Scratch::<T>::new(wg.row_buf());
-        let mut v = Scratch::<T>::new(if want_w { group_max * tiles * 16 * cin } else { 0 });
+        let mut v = Scratch::<T>::new(if want_w {
+            group_max * tiles * 16 * cin
+        } else {
+            0
+        });
         let mut dm = Scratch::<T>::new(group_max * tiles * 16 * cout);
-        let mut dv = Scratch::<T>::new(if want_x { group_max * tiles * 16 * cin } else { 0 });
+        let mut dv = Scratch::<T>::new(if want_x {
+            group_max * tiles * 16 * cin
+        } else {
+            0
+        });
         let mut dxpad = Scratch::<T>::new(if want_x { wg.padded() } else { 0 });
         let mut pu = (want_w && !images.is_empty()).then(|| vec![T::ZERO; 16 * cin * cout]);
         let mut db = vec![T::ZERO; cout];
@@ -866,10 +1032,19 @@ impl<T: Elem> ChunkGrad<'_, T> {
             let group = start..(start + WINO_GROUP).min(images.end);
             let rows = group.len() * tiles;
             for (k, bi) in group.clone().enumerate() {
-                self.tile_grads(bi - first, &mut dm[k * tiles * 16 * cout..][..tiles * 16 * cout], &mut db);
+                self.tile_grads(
+                    bi - first,
+                    &mut dm[k * tiles * 16 * cout..][..tiles * 16 * cout],
+                    &mut db,
+                );
                 if want_w {
                     winograd::pad_channels_last(&wg, &self.x[bi * x_len..][..x_len], &mut xp);
-                    winograd::input_transform(&wg, &xp, &mut v[k * tiles * 16 * cin..][..tiles * 16 * cin], &mut buf);
+                    winograd::input_transform(
+                        &wg,
+                        &xp,
+                        &mut v[k * tiles * 16 * cin..][..tiles * 16 * cin],
+                        &mut buf,
+                    );
                 }
             }
             if let Some(pu) = pu.as_mut() {
@@ -898,7 +1073,12 @@ impl<T: Elem> ChunkGrad<'_, T> {
                     );
                 }
                 for (k, bi) in group.clone().enumerate() {
-                    winograd::input_transform_adjoint(&wg, &dv[k * tiles * 16 * cin..][..tiles * 16 * cin], &mut dxpad, &mut buf);
+                    winograd::input_transform_adjoint(
+                        &wg,
+                        &dv[k * tiles * 16 * cin..][..tiles * 16 * cin],
+                        &mut dxpad,
+                        &mut buf,
+                    );
                     winograd::crop_channels_first(&wg, &dxpad, dx.slots(bi * x_len, x_len));
                 }
             }

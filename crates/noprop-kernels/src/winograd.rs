@@ -231,7 +231,12 @@ pub(crate) fn transform_weights<T: Elem>(g: &Wino, w: &[T]) -> Vec<T> {
                         _ => c,
                     }
                 });
-                let row = [q[0], (q[0] + q[1] + q[2]) * half, (q[0] - q[1] + q[2]) * half, q[2]];
+                let row = [
+                    q[0],
+                    (q[0] + q[1] + q[2]) * half,
+                    (q[0] - q[1] + q[2]) * half,
+                    q[2],
+                ];
                 for (l, &v) in row.iter().enumerate() {
                     u[((r * 4 + l) * cin + ci) * cout + co] = v;
                 }
@@ -375,14 +380,26 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
             #[inline(always)]
             fn run<const W: usize>(&mut self, at: usize) {
                 let [r0, r1, r2, r3] = self.r;
-                let (a, b, c, d) = (Lanes::<T, W>::load(r0, at), Lanes::load(r1, at), Lanes::load(r2, at), Lanes::load(r3, at));
+                let (a, b, c, d) = (
+                    Lanes::<T, W>::load(r0, at),
+                    Lanes::load(r1, at),
+                    Lanes::load(r2, at),
+                    Lanes::load(r3, at),
+                );
                 (a - c).store(self.t, at);
                 (b + c).store(self.t, self.row + at);
                 (c - b).store(self.t, 2 * self.row + at);
                 (b - d).store(self.t, 3 * self.row + at);
             }
         }
-        for_lanes(row, &mut Vert { r: rows::<4, T>(xp, 2 * ti, row), t: &mut *tbuf, row });
+        for_lanes(
+            row,
+            &mut Vert {
+                r: rows::<4, T>(xp, 2 * ti, row),
+                t: &mut *tbuf,
+                row,
+            },
+        );
         // B along the rows, per tile: v[4k + l] = t[k] · B[:, l].
         struct Horiz<'a, T> {
             t: &'a [T],
@@ -397,8 +414,14 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
                 for k in 0..4 {
                     let base = k * self.row + self.col;
                     let c = self.c;
-                    let (a, b) = (Lanes::<T, W>::load(self.t, base + at), Lanes::<T, W>::load(self.t, base + c + at));
-                    let (cc, d) = (Lanes::<T, W>::load(self.t, base + 2 * c + at), Lanes::<T, W>::load(self.t, base + 3 * c + at));
+                    let (a, b) = (
+                        Lanes::<T, W>::load(self.t, base + at),
+                        Lanes::<T, W>::load(self.t, base + c + at),
+                    );
+                    let (cc, d) = (
+                        Lanes::<T, W>::load(self.t, base + 2 * c + at),
+                        Lanes::<T, W>::load(self.t, base + 3 * c + at),
+                    );
                     let o = 4 * k * self.c + at;
                     (a - cc).store(self.v, o);
                     (b + cc).store(self.v, o + self.c);
@@ -409,7 +432,16 @@ pub(crate) fn input_transform<T: Elem>(g: &Wino, xp: &[T], v: &mut [T], tbuf: &m
         }
         for tj in 0..tw {
             let vp = &mut v[(ti * tw + tj) * 16 * c..][..16 * c];
-            for_lanes(c, &mut Horiz { t: tbuf, v: vp, row, c, col: 2 * tj * c });
+            for_lanes(
+                c,
+                &mut Horiz {
+                    t: tbuf,
+                    v: vp,
+                    row,
+                    c,
+                    col: 2 * tj * c,
+                },
+            );
         }
     }
 }
@@ -437,19 +469,35 @@ pub(crate) fn input_transform_adjoint<T: Elem>(g: &Wino, dv: &[T], dxp: &mut [T]
             fn run<const W: usize>(&mut self, at: usize) {
                 for k in 0..4 {
                     let (c, r) = (self.c, 4 * k * self.c + at);
-                    let (a, b) = (Lanes::<T, W>::load(self.dv, r), Lanes::<T, W>::load(self.dv, r + c));
-                    let (cc, d) = (Lanes::<T, W>::load(self.dv, r + 2 * c), Lanes::<T, W>::load(self.dv, r + 3 * c));
+                    let (a, b) = (
+                        Lanes::<T, W>::load(self.dv, r),
+                        Lanes::<T, W>::load(self.dv, r + c),
+                    );
+                    let (cc, d) = (
+                        Lanes::<T, W>::load(self.dv, r + 2 * c),
+                        Lanes::<T, W>::load(self.dv, r + 3 * c),
+                    );
                     let o = k * self.row + self.col + at;
                     (Lanes::<T, W>::load(self.f, o) + a).store(self.f, o);
                     (Lanes::<T, W>::load(self.f, o + c) + (b - cc + d)).store(self.f, o + c);
-                    (Lanes::<T, W>::load(self.f, o + 2 * c) + (b + cc - a)).store(self.f, o + 2 * c);
+                    (Lanes::<T, W>::load(self.f, o + 2 * c) + (b + cc - a))
+                        .store(self.f, o + 2 * c);
                     (Lanes::<T, W>::load(self.f, o + 3 * c) - d).store(self.f, o + 3 * c);
                 }
             }
         }
         for tj in 0..tw {
             let vp = &dv[(ti * tw + tj) * 16 * c..][..16 * c];
-            for_lanes(c, &mut Horiz { dv: vp, f: &mut *fbuf, row, c, col: 2 * tj * c });
+            for_lanes(
+                c,
+                &mut Horiz {
+                    dv: vp,
+                    f: &mut *fbuf,
+                    row,
+                    c,
+                    col: 2 * tj * c,
+                },
+            );
         }
         // Then Bᵀ's adjoint down the columns, rows overlapping by two.
         struct Vert<'a, T> {
@@ -461,41 +509,85 @@ pub(crate) fn input_transform_adjoint<T: Elem>(g: &Wino, dv: &[T], dxp: &mut [T]
             #[inline(always)]
             fn run<const W: usize>(&mut self, at: usize) {
                 let row = self.row;
-                let (f0, f1) = (Lanes::<T, W>::load(self.f, at), Lanes::<T, W>::load(self.f, row + at));
-                let (f2, f3) = (Lanes::<T, W>::load(self.f, 2 * row + at), Lanes::<T, W>::load(self.f, 3 * row + at));
+                let (f0, f1) = (
+                    Lanes::<T, W>::load(self.f, at),
+                    Lanes::<T, W>::load(self.f, row + at),
+                );
+                let (f2, f3) = (
+                    Lanes::<T, W>::load(self.f, 2 * row + at),
+                    Lanes::<T, W>::load(self.f, 3 * row + at),
+                );
                 (Lanes::<T, W>::load(self.r, at) + f0).store(self.r, at);
                 (Lanes::<T, W>::load(self.r, row + at) + (f1 - f2 + f3)).store(self.r, row + at);
-                (Lanes::<T, W>::load(self.r, 2 * row + at) + (f1 + f2 - f0)).store(self.r, 2 * row + at);
+                (Lanes::<T, W>::load(self.r, 2 * row + at) + (f1 + f2 - f0))
+                    .store(self.r, 2 * row + at);
                 (Lanes::<T, W>::load(self.r, 3 * row + at) - f3).store(self.r, 3 * row + at);
             }
         }
-        for_lanes(row, &mut Vert { f: fbuf, r: &mut dxp[2 * ti * row..][..4 * row], row });
+        for_lanes(
+            row,
+            &mut Vert {
+                f: fbuf,
+                r: &mut dxp[2 * ti * row..][..4 * row],
+                row,
+            },
+        );
     }
 }
 
 /// The four outputs `Y = Aᵀ M A` of a tile, channels `at..at + W` of the
 /// tile's `m [16][n]`, plus `bias`, through a ReLU, in row-major 2x2 order.
 #[inline(always)]
-pub(crate) fn tile_outputs<T: Elem, const W: usize>(m: &[T], n: usize, bias: &[T], at: usize) -> [Lanes<T, W>; 4] {
+pub(crate) fn tile_outputs<T: Elem, const W: usize>(
+    m: &[T],
+    n: usize,
+    bias: &[T],
+    at: usize,
+) -> [Lanes<T, W>; 4] {
     let mut r = [Lanes::<T, W>::splat(T::ZERO); 16];
     for (xi, v) in r.iter_mut().enumerate() {
         *v = Lanes::load(m, xi * n + at);
     }
     // Aᵀ M: two rows of four, then each row times A.
-    let (a0, a1, a2, a3) = (r[0] + r[4] + r[8], r[1] + r[5] + r[9], r[2] + r[6] + r[10], r[3] + r[7] + r[11]);
-    let (b0, b1, b2, b3) = (r[4] - r[8] - r[12], r[5] - r[9] - r[13], r[6] - r[10] - r[14], r[7] - r[11] - r[15]);
+    let (a0, a1, a2, a3) = (
+        r[0] + r[4] + r[8],
+        r[1] + r[5] + r[9],
+        r[2] + r[6] + r[10],
+        r[3] + r[7] + r[11],
+    );
+    let (b0, b1, b2, b3) = (
+        r[4] - r[8] - r[12],
+        r[5] - r[9] - r[13],
+        r[6] - r[10] - r[14],
+        r[7] - r[11] - r[15],
+    );
     let b = Lanes::<T, W>::load(bias, at);
-    [(a0 + a1 + a2 + b).relu(), (a1 - a2 - a3 + b).relu(), (b0 + b1 + b2 + b).relu(), (b1 - b2 - b3 + b).relu()]
+    [
+        (a0 + a1 + a2 + b).relu(),
+        (a1 - a2 - a3 + b).relu(),
+        (b0 + b1 + b2 + b).relu(),
+        (b1 - b2 - b3 + b).relu(),
+    ]
 }
 
 /// `dM = A dY Aᵀ` of a tile from the gradients `d` of its four outputs
 /// (row-major 2x2 order), stored into channels `at..at + W` of `dm [16][n]`.
 #[inline(always)]
-pub(crate) fn store_tile_adjoint<T: Elem, const W: usize>(d: [Lanes<T, W>; 4], dm: &mut [T], n: usize, at: usize) {
+pub(crate) fn store_tile_adjoint<T: Elem, const W: usize>(
+    d: [Lanes<T, W>; 4],
+    dm: &mut [T],
+    n: usize,
+    at: usize,
+) {
     let [d0, d1, d2, d3] = d;
     let z = Lanes::<T, W>::splat(T::ZERO);
     // A dY: four rows of two, then each row times Aᵀ.
-    let e = [[d0, d1], [d0 + d2, d1 + d3], [d0 - d2, d1 - d3], [z - d2, z - d3]];
+    let e = [
+        [d0, d1],
+        [d0 + d2, d1 + d3],
+        [d0 - d2, d1 - d3],
+        [z - d2, z - d3],
+    ];
     for (k, [p, q]) in e.into_iter().enumerate() {
         p.store(dm, 4 * k * n + at);
         (p + q).store(dm, (4 * k + 1) * n + at);
@@ -518,12 +610,23 @@ pub(crate) fn output_tile<T: Elem>(cout: usize, mp: &[T], bias: &[T], y: &mut [T
     impl<T: Elem> LaneFn<T> for Out<'_, T> {
         #[inline(always)]
         fn run<const W: usize>(&mut self, at: usize) {
-            for (k, v) in tile_outputs::<T, W>(self.m, self.n, self.bias, at).into_iter().enumerate() {
+            for (k, v) in tile_outputs::<T, W>(self.m, self.n, self.bias, at)
+                .into_iter()
+                .enumerate()
+            {
                 v.store(self.y, k * self.n + at);
             }
         }
     }
-    for_lanes(cout, &mut Out { m: &mp[..16 * cout], bias: &bias[..cout], y: &mut y[..4 * cout], n: cout });
+    for_lanes(
+        cout,
+        &mut Out {
+            m: &mp[..16 * cout],
+            bias: &bias[..cout],
+            y: &mut y[..4 * cout],
+            n: cout,
+        },
+    );
 }
 
 /// `dM = A dY Aᵀ` of one tile from its four output gradients `dy [4][cout]`
@@ -548,7 +651,14 @@ pub(crate) fn output_tile_adjoint<T: Elem>(cout: usize, dy: &[T], dm: &mut [T]) 
             store_tile_adjoint(d, self.dm, self.n, at);
         }
     }
-    for_lanes(cout, &mut Adj { dy: &dy[..4 * cout], dm: &mut dm[..16 * cout], n: cout });
+    for_lanes(
+        cout,
+        &mut Adj {
+            dy: &dy[..4 * cout],
+            dm: &mut dm[..16 * cout],
+            n: cout,
+        },
+    );
 }
 
 #[cfg(test)]
@@ -590,7 +700,12 @@ mod tests {
     /// The transforms plus the per-point products give the direct convolution.
     #[test]
     fn transforms_compute_the_convolution() {
-        let g = Wino { cin: 3, cout: 5, h: 6, w: 4 };
+        let g = Wino {
+            cin: 3,
+            cout: 5,
+            h: 6,
+            w: 4,
+        };
         let x = ramp(g.cin * g.h * g.w, 1);
         let w = ramp(g.cout * g.cin * 9, 2);
         let u = transform_weights(&g, &w);
@@ -607,7 +722,9 @@ mod tests {
                 for xi in 0..16 {
                     for co in 0..g.cout {
                         m[xi * g.cout + co] = (0..g.cin)
-                            .map(|ci| v[(p * 16 + xi) * g.cin + ci] * u[(xi * g.cin + ci) * g.cout + co])
+                            .map(|ci| {
+                                v[(p * 16 + xi) * g.cin + ci] * u[(xi * g.cin + ci) * g.cout + co]
+                            })
                             .sum();
                     }
                 }
@@ -619,7 +736,10 @@ mod tests {
                     for (k, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
                         let got = y[k * g.cout + co] - 100.0;
                         let exp = want[(co * g.h + 2 * ti + dy) * g.w + 2 * tj + dx];
-                        assert!((got - exp).abs() < 1e-9, "tile {ti},{tj} co {co}: {got} vs {exp}");
+                        assert!(
+                            (got - exp).abs() < 1e-9,
+                            "tile {ti},{tj} co {co}: {got} vs {exp}"
+                        );
                     }
                 }
             }
@@ -629,7 +749,12 @@ mod tests {
     /// Each adjoint satisfies <T a, b> = <a, Tᵀ b>.
     #[test]
     fn adjoints_are_transposes() {
-        let g = Wino { cin: 2, cout: 3, h: 4, w: 6 };
+        let g = Wino {
+            cin: 2,
+            cout: 3,
+            h: 4,
+            w: 6,
+        };
         let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
         // Input transform (on the padded image, whose border carries no data).
         let x = ramp(g.cin * g.h * g.w, 3);

@@ -14,7 +14,9 @@ const EPS: f64 = 1e-5;
 fn input(seed: u64, dims: [usize; 2], dtype: DType) -> Result<Tensor> {
     let offset = (uniform(seed + 100, &[1, dims[1]], dtype)? * 3.0)?;
     let scale = (uniform(seed + 200, &[1, dims[1]], dtype)?.abs()? + 0.5)?;
-    uniform(seed, &dims, dtype)?.broadcast_mul(&scale)?.broadcast_add(&offset)
+    uniform(seed, &dims, dtype)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&offset)
 }
 
 #[test]
@@ -49,15 +51,36 @@ fn gradients_match_finite_differences() -> Result<()> {
         let w = (uniform(12, &[dims[1]], DType::F64)? + 1.0)?;
         let b = uniform(13, &[dims[1]], DType::F64)?;
         let r = uniform(14, &dims, DType::F64)?;
-        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| weighted_sum(&batch_norm1d_train_with(Kernels::Fast, x, w, b, EPS)?.y, &r);
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| {
+            weighted_sum(&batch_norm1d_train_with(Kernels::Fast, x, w, b, EPS)?.y, &r)
+        };
         let scalar = |t: Tensor| t.to_scalar::<f64>();
-        let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x)?,
+            Var::from_tensor(&w)?,
+            Var::from_tensor(&b)?,
+        );
         let grads = loss(&xv, &wv, &bv)?.backward()?;
         let got = |v: &Var| grads.get(v).cloned().expect("gradient");
         let eps = 1e-6;
-        assert_close(&got(&xv), &numeric_grad(|x| scalar(loss(x, &w, &b)?), &x, eps)?, FINITE_DIFF, &format!("{dims:?} grad x"));
-        assert_close(&got(&wv), &numeric_grad(|w| scalar(loss(&x, w, &b)?), &w, eps)?, FINITE_DIFF, &format!("{dims:?} grad w"));
-        assert_close(&got(&bv), &numeric_grad(|b| scalar(loss(&x, &w, b)?), &b, eps)?, FINITE_DIFF, &format!("{dims:?} grad b"));
+        assert_close(
+            &got(&xv),
+            &numeric_grad(|x| scalar(loss(x, &w, &b)?), &x, eps)?,
+            FINITE_DIFF,
+            &format!("{dims:?} grad x"),
+        );
+        assert_close(
+            &got(&wv),
+            &numeric_grad(|w| scalar(loss(&x, w, &b)?), &w, eps)?,
+            FINITE_DIFF,
+            &format!("{dims:?} grad w"),
+        );
+        assert_close(
+            &got(&bv),
+            &numeric_grad(|b| scalar(loss(&x, &w, b)?), &b, eps)?,
+            FINITE_DIFF,
+            &format!("{dims:?} grad b"),
+        );
     }
     Ok(())
 }
@@ -86,7 +109,9 @@ fn rejects_bad_shapes() -> Result<()> {
     for kernels in [Kernels::Fast, Kernels::Stock] {
         assert!(batch_norm1d_train_with(kernels, &t(&[4, 3])?, &t(&[4])?, &t(&[3])?, EPS).is_err());
         assert!(batch_norm1d_train_with(kernels, &t(&[0, 3])?, &t(&[3])?, &t(&[3])?, EPS).is_err());
-        assert!(batch_norm1d_train_with(kernels, &t(&[2, 3, 1])?, &t(&[3])?, &t(&[3])?, EPS).is_err());
+        assert!(
+            batch_norm1d_train_with(kernels, &t(&[2, 3, 1])?, &t(&[3])?, &t(&[3])?, EPS).is_err()
+        );
     }
     Ok(())
 }

@@ -9,7 +9,11 @@ use common::{assert_close, numeric_grad, uniform, weighted_sum, FINITE_DIFF};
 use noprop_kernels::{dropout, dropout_with, Kernels};
 
 fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 /// Both paths draw the same mask from the same seed, so forward values and
@@ -24,7 +28,10 @@ fn fast_matches_stock_exactly() -> Result<()> {
         assert_eq!(bits(&fast)?, bits(&stock)?, "forward {dims:?}");
         let gf = weighted_sum(&fast, &r)?.backward()?;
         let gs = weighted_sum(&stock, &r)?.backward()?;
-        let (gf, gs) = (gf.get(&x).expect("fast grad"), gs.get(&x).expect("stock grad"));
+        let (gf, gs) = (
+            gf.get(&x).expect("fast grad"),
+            gs.get(&x).expect("stock grad"),
+        );
         assert_eq!(bits(gf)?, bits(gs)?, "gradient {dims:?}");
     }
     Ok(())
@@ -54,7 +61,12 @@ fn gradient_matches_finite_differences() -> Result<()> {
     let grads = weighted_sum(&y, &r)?.backward()?;
     let f = |t: &Tensor| weighted_sum(&dropout(t, 0.4, 5)?, &r)?.to_scalar::<f64>();
     let want = numeric_grad(f, x.as_tensor(), 1e-6)?;
-    assert_close(grads.get(&x).expect("grad"), &want, FINITE_DIFF, "dropout dx");
+    assert_close(
+        grads.get(&x).expect("grad"),
+        &want,
+        FINITE_DIFF,
+        "dropout dx",
+    );
     Ok(())
 }
 

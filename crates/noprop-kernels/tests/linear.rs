@@ -25,7 +25,10 @@ fn fast_matches_stock() -> Result<()> {
         let (yf, xf, wf, bf) = run(Kernels::Fast)?;
         let (ys, xs, ws, bs) = run(Kernels::Stock)?;
         // Sums of up to 700 products: scale the tolerance with the length.
-        let tol = common::Tolerance { abs: F32.abs * 10.0, rel: F32.rel * 10.0 };
+        let tol = common::Tolerance {
+            abs: F32.abs * 10.0,
+            rel: F32.rel * 10.0,
+        };
         assert_close(&yf, &ys, tol, "y");
         assert_close(&xf, &xs, tol, "dx");
         assert_close(&wf, &ws, tol, "dw");
@@ -40,9 +43,15 @@ fn gradients_match_finite_differences() -> Result<()> {
     let w = uniform(6, &[2, 3], DType::F64)?;
     let b = uniform(7, &[2], DType::F64)?;
     let r = uniform(8, &[4, 2], DType::F64)?;
-    let (xv, wv, bv) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+    let (xv, wv, bv) = (
+        Var::from_tensor(&x)?,
+        Var::from_tensor(&w)?,
+        Var::from_tensor(&b)?,
+    );
     let grads = weighted_sum(&linear(&xv, &wv, &bv)?, &r)?.backward()?;
-    let loss = |x: &Tensor, w: &Tensor, b: &Tensor| weighted_sum(&linear(x, w, b)?, &r)?.to_scalar::<f64>();
+    let loss = |x: &Tensor, w: &Tensor, b: &Tensor| {
+        weighted_sum(&linear(x, w, b)?, &r)?.to_scalar::<f64>()
+    };
     let want_x = numeric_grad(|t| loss(t, &w, &b), &x, 1e-6)?;
     let want_w = numeric_grad(|t| loss(&x, t, &b), &w, 1e-6)?;
     let want_b = numeric_grad(|t| loss(&x, &w, t), &b, 1e-6)?;

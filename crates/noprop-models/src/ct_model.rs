@@ -24,10 +24,19 @@ pub struct CtModel {
 
 impl CtModel {
     /// Builds the model with parameters initialised from `seed`.
-    pub fn new(cfg: CtNetConfig, embed: ClassEmbedding, seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+    pub fn new(
+        cfg: CtNetConfig,
+        embed: ClassEmbedding,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         let (m, d) = (cfg.classes, cfg.latent_dim);
         if embed.weight().dims() != [m, d] {
-            return Err(ModelError::Config(format!("the embedding has shape {:?}, the network expects [{m}, {d}]", embed.weight().dims())));
+            return Err(ModelError::Config(format!(
+                "the embedding has shape {:?}, the network expects [{m}, {d}]",
+                embed.weight().dims()
+            )));
         }
         let net_vars = VarMap::new();
         let vb = seeded_var_builder(&net_vars, sub_seed(seed, &[STREAM_INIT, 1]), dtype, device);
@@ -35,7 +44,13 @@ impl CtModel {
         let head_vars = VarMap::new();
         let vb = seeded_var_builder(&head_vars, sub_seed(seed, &[STREAM_INIT, 0]), dtype, device);
         let head = linear(d, m, vb.pp("head"))?;
-        Ok(Self { net, net_vars, head, head_vars, embed })
+        Ok(Self {
+            net,
+            net_vars,
+            head,
+            head_vars,
+            embed,
+        })
     }
 
     /// The network.
@@ -71,7 +86,11 @@ impl CtModel {
         let m = self.embed.weight().dim(0)?;
         let gain = (9.0 * (m.max(2) - 1) as f64).ln();
         let weight = (dual_basis(self.embed.weight(), 1e-3)? * gain)?;
-        let data = self.head_vars.data().lock().map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+        let data = self
+            .head_vars
+            .data()
+            .lock()
+            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
         for (name, var) in data.iter() {
             if name.ends_with("weight") {
                 var.set(&weight.to_dtype(var.dtype())?)?;
@@ -105,11 +124,20 @@ impl CtModel {
     /// outside the model (for example a learnable schedule's) are ignored here.
     pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
         for vm in [&self.net_vars, &self.head_vars] {
-            let data = vm.data().lock().map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+            let data = vm
+                .data()
+                .lock()
+                .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
             for (name, var) in data.iter() {
-                let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+                let src = tensors
+                    .get(name)
+                    .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
                 if src.dims() != var.dims() {
-                    return Err(ModelError::ShapeMismatch { name: name.clone(), expected: var.dims().to_vec(), found: src.dims().to_vec() });
+                    return Err(ModelError::ShapeMismatch {
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: src.dims().to_vec(),
+                    });
                 }
                 var.set(&src.to_dtype(var.dtype())?.to_device(var.device())?)?;
             }

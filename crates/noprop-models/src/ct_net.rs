@@ -76,7 +76,10 @@ pub struct CtNet {
 /// Builds the network with parameters `img.*`, `label.*`, `time.fc.*`, `fuse.{fc1,fc2,out}.*`.
 pub fn ct_net(cfg: CtNetConfig, vb: VarBuilder) -> candle_core::Result<CtNet> {
     if cfg.time_dim == 0 || cfg.time_dim % 2 != 0 {
-        candle_core::bail!("the time embedding dimension must be even and positive, got {}", cfg.time_dim);
+        candle_core::bail!(
+            "the time embedding dimension must be even and positive, got {}",
+            cfg.time_dim
+        );
     }
     let image = image_path(cfg.image(false), vb.pp("img"))?;
     let label = if cfg.prototype() {
@@ -102,7 +105,9 @@ pub fn ct_net(cfg: CtNetConfig, vb: VarBuilder) -> candle_core::Result<CtNet> {
 /// `t`: `[B]`; returns `[B, dim]`.
 pub fn sinusoidal_embedding(t: &Tensor, dim: usize, scale: f64) -> candle_core::Result<Tensor> {
     let half = dim / 2;
-    let freqs: Vec<f64> = (0..half).map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() * scale).collect();
+    let freqs: Vec<f64> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() * scale)
+        .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), t.device())?.to_dtype(t.dtype())?;
     let arg = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Tensor::cat(&[arg.sin()?, arg.cos()?], 1)
@@ -120,10 +125,21 @@ impl CtNet {
     }
 
     /// Logits `[B, m]` from `z` `[B, d]`, times `t` `[B]` and image features.
-    pub fn logits_from_features(&self, z: &Tensor, t: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn logits_from_features(
+        &self,
+        z: &Tensor,
+        t: &Tensor,
+        fx: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let k = self.cfg.kernels;
         let fz = self.label_features(z, mode)?;
-        let te = sinusoidal_embedding(&t.to_dtype(DType::F64)?, self.cfg.time_dim, self.cfg.time_scale)?.to_dtype(z.dtype())?;
+        let te = sinusoidal_embedding(
+            &t.to_dtype(DType::F64)?,
+            self.cfg.time_dim,
+            self.cfg.time_scale,
+        )?
+        .to_dtype(z.dtype())?;
         let ft = self.time_fc.forward_with(k, &te)?.relu()?;
         let h = Tensor::cat(&[fx, &fz, &ft], 1)?;
         let h = self.fc1.forward_with(k, &h)?.relu()?;
@@ -144,14 +160,27 @@ impl CtNet {
     /// Logits `[B, m]` from `z` `[B, d]`, projected image features `p` (see
     /// [`CtNet::project_features`]) and one time `t` shared by every row, as
     /// in an ODE solve: the time path and its columns of `W1` run on one row.
-    pub fn logits_projected(&self, z: &Tensor, t: f64, p: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn logits_projected(
+        &self,
+        z: &Tensor,
+        t: f64,
+        p: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let k = self.cfg.kernels;
         let fz = self.label_features(z, mode)?;
-        let te = sinusoidal_embedding(&Tensor::new(&[t], z.device())?, self.cfg.time_dim, self.cfg.time_scale)?.to_dtype(z.dtype())?;
+        let te = sinusoidal_embedding(
+            &Tensor::new(&[t], z.device())?,
+            self.cfg.time_dim,
+            self.cfg.time_scale,
+        )?
+        .to_dtype(z.dtype())?;
         let ft = self.time_fc.forward_with(k, &te)?.relu()?;
         let w = self.fc1.weight();
         let time_row = ft.matmul(&w.narrow(1, 512, 256)?.t()?)?;
-        let h = (fz.matmul(&w.narrow(1, 256, 256)?.t()?)? + p)?.broadcast_add(&time_row)?.relu()?;
+        let h = (fz.matmul(&w.narrow(1, 256, 256)?.t()?)? + p)?
+            .broadcast_add(&time_row)?
+            .relu()?;
         let h = self.fc2.forward_with(k, &h)?.relu()?;
         self.out.forward_with(k, &h)
     }
@@ -162,13 +191,22 @@ impl CtNet {
             CtLabel::Linear(l) => l.forward_with(self.cfg.kernels, z)?.relu(),
             CtLabel::Image(path) => {
                 let c = &self.cfg;
-                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)
+                path.forward(
+                    &z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?,
+                    mode,
+                )
             }
         }
     }
 
     /// Logits `[B, m]`.
-    pub fn forward(&self, z: &Tensor, x: &Tensor, t: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        z: &Tensor,
+        x: &Tensor,
+        t: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let fx = self.image_features(x, mode)?;
         self.logits_from_features(z, t, &fx, mode)
     }
@@ -207,11 +245,34 @@ mod tests {
             let fx = net.image_features(&x, &mut Mode::Eval).unwrap();
             let p = net.project_features(&fx).unwrap();
             for t in [0.0, 0.37, 1.0] {
-                let want = net.logits_from_features(&z, &Tensor::full(t, 3, &dev).unwrap(), &fx, &mut Mode::Eval).unwrap();
+                let want = net
+                    .logits_from_features(
+                        &z,
+                        &Tensor::full(t, 3, &dev).unwrap(),
+                        &fx,
+                        &mut Mode::Eval,
+                    )
+                    .unwrap();
                 let got = net.logits_projected(&z, t, &p, &mut Mode::Eval).unwrap();
-                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
-                assert!(err <= 1e-12 * scale.max(1.0), "d = {latent_dim}, t = {t}: max error {err}");
+                let err = (got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
+                assert!(
+                    err <= 1e-12 * scale.max(1.0),
+                    "d = {latent_dim}, t = {t}: max error {err}"
+                );
             }
         }
     }

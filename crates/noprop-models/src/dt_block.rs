@@ -48,7 +48,11 @@ impl DtBlockConfig {
 #[derive(Debug, Clone)]
 enum LabelPath {
     /// `h1 = ReLU(BN(Linear d->256 (z)))`, `fz = h1 + BN(Linear(ReLU(BN(Linear(h1)))))`.
-    Mlp { fc1: NormLinear, fc2: NormLinear, fc3: NormLinear },
+    Mlp {
+        fc1: NormLinear,
+        fc2: NormLinear,
+        fc3: NormLinear,
+    },
     /// `z` reshaped to `[B, C, H, W]` through a copy of the image path.
     Image(ImagePath),
 }
@@ -115,7 +119,12 @@ impl DtBlock {
     }
 
     /// The logits `[B, m]` from the latent `z` `[B, d]` and image features `fx` `[B, 256]`.
-    pub fn logits_from_features(&self, z: &Tensor, fx: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn logits_from_features(
+        &self,
+        z: &Tensor,
+        fx: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let k = self.cfg.kernels;
         let fz = match &self.label {
             LabelPath::Mlp { fc1, fc2, fc3 } => {
@@ -126,7 +135,10 @@ impl DtBlock {
             }
             LabelPath::Image(path) => {
                 let c = &self.cfg;
-                path.forward(&z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?, mode)?
+                path.forward(
+                    &z.reshape((z.dim(0)?, c.in_channels, c.height, c.width))?,
+                    mode,
+                )?
             }
         };
         let h = Tensor::cat(&[fx, &fz], 1)?;
@@ -136,7 +148,13 @@ impl DtBlock {
     }
 
     /// `uhat = softmax(logits) @ W_embed` `[B, d]`.
-    pub fn forward(&self, z: &Tensor, x: &Tensor, w_embed: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        z: &Tensor,
+        x: &Tensor,
+        w_embed: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let fx = self.image_features(x, mode)?;
         let logits = self.logits_from_features(z, &fx, mode)?;
         softmax_embed(&logits, w_embed)
@@ -147,7 +165,11 @@ impl DtBlock {
     /// statistics (a snapshot: later training does not reach it).
     pub fn folded(&self) -> candle_core::Result<FoldedDtBlock> {
         let label = match &self.label {
-            LabelPath::Mlp { fc1, fc2, fc3 } => LabelPath::Mlp { fc1: fc1.folded()?, fc2: fc2.folded()?, fc3: fc3.folded()? },
+            LabelPath::Mlp { fc1, fc2, fc3 } => LabelPath::Mlp {
+                fc1: fc1.folded()?,
+                fc2: fc2.folded()?,
+                fc3: fc3.folded()?,
+            },
             LabelPath::Image(path) => LabelPath::Image(path.folded()?),
         };
         Ok(FoldedDtBlock(DtBlock {

@@ -46,11 +46,21 @@ pub struct ClassEmbedding {
 impl ClassEmbedding {
     /// The fixed identity.
     pub fn one_hot(classes: usize, dtype: DType, device: &Device) -> candle_core::Result<Self> {
-        Ok(Self { kind: EmbeddingKind::OneHot, weight: Tensor::eye(classes, dtype, device)?, var: None })
+        Ok(Self {
+            kind: EmbeddingKind::OneHot,
+            weight: Tensor::eye(classes, dtype, device)?,
+            var: None,
+        })
     }
 
     /// A learned `[m, d]` embedding: orthonormal rows when `d >= m`, N(0, 1) entries otherwise.
-    pub fn learned(classes: usize, dim: usize, rng: &mut NoiseRng, dtype: DType, device: &Device) -> candle_core::Result<Self> {
+    pub fn learned(
+        classes: usize,
+        dim: usize,
+        rng: &mut NoiseRng,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let init = random_init(classes, dim, dim >= classes, rng, dtype, device)?;
         Self::trainable(EmbeddingKind::Learned { dim }, &init)
     }
@@ -66,7 +76,11 @@ impl ClassEmbedding {
             candle_core::bail!("a one-hot embedding is fixed, not trainable");
         }
         let var = Var::from_tensor(init)?;
-        Ok(Self { kind, weight: var.as_tensor().clone(), var: Some(var) })
+        Ok(Self {
+            kind,
+            weight: var.as_tensor().clone(),
+            var: Some(var),
+        })
     }
 
     /// How it was made.
@@ -87,7 +101,14 @@ impl ClassEmbedding {
 
 /// A random `[m, d]` initialisation: N(0, 1) entries, with the rows made
 /// orthonormal when `orthogonal` (which needs `d >= m`).
-pub fn random_init(classes: usize, dim: usize, orthogonal: bool, rng: &mut NoiseRng, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+pub fn random_init(
+    classes: usize,
+    dim: usize,
+    orthogonal: bool,
+    rng: &mut NoiseRng,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut w = vec![0f32; classes * dim];
     rng.fill_normal(&mut w);
     if orthogonal {
@@ -157,7 +178,11 @@ fn orthonormalise_rows(w: &mut [f32], rows: usize, cols: usize) {
                 m[i * cols + k] -= dot * m[j * cols + k];
             }
         }
-        let norm = (0..cols).map(|k| m[i * cols + k].powi(2)).sum::<f64>().sqrt().max(1e-12);
+        let norm = (0..cols)
+            .map(|k| m[i * cols + k].powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
         for k in 0..cols {
             m[i * cols + k] /= norm;
         }
@@ -182,7 +207,12 @@ pub fn prototype_indices(
 ) -> candle_core::Result<Vec<usize>> {
     let mut out = Vec::with_capacity(classes);
     for c in 0..classes as u32 {
-        let members: Vec<usize> = labels.iter().enumerate().filter(|(_, &y)| y == c).map(|(i, _)| i).collect();
+        let members: Vec<usize> = labels
+            .iter()
+            .enumerate()
+            .filter(|(_, &y)| y == c)
+            .map(|(i, _)| i)
+            .collect();
         if members.is_empty() {
             candle_core::bail!("class {c} has no training image to build its prototype from");
         }
@@ -197,11 +227,18 @@ pub fn prototype_indices(
         let x = Tensor::from_vec(rows, (members.len(), image_len), device)?.to_dtype(DType::F64)?;
         let sq = x.sqr()?.sum_keepdim(1)?;
         // Squared distances |a|^2 + |b|^2 - 2 a.b; the median of squares orders like the median of distances.
-        let d2 = sq.broadcast_add(&sq.t()?)?.sub(&(x.matmul(&x.t()?)? * 2.0)?)?;
+        let d2 = sq
+            .broadcast_add(&sq.t()?)?
+            .sub(&(x.matmul(&x.t()?)? * 2.0)?)?;
         let d2: Vec<Vec<f64>> = d2.to_vec2()?;
         let mut best = (f64::INFINITY, members[0]);
         for (r, row) in d2.into_iter().enumerate() {
-            let mut others: Vec<f64> = row.into_iter().enumerate().filter(|(k, _)| *k != r).map(|(_, v)| v).collect();
+            let mut others: Vec<f64> = row
+                .into_iter()
+                .enumerate()
+                .filter(|(k, _)| *k != r)
+                .map(|(_, v)| v)
+                .collect();
             let mid = (others.len() - 1) / 2;
             let (_, med, _) = others.select_nth_unstable_by(mid, |a, b| a.total_cmp(b));
             if *med < best.0 {
@@ -254,7 +291,8 @@ mod tests {
 
     #[test]
     fn learned_rows_are_orthonormal() {
-        let e = ClassEmbedding::learned(10, 20, &mut NoiseRng::new(0), DType::F64, &Device::Cpu).unwrap();
+        let e = ClassEmbedding::learned(10, 20, &mut NoiseRng::new(0), DType::F64, &Device::Cpu)
+            .unwrap();
         let w = e.weight();
         let g: Vec<Vec<f64>> = w.matmul(&w.t().unwrap()).unwrap().to_vec2().unwrap();
         for (i, row) in g.iter().enumerate() {

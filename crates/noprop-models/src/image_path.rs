@@ -56,7 +56,11 @@ pub struct ImagePathConfig {
 /// Builds an image path with parameters `conv1`, `conv2`, `conv3`, `fc` (and `bn`).
 pub fn image_path(cfg: ImagePathConfig, vb: VarBuilder) -> candle_core::Result<ImagePath> {
     if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
-        candle_core::bail!("the Figure-6 image path needs H and W divisible by 4, got {}x{}", cfg.height, cfg.width);
+        candle_core::bail!(
+            "the Figure-6 image path needs H and W divisible by 4, got {}x{}",
+            cfg.height,
+            cfg.width
+        );
     }
     let flat = 128 * (cfg.height / 4) * (cfg.width / 4);
     // Construction order fixes the order of the seeded initialisation.
@@ -65,7 +69,15 @@ pub fn image_path(cfg: ImagePathConfig, vb: VarBuilder) -> candle_core::Result<I
     let conv3 = conv2d(64, 128, 3, 1, true, vb.pp("conv3"))?;
     let bn = (cfg.tail == ImageTail::BatchNorm).then(|| vb.pp("bn"));
     let fc = norm_linear(flat, 256, vb.pp("fc"), bn)?;
-    Ok(ImagePath { conv1, conv2, conv3, fc, relu_tail: cfg.tail == ImageTail::Relu, dropout: cfg.dropout, kernels: cfg.kernels })
+    Ok(ImagePath {
+        conv1,
+        conv2,
+        conv3,
+        fc,
+        relu_tail: cfg.tail == ImageTail::Relu,
+        dropout: cfg.dropout,
+        kernels: cfg.kernels,
+    })
 }
 
 impl ImagePath {

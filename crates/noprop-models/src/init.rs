@@ -25,17 +25,33 @@ fn fan_in(shape: &Shape) -> usize {
 }
 
 impl SeededBackend {
-    fn init(&self, shape: &Shape, init: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn init(
+        &self,
+        shape: &Shape,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let n = shape.elem_count();
-        let mut guard = self.rng.lock().map_err(|_| candle_core::Error::Msg("init RNG poisoned".into()))?;
+        let mut guard = self
+            .rng
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("init RNG poisoned".into()))?;
         let rng = guard.rng_mut();
         let values: Vec<f64> = match init {
             Init::Const(v) => vec![v; n],
             Init::Uniform { lo, up } => (0..n).map(|_| rng.random_range(lo..up)).collect(),
             Init::Randn { mean, stdev } => (0..n)
-                .map(|_| mean + stdev * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng))
+                .map(|_| {
+                    mean + stdev
+                        * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng)
+                })
                 .collect(),
-            Init::Kaiming { dist, non_linearity, .. } => {
+            Init::Kaiming {
+                dist,
+                non_linearity,
+                ..
+            } => {
                 let std = non_linearity.gain() / (fan_in(shape) as f64).sqrt();
                 match dist {
                     candle_nn::init::NormalOrUniform::Uniform => {
@@ -43,7 +59,12 @@ impl SeededBackend {
                         (0..n).map(|_| rng.random_range(-bound..bound)).collect()
                     }
                     candle_nn::init::NormalOrUniform::Normal => (0..n)
-                        .map(|_| std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng))
+                        .map(|_| {
+                            std * <StandardNormal as Distribution<f64>>::sample(
+                                &StandardNormal,
+                                rng,
+                            )
+                        })
                         .collect(),
                 }
             }
@@ -53,12 +74,27 @@ impl SeededBackend {
 }
 
 impl SimpleBackend for SeededBackend {
-    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let mut data = self.map.data().lock().map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
         if let Some(var) = data.get(name) {
             let t = var.as_tensor();
             if t.shape() != &s {
-                candle_core::bail!("parameter {name} exists with shape {:?}, asked for {:?}", t.dims(), s.dims());
+                candle_core::bail!(
+                    "parameter {name} exists with shape {:?}, asked for {:?}",
+                    t.dims(),
+                    s.dims()
+                );
             }
             return Ok(t.clone());
         }
@@ -68,8 +104,17 @@ impl SimpleBackend for SeededBackend {
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
-        let data = self.map.data().lock().map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let data = self
+            .map
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
         match data.get(name) {
             Some(v) => Ok(v.as_tensor().clone()),
             None => candle_core::bail!("no parameter named {name}"),
@@ -77,12 +122,21 @@ impl SimpleBackend for SeededBackend {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.map.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+        self.map
+            .data()
+            .lock()
+            .map(|d| d.contains_key(name))
+            .unwrap_or(false)
     }
 }
 
 /// A `VarBuilder` that creates missing variables in `map` from a host RNG seeded with `seed`.
-pub fn seeded_var_builder(map: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+pub fn seeded_var_builder(
+    map: &VarMap,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> VarBuilder<'static> {
     let backend = SeededBackend {
         map: map.clone(),
         rng: Mutex::new(NoiseRng::new(seed)),

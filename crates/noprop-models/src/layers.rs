@@ -64,14 +64,23 @@ impl Linear {
     /// map `y = x * s + t` (see [`BatchNorm1d::eval_affine`]).
     pub fn fold_batch_norm(&self, bn: &BatchNorm1d) -> candle_core::Result<Linear> {
         let (scale, shift) = bn.eval_affine()?;
-        let weight = self.weight.broadcast_mul(&scale.unsqueeze(1)?)?.contiguous()?;
+        let weight = self
+            .weight
+            .broadcast_mul(&scale.unsqueeze(1)?)?
+            .contiguous()?;
         let bias = ((&self.bias * &scale)? + shift)?;
-        Ok(Linear { weight: weight.detach(), bias: bias.detach() })
+        Ok(Linear {
+            weight: weight.detach(),
+            bias: bias.detach(),
+        })
     }
 
     /// A copy detached from the autograd graph, for inference.
     pub fn detached(&self) -> Linear {
-        Linear { weight: self.weight.detach(), bias: self.bias.detach() }
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
     }
 
     /// `x W^T + b` on the chosen kernels.
@@ -119,25 +128,48 @@ pub fn conv2d(
     let init = uniform_bound(c_in * k * k);
     let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", init)?;
     let bias = vb.get_with_hints(c_out, "bias", init)?;
-    Ok(Conv2d { weight, bias, padding, input_grad })
+    Ok(Conv2d {
+        weight,
+        bias,
+        padding,
+        input_grad,
+    })
 }
 
 impl Conv2d {
     /// A copy detached from the autograd graph, for inference.
     pub fn detached(&self) -> Conv2d {
-        Conv2d { weight: self.weight.detach(), bias: self.bias.detach(), ..*self }
+        Conv2d {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            ..*self
+        }
     }
 
     /// `relu(conv(x) + b)`, fused where the kernels allow.
     pub fn forward_relu(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
-        ops::conv2d_relu(kernels, x, &self.weight, &self.bias, self.padding, self.input_grad)
+        ops::conv2d_relu(
+            kernels,
+            x,
+            &self.weight,
+            &self.bias,
+            self.padding,
+            self.input_grad,
+        )
     }
 
     /// `dropout(maxpool2x2(relu(conv(x) + b)))` (the pooling when `pool`),
     /// one fused op on the fast kernels. In training mode with `p > 0` the
     /// dropout mask's seed is the next `u64` of the mode's stream, exactly as
     /// [`dropout_with`] draws it, so the fused and unfused forms agree.
-    pub fn forward_stage(&self, x: &Tensor, kernels: Kernels, pool: bool, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn forward_stage(
+        &self,
+        x: &Tensor,
+        kernels: Kernels,
+        pool: bool,
+        p: f64,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         let (dropout, seed) = match mode {
             Mode::Train(rng) if p > 0.0 => (p, rand::RngCore::next_u64(rng.rng_mut())),
             _ => (0.0, 0),
@@ -173,9 +205,18 @@ pub fn batch_norm1d(features: usize, vb: VarBuilder) -> candle_core::Result<Batc
     let bias = vb.get_with_hints(features, "bias", Init::Const(0.0))?;
     // The running statistics live in the VarMap so they are saved with the
     // model, but they are buffers: the trainer never hands them to an optimizer.
-    let running_mean = Var::from_tensor(&vb.get_with_hints(features, "running_mean", Init::Const(0.0))?)?;
-    let running_var = Var::from_tensor(&vb.get_with_hints(features, "running_var", Init::Const(1.0))?)?;
-    Ok(BatchNorm1d { weight, bias, running_mean, running_var, eps: 1e-5, momentum: 0.1 })
+    let running_mean =
+        Var::from_tensor(&vb.get_with_hints(features, "running_mean", Init::Const(0.0))?)?;
+    let running_var =
+        Var::from_tensor(&vb.get_with_hints(features, "running_var", Init::Const(1.0))?)?;
+    Ok(BatchNorm1d {
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        eps: 1e-5,
+        momentum: 0.1,
+    })
 }
 
 /// Names of buffers that are saved with a model but never optimised.
@@ -193,13 +234,26 @@ impl BatchNorm1d {
     /// [`BatchNorm1d::forward`] on the chosen kernels: training mode is one
     /// fused op with a closed-form backward pass on the fast kernels, and
     /// candle's ops on the stock path.
-    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        kernels: Kernels,
+        x: &Tensor,
+        mode: &Mode,
+    ) -> candle_core::Result<Tensor> {
         if mode.is_train() {
             let b = x.dim(0)?;
             if b < 2 {
-                candle_core::bail!("BatchNorm1d in training mode needs a batch of at least 2, got {b}");
+                candle_core::bail!(
+                    "BatchNorm1d in training mode needs a batch of at least 2, got {b}"
+                );
             }
-            let out = noprop_kernels::batch_norm1d_train_with(kernels, x, &self.weight, &self.bias, self.eps)?;
+            let out = noprop_kernels::batch_norm1d_train_with(
+                kernels,
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?;
             let m = self.momentum;
             let unbiased = (out.var * (b as f64 / (b as f64 - 1.0)))?;
             let new_mean = ((self.running_mean.as_tensor() * (1.0 - m))? + (out.mean * m)?)?;
@@ -237,7 +291,12 @@ pub struct NormLinear {
 
 /// `Linear in_dim -> out_dim` (`{prefix}.weight`, `.bias`) followed by a
 /// BatchNorm1d named by `bn` under the same parent (`None`: no BatchNorm).
-pub fn norm_linear(in_dim: usize, out_dim: usize, fc: VarBuilder, bn: Option<VarBuilder>) -> candle_core::Result<NormLinear> {
+pub fn norm_linear(
+    in_dim: usize,
+    out_dim: usize,
+    fc: VarBuilder,
+    bn: Option<VarBuilder>,
+) -> candle_core::Result<NormLinear> {
     let fc = linear(in_dim, out_dim, fc)?;
     let bn = bn.map(|vb| batch_norm1d(out_dim, vb)).transpose()?;
     Ok(NormLinear { fc, bn })
@@ -245,7 +304,12 @@ pub fn norm_linear(in_dim: usize, out_dim: usize, fc: VarBuilder, bn: Option<Var
 
 impl NormLinear {
     /// `BN(x W^T + b)`, or `x W^T + b` once folded.
-    pub fn forward_with(&self, kernels: Kernels, x: &Tensor, mode: &Mode) -> candle_core::Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        kernels: Kernels,
+        x: &Tensor,
+        mode: &Mode,
+    ) -> candle_core::Result<Tensor> {
         let h = self.fc.forward_with(kernels, x)?;
         match &self.bn {
             Some(bn) => bn.forward_with(kernels, &h, mode),
@@ -274,7 +338,12 @@ pub fn dropout(x: &Tensor, p: f64, mode: &mut Mode) -> candle_core::Result<Tenso
 /// takes one `u64` from the training stream as the seed of its mask, which
 /// `noprop-kernels` expands by element index, so the mask is the same for
 /// either kernels and any thread count.
-pub fn dropout_with(kernels: Kernels, x: &Tensor, p: f64, mode: &mut Mode) -> candle_core::Result<Tensor> {
+pub fn dropout_with(
+    kernels: Kernels,
+    x: &Tensor,
+    p: f64,
+    mode: &mut Mode,
+) -> candle_core::Result<Tensor> {
     match mode {
         Mode::Eval => Ok(x.clone()),
         Mode::Train(_) if p == 0.0 => Ok(x.clone()),
@@ -292,4 +361,3 @@ pub fn softmax_embed(logits: &Tensor, w_embed: &Tensor) -> candle_core::Result<T
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
     p.matmul(w_embed)
 }
-

@@ -32,13 +32,13 @@ pub mod layers;
 mod model;
 pub mod ops;
 
-pub use dt_block::{dt_block, DtBlock, DtBlockConfig, FoldedDtBlock};
-pub use init::seeded_var_builder;
-pub use layers::Mode;
+pub use ct_model::CtModel;
 pub use ct_net::{ct_net, sinusoidal_embedding, CtNet, CtNetConfig};
+pub use dt_block::{dt_block, DtBlock, DtBlockConfig, FoldedDtBlock};
 pub use embedding::{dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind};
 pub use image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
-pub use ct_model::CtModel;
+pub use init::seeded_var_builder;
+pub use layers::Mode;
 pub use model::{DtModel, DtModelConfig};
 pub use ops::Kernels;
 

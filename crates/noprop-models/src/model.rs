@@ -46,9 +46,17 @@ impl DtModel {
     /// Builds a model with parameters initialised from `seed`. Each block and
     /// the head draw from their own sub-stream, so changing `T` does not change
     /// the initial values of the blocks that remain.
-    pub fn new(cfg: DtModelConfig, embed: ClassEmbedding, seed: u64, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+    pub fn new(
+        cfg: DtModelConfig,
+        embed: ClassEmbedding,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
         if cfg.blocks == 0 {
-            return Err(ModelError::Config("a model needs at least one block".into()));
+            return Err(ModelError::Config(
+                "a model needs at least one block".into(),
+            ));
         }
         let d = cfg.block.latent_dim;
         let m = cfg.block.classes;
@@ -63,14 +71,26 @@ impl DtModel {
         let mut block_vars = Vec::with_capacity(cfg.blocks);
         for t in 1..=cfg.blocks {
             let vars = VarMap::new();
-            let vb = seeded_var_builder(&vars, sub_seed(seed, &[STREAM_INIT, t as u64]), dtype, device);
+            let vb = seeded_var_builder(
+                &vars,
+                sub_seed(seed, &[STREAM_INIT, t as u64]),
+                dtype,
+                device,
+            );
             blocks.push(dt_block(cfg.block, vb.pp(format!("blocks.{t}")))?);
             block_vars.push(vars);
         }
         let head_vars = VarMap::new();
         let vb = seeded_var_builder(&head_vars, sub_seed(seed, &[STREAM_INIT, 0]), dtype, device);
         let head = linear(d, m, vb.pp("head"))?;
-        Ok(Self { cfg, blocks, block_vars, head, head_vars, embed })
+        Ok(Self {
+            cfg,
+            blocks,
+            block_vars,
+            head,
+            head_vars,
+            embed,
+        })
     }
 
     /// The model's configuration.
@@ -118,7 +138,11 @@ impl DtModel {
         let m = self.cfg.block.classes;
         let gain = (9.0 * (m.max(2) - 1) as f64).ln();
         let weight = (dual_basis(self.embed.weight(), 1e-3)? * gain)?;
-        let data = self.head_vars.data().lock().map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+        let data = self
+            .head_vars
+            .data()
+            .lock()
+            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
         for (name, var) in data.iter() {
             if name.ends_with("weight") {
                 var.set(&weight.to_dtype(var.dtype())?)?;
@@ -130,7 +154,13 @@ impl DtModel {
     }
 
     /// Block `t`'s prediction `uhat_t(z, x)`.
-    pub fn denoise_mode(&self, t: usize, z: &Tensor, x: &Tensor, mode: &mut Mode) -> candle_core::Result<Tensor> {
+    pub fn denoise_mode(
+        &self,
+        t: usize,
+        z: &Tensor,
+        x: &Tensor,
+        mode: &mut Mode,
+    ) -> candle_core::Result<Tensor> {
         self.blocks[t - 1].forward(z, x, self.embed.weight(), mode)
     }
 
@@ -142,7 +172,11 @@ impl DtModel {
     /// Every tensor of the model under its checkpoint name, sorted by name.
     pub fn named_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
-        for vm in self.block_vars.iter().chain(std::iter::once(&self.head_vars)) {
+        for vm in self
+            .block_vars
+            .iter()
+            .chain(std::iter::once(&self.head_vars))
+        {
             if let Ok(data) = vm.data().lock() {
                 for (k, v) in data.iter() {
                     out.insert(k.clone(), v.as_tensor().clone());
@@ -157,10 +191,19 @@ impl DtModel {
     /// Every name must be present with the right shape; extra names are an error too.
     pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
         let mut seen = 0usize;
-        for vm in self.block_vars.iter().chain(std::iter::once(&self.head_vars)) {
-            let data = vm.data().lock().map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+        for vm in self
+            .block_vars
+            .iter()
+            .chain(std::iter::once(&self.head_vars))
+        {
+            let data = vm
+                .data()
+                .lock()
+                .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
             for (name, var) in data.iter() {
-                let src = tensors.get(name).ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+                let src = tensors
+                    .get(name)
+                    .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
                 if src.dims() != var.dims() {
                     return Err(ModelError::ShapeMismatch {
                         name: name.clone(),
@@ -176,7 +219,11 @@ impl DtModel {
         seen += 1;
         if seen != tensors.len() {
             let known = self.named_tensors();
-            let extra = tensors.keys().find(|k| !known.contains_key(*k)).cloned().unwrap_or_default();
+            let extra = tensors
+                .keys()
+                .find(|k| !known.contains_key(*k))
+                .cloned()
+                .unwrap_or_default();
             return Err(ModelError::UnexpectedTensor { name: extra });
         }
         Ok(())
@@ -187,37 +234,66 @@ impl DtModel {
         self.block_vars[0]
             .data()
             .lock()
-            .map(|d| d.iter().filter(|(k, _)| !crate::layers::is_buffer(k)).map(|(_, v)| v.elem_count()).sum())
+            .map(|d| {
+                d.iter()
+                    .filter(|(k, _)| !crate::layers::is_buffer(k))
+                    .map(|(_, v)| v.elem_count())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 
     /// Image features of every block for `x` (evaluation mode), to be reused
     /// across several sampling runs on the same images.
     pub fn image_features(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        self.blocks.iter().map(|b| b.image_features(x, &mut Mode::Eval)).collect()
+        self.blocks
+            .iter()
+            .map(|b| b.image_features(x, &mut Mode::Eval))
+            .collect()
     }
 
     /// `uhat_t` from precomputed image features (evaluation mode).
-    pub fn denoise_from_features(&self, t: usize, z: &Tensor, fx: &Tensor) -> candle_core::Result<Tensor> {
+    pub fn denoise_from_features(
+        &self,
+        t: usize,
+        z: &Tensor,
+        fx: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let logits = self.blocks[t - 1].logits_from_features(z, fx, &mut Mode::Eval)?;
         softmax_embed(&logits, self.embed.weight())
     }
 }
 
 /// Loads `embed` into a learned embedding, or checks that a fixed one matches.
-pub(crate) fn load_embedding(embed: &ClassEmbedding, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
+pub(crate) fn load_embedding(
+    embed: &ClassEmbedding,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
     let w = embed.weight();
-    let e = tensors.get("embed").ok_or_else(|| ModelError::MissingTensor { name: "embed".into() })?;
+    let e = tensors
+        .get("embed")
+        .ok_or_else(|| ModelError::MissingTensor {
+            name: "embed".into(),
+        })?;
     if e.dims() != w.dims() {
-        return Err(ModelError::ShapeMismatch { name: "embed".into(), expected: w.dims().to_vec(), found: e.dims().to_vec() });
+        return Err(ModelError::ShapeMismatch {
+            name: "embed".into(),
+            expected: w.dims().to_vec(),
+            found: e.dims().to_vec(),
+        });
     }
     let e = e.to_dtype(w.dtype())?.to_device(w.device())?;
     match embed.var() {
         Some(var) => var.set(&e)?,
         None => {
-            let diff = (e.to_dtype(DType::F64)? - w.to_dtype(DType::F64)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let diff = (e.to_dtype(DType::F64)? - w.to_dtype(DType::F64)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
             if diff > 0.0 {
-                return Err(ModelError::Config("the checkpoint's fixed embedding differs from this model's".into()));
+                return Err(ModelError::Config(
+                    "the checkpoint's fixed embedding differs from this model's".into(),
+                ));
             }
         }
     }

@@ -27,5 +27,6 @@ pub fn max_pool2x2(kernels: Kernels, x: &Tensor) -> candle_core::Result<Tensor> 
 /// The fused kernels, re-exported for benchmarks and tools that time them
 /// one by one (see `noprop bench`).
 pub use noprop_kernels::{
-    batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage, WINOGRAD_MIN_CIN,
+    batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
+    WINOGRAD_MIN_CIN,
 };

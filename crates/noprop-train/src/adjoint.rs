@@ -13,8 +13,11 @@ use noprop_models::{CtModel, Mode};
 use crate::config::{AdjointSettings, Config, MethodSettings};
 use crate::continuous::Cached;
 use crate::error::TrainError;
-use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_ct_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::groups::{trainable, ParamGroup};
+use crate::method::{
+    build_ct_model, class_log_probs, network_group, scalar, DeterministicRun, Method, Pass,
+    Predict, StepGrads,
+};
 
 /// Names of the image path's variables in the network.
 const IMAGE_PATH: &str = "net.img.";
@@ -27,14 +30,19 @@ pub struct Adjoint {
 fn settings(cfg: &Config) -> Result<&AdjointSettings, TrainError> {
     match cfg.method() {
         MethodSettings::Adjoint(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch { model: "adjoint", config: other.method().name() }),
+        other => Err(TrainError::MethodMismatch {
+            model: "adjoint",
+            config: other.method().name(),
+        }),
     }
 }
 
 impl Adjoint {
     /// A fresh model initialised from the config's seed.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        Ok(Self { model: build_ct_model(cfg, settings(cfg)?.time, device, train)? })
+        Ok(Self {
+            model: build_ct_model(cfg, settings(cfg)?.time, device, train)?,
+        })
     }
 
     /// The model.
@@ -45,16 +53,14 @@ impl Adjoint {
 
 impl Method for Adjoint {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
-        let mut vars = trainable(self.model.net_vars())?;
-        vars.extend(trainable(self.model.head_vars())?);
-        if let Some(v) = self.model.embedding().var() {
-            vars.push((EMBED.into(), v.clone()));
-        }
-        Ok(vec![ParamGroup { vars, decay: true }])
+        Ok(vec![network_group(&self.model)?])
     }
 
     fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass { key: 0, lanes: vec![0] }]
+        vec![Pass {
+            key: 0,
+            lanes: vec![0],
+        }]
     }
 
     /// The loss on a minibatch and the gradients of every trainable variable.
@@ -66,7 +72,15 @@ impl Method for Adjoint {
     /// computed once (with one dropout mask for the whole solve), their
     /// gradient is accumulated along the adjoint solve like a parameter's,
     /// and back-propagated through the image path once. Reported as `[ce, ce, 0, 0]`.
-    fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        _lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         let steps = settings(cfg)?.train_steps;
         let b = x.dim(0)?;
         let net = self.model.net();
@@ -76,16 +90,25 @@ impl Method for Adjoint {
         // the image path and `W1a`, `b1` get their gradient once, from `dL/dp`.
         let p = net.project_features(&net.image_features(x, &mut Mode::Train(dropout))?)?;
         let p_in = Var::from_tensor(&p.detach())?;
-        let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> { net.logits_projected(z, t, p_in.as_tensor(), &mut Mode::Eval)?.matmul(embed) };
+        let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> {
+            net.logits_projected(z, t, p_in.as_tensor(), &mut Mode::Eval)?
+                .matmul(embed)
+        };
         let z0 = noise.randn(&[b, embed.dim(1)?], DType::F32, x.device())?;
         let z1 = Var::from_tensor(&odeint_euler(f, &z0, steps)?)?;
         let logp = class_log_probs(cfg, &self.model.classify(z1.as_tensor())?, embed)?;
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let mut grads = ce.backward()?;
-        let a1 = grads.remove(z1.as_tensor()).ok_or_else(|| candle_core::Error::Msg("the loss does not depend on z(1)".into()))?;
+        let a1 = grads
+            .remove(z1.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("the loss does not depend on z(1)".into()))?;
         // Everything f reads: the network outside its image path, a learned embedding, `p`.
         let net_vars = trainable(self.model.net_vars())?;
-        let mut ode_vars: Vec<Var> = net_vars.iter().filter(|(n, _)| !n.starts_with(IMAGE_PATH)).map(|(_, v)| v.clone()).collect();
+        let mut ode_vars: Vec<Var> = net_vars
+            .iter()
+            .filter(|(n, _)| !n.starts_with(IMAGE_PATH))
+            .map(|(_, v)| v.clone())
+            .collect();
         ode_vars.extend(self.model.embedding().var().cloned());
         let mut params: Vec<&Tensor> = ode_vars.iter().map(|v| v.as_tensor()).collect();
         params.push(p_in.as_tensor());
@@ -112,20 +135,34 @@ impl Method for Adjoint {
             }
         }
         let ce = scalar(&ce)?;
-        Ok(StepGrads { grads, losses: [ce, ce, 0.0, 0.0], groups: vec![0] })
+        Ok(StepGrads {
+            grads,
+            losses: [ce, ce, 0.0, 0.0],
+            groups: vec![0],
+        })
     }
 
     /// Euler steps of the ODE from `z(0) ~ N(0, I)`; runs differ only in their draw of `z(0)`.
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
         let steps = settings(cfg)?.steps;
-        Ok(Box::new(move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-            let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-            let den = Cached::new(&self.model, &fx, modes.len())?;
-            let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
-            let z0 = rng.randn(&[den.rows()?, self.model.embed().dim(1)?], DType::F32, x.device())?;
-            let z1 = odeint_euler(|z, t| den.velocity_at(z, &xs, t), &z0, steps)?;
-            Ok(class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?.argmax(D::Minus1)?.to_vec1()?)
-        }))
+        Ok(Box::new(
+            move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
+                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
+                let den = Cached::new(&self.model, &fx, modes.len())?;
+                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                let z0 = rng.randn(
+                    &[den.rows()?, self.model.embed().dim(1)?],
+                    DType::F32,
+                    x.device(),
+                )?;
+                let z1 = odeint_euler(|z, t| den.velocity_at(z, &xs, t), &z0, steps)?;
+                Ok(
+                    class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?
+                        .argmax(D::Minus1)?
+                        .to_vec1()?,
+                )
+            },
+        ))
     }
 
     fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {

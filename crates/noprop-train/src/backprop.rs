@@ -18,7 +18,9 @@ use noprop_models::{DtModel, Mode};
 use crate::config::{BackpropSettings, Config, MethodSettings};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_dt_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::method::{
+    build_dt_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads,
+};
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
 pub const ALPHA_NAME: &str = "alpha.w";
@@ -33,7 +35,10 @@ pub struct Backprop {
 fn settings(cfg: &Config) -> Result<&BackpropSettings, TrainError> {
     match cfg.method() {
         MethodSettings::Backprop(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch { model: "backprop", config: other.method().name() }),
+        other => Err(TrainError::MethodMismatch {
+            model: "backprop",
+            config: other.method().name(),
+        }),
     }
 }
 
@@ -61,7 +66,8 @@ impl Backprop {
 
 /// Eq. 17: `(1 - alpha) z + alpha uhat` with `alpha` of shape `[1]`.
 fn chain(z: &Tensor, uhat: &Tensor, alpha: &Tensor) -> candle_core::Result<Tensor> {
-    z.broadcast_sub(&z.broadcast_mul(alpha)?)?.broadcast_add(&uhat.broadcast_mul(alpha)?)
+    z.broadcast_sub(&z.broadcast_mul(alpha)?)?
+        .broadcast_add(&uhat.broadcast_mul(alpha)?)
 }
 
 impl Method for Backprop {
@@ -77,15 +83,32 @@ impl Method for Backprop {
         if let Some(v) = self.model.embedding().var() {
             vars.push((EMBED.into(), v.clone()));
         }
-        Ok(vec![ParamGroup { vars, decay: true }, ParamGroup { vars: vec![(ALPHA_NAME.into(), self.alpha.clone())], decay: false }])
+        Ok(vec![
+            ParamGroup { vars, decay: true },
+            ParamGroup {
+                vars: vec![(ALPHA_NAME.into(), self.alpha.clone())],
+                decay: false,
+            },
+        ])
     }
 
     fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass { key: 0, lanes: vec![0] }]
+        vec![Pass {
+            key: 0,
+            lanes: vec![0],
+        }]
     }
 
     /// The cross-entropy of a minibatch through the whole chain; reported as `[ce, ce, 0, 0]`.
-    fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        _lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         let d = self.model.config().block.latent_dim;
         let alpha = self.alpha.as_tensor().tanh()?;
         let mut z = noise.randn(&[x.dim(0)?, d], DType::F32, x.device())?;
@@ -98,7 +121,11 @@ impl Method for Backprop {
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let grads = ce.backward()?;
         let ce = scalar(&ce)?;
-        Ok(StepGrads { grads, losses: [ce, ce, 0.0, 0.0], groups: vec![0, 1] })
+        Ok(StepGrads {
+            grads,
+            losses: [ce, ce, 0.0, 0.0],
+            groups: vec![0, 1],
+        })
     }
 
     /// The chain from `z_0 ~ N(0, I)`; runs differ only in their draw of
@@ -106,17 +133,27 @@ impl Method for Backprop {
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
         let alpha = self.alpha.as_tensor().tanh()?;
         let d = self.model.config().block.latent_dim;
-        Ok(Box::new(move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-            let (runs, b) = (modes.len(), x.dim(0)?);
-            let feats = self.model.image_features(x)?;
-            let mut z = rng.randn(&[runs * b, d], DType::F32, x.device())?;
-            for (t, fx) in feats.iter().enumerate() {
-                let fx = if runs == 1 { fx.clone() } else { Tensor::cat(&vec![fx; runs], 0)? };
-                let uhat = self.model.denoise_from_features(t + 1, &z, &fx)?;
-                z = chain(&z, &uhat, &alpha.narrow(0, t, 1)?)?;
-            }
-            Ok(class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?.argmax(D::Minus1)?.to_vec1()?)
-        }))
+        Ok(Box::new(
+            move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
+                let (runs, b) = (modes.len(), x.dim(0)?);
+                let feats = self.model.image_features(x)?;
+                let mut z = rng.randn(&[runs * b, d], DType::F32, x.device())?;
+                for (t, fx) in feats.iter().enumerate() {
+                    let fx = if runs == 1 {
+                        fx.clone()
+                    } else {
+                        Tensor::cat(&vec![fx; runs], 0)?
+                    };
+                    let uhat = self.model.denoise_from_features(t + 1, &z, &fx)?;
+                    z = chain(&z, &uhat, &alpha.narrow(0, t, 1)?)?;
+                }
+                Ok(
+                    class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?
+                        .argmax(D::Minus1)?
+                        .to_vec1()?,
+                )
+            },
+        ))
     }
 
     /// The chain has no noise but `z_0`.
@@ -132,11 +169,22 @@ impl Method for Backprop {
 
     fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<(), TrainError> {
         let mut tensors = tensors.clone();
-        let w = tensors.remove(ALPHA_NAME).ok_or_else(|| noprop_models::ModelError::MissingTensor { name: ALPHA_NAME.into() })?;
+        let w =
+            tensors
+                .remove(ALPHA_NAME)
+                .ok_or_else(|| noprop_models::ModelError::MissingTensor {
+                    name: ALPHA_NAME.into(),
+                })?;
         if w.dims() != self.alpha.dims() {
-            return Err(noprop_models::ModelError::ShapeMismatch { name: ALPHA_NAME.into(), expected: self.alpha.dims().to_vec(), found: w.dims().to_vec() }.into());
+            return Err(noprop_models::ModelError::ShapeMismatch {
+                name: ALPHA_NAME.into(),
+                expected: self.alpha.dims().to_vec(),
+                found: w.dims().to_vec(),
+            }
+            .into());
         }
-        self.alpha.set(&w.to_dtype(DType::F32)?.to_device(self.alpha.device())?)?;
+        self.alpha
+            .set(&w.to_dtype(DType::F32)?.to_device(self.alpha.device())?)?;
         Ok(self.model.load_tensors(&tensors)?)
     }
 

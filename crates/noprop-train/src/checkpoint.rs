@@ -54,42 +54,87 @@ pub struct ModelRecord {
 impl ModelRecord {
     /// The record as safetensors metadata.
     pub fn to_metadata(&self) -> Result<HashMap<String, String>, TrainError> {
-        let json_err = |e: serde_json::Error| TrainError::Checkpoint { path: "metadata".into(), reason: e.to_string() };
+        let json_err = |e: serde_json::Error| TrainError::Checkpoint {
+            path: "metadata".into(),
+            reason: e.to_string(),
+        };
         let mut m = HashMap::new();
         m.insert("format".into(), FORMAT.into());
         m.insert("method".into(), self.method.clone());
         m.insert("epoch".into(), self.epoch.to_string());
         m.insert("train_seconds".into(), format!("{:.3}", self.train_seconds));
-        m.insert("config".into(), serde_json::to_string(&self.config).map_err(json_err)?);
+        m.insert(
+            "config".into(),
+            serde_json::to_string(&self.config).map_err(json_err)?,
+        );
         if let Some(s) = &self.schedule {
-            m.insert("schedule".into(), serde_json::to_string(s).map_err(json_err)?);
+            m.insert(
+                "schedule".into(),
+                serde_json::to_string(s).map_err(json_err)?,
+            );
         }
-        m.insert("normalization".into(), json!({"mean": self.normalization.0, "std": self.normalization.1}).to_string());
-        m.insert("seed_streams".into(), serde_json::to_string(&self.seed_streams).map_err(json_err)?);
-        m.insert("blocks".into(), "blocks.{t} for t = 1..=T maps z_{t-1} to uhat_t; z_0 is noise, z_T the label".into());
+        m.insert(
+            "normalization".into(),
+            json!({"mean": self.normalization.0, "std": self.normalization.1}).to_string(),
+        );
+        m.insert(
+            "seed_streams".into(),
+            serde_json::to_string(&self.seed_streams).map_err(json_err)?,
+        );
+        m.insert(
+            "blocks".into(),
+            "blocks.{t} for t = 1..=T maps z_{t-1} to uhat_t; z_0 is noise, z_T the label".into(),
+        );
         Ok(m)
     }
 
     /// Reads the record from the metadata of the checkpoint at `path`.
     pub fn from_metadata(path: &Path, m: &HashMap<String, String>) -> Result<Self, TrainError> {
-        let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
-        let get = |key: &str| m.get(key).ok_or_else(|| bad(format!("no {key} in its metadata (not written by noprop?)")));
+        let bad = |reason: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let get = |key: &str| {
+            m.get(key)
+                .ok_or_else(|| bad(format!("no {key} in its metadata (not written by noprop?)")))
+        };
         let format = get("format")?;
         if format != FORMAT {
             return Err(bad(format!("metadata format {format:?}, this noprop reads {FORMAT:?} (written by an older version: retrain, or evaluate it with the version that wrote it)")));
         }
-        let epoch = get("epoch")?.parse().map_err(|_| bad("epoch is not a number".into()))?;
-        let train_seconds: f64 = get("train_seconds")?.parse().map_err(|_| bad("train_seconds is not a number".into()))?;
-        let value: serde_json::Value = serde_json::from_str(get("config")?).map_err(|e| bad(format!("config in metadata: {e}")))?;
-        let config = RawConfig::from_json_value(value).map_err(|e| bad(format!("config in metadata: {e}")))?;
-        let schedule = m.get("schedule").map(|s| serde_json::from_str(s)).transpose().map_err(|e| bad(format!("schedule in metadata: {e}")))?;
-        let norm: serde_json::Value = serde_json::from_str(get("normalization")?).map_err(|e| bad(format!("normalization in metadata: {e}")))?;
+        let epoch = get("epoch")?
+            .parse()
+            .map_err(|_| bad("epoch is not a number".into()))?;
+        let train_seconds: f64 = get("train_seconds")?
+            .parse()
+            .map_err(|_| bad("train_seconds is not a number".into()))?;
+        let value: serde_json::Value = serde_json::from_str(get("config")?)
+            .map_err(|e| bad(format!("config in metadata: {e}")))?;
+        let config = RawConfig::from_json_value(value)
+            .map_err(|e| bad(format!("config in metadata: {e}")))?;
+        let schedule = m
+            .get("schedule")
+            .map(|s| serde_json::from_str(s))
+            .transpose()
+            .map_err(|e| bad(format!("schedule in metadata: {e}")))?;
+        let norm: serde_json::Value = serde_json::from_str(get("normalization")?)
+            .map_err(|e| bad(format!("normalization in metadata: {e}")))?;
         let channel = |key: &str| -> Result<Vec<f32>, TrainError> {
-            serde_json::from_value(norm[key].clone()).map_err(|e| bad(format!("normalization.{key} in metadata: {e}")))
+            serde_json::from_value(norm[key].clone())
+                .map_err(|e| bad(format!("normalization.{key} in metadata: {e}")))
         };
         let normalization = (channel("mean")?, channel("std")?);
-        let seed_streams = serde_json::from_str(get("seed_streams")?).map_err(|e| bad(format!("seed_streams in metadata: {e}")))?;
-        Ok(Self { method: get("method")?.clone(), epoch, train_seconds, config, schedule, normalization, seed_streams })
+        let seed_streams = serde_json::from_str(get("seed_streams")?)
+            .map_err(|e| bad(format!("seed_streams in metadata: {e}")))?;
+        Ok(Self {
+            method: get("method")?.clone(),
+            epoch,
+            train_seconds,
+            config,
+            schedule,
+            normalization,
+            seed_streams,
+        })
     }
 }
 
@@ -114,9 +159,18 @@ impl OptimizerRecord {
 
     /// Reads the record from the metadata of the checkpoint at `path`.
     pub fn from_metadata(path: &Path, m: &HashMap<String, String>) -> Result<Self, TrainError> {
-        let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
-        let epoch = m.get("epoch").and_then(|e| e.parse().ok()).ok_or_else(|| bad("no epoch in its metadata".into()))?;
-        let steps = m.get("steps").and_then(|s| serde_json::from_str(s).ok()).ok_or_else(|| bad("no step counts in its metadata".into()))?;
+        let bad = |reason: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let epoch = m
+            .get("epoch")
+            .and_then(|e| e.parse().ok())
+            .ok_or_else(|| bad("no epoch in its metadata".into()))?;
+        let steps = m
+            .get("steps")
+            .and_then(|s| serde_json::from_str(s).ok())
+            .ok_or_else(|| bad("no step counts in its metadata".into()))?;
         Ok(Self { epoch, steps })
     }
 }
@@ -129,18 +183,25 @@ pub fn save_safetensors(
     metadata: HashMap<String, String>,
 ) -> Result<(), TrainError> {
     let tmp = path.with_extension("safetensors.tmp");
-    let io = |source| TrainError::Io { path: path.to_path_buf(), source };
+    let io = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     // safetensors reads CPU memory; move tensors off other devices first.
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_, candle_core::Error>>()?;
-    safetensors::serialize_to_file(cpu, Some(metadata), &tmp).map_err(|e| TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
+    safetensors::serialize_to_file(cpu, Some(metadata), &tmp).map_err(|e| {
+        TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }
     })?;
     // The rename is atomic, but only a synced file and folder survive a power loss.
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
@@ -150,20 +211,34 @@ pub fn sync_dir(dir: &Path) -> Result<(), TrainError> {
     // Opening a folder to sync it works on Unix; elsewhere it is not needed
     // (or possible), so only a failure to sync an opened folder is an error.
     match std::fs::File::open(dir) {
-        Ok(f) => f.sync_all().or_else(|e| if cfg!(unix) { Err(e) } else { Ok(()) }).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source }),
+        Ok(f) => f
+            .sync_all()
+            .or_else(|e| if cfg!(unix) { Err(e) } else { Ok(()) })
+            .map_err(|source| TrainError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }),
         Err(_) if !cfg!(unix) => Ok(()),
-        Err(source) => Err(TrainError::Io { path: dir.to_path_buf(), source }),
+        Err(source) => Err(TrainError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 
 /// The first tensor (in name order) holding NaN or infinite values: its
 /// name and how many it holds.
-pub fn first_non_finite(tensors: &BTreeMap<String, Tensor>) -> Result<Option<(String, usize)>, TrainError> {
+pub fn first_non_finite(
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<Option<(String, usize)>, TrainError> {
     for (name, t) in tensors {
         if !t.dtype().is_float() {
             continue;
         }
-        let values: Vec<f64> = t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+        let values: Vec<f64> = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1()?;
         let bad = values.iter().filter(|v| !v.is_finite()).count();
         if bad > 0 {
             return Ok(Some((name.clone(), bad)));
@@ -177,21 +252,36 @@ pub fn load_safetensors(
     path: &Path,
     device: &Device,
 ) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>), TrainError> {
-    let bytes = std::fs::read(path).map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
-    let bad = |reason: String| TrainError::Checkpoint { path: path.to_path_buf(), reason };
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |reason: String| TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         // noprop writes F32 only; anything else would be converted silently.
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("tensor {name} has dtype {:?}; noprop checkpoints hold F32", view.dtype())));
+            return Err(bad(format!(
+                "tensor {name} has dtype {:?}; noprop checkpoints hold F32",
+                view.dtype()
+            )));
         }
-        let t = view.load(device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        let t = view
+            .load(device)
+            .map_err(|e| bad(format!("tensor {name}: {e}")))?;
         out.insert(name, t);
     }
     if let Some((name, count)) = first_non_finite(&out)? {
-        return Err(bad(format!("tensor {name} holds {count} non-finite values")));
+        return Err(bad(format!(
+            "tensor {name} holds {count} non-finite values"
+        )));
     }
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }

@@ -7,15 +7,18 @@
 
 use std::path::PathBuf;
 
-use noprop_core::{ClassProbability, DiscreteSchedule, LearnableScheduleConfig, OdeSolver, ScheduleSpec};
+use noprop_core::{
+    ClassProbability, DiscreteSchedule, LearnableScheduleConfig, OdeSolver, ScheduleSpec,
+};
 use noprop_data::DatasetKind;
 use noprop_models::{EmbeddingKind, Kernels};
 
-pub use crate::raw::{
-    old_style_fields, CtSampler, EmbeddingInit, HeadInit, OptimizerKind, RawCheckpoint, RawConfig, RawData, RawEmbedding, RawEval, RawMethod, RawModel,
-    RawTrain, ScheduleTraining, TimeSampling, TrainOrder, MOVED_FIELDS,
-};
 use crate::error::ConfigError;
+pub use crate::raw::{
+    old_style_fields, CtSampler, EmbeddingInit, HeadInit, OptimizerKind, RawCheckpoint, RawConfig,
+    RawData, RawEmbedding, RawEval, RawMethod, RawModel, RawTrain, ScheduleTraining, TimeSampling,
+    TrainOrder, MOVED_FIELDS,
+};
 
 /// Limits that keep every allocation a config can cause bounded; far above
 /// anything the paper uses.
@@ -309,7 +312,9 @@ impl Config {
     /// The latent dimension `d` of `W_embed`.
     pub fn latent_dim(&self) -> usize {
         let (c, h, w) = self.data.dataset.shape();
-        self.model.embedding.latent_dim(self.data.dataset.num_classes(), c * h * w)
+        self.model
+            .embedding
+            .latent_dim(self.data.dataset.num_classes(), c * h * w)
     }
 
     /// The configuration as a file would say it, every default filled in.
@@ -317,11 +322,25 @@ impl Config {
         let m = &self.model;
         let embedding = match m.embedding {
             EmbeddingKind::OneHot => RawEmbedding::OneHot,
-            EmbeddingKind::Learned { dim } => RawEmbedding::Learned { dim, init: m.embedding_init, lr: m.embedding_lr, target_grad: m.embedding_target_grad },
-            EmbeddingKind::Prototype => RawEmbedding::Prototype { init: m.embedding_init, lr: m.embedding_lr, target_grad: m.embedding_target_grad },
+            EmbeddingKind::Learned { dim } => RawEmbedding::Learned {
+                dim,
+                init: m.embedding_init,
+                lr: m.embedding_lr,
+                target_grad: m.embedding_target_grad,
+            },
+            EmbeddingKind::Prototype => RawEmbedding::Prototype {
+                init: m.embedding_init,
+                lr: m.embedding_lr,
+                target_grad: m.embedding_target_grad,
+            },
         };
         let method = match &self.method {
-            MethodSettings::Dt(s) => RawMethod::Dt { blocks: s.schedule.blocks(), eta: s.eta, order: s.order, schedule: s.spec.clone() },
+            MethodSettings::Dt(s) => RawMethod::Dt {
+                blocks: s.schedule.blocks(),
+                eta: s.eta,
+                order: s.order,
+                schedule: s.spec.clone(),
+            },
             MethodSettings::Ct(s) => RawMethod::Ct {
                 eta: s.eta,
                 time_dim: s.time.dim,
@@ -332,20 +351,59 @@ impl Config {
                 t_sampling: s.t_sampling,
                 schedule_training: s.schedule_training,
             },
-            MethodSettings::Fm(s) => {
-                RawMethod::Fm { sigma: s.sigma, time_dim: s.time.dim, time_scale: s.time.scale, solver: s.solver, steps: s.steps, t_sampling: s.t_sampling }
-            }
-            MethodSettings::Backprop(s) => RawMethod::Backprop { blocks: s.blocks, alpha_init: s.alpha_init },
-            MethodSettings::Adjoint(s) => RawMethod::Adjoint { time_dim: s.time.dim, time_scale: s.time.scale, train_steps: s.train_steps, steps: s.steps },
+            MethodSettings::Fm(s) => RawMethod::Fm {
+                sigma: s.sigma,
+                time_dim: s.time.dim,
+                time_scale: s.time.scale,
+                solver: s.solver,
+                steps: s.steps,
+                t_sampling: s.t_sampling,
+            },
+            MethodSettings::Backprop(s) => RawMethod::Backprop {
+                blocks: s.blocks,
+                alpha_init: s.alpha_init,
+            },
+            MethodSettings::Adjoint(s) => RawMethod::Adjoint {
+                time_dim: s.time.dim,
+                time_scale: s.time.scale,
+                train_steps: s.train_steps,
+                steps: s.steps,
+            },
         };
         let (d, t, e) = (&self.data, &self.train, &self.eval);
         RawConfig {
-            data: RawData { dataset: d.dataset, dir: d.dir.clone(), train_limit: d.train_limit, test_limit: d.test_limit },
-            model: RawModel { embedding, dropout: m.dropout, kernels: m.kernels, class_probability: m.class_probability, head_init: Some(m.head_init) },
+            data: RawData {
+                dataset: d.dataset,
+                dir: d.dir.clone(),
+                train_limit: d.train_limit,
+                test_limit: d.test_limit,
+            },
+            model: RawModel {
+                embedding,
+                dropout: m.dropout,
+                kernels: m.kernels,
+                class_probability: m.class_probability,
+                head_init: Some(m.head_init),
+            },
             method,
-            train: RawTrain { epochs: t.epochs, batch_size: t.batch_size, lr: t.lr, weight_decay: t.weight_decay, seed: t.seed, optimizer: t.optimizer },
-            eval: RawEval { runs: e.runs, deterministic: e.deterministic, batch_size: e.batch_size, train_subset: e.train_subset, every: e.every },
-            checkpoint: RawCheckpoint { keep_last: self.keep_last },
+            train: RawTrain {
+                epochs: t.epochs,
+                batch_size: t.batch_size,
+                lr: t.lr,
+                weight_decay: t.weight_decay,
+                seed: t.seed,
+                optimizer: t.optimizer,
+            },
+            eval: RawEval {
+                runs: e.runs,
+                deterministic: e.deterministic,
+                batch_size: e.batch_size,
+                train_subset: e.train_subset,
+                every: e.every,
+            },
+            checkpoint: RawCheckpoint {
+                keep_last: self.keep_last,
+            },
         }
     }
 
@@ -370,23 +428,44 @@ impl Config {
             RawMethod::Fm { solver, steps, .. } => {
                 match change.sampler {
                     Some(CtSampler::Flow(s)) => *solver = s,
-                    Some(CtSampler::Eq3) => return Err(ConfigError::Sampler { method: "NoProp-FM", allowed: "euler or heun", found: "eq3".into() }),
+                    Some(CtSampler::Eq3) => {
+                        return Err(ConfigError::Sampler {
+                            method: "NoProp-FM",
+                            allowed: "euler or heun",
+                            found: "eq3".into(),
+                        })
+                    }
                     None => {}
                 }
                 *steps = change.steps.unwrap_or(*steps);
             }
             RawMethod::Adjoint { steps, .. } => {
-                if let Some(s) = change.sampler.filter(|s| *s != CtSampler::Flow(OdeSolver::Euler)) {
-                    return Err(ConfigError::Sampler { method: "the adjoint baseline", allowed: "euler", found: s.to_string() });
+                if let Some(s) = change
+                    .sampler
+                    .filter(|s| *s != CtSampler::Flow(OdeSolver::Euler))
+                {
+                    return Err(ConfigError::Sampler {
+                        method: "the adjoint baseline",
+                        allowed: "euler",
+                        found: s.to_string(),
+                    });
                 }
                 *steps = change.steps.unwrap_or(*steps);
             }
             RawMethod::Dt { .. } | RawMethod::Backprop { .. } => {
                 if let Some(s) = change.sampler {
-                    return Err(ConfigError::Sampler { method: "a discrete-time model", allowed: "its own blocks (no --sampler)", found: s.to_string() });
+                    return Err(ConfigError::Sampler {
+                        method: "a discrete-time model",
+                        allowed: "its own blocks (no --sampler)",
+                        found: s.to_string(),
+                    });
                 }
                 if change.steps.is_some() {
-                    return Err(ConfigError::Sampler { method: "a discrete-time model", allowed: "its own blocks (no --steps)", found: "--steps".into() });
+                    return Err(ConfigError::Sampler {
+                        method: "a discrete-time model",
+                        allowed: "its own blocks (no --steps)",
+                        found: "--steps".into(),
+                    });
                 }
             }
         }
@@ -417,7 +496,12 @@ fn at_least(field: &'static str, found: usize, min: usize) -> Result<usize, Conf
     }
 }
 
-fn between(field: &'static str, found: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+fn between(
+    field: &'static str,
+    found: usize,
+    min: usize,
+    max: usize,
+) -> Result<usize, ConfigError> {
     at_least(field, found, min)?;
     if found > max {
         return Err(ConfigError::TooLarge { field, max, found });
@@ -446,7 +530,10 @@ fn time_embedding(dim: usize, scale: f64) -> Result<TimeEmbedding, ConfigError> 
         return Err(ConfigError::OddTimeDim { found: dim });
     }
     between("method.time_dim", dim, 2, limits::TIME_DIM)?;
-    Ok(TimeEmbedding { dim, scale: positive("method.time_scale", scale)? })
+    Ok(TimeEmbedding {
+        dim,
+        scale: positive("method.time_scale", scale)?,
+    })
 }
 
 fn steps(field: &'static str, n: usize) -> Result<usize, ConfigError> {
@@ -462,7 +549,9 @@ impl RawConfig {
         if !moved.is_empty() {
             return Err(ConfigError::OldStyle { moved });
         }
-        serde_json::from_value(v).map_err(|e| ConfigError::Schema { reason: e.to_string() })
+        serde_json::from_value(v).map_err(|e| ConfigError::Schema {
+            reason: e.to_string(),
+        })
     }
 
     /// Checks every rule once and resolves every default.
@@ -471,45 +560,112 @@ impl RawConfig {
         let (c, h, w) = dataset.shape();
         let m = dataset.num_classes();
         if h % 4 != 0 || w % 4 != 0 {
-            return Err(ConfigError::ImageSize { dataset: dataset.name(), height: h, width: w });
+            return Err(ConfigError::ImageSize {
+                dataset: dataset.name(),
+                height: h,
+                width: w,
+            });
         }
         let data = DataSettings {
             dataset,
             dir: self.data.dir,
-            train_limit: self.data.train_limit.map(|n| at_least("data.train_limit", n, 1)).transpose()?,
-            test_limit: self.data.test_limit.map(|n| at_least("data.test_limit", n, 1)).transpose()?,
+            train_limit: self
+                .data
+                .train_limit
+                .map(|n| at_least("data.train_limit", n, 1))
+                .transpose()?,
+            test_limit: self
+                .data
+                .test_limit
+                .map(|n| at_least("data.test_limit", n, 1))
+                .transpose()?,
         };
 
         let raw_model = self.model;
         if !(raw_model.dropout.is_finite() && (0.0..1.0).contains(&raw_model.dropout)) {
-            return Err(ConfigError::OutOfRange { field: "model.dropout", range: "[0, 1)", found: raw_model.dropout });
+            return Err(ConfigError::OutOfRange {
+                field: "model.dropout",
+                range: "[0, 1)",
+                found: raw_model.dropout,
+            });
         }
-        raw_model.class_probability.validate().map_err(|source| ConfigError::ClassProbability { source })?;
+        raw_model
+            .class_probability
+            .validate()
+            .map_err(|source| ConfigError::ClassProbability { source })?;
         let (embedding, init, embedding_lr, target_grad) = match raw_model.embedding {
             RawEmbedding::OneHot => (EmbeddingKind::OneHot, None, None, true),
-            RawEmbedding::Learned { dim, init, lr, target_grad } => {
+            RawEmbedding::Learned {
+                dim,
+                init,
+                lr,
+                target_grad,
+            } => {
                 between("model.embedding.dim", dim, 1, limits::EMBEDDING_DIM)?;
-                let init = init.unwrap_or(if dim >= m { EmbeddingInit::Orthogonal } else { EmbeddingInit::Normal });
+                let init = init.unwrap_or(if dim >= m {
+                    EmbeddingInit::Orthogonal
+                } else {
+                    EmbeddingInit::Normal
+                });
                 (EmbeddingKind::Learned { dim }, Some(init), lr, target_grad)
             }
-            RawEmbedding::Prototype { init, lr, target_grad } => (EmbeddingKind::Prototype, Some(init.unwrap_or(EmbeddingInit::Prototype)), lr, target_grad),
+            RawEmbedding::Prototype {
+                init,
+                lr,
+                target_grad,
+            } => (
+                EmbeddingKind::Prototype,
+                Some(init.unwrap_or(EmbeddingInit::Prototype)),
+                lr,
+                target_grad,
+            ),
         };
         let d = embedding.latent_dim(m, c * h * w);
         match init {
-            Some(EmbeddingInit::Orthogonal) if d < m => return Err(ConfigError::OrthogonalTooNarrow { dim: d, classes: m }),
-            Some(EmbeddingInit::Prototype) if d != c * h * w => return Err(ConfigError::PrototypeNotImageSized { dim: d, image: c * h * w }),
+            Some(EmbeddingInit::Orthogonal) if d < m => {
+                return Err(ConfigError::OrthogonalTooNarrow { dim: d, classes: m })
+            }
+            Some(EmbeddingInit::Prototype) if d != c * h * w => {
+                return Err(ConfigError::PrototypeNotImageSized {
+                    dim: d,
+                    image: c * h * w,
+                })
+            }
             _ => {}
         }
-        let embedding_lr = embedding_lr.map(|lr| non_negative("model.embedding.lr", lr)).transpose()?;
+        let embedding_lr = embedding_lr
+            .map(|lr| non_negative("model.embedding.lr", lr))
+            .transpose()?;
 
         let method = match self.method {
-            RawMethod::Dt { blocks, eta, order, schedule } => {
+            RawMethod::Dt {
+                blocks,
+                eta,
+                order,
+                schedule,
+            } => {
                 between("method.blocks", blocks, 1, limits::BLOCKS)?;
                 let eta = non_negative("method.eta", eta)?;
-                let built = schedule.build(blocks).map_err(|source| ConfigError::Schedule { source })?;
-                MethodSettings::Dt(DtSettings { order, eta, schedule: built, spec: schedule })
+                let built = schedule
+                    .build(blocks)
+                    .map_err(|source| ConfigError::Schedule { source })?;
+                MethodSettings::Dt(DtSettings {
+                    order,
+                    eta,
+                    schedule: built,
+                    spec: schedule,
+                })
             }
-            RawMethod::Ct { eta, time_dim, time_scale, schedule, sampler, steps: n, t_sampling, schedule_training } => {
+            RawMethod::Ct {
+                eta,
+                time_dim,
+                time_scale,
+                schedule,
+                sampler,
+                steps: n,
+                t_sampling,
+                schedule_training,
+            } => {
                 at_least("method.schedule.hidden", schedule.hidden, 1)?;
                 MethodSettings::Ct(CtSettings {
                     eta: non_negative("method.eta", eta)?,
@@ -521,7 +677,14 @@ impl RawConfig {
                     schedule_training,
                 })
             }
-            RawMethod::Fm { sigma, time_dim, time_scale, solver, steps: n, t_sampling } => MethodSettings::Fm(FmSettings {
+            RawMethod::Fm {
+                sigma,
+                time_dim,
+                time_scale,
+                solver,
+                steps: n,
+                t_sampling,
+            } => MethodSettings::Fm(FmSettings {
                 sigma: non_negative("method.sigma", sigma)?,
                 time: time_embedding(time_dim, time_scale)?,
                 solver,
@@ -531,11 +694,20 @@ impl RawConfig {
             RawMethod::Backprop { blocks, alpha_init } => {
                 between("method.blocks", blocks, 1, limits::BLOCKS)?;
                 if !(alpha_init.is_finite() && alpha_init.abs() < 1.0) {
-                    return Err(ConfigError::OutOfRange { field: "method.alpha_init", range: "(-1, 1)", found: alpha_init });
+                    return Err(ConfigError::OutOfRange {
+                        field: "method.alpha_init",
+                        range: "(-1, 1)",
+                        found: alpha_init,
+                    });
                 }
                 MethodSettings::Backprop(BackpropSettings { blocks, alpha_init })
             }
-            RawMethod::Adjoint { time_dim, time_scale, train_steps, steps: n } => MethodSettings::Adjoint(AdjointSettings {
+            RawMethod::Adjoint {
+                time_dim,
+                time_scale,
+                train_steps,
+                steps: n,
+            } => MethodSettings::Adjoint(AdjointSettings {
                 time: time_embedding(time_dim, time_scale)?,
                 train_steps: steps("method.train_steps", train_steps)?,
                 steps: steps("method.steps", n)?,
@@ -543,7 +715,12 @@ impl RawConfig {
         };
         // The baselines have no denoising or flow target to detach; a
         // `target_grad = false` there would be silently ignored.
-        if !target_grad && matches!(method, MethodSettings::Backprop(_) | MethodSettings::Adjoint(_)) {
+        if !target_grad
+            && matches!(
+                method,
+                MethodSettings::Backprop(_) | MethodSettings::Adjoint(_)
+            )
+        {
             return Err(ConfigError::Schema {
                 reason: format!(
                     "model.embedding.target_grad = false applies to dt, ct and fm only; method {} has no denoising target",
@@ -583,6 +760,13 @@ impl RawConfig {
             train_subset: e.train_subset,
             every: at_least("eval.every", e.every, 1)?,
         };
-        Ok(Config { data, model, method, train, eval, keep_last: self.checkpoint.keep_last })
+        Ok(Config {
+            data,
+            model,
+            method,
+            train,
+            eval,
+            keep_last: self.checkpoint.keep_last,
+        })
     }
 }

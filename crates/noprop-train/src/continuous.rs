@@ -18,9 +18,17 @@ impl<'a> Cached<'a> {
     /// The network on the images whose features are `fx` `[B, 256]`,
     /// repeated for `runs` stacked inference runs.
     pub fn new(model: &'a CtModel, fx: &Tensor, runs: usize) -> candle_core::Result<Self> {
-        let fx = if runs == 1 { fx.clone() } else { Tensor::cat(&vec![fx; runs], 0)? };
+        let fx = if runs == 1 {
+            fx.clone()
+        } else {
+            Tensor::cat(&vec![fx; runs], 0)?
+        };
         let projected = model.net().project_features(&fx)?;
-        Ok(Self { model, fx, projected })
+        Ok(Self {
+            model,
+            fx,
+            projected,
+        })
     }
 
     /// Rows: images times runs.
@@ -29,7 +37,9 @@ impl<'a> Cached<'a> {
     }
 
     fn logits_at(&self, z: &Tensor, t: f64) -> candle_core::Result<Tensor> {
-        self.model.net().logits_projected(z, t, &self.projected, &mut Mode::Eval)
+        self.model
+            .net()
+            .logits_projected(z, t, &self.projected, &mut Mode::Eval)
     }
 }
 
@@ -38,7 +48,10 @@ impl ContinuousDenoiser for Cached<'_> {
         self.model.embed().dims().get(1).copied().unwrap_or(0)
     }
     fn denoise(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        let logits = self.model.net().logits_from_features(z, t, &self.fx, &mut Mode::Eval)?;
+        let logits = self
+            .model
+            .net()
+            .logits_from_features(z, t, &self.fx, &mut Mode::Eval)?;
         candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())
     }
     fn denoise_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
@@ -51,7 +64,10 @@ impl VelocityField for Cached<'_> {
         self.model.embed().dims().get(1).copied().unwrap_or(0)
     }
     fn velocity(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.model.net().logits_from_features(z, t, &self.fx, &mut Mode::Eval)?.matmul(self.model.embed())
+        self.model
+            .net()
+            .logits_from_features(z, t, &self.fx, &mut Mode::Eval)?
+            .matmul(self.model.embed())
     }
     fn velocity_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
         self.logits_at(z, t)?.matmul(self.model.embed())

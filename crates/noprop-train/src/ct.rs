@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, D};
 use noprop_core::{
-    cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct, sample_ct_eq3, sample_ct_ode, ContinuousSchedule, Inference, LearnableSchedule,
-    NoiseRng, Stream,
+    cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct, sample_ct_eq3,
+    sample_ct_ode, ContinuousSchedule, Inference, LearnableSchedule, NoiseRng, Stream,
 };
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
@@ -15,8 +15,11 @@ use noprop_models::{CtModel, Mode};
 use crate::config::{Config, CtSampler, CtSettings, MethodSettings, ScheduleTraining};
 use crate::continuous::Cached;
 use crate::error::TrainError;
-use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_ct_model, class_log_probs, denoise_target, draw_times, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::groups::ParamGroup;
+use crate::method::{
+    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar,
+    DeterministicRun, Method, Pass, Predict, StepGrads,
+};
 
 /// NoProp-CT's network, head, embedding and learnable schedule.
 pub struct Ct {
@@ -27,7 +30,10 @@ pub struct Ct {
 fn settings(cfg: &Config) -> Result<&CtSettings, TrainError> {
     match cfg.method() {
         MethodSettings::Ct(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch { model: "ct", config: other.method().name() }),
+        other => Err(TrainError::MethodMismatch {
+            model: "ct",
+            config: other.method().name(),
+        }),
     }
 }
 
@@ -57,16 +63,20 @@ impl Method for Ct {
     /// schedule, which gets no weight decay (it would pull `gamma0` and
     /// `gamma1` together and shrink the SNR range).
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
-        let mut vars = trainable(self.model.net_vars())?;
-        vars.extend(trainable(self.model.head_vars())?);
-        if let Some(v) = self.model.embedding().var() {
-            vars.push((EMBED.into(), v.clone()));
-        }
-        Ok(vec![ParamGroup { vars, decay: true }, ParamGroup { vars: self.schedule.vars(), decay: false }])
+        Ok(vec![
+            network_group(&self.model)?,
+            ParamGroup {
+                vars: self.schedule.vars(),
+                decay: false,
+            },
+        ])
     }
 
     fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass { key: 0, lanes: vec![0] }]
+        vec![Pass {
+            key: 0,
+            lanes: vec![0],
+        }]
     }
 
     /// Algorithm 2's loss on a minibatch (eq. 9, assembled as
@@ -81,14 +91,25 @@ impl Method for Ct {
     /// the schedule's endpoints included, keeps the loss's gradient. The
     /// endpoints stay on the loss because they are what its expectation
     /// depends on: minimising `L_i^2` in them would only shrink the SNR range.
-    fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        _lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
         let t = draw_times(s.t_sampling, b, dev, noise)?;
         let z = q_sample_ct(sched, &u, &t, noise)?;
-        let logits = self.model.net().forward(&z, x, &t, &mut Mode::Train(dropout))?;
+        let logits = self
+            .model
+            .net()
+            .forward(&z, x, &t, &mut Mode::Train(dropout))?;
         let uhat = candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())?;
         let ones = Tensor::ones(b, DType::F32, dev)?;
         let z1 = q_sample_ct(sched, &u, &ones, noise)?;
@@ -114,26 +135,43 @@ impl Method for Ct {
                 }
             }
         }
-        let losses = [scalar(&total)?, scalar(&ce)?, scalar(&kl)?, scalar(&denoise)?];
-        Ok(StepGrads { grads, losses, groups: vec![0, 1] })
+        let losses = [
+            scalar(&total)?,
+            scalar(&ce)?,
+            scalar(&kl)?,
+            scalar(&denoise)?,
+        ];
+        Ok(StepGrads {
+            grads,
+            losses,
+            groups: vec![0, 1],
+        })
     }
 
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
         let s = settings(cfg)?;
-        Ok(Box::new(move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-            let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-            let den = Cached::new(&self.model, &fx, modes.len())?;
-            // The samplers read only the batch size and dtype from their `x`;
-            // the network reads the precomputed image features instead.
-            let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
-            // Every run of one call shares its mode (the deterministic run is separate).
-            let mode = modes.first().copied().unwrap_or(Inference::Stochastic);
-            let z1 = match s.sampler {
-                CtSampler::Eq3 => sample_ct_eq3(&den, &self.schedule, &xs, s.steps, mode, rng)?,
-                CtSampler::Flow(solver) => sample_ct_ode(&den, &self.schedule, &xs, s.steps, solver, rng)?,
-            };
-            Ok(class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?.argmax(D::Minus1)?.to_vec1()?)
-        }))
+        Ok(Box::new(
+            move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
+                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
+                let den = Cached::new(&self.model, &fx, modes.len())?;
+                // The samplers read only the batch size and dtype from their `x`;
+                // the network reads the precomputed image features instead.
+                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                // Every run of one call shares its mode (the deterministic run is separate).
+                let mode = modes.first().copied().unwrap_or(Inference::Stochastic);
+                let z1 = match s.sampler {
+                    CtSampler::Eq3 => sample_ct_eq3(&den, &self.schedule, &xs, s.steps, mode, rng)?,
+                    CtSampler::Flow(solver) => {
+                        sample_ct_ode(&den, &self.schedule, &xs, s.steps, solver, rng)?
+                    }
+                };
+                Ok(
+                    class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?
+                        .argmax(D::Minus1)?
+                        .to_vec1()?,
+                )
+            },
+        ))
     }
 
     /// Only the eq. 3 sampler has noise to switch off; the ODE samplers are

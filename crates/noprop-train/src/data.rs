@@ -21,9 +21,14 @@ impl DeviceData {
     /// Copies `ds` to `device` in `dtype`.
     pub fn new(ds: &Dataset, dtype: DType, device: &Device) -> Result<Self, TrainError> {
         let n = ds.len();
-        let images = Tensor::from_slice(&ds.images, (n, ds.channels, ds.height, ds.width), device)?.to_dtype(dtype)?;
+        let images = Tensor::from_slice(&ds.images, (n, ds.channels, ds.height, ds.width), device)?
+            .to_dtype(dtype)?;
         let labels = Tensor::from_slice(&ds.labels, n, device)?;
-        Ok(Self { images, labels, host_labels: ds.labels.clone() })
+        Ok(Self {
+            images,
+            labels,
+            host_labels: ds.labels.clone(),
+        })
     }
 
     /// The number of examples.
@@ -39,7 +44,11 @@ impl DeviceData {
     /// The first `n` examples.
     pub fn head(&self, n: usize) -> Result<Self, TrainError> {
         let n = n.min(self.len());
-        Ok(Self { images: self.images.narrow(0, 0, n)?, labels: self.labels.narrow(0, 0, n)?, host_labels: self.host_labels[..n].to_vec() })
+        Ok(Self {
+            images: self.images.narrow(0, 0, n)?,
+            labels: self.labels.narrow(0, 0, n)?,
+            host_labels: self.host_labels[..n].to_vec(),
+        })
     }
 
     /// Images `[N, C, H, W]` on the device.
@@ -56,7 +65,10 @@ impl DeviceData {
     pub fn batch(&self, idx: &[usize]) -> Result<(Tensor, Tensor), TrainError> {
         let ids: Vec<u32> = idx.iter().map(|&i| i as u32).collect();
         let ids = Tensor::from_vec(ids, idx.len(), self.images.device())?;
-        Ok((self.images.index_select(&ids, 0)?, self.labels.index_select(&ids, 0)?))
+        Ok((
+            self.images.index_select(&ids, 0)?,
+            self.labels.index_select(&ids, 0)?,
+        ))
     }
 }
 
@@ -84,7 +96,12 @@ impl RunData {
     /// `$NOPROP_DATA`, then `./data` name; see
     /// [`noprop_data::resolve_data_dir`]), downloading it first when
     /// `download` is set, applies the config's limits and moves it to `device`.
-    pub fn load(cfg: &Config, dir: Option<&Path>, download: bool, device: &Device) -> Result<LoadedData, TrainError> {
+    pub fn load(
+        cfg: &Config,
+        dir: Option<&Path>,
+        download: bool,
+        device: &Device,
+    ) -> Result<LoadedData, TrainError> {
         let kind = cfg.dataset();
         let dir = noprop_data::resolve_data_dir(kind, dir.or(cfg.data().dir.as_deref()));
         kind.ensure(&dir, download)?;
@@ -102,6 +119,13 @@ impl RunData {
             0 => None,
             n => Some(train_dev.head(n)?),
         };
-        Ok(LoadedData { device: RunData { train: train_dev, test, train_subset: subset }, host_train: train })
+        Ok(LoadedData {
+            device: RunData {
+                train: train_dev,
+                test,
+                train_subset: subset,
+            },
+            host_train: train,
+        })
     }
 }

@@ -11,7 +11,10 @@ use noprop_models::{DtModel, Mode};
 use crate::config::{Config, DtSettings, MethodSettings, TrainOrder};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_dt_model, class_log_probs, denoise_target, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::method::{
+    build_dt_model, class_log_probs, denoise_target, scalar, DeterministicRun, Method, Pass,
+    Predict, StepGrads,
+};
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.
 pub struct Dt {
@@ -21,7 +24,10 @@ pub struct Dt {
 fn settings(cfg: &Config) -> Result<&DtSettings, TrainError> {
     match cfg.method() {
         MethodSettings::Dt(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch { model: "dt", config: other.method().name() }),
+        other => Err(TrainError::MethodMismatch {
+            model: "dt",
+            config: other.method().name(),
+        }),
     }
 }
 
@@ -30,7 +36,9 @@ impl Dt {
     /// embeddings are initialised from `train`.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         let blocks = settings(cfg)?.schedule.blocks();
-        Ok(Self { model: build_dt_model(cfg, blocks, device, train)? })
+        Ok(Self {
+            model: build_dt_model(cfg, blocks, device, train)?,
+        })
     }
 
     /// The model.
@@ -47,9 +55,15 @@ impl Method for Dt {
         if let Some(var) = self.model.embedding().var() {
             shared.push((EMBED.to_string(), var.clone()));
         }
-        let mut groups = vec![ParamGroup { vars: shared, decay: true }];
+        let mut groups = vec![ParamGroup {
+            vars: shared,
+            decay: true,
+        }];
         for t in 1..=self.model.config().blocks {
-            groups.push(ParamGroup { vars: trainable(self.model.block_vars(t))?, decay: true });
+            groups.push(ParamGroup {
+                vars: trainable(self.model.block_vars(t))?,
+                decay: true,
+            });
         }
         Ok(groups)
     }
@@ -59,21 +73,39 @@ impl Method for Dt {
     fn epoch_plan(&self, cfg: &Config) -> Vec<Pass> {
         let blocks = self.model.config().blocks;
         match settings(cfg).map(|s| s.order).unwrap_or_default() {
-            TrainOrder::Sequential => (1..=blocks).map(|t| Pass { key: t, lanes: vec![t] }).collect(),
-            TrainOrder::Fused => vec![Pass { key: 0, lanes: (1..=blocks).collect() }],
+            TrainOrder::Sequential => (1..=blocks)
+                .map(|t| Pass {
+                    key: t,
+                    lanes: vec![t],
+                })
+                .collect(),
+            TrainOrder::Fused => vec![Pass {
+                key: 0,
+                lanes: (1..=blocks).collect(),
+            }],
         }
     }
 
     /// Block `t`'s loss `L_t` (eq. 61's term for `t`) on a minibatch, as
     /// [`noprop_core::dt_loss`] assembles it, with the denoising target
     /// detached when `target_grad = false`.
-    fn gradients(&self, cfg: &Config, t: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        t: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let sched = &s.schedule;
         let u = self.model.embed().index_select(y, 0)?;
         let z_prev = q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
         let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
-        let uhat = self.model.denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
+        let uhat = self
+            .model
+            .denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
         // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
         let logp = class_log_probs(cfg, &self.model.classify(&z_last)?, self.model.embed())?;
         let ce = cross_entropy(&logp, y)?;
@@ -81,8 +113,17 @@ impl Method for Dt {
         let denoise = denoise_loss(&uhat, &denoise_target(cfg, &u), sched.dt_weight(t, s.eta)?)?;
         let total = ((&ce + &kl)? + &denoise)?;
         let grads = total.backward()?;
-        let losses = [scalar(&total)?, scalar(&ce)?, scalar(&kl)?, scalar(&denoise)?];
-        Ok(StepGrads { grads, losses, groups: vec![t, 0] })
+        let losses = [
+            scalar(&total)?,
+            scalar(&ce)?,
+            scalar(&kl)?,
+            scalar(&denoise)?,
+        ];
+        Ok(StepGrads {
+            grads,
+            losses,
+            groups: vec![t, 0],
+        })
     }
 
     /// The eq. 3 sampler from `z_0 ~ N(0, I)` through all `T` blocks, each
@@ -92,24 +133,62 @@ impl Method for Dt {
         let sched = &settings(cfg)?.schedule;
         let d = self.model.config().block.latent_dim;
         // Evaluation-mode BatchNorm folded into the Linear layers before it.
-        let blocks = (1..=sched.blocks()).map(|t| self.model.block(t).folded()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Box::new(move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-            let (runs, b, dev) = (modes.len(), x.dim(0)?, x.device());
-            let feats = blocks.iter().map(|blk| blk.image_features(x)).collect::<candle_core::Result<Vec<_>>>()?;
-            let rows = runs * b;
-            let mut z = rng.randn(&[rows, d], x.dtype(), dev)?;
-            // Rows of deterministic runs get no sampling noise.
-            let noise_mask: Vec<f32> = modes.iter().flat_map(|m| std::iter::repeat_n(if *m == Inference::Stochastic { 1f32 } else { 0.0 }, b)).collect();
-            let noise_mask = Tensor::from_vec(noise_mask, (rows, 1), dev)?.to_dtype(x.dtype())?;
-            let any_noise = modes.contains(&Inference::Stochastic);
-            for t in 1..=sched.blocks() {
-                let fx = if runs == 1 { feats[t - 1].clone() } else { Tensor::cat(&vec![&feats[t - 1]; runs], 0)? };
-                let uhat = noprop_models::layers::softmax_embed(&blocks[t - 1].logits_from_features(&z, &fx)?, self.model.embed())?;
-                let eps = if any_noise { Some(rng.randn(&[rows, d], x.dtype(), dev)?.broadcast_mul(&noise_mask)?) } else { None };
-                z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
-            }
-            Ok(class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?.argmax(D::Minus1)?.to_vec1()?)
-        }))
+        let blocks = (1..=sched.blocks())
+            .map(|t| self.model.block(t).folded())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Box::new(
+            move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
+                let (runs, b, dev) = (modes.len(), x.dim(0)?, x.device());
+                let feats = blocks
+                    .iter()
+                    .map(|blk| blk.image_features(x))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let rows = runs * b;
+                let mut z = rng.randn(&[rows, d], x.dtype(), dev)?;
+                // Rows of deterministic runs get no sampling noise.
+                let noise_mask: Vec<f32> = modes
+                    .iter()
+                    .flat_map(|m| {
+                        std::iter::repeat_n(
+                            if *m == Inference::Stochastic {
+                                1f32
+                            } else {
+                                0.0
+                            },
+                            b,
+                        )
+                    })
+                    .collect();
+                let noise_mask =
+                    Tensor::from_vec(noise_mask, (rows, 1), dev)?.to_dtype(x.dtype())?;
+                let any_noise = modes.contains(&Inference::Stochastic);
+                for t in 1..=sched.blocks() {
+                    let fx = if runs == 1 {
+                        feats[t - 1].clone()
+                    } else {
+                        Tensor::cat(&vec![&feats[t - 1]; runs], 0)?
+                    };
+                    let uhat = noprop_models::layers::softmax_embed(
+                        &blocks[t - 1].logits_from_features(&z, &fx)?,
+                        self.model.embed(),
+                    )?;
+                    let eps = if any_noise {
+                        Some(
+                            rng.randn(&[rows, d], x.dtype(), dev)?
+                                .broadcast_mul(&noise_mask)?,
+                        )
+                    } else {
+                        None
+                    };
+                    z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
+                }
+                Ok(
+                    class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?
+                        .argmax(D::Minus1)?
+                        .to_vec1()?,
+                )
+            },
+        ))
     }
 
     fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {

@@ -135,7 +135,8 @@ impl ConfigError {
             ConfigError::OddTimeDim { .. } => "method.time_dim",
             ConfigError::ClassProbability { .. } => "model.class_probability",
             ConfigError::Schedule { .. } => "method.schedule",
-            ConfigError::OrthogonalTooNarrow { .. } | ConfigError::PrototypeNotImageSized { .. } => "model.embedding.init",
+            ConfigError::OrthogonalTooNarrow { .. }
+            | ConfigError::PrototypeNotImageSized { .. } => "model.embedding.init",
             ConfigError::ImageSize { .. } => "data.dataset",
             ConfigError::Sampler { .. } => "method.sampler",
         }

@@ -5,15 +5,20 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use noprop_core::{fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, sample_fm, Inference, NoiseRng};
+use noprop_core::{
+    fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, sample_fm, Inference, NoiseRng,
+};
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
 use crate::config::{Config, FmSettings, MethodSettings};
 use crate::continuous::Cached;
 use crate::error::TrainError;
-use crate::groups::{trainable, ParamGroup, EMBED};
-use crate::method::{build_ct_model, class_log_probs, denoise_target, draw_times, scalar, DeterministicRun, Method, Pass, Predict, StepGrads};
+use crate::groups::ParamGroup;
+use crate::method::{
+    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar,
+    DeterministicRun, Method, Pass, Predict, StepGrads,
+};
 
 /// NoProp-FM's network, head and embedding.
 pub struct Fm {
@@ -23,14 +28,19 @@ pub struct Fm {
 fn settings(cfg: &Config) -> Result<&FmSettings, TrainError> {
     match cfg.method() {
         MethodSettings::Fm(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch { model: "fm", config: other.method().name() }),
+        other => Err(TrainError::MethodMismatch {
+            model: "fm",
+            config: other.method().name(),
+        }),
     }
 }
 
 impl Fm {
     /// A fresh model initialised from the config's seed.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        Ok(Self { model: build_ct_model(cfg, settings(cfg)?.time, device, train)? })
+        Ok(Self {
+            model: build_ct_model(cfg, settings(cfg)?.time, device, train)?,
+        })
     }
 
     /// The model.
@@ -41,16 +51,14 @@ impl Fm {
 
 impl Method for Fm {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
-        let mut vars = trainable(self.model.net_vars())?;
-        vars.extend(trainable(self.model.head_vars())?);
-        if let Some(v) = self.model.embedding().var() {
-            vars.push((EMBED.into(), v.clone()));
-        }
-        Ok(vec![ParamGroup { vars, decay: true }])
+        Ok(vec![network_group(&self.model)?])
     }
 
     fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass { key: 0, lanes: vec![0] }]
+        vec![Pass {
+            key: 0,
+            lanes: vec![0],
+        }]
     }
 
     /// Algorithm 3's flow-matching loss on a minibatch; with a learned
@@ -59,36 +67,56 @@ impl Method for Fm {
     /// `[total, ce, 0, flow]`. The times follow `t_sampling`; with
     /// `target_grad = false` the flow target `u_y - z_0` is detached from
     /// `W_embed` (the path `z_t` and the anchor keep their gradients).
-    fn gradients(&self, cfg: &Config, _lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        _lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         let s = settings(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let u = self.model.embed().index_select(y, 0)?;
         let t = draw_times(s.t_sampling, b, dev, noise)?;
         let z0 = noise.randn(u.dims(), DType::F32, dev)?;
         let zt = fm_interpolate(&z0, &u, &t, s.sigma, noise)?;
-        let logits = self.model.net().forward(&zt, x, &t, &mut Mode::Train(dropout))?;
+        let logits = self
+            .model
+            .net()
+            .forward(&zt, x, &t, &mut Mode::Train(dropout))?;
         let v = logits.matmul(self.model.embed())?;
         let flow = fm_loss(&v, &z0, &denoise_target(cfg, &u))?;
         let (total, ce) = if self.model.embedding().var().is_some() {
             let z1 = fm_extrapolate(&zt, &v, &t)?;
-            let ce = noprop_core::cross_entropy(&class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?, y)?;
+            let ce = noprop_core::cross_entropy(
+                &class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?,
+                y,
+            )?;
             ((&flow + &ce)?, scalar(&ce)?)
         } else {
             (flow.clone(), 0.0)
         };
         let grads = total.backward()?;
-        Ok(StepGrads { grads, losses: [scalar(&total)?, ce, 0.0, scalar(&flow)?], groups: vec![0] })
+        Ok(StepGrads {
+            grads,
+            losses: [scalar(&total)?, ce, 0.0, scalar(&flow)?],
+            groups: vec![0],
+        })
     }
 
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
         let s = settings(cfg)?;
-        Ok(Box::new(move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-            let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-            let den = Cached::new(&self.model, &fx, modes.len())?;
-            let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
-            let z1 = sample_fm(&den, &xs, s.steps, s.solver, rng)?;
-            Ok(nearest_embedding(&z1, self.model.embed())?.to_vec1()?)
-        }))
+        Ok(Box::new(
+            move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
+                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
+                let den = Cached::new(&self.model, &fx, modes.len())?;
+                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                let z1 = sample_fm(&den, &xs, s.steps, s.solver, rng)?;
+                Ok(nearest_embedding(&z1, self.model.embed())?.to_vec1()?)
+            },
+        ))
     }
 
     /// The flow is deterministic given `z_0`.

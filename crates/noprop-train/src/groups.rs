@@ -40,14 +40,26 @@ pub struct Optimizers {
 impl Optimizers {
     /// An optimizer per group, as `train` configures them; a variable named
     /// [`EMBED`] learns at `embedding_lr` when that is set.
-    pub fn new(groups: Vec<ParamGroup>, train: &TrainSettings, embedding_lr: Option<f64>) -> Result<Self, TrainError> {
+    pub fn new(
+        groups: Vec<ParamGroup>,
+        train: &TrainSettings,
+        embedding_lr: Option<f64>,
+    ) -> Result<Self, TrainError> {
         let adam = train.optimizer == OptimizerKind::Adam;
         let groups = groups
             .into_iter()
             .map(|g| {
                 // Adam's decay is an L2 term added to the gradients; AdamW's is decoupled.
-                let decoupled = if g.decay && !adam { train.weight_decay } else { 0.0 };
-                let l2 = if g.decay && adam { g.vars.clone() } else { vec![] };
+                let decoupled = if g.decay && !adam {
+                    train.weight_decay
+                } else {
+                    0.0
+                };
+                let l2 = if g.decay && adam {
+                    g.vars.clone()
+                } else {
+                    vec![]
+                };
                 let mut opt = AdamW::new(g.vars, AdamWParams::new(train.lr, decoupled))?;
                 if let Some(lr) = embedding_lr {
                     opt.set_lr(EMBED, lr);
@@ -55,7 +67,10 @@ impl Optimizers {
                 Ok(Group { opt, l2 })
             })
             .collect::<Result<Vec<_>, TrainError>>()?;
-        Ok(Self { groups, weight_decay: train.weight_decay })
+        Ok(Self {
+            groups,
+            weight_decay: train.weight_decay,
+        })
     }
 
     /// The number of groups.
@@ -92,12 +107,24 @@ impl Optimizers {
     }
 
     /// Restores what [`Self::state`] returned.
-    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, steps: &[u64]) -> Result<(), TrainError> {
+    pub fn load_state(
+        &mut self,
+        tensors: &BTreeMap<String, Tensor>,
+        steps: &[u64],
+    ) -> Result<(), TrainError> {
         if steps.len() != self.groups.len() {
-            return Err(TrainError::Resume { reason: format!("optimizer state has {} step counts, expected {}", steps.len(), self.groups.len()) });
+            return Err(TrainError::Resume {
+                reason: format!(
+                    "optimizer state has {} step counts, expected {}",
+                    steps.len(),
+                    self.groups.len()
+                ),
+            });
         }
         for (g, &s) in self.groups.iter_mut().zip(steps) {
-            g.opt.load_state("", tensors, s).map_err(|reason| TrainError::Resume { reason })?;
+            g.opt
+                .load_state("", tensors, s)
+                .map_err(|reason| TrainError::Resume { reason })?;
         }
         Ok(())
     }
@@ -121,6 +148,14 @@ fn add_l2(grads: &mut GradStore, vars: &[(String, Var)], wd: f64) -> Result<(), 
 
 /// Named trainable variables of a `VarMap` (BatchNorm buffers excluded).
 pub fn trainable(vars: &candle_nn::VarMap) -> Result<Vec<(String, Var)>, TrainError> {
-    let data = vars.data().lock().map_err(|_| candle_core::Error::Msg("a model's variable map was poisoned by a panic in another thread".into()))?;
-    Ok(data.iter().filter(|(k, _)| !noprop_models::layers::is_buffer(k)).map(|(k, v)| (k.clone(), v.clone())).collect())
+    let data = vars.data().lock().map_err(|_| {
+        candle_core::Error::Msg(
+            "a model's variable map was poisoned by a panic in another thread".into(),
+        )
+    })?;
+    Ok(data
+        .iter()
+        .filter(|(k, _)| !noprop_models::layers::is_buffer(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect())
 }

@@ -13,11 +13,13 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::Dataset;
-use noprop_models::{ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind};
+use noprop_models::{
+    ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind,
+};
 
 use crate::config::{Config, EmbeddingInit, HeadInit, TimeEmbedding, TimeSampling};
 use crate::error::TrainError;
-use crate::groups::ParamGroup;
+use crate::groups::{trainable, ParamGroup, EMBED};
 
 /// One pass over the data within an epoch: its minibatch order is keyed by
 /// `key`, and each minibatch trains every lane in `lanes` in turn (a lane is
@@ -54,7 +56,8 @@ pub enum DeterministicRun {
 
 /// Predictions for a batch of images `[B, C, H, W]`: one run per entry of
 /// `modes`, stacked (`modes.len() * B` class indices, run by run).
-pub type Predict<'a> = Box<dyn Fn(&Tensor, &[Inference], &mut NoiseRng) -> Result<Vec<u32>, TrainError> + 'a>;
+pub type Predict<'a> =
+    Box<dyn Fn(&Tensor, &[Inference], &mut NoiseRng) -> Result<Vec<u32>, TrainError> + 'a>;
 
 /// A training method: one small type per method implements this.
 pub trait Method {
@@ -63,7 +66,15 @@ pub trait Method {
     /// The passes of one epoch.
     fn epoch_plan(&self, cfg: &Config) -> Vec<Pass>;
     /// The loss of lane `lane` on a minibatch and its gradients.
-    fn gradients(&self, cfg: &Config, lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError>;
+    fn gradients(
+        &self,
+        cfg: &Config,
+        lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError>;
     /// A predictor for evaluation, with whatever it precomputes once.
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError>;
     /// How the deterministic run is made.
@@ -83,7 +94,15 @@ impl Method for Box<dyn Method> {
     fn epoch_plan(&self, cfg: &Config) -> Vec<Pass> {
         (**self).epoch_plan(cfg)
     }
-    fn gradients(&self, cfg: &Config, lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<StepGrads, TrainError> {
+    fn gradients(
+        &self,
+        cfg: &Config,
+        lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
         (**self).gradients(cfg, lane, x, y, noise, dropout)
     }
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
@@ -104,7 +123,11 @@ impl Method for Box<dyn Method> {
 }
 
 /// `log p(y | z)` `[B, m]` from the head's logits under the configured class probabilities.
-pub fn class_log_probs(cfg: &Config, logits: &Tensor, w_embed: &Tensor) -> Result<Tensor, TrainError> {
+pub fn class_log_probs(
+    cfg: &Config,
+    logits: &Tensor,
+    w_embed: &Tensor,
+) -> Result<Tensor, TrainError> {
     Ok(cfg.model().class_probability.log_probs(logits, w_embed)?)
 }
 
@@ -115,19 +138,33 @@ pub fn scalar(t: &Tensor) -> Result<f64, TrainError> {
 
 /// The class embedding a config asks for; prototypes are initialised from
 /// `train` (zeros when it is `None`, for weights that will be loaded).
-pub fn build_embedding(cfg: &Config, train: Option<&Dataset>, device: &Device) -> Result<ClassEmbedding, TrainError> {
+pub fn build_embedding(
+    cfg: &Config,
+    train: Option<&Dataset>,
+    device: &Device,
+) -> Result<ClassEmbedding, TrainError> {
     let m = cfg.dataset().num_classes();
     let d = cfg.latent_dim();
     let init = match cfg.model().embedding_init {
         None => return Ok(ClassEmbedding::one_hot(m, DType::F32, device)?),
         Some(init @ (EmbeddingInit::Orthogonal | EmbeddingInit::Normal)) => {
             let mut rng = NoiseRng::derived(cfg.train().seed, &[Stream::Init.id(), u64::MAX]);
-            noprop_models::random_init(m, d, init == EmbeddingInit::Orthogonal, &mut rng, DType::F32, device)?
+            noprop_models::random_init(
+                m,
+                d,
+                init == EmbeddingInit::Orthogonal,
+                &mut rng,
+                DType::F32,
+                device,
+            )?
         }
         Some(EmbeddingInit::Prototype) => match train {
             Some(ds) => {
                 let idx = noprop_models::prototype_indices(&ds.images, &ds.labels, d, m, device)?;
-                let rows: Vec<f32> = idx.iter().flat_map(|&i| ds.image(i).iter().copied()).collect();
+                let rows: Vec<f32> = idx
+                    .iter()
+                    .flat_map(|&i| ds.image(i).iter().copied())
+                    .collect();
                 Tensor::from_vec(rows, (m, d), device)?
             }
             None => Tensor::zeros((m, d), DType::F32, device)?,
@@ -141,7 +178,8 @@ pub fn build_embedding(cfg: &Config, train: Option<&Dataset>, device: &Device) -
 /// training data is all zeros, a placeholder for weights that will be
 /// loaded (head included), so it is left alone: its dual basis does not exist.
 pub fn aligns_head(cfg: &Config, train: Option<&Dataset>) -> bool {
-    cfg.model().head_init == HeadInit::Embedding && (train.is_some() || cfg.model().embedding_init != Some(EmbeddingInit::Prototype))
+    cfg.model().head_init == HeadInit::Embedding
+        && (train.is_some() || cfg.model().embedding_init != Some(EmbeddingInit::Prototype))
 }
 
 /// The denoising or flow target `u_y` `[B, d]`: `u` itself, or `u`
@@ -155,17 +193,29 @@ pub fn denoise_target(cfg: &Config, u: &Tensor) -> Tensor {
 }
 
 /// The training times `t_i` `[B]` of a minibatch, as `[method] t_sampling` says.
-pub fn draw_times(sampling: TimeSampling, batch: usize, device: &Device, noise: &mut NoiseRng) -> Result<Tensor, TrainError> {
+pub fn draw_times(
+    sampling: TimeSampling,
+    batch: usize,
+    device: &Device,
+    noise: &mut NoiseRng,
+) -> Result<Tensor, TrainError> {
     Ok(match sampling {
         TimeSampling::Uniform => noprop_core::sample_t(batch, DType::F32, device, noise)?,
-        TimeSampling::Stratified => noprop_core::sample_t_stratified(batch, DType::F32, device, noise)?,
+        TimeSampling::Stratified => {
+            noprop_core::sample_t_stratified(batch, DType::F32, device, noise)?
+        }
     })
 }
 
 /// The `T` blocks, head and embedding of NoProp-DT (and the back-propagation
 /// baseline), initialised from the config's seed, the head aligned with the
 /// embedding when `head_init = "embedding"`.
-pub fn build_dt_model(cfg: &Config, blocks: usize, device: &Device, train: Option<&Dataset>) -> Result<DtModel, TrainError> {
+pub fn build_dt_model(
+    cfg: &Config,
+    blocks: usize,
+    device: &Device,
+    train: Option<&Dataset>,
+) -> Result<DtModel, TrainError> {
     let (c, h, w) = cfg.dataset().shape();
     let embedding: EmbeddingKind = cfg.model().embedding;
     let block = DtBlockConfig {
@@ -178,17 +228,43 @@ pub fn build_dt_model(cfg: &Config, blocks: usize, device: &Device, train: Optio
         kernels: cfg.model().kernels,
     };
     let embed = build_embedding(cfg, train, device)?;
-    let model = DtModel::new(DtModelConfig { block, blocks, embedding }, embed, cfg.train().seed, DType::F32, device)?;
+    let model = DtModel::new(
+        DtModelConfig {
+            block,
+            blocks,
+            embedding,
+        },
+        embed,
+        cfg.train().seed,
+        DType::F32,
+        device,
+    )?;
     if aligns_head(cfg, train) {
         model.align_head()?;
     }
     Ok(model)
 }
 
+/// The group of everything a continuous-time model trains: the network,
+/// the head and a learned embedding (named [`EMBED`]), with weight decay.
+pub fn network_group(model: &CtModel) -> Result<ParamGroup, TrainError> {
+    let mut vars = trainable(model.net_vars())?;
+    vars.extend(trainable(model.head_vars())?);
+    if let Some(v) = model.embedding().var() {
+        vars.push((EMBED.into(), v.clone()));
+    }
+    Ok(ParamGroup { vars, decay: true })
+}
+
 /// The continuous-time network, head and embedding of NoProp-CT, NoProp-FM
 /// and the adjoint baseline, the head aligned with the embedding when
 /// `head_init = "embedding"`.
-pub fn build_ct_model(cfg: &Config, time: TimeEmbedding, device: &Device, train: Option<&Dataset>) -> Result<CtModel, TrainError> {
+pub fn build_ct_model(
+    cfg: &Config,
+    time: TimeEmbedding,
+    device: &Device,
+    train: Option<&Dataset>,
+) -> Result<CtModel, TrainError> {
     let (c, h, w) = cfg.dataset().shape();
     let net = CtNetConfig {
         in_channels: c,

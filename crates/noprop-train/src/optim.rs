@@ -13,7 +13,9 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use candle_core::{backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var};
+use candle_core::{
+    backprop::GradStore, CpuStorage, DType, Device, InplaceOp2, Layout, Tensor, Var,
+};
 use rayon::prelude::*;
 
 /// AdamW hyperparameters (PyTorch's defaults for the betas and eps).
@@ -34,7 +36,13 @@ pub struct AdamWParams {
 impl AdamWParams {
     /// The given learning rate and weight decay with betas (0.9, 0.999) and eps 1e-8.
     pub fn new(lr: f64, weight_decay: f64) -> Self {
-        Self { lr, weight_decay, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self {
+            lr,
+            weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -81,28 +89,52 @@ impl AdamW {
         Self::with_fused(vars, params, false)
     }
 
-    fn with_fused(mut vars: Vec<(String, Var)>, params: AdamWParams, fused: bool) -> candle_core::Result<Self> {
+    fn with_fused(
+        mut vars: Vec<(String, Var)>,
+        params: AdamWParams,
+        fused: bool,
+    ) -> candle_core::Result<Self> {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = vars
             .into_iter()
             .map(|(name, var)| {
                 let moments = if fused_for(&var, fused) {
                     let n = var.elem_count();
-                    Moments::Host { m: vec![0.0; n], v: vec![0.0; n] }
+                    Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    }
                 } else {
-                    Moments::Tensors { m: var.zeros_like()?, v: var.zeros_like()? }
+                    Moments::Tensors {
+                        m: var.zeros_like()?,
+                        v: var.zeros_like()?,
+                    }
                 };
-                Ok(Slot { name, var, moments, lr: None })
+                Ok(Slot {
+                    name,
+                    var,
+                    moments,
+                    lr: None,
+                })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { params, slots, step: 0 })
+        Ok(Self {
+            params,
+            slots,
+            step: 0,
+        })
     }
 
     /// Gives the parameter `name` its own learning rate (its decoupled decay
     /// scales with it, as in a PyTorch parameter group; 0 freezes it).
     /// Returns whether the optimizer holds a parameter of that name.
     pub fn set_lr(&mut self, name: &str, lr: f64) -> bool {
-        self.slots.iter_mut().filter(|s| s.name == name).map(|s| s.lr = Some(lr)).count() > 0
+        self.slots
+            .iter_mut()
+            .filter(|s| s.name == name)
+            .map(|s| s.lr = Some(lr))
+            .count()
+            > 0
     }
 
     /// The number of steps taken.
@@ -118,8 +150,13 @@ impl AdamW {
         let bc1 = 1.0 - p.beta1.powi(t);
         let bc2 = 1.0 - p.beta2.powi(t);
         for slot in self.slots.iter_mut() {
-            let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
-            let p = AdamWParams { lr: slot.lr.unwrap_or(p.lr), ..p };
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
+            let p = AdamWParams {
+                lr: slot.lr.unwrap_or(p.lr),
+                ..p
+            };
             let step_size = p.lr / bc1;
             let coeffs = Coeffs {
                 beta1: p.beta1 as f32,
@@ -134,7 +171,11 @@ impl AdamW {
             match &mut slot.moments {
                 Moments::Host { m, v } if g.device().is_cpu() && g.dtype() == DType::F32 => {
                     let g = g.contiguous()?;
-                    let op = FusedStep { m: Mutex::new(m), v: Mutex::new(v), c: coeffs };
+                    let op = FusedStep {
+                        m: Mutex::new(m),
+                        v: Mutex::new(v),
+                        c: coeffs,
+                    };
                     slot.var.as_tensor().inplace_op2(&g, &op)?;
                 }
                 Moments::Host { m, v } => {
@@ -179,14 +220,25 @@ impl AdamW {
     }
 
     /// Restores moments saved by [`AdamW::state`] with the same prefix, and the step count.
-    pub fn load_state(&mut self, prefix: &str, tensors: &BTreeMap<String, Tensor>, step: u64) -> Result<(), String> {
+    pub fn load_state(
+        &mut self,
+        prefix: &str,
+        tensors: &BTreeMap<String, Tensor>,
+        step: u64,
+    ) -> Result<(), String> {
         for s in self.slots.iter_mut() {
             let mut loaded = Vec::with_capacity(2);
             for suffix in ["m", "v"] {
                 let key = format!("{prefix}{}.{suffix}", s.name);
-                let t = tensors.get(&key).ok_or_else(|| format!("optimizer state {key} is missing"))?;
+                let t = tensors
+                    .get(&key)
+                    .ok_or_else(|| format!("optimizer state {key} is missing"))?;
                 if t.dims() != s.var.dims() {
-                    return Err(format!("optimizer state {key} has shape {:?}, expected {:?}", t.dims(), s.var.dims()));
+                    return Err(format!(
+                        "optimizer state {key} has shape {:?}, expected {:?}",
+                        t.dims(),
+                        s.var.dims()
+                    ));
                 }
                 loaded.push(t);
             }
@@ -283,18 +335,39 @@ impl InplaceOp2 for FusedStep<'_> {
         "noprop-adamw-step"
     }
 
-    fn cpu_fwd(&self, ps: &mut CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        ps: &mut CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (ps, gs) else {
             candle_core::bail!("noprop-adamw-step: the parameter and its gradient must be f32");
         };
-        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets()) else {
-            candle_core::bail!("noprop-adamw-step: the parameter and its gradient must be contiguous");
+        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets())
+        else {
+            candle_core::bail!(
+                "noprop-adamw-step: the parameter and its gradient must be contiguous"
+            );
         };
         let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
-        let mut m = self.m.lock().map_err(|_| candle_core::Error::Msg("poisoned moment lock".into()))?;
-        let mut v = self.v.lock().map_err(|_| candle_core::Error::Msg("poisoned moment lock".into()))?;
+        let mut m = self
+            .m
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned moment lock".into()))?;
+        let mut v = self
+            .v
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned moment lock".into()))?;
         if g.len() != p.len() || m.len() != p.len() || v.len() != p.len() {
-            candle_core::bail!("noprop-adamw-step: {} parameters but {} gradients, {} and {} moments", p.len(), g.len(), m.len(), v.len());
+            candle_core::bail!(
+                "noprop-adamw-step: {} parameters but {} gradients, {} and {} moments",
+                p.len(),
+                g.len(),
+                m.len(),
+                v.len()
+            );
         }
         let c = self.c;
         if p.len() <= CHUNK {
@@ -319,7 +392,9 @@ mod tests {
     fn var(seed: u32, dims: &[usize]) -> Var {
         let n: usize = dims.iter().product();
         let v: Vec<f32> = (0..n as u32)
-            .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0)
+            .map(|i| {
+                ((i.wrapping_mul(2654435761).wrapping_add(seed * 97)) % 1000) as f32 / 500.0 - 1.0
+            })
             .collect();
         Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
     }
@@ -332,7 +407,11 @@ mod tests {
         // The large shape takes the parallel path.
         let shapes: [&[usize]; 3] = [&[3, 5], &[7], &[300, 250]];
         let make = || -> Vec<(String, Var)> {
-            shapes.iter().enumerate().map(|(i, d)| (format!("p{i}"), var(i as u32, d))).collect()
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (format!("p{i}"), var(i as u32, d)))
+                .collect()
         };
         let (a, b) = (make(), make());
         let params = AdamWParams::new(1e-2, 1e-3);
@@ -344,7 +423,10 @@ mod tests {
                 let mut loss = Tensor::new(0f32, &Device::Cpu).unwrap();
                 for (i, (_, v)) in vars.iter().enumerate() {
                     let w = var(step * 10 + i as u32 + 1, v.dims());
-                    let term = (v.as_tensor().sqr().unwrap() * w.as_tensor()).unwrap().sum_all().unwrap();
+                    let term = (v.as_tensor().sqr().unwrap() * w.as_tensor())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
                     loss = (loss + term).unwrap();
                 }
                 let grads = loss.backward().unwrap();
@@ -353,7 +435,10 @@ mod tests {
             for ((_, x), (_, y)) in a.iter().zip(&b) {
                 let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
-                assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "step {step}");
+                assert!(
+                    x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "step {step}"
+                );
             }
         }
         let (sf, sp) = (fused.state("o."), plain.state("o."));
@@ -362,7 +447,10 @@ mod tests {
             let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
             let y: Vec<f32> = sp[k].flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(t.dims(), sp[k].dims());
-            assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{k}");
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{k}"
+            );
         }
     }
 
@@ -372,7 +460,15 @@ mod tests {
     fn fused_state_round_trips() {
         let vars = vec![("w".to_string(), var(1, &[40, 3]))];
         let mut opt = AdamW::new(vars.clone(), AdamWParams::new(1e-2, 0.0)).unwrap();
-        let grads = vars[0].1.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = vars[0]
+            .1
+            .as_tensor()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         opt.step(&grads).unwrap();
         let saved = opt.state("");
         let before: Vec<f32> = saved["w.m"].flatten_all().unwrap().to_vec1().unwrap();
@@ -401,7 +497,12 @@ mod tests {
                 // The weights depend on the parameter's shape only, so each
                 // parameter gets the same gradient alone or beside the other.
                 let w = var(v.elem_count() as u32, v.dims());
-                loss = (loss + (v.as_tensor().sqr().unwrap() * w.as_tensor()).unwrap().sum_all().unwrap()).unwrap();
+                loss = (loss
+                    + (v.as_tensor().sqr().unwrap() * w.as_tensor())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap())
+                .unwrap();
             }
             loss.backward().unwrap()
         };
@@ -409,24 +510,41 @@ mod tests {
         for fused in [true, false] {
             let build = |vars: Vec<(String, Var)>, lr: f64| {
                 let p = AdamWParams::new(lr, 1e-2);
-                if fused { AdamW::new(vars, p) } else { AdamW::unfused(vars, p) }.unwrap()
+                if fused {
+                    AdamW::new(vars, p)
+                } else {
+                    AdamW::unfused(vars, p)
+                }
+                .unwrap()
             };
             for own in [3e-3, 0.0] {
-                let mixed = vec![("a".to_string(), var(1, &[4, 5])), ("embed".to_string(), var(2, &[3, 6]))];
+                let mixed = vec![
+                    ("a".to_string(), var(1, &[4, 5])),
+                    ("embed".to_string(), var(2, &[3, 6])),
+                ];
                 let start = values(&mixed[1].1);
                 let mut opt = build(mixed.clone(), 1e-2);
                 assert!(opt.set_lr("embed", own));
                 assert!(!opt.set_lr("missing", own));
                 let single_a = vec![("a".to_string(), var(1, &[4, 5]))];
                 let single_e = vec![("embed".to_string(), var(2, &[3, 6]))];
-                let (mut opt_a, mut opt_e) = (build(single_a.clone(), 1e-2), build(single_e.clone(), own));
+                let (mut opt_a, mut opt_e) =
+                    (build(single_a.clone(), 1e-2), build(single_e.clone(), own));
                 for _ in 0..3 {
                     opt.step(&grads_for(&mixed)).unwrap();
                     opt_a.step(&grads_for(&single_a)).unwrap();
                     opt_e.step(&grads_for(&single_e)).unwrap();
                 }
-                assert_eq!(values(&mixed[0].1), values(&single_a[0].1), "fused {fused}, lr {own}");
-                assert_eq!(values(&mixed[1].1), values(&single_e[0].1), "fused {fused}, lr {own}");
+                assert_eq!(
+                    values(&mixed[0].1),
+                    values(&single_a[0].1),
+                    "fused {fused}, lr {own}"
+                );
+                assert_eq!(
+                    values(&mixed[1].1),
+                    values(&single_e[0].1),
+                    "fused {fused}, lr {own}"
+                );
                 if own == 0.0 {
                     assert_eq!(values(&mixed[1].1), start, "rate 0 freezes");
                 } else {

@@ -100,13 +100,24 @@ pub struct RawModel {
 
 impl Default for RawModel {
     fn default() -> Self {
-        Self { embedding: RawEmbedding::OneHot, dropout: default_dropout(), kernels: Kernels::Fast, class_probability: ClassProbability::Softmax, head_init: None }
+        Self {
+            embedding: RawEmbedding::OneHot,
+            dropout: default_dropout(),
+            kernels: Kernels::Fast,
+            class_probability: ClassProbability::Softmax,
+            head_init: None,
+        }
     }
 }
 
 /// `[model.embedding]`: the class embedding, tagged by `kind`.
+///
+/// It is read through [`EmbeddingTable`] rather than serde's tagged-enum
+/// support, which lets a unit variant (`one-hot`) accept any extra key
+/// silently (serde-rs/serde#2123): here a key that does not apply to the
+/// kind is an error that names it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "kebab-case", try_from = "EmbeddingTable")]
 pub enum RawEmbedding {
     /// `W_embed = I_m`, fixed, `d = m`.
     #[default]
@@ -148,6 +159,66 @@ pub enum RawEmbedding {
         #[serde(default = "default_true")]
         target_grad: bool,
     },
+}
+
+/// Every key `[model.embedding]` may hold, before the kind says which apply.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmbeddingTable {
+    kind: String,
+    dim: Option<usize>,
+    init: Option<EmbeddingInit>,
+    lr: Option<f64>,
+    target_grad: Option<bool>,
+}
+
+impl TryFrom<EmbeddingTable> for RawEmbedding {
+    type Error = String;
+    fn try_from(t: EmbeddingTable) -> Result<Self, String> {
+        let given: Vec<&str> = [
+            ("dim", t.dim.is_some()),
+            ("init", t.init.is_some()),
+            ("lr", t.lr.is_some()),
+            ("target_grad", t.target_grad.is_some()),
+        ]
+        .iter()
+        .filter(|(_, g)| *g)
+        .map(|(k, _)| *k)
+        .collect();
+        let reject = |allowed: &[&str]| match given.iter().find(|k| !allowed.contains(k)) {
+            Some(k) => Err(format!(
+                "model.embedding: `{k}` does not apply to kind = \"{}\" (it takes {})",
+                t.kind,
+                if allowed.is_empty() {
+                    "no other key".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            )),
+            None => Ok(()),
+        };
+        match t.kind.as_str() {
+            "one-hot" => reject(&[]).map(|_| RawEmbedding::OneHot),
+            "learned" => {
+                reject(&["dim", "init", "lr", "target_grad"]).map(|_| RawEmbedding::Learned {
+                    dim: t.dim.unwrap_or_else(default_embedding_dim),
+                    init: t.init,
+                    lr: t.lr,
+                    target_grad: t.target_grad.unwrap_or(true),
+                })
+            }
+            "prototype" => {
+                reject(&["init", "lr", "target_grad"]).map(|_| RawEmbedding::Prototype {
+                    init: t.init,
+                    lr: t.lr,
+                    target_grad: t.target_grad.unwrap_or(true),
+                })
+            }
+            other => Err(format!(
+                "model.embedding: unknown kind {other:?}, expected one-hot, learned or prototype"
+            )),
+        }
+    }
 }
 
 /// How a learned `W_embed` starts (the paper's Figure 5 ablation).
@@ -231,7 +302,9 @@ impl Serialize for CtSampler {
 
 impl<'de> Deserialize<'de> for CtSampler {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -419,7 +492,13 @@ pub struct RawEval {
 
 impl Default for RawEval {
     fn default() -> Self {
-        Self { runs: default_runs(), deterministic: true, batch_size: default_eval_batch(), train_subset: default_train_subset(), every: 1 }
+        Self {
+            runs: default_runs(),
+            deterministic: true,
+            batch_size: default_eval_batch(),
+            train_subset: default_train_subset(),
+            every: 1,
+        }
     }
 }
 
@@ -434,7 +513,9 @@ pub struct RawCheckpoint {
 
 impl Default for RawCheckpoint {
     fn default() -> Self {
-        Self { keep_last: default_keep() }
+        Self {
+            keep_last: default_keep(),
+        }
     }
 }
 
@@ -483,7 +564,9 @@ mod dataset_name {
         s.serialize_str(k.name())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DatasetKind, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -495,7 +578,9 @@ mod kernels_name {
         s.collect_str(k)
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Kernels, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -503,11 +588,25 @@ impl RawConfig {
     /// The paper's NoProp-DT settings for `dataset` (Table 3), one-hot embedding.
     pub fn paper_dt(dataset: DatasetKind) -> Self {
         RawConfig {
-            data: RawData { dataset, dir: None, train_limit: None, test_limit: None },
+            data: RawData {
+                dataset,
+                dir: None,
+                train_limit: None,
+                test_limit: None,
+            },
             model: RawModel::default(),
-            method: RawMethod::Dt { blocks: 10, eta: 0.1, order: TrainOrder::Sequential, schedule: ScheduleSpec::default() },
+            method: RawMethod::Dt {
+                blocks: 10,
+                eta: 0.1,
+                order: TrainOrder::Sequential,
+                schedule: ScheduleSpec::default(),
+            },
             train: RawTrain {
-                epochs: if dataset == DatasetKind::Mnist { 100 } else { 150 },
+                epochs: if dataset == DatasetKind::Mnist {
+                    100
+                } else {
+                    150
+                },
                 batch_size: 128,
                 lr: 1e-3,
                 weight_decay: 1e-3,
@@ -539,7 +638,14 @@ impl RawConfig {
     /// The paper's NoProp-FM settings (Table 3), as [`Self::paper_ct`], Euler steps at inference.
     pub fn paper_fm(dataset: DatasetKind) -> Self {
         let mut c = Self::paper_continuous(dataset);
-        c.method = RawMethod::Fm { sigma: 0.0, time_dim: default_time_dim(), time_scale: default_time_scale(), solver: OdeSolver::Euler, steps: default_steps(), t_sampling: TimeSampling::Uniform };
+        c.method = RawMethod::Fm {
+            sigma: 0.0,
+            time_dim: default_time_dim(),
+            time_scale: default_time_scale(),
+            solver: OdeSolver::Euler,
+            steps: default_steps(),
+            t_sampling: TimeSampling::Uniform,
+        };
         c
     }
 
@@ -549,7 +655,7 @@ impl RawConfig {
         c.train.epochs = match dataset {
             DatasetKind::Mnist => 100,
             DatasetKind::Cifar10 => 500,
-            DatasetKind::Cifar100 => 1000,
+            _ => 1000,
         };
         c
     }
@@ -558,7 +664,10 @@ impl RawConfig {
     /// Table 3 settings, trained end to end (eq. 17-19).
     pub fn paper_backprop(dataset: DatasetKind) -> Self {
         let mut c = Self::paper_dt(dataset);
-        c.method = RawMethod::Backprop { blocks: 10, alpha_init: default_alpha_init() };
+        c.method = RawMethod::Backprop {
+            blocks: 10,
+            alpha_init: default_alpha_init(),
+        };
         c
     }
 
@@ -567,7 +676,12 @@ impl RawConfig {
     /// and inference, 2 epochs (MNIST) or 4 (CIFAR).
     pub fn paper_adjoint(dataset: DatasetKind) -> Self {
         let mut c = Self::paper_dt(dataset);
-        c.method = RawMethod::Adjoint { time_dim: default_time_dim(), time_scale: default_time_scale(), train_steps: default_steps(), steps: default_steps() };
+        c.method = RawMethod::Adjoint {
+            time_dim: default_time_dim(),
+            time_scale: default_time_scale(),
+            train_steps: default_steps(),
+            steps: default_steps(),
+        };
         c.train.epochs = if dataset == DatasetKind::Mnist { 2 } else { 4 };
         c
     }
@@ -612,7 +726,10 @@ pub fn old_style_fields(v: &serde_json::Value) -> Vec<(&'static str, &'static st
     MOVED_FIELDS
         .iter()
         .filter(|(old, _)| match *old {
-            "model.embedding = \"...\"" => v.get("model").and_then(|m| m.get("embedding")).is_some_and(|e| e.is_string()),
+            "model.embedding = \"...\"" => v
+                .get("model")
+                .and_then(|m| m.get("embedding"))
+                .is_some_and(|e| e.is_string()),
             old => has(old),
         })
         .copied()

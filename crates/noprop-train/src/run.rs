@@ -23,7 +23,9 @@ use noprop_core::Stream;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::checkpoint::{load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord};
+use crate::checkpoint::{
+    load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord,
+};
 use crate::config::{Config, RawConfig};
 use crate::data::RunData;
 use crate::error::TrainError;
@@ -86,45 +88,91 @@ pub struct RunDir {
 
 /// The files noprop writes while creating a run folder, before `config.json`
 /// (written last) marks the creation as complete.
-const CREATION_FILES: &[&str] = &[".lock", "meta.json", ".meta.json.tmp", "metrics.jsonl", ".config.json.tmp", "embed-init.safetensors", "embed-init.safetensors.tmp", "checkpoints"];
+const CREATION_FILES: &[&str] = &[
+    ".lock",
+    "meta.json",
+    ".meta.json.tmp",
+    "metrics.jsonl",
+    ".config.json.tmp",
+    "embed-init.safetensors",
+    "embed-init.safetensors.tmp",
+    "checkpoints",
+];
 
 /// Takes the exclusive lock of the run folder `root` (which must exist) and
 /// writes this process's id into it.
 fn lock(root: &Path) -> Result<std::sync::Arc<fs::File>, TrainError> {
     let path = root.join(".lock");
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io_err(&path))?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(&path))?;
     match f.try_lock() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => {
-            let pid = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok());
-            return Err(TrainError::RunLocked { path: root.to_path_buf(), pid });
+            let pid = fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok());
+            return Err(TrainError::RunLocked {
+                path: root.to_path_buf(),
+                pid,
+            });
         }
         Err(fs::TryLockError::Error(source)) => return Err(TrainError::Io { path, source }),
     }
-    f.set_len(0).and_then(|_| write!(f, "{}", std::process::id())).map_err(io_err(&path))?;
+    f.set_len(0)
+        .and_then(|_| write!(f, "{}", std::process::id()))
+        .map_err(io_err(&path))?;
     Ok(std::sync::Arc::new(f))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |source| TrainError::Io { path: path.to_path_buf(), source }
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl RunDir {
     /// Creates a new run folder (it must not exist, or be empty) for
     /// `trainer` and writes its configuration, `meta` and, for a learned
     /// embedding, the initial embedding into it.
-    pub fn create<M: Method>(root: &Path, trainer: &Trainer<M>, meta: &RunMeta) -> Result<Self, TrainError> {
-        let meta = serde_json::to_value(meta).map_err(|e| TrainError::Json { path: root.join("meta.json"), reason: e.to_string() })?;
-        let initial = trainer.config().model().embedding.is_learned().then(|| trainer.method().embed().clone());
+    pub fn create<M: Method>(
+        root: &Path,
+        trainer: &Trainer<M>,
+        meta: &RunMeta,
+    ) -> Result<Self, TrainError> {
+        let meta = serde_json::to_value(meta).map_err(|e| TrainError::Json {
+            path: root.join("meta.json"),
+            reason: e.to_string(),
+        })?;
+        let initial = trainer
+            .config()
+            .model()
+            .embedding
+            .is_learned()
+            .then(|| trainer.method().embed().clone());
         Self::create_inner(root, trainer.config(), &meta, initial)
     }
 
-    fn create_inner(root: &Path, config: &Config, meta: &Value, initial: Option<Tensor>) -> Result<Self, TrainError> {
+    fn create_inner(
+        root: &Path,
+        config: &Config,
+        meta: &Value,
+        initial: Option<Tensor>,
+    ) -> Result<Self, TrainError> {
         let run = Self::create_with(root, config, meta)?;
         if let Some(embed) = initial {
             let mut t = BTreeMap::new();
             t.insert(EMBED.to_string(), embed);
-            save_safetensors(&run.root.join("embed-init.safetensors"), &t, Default::default())?;
+            save_safetensors(
+                &run.root.join("embed-init.safetensors"),
+                &t,
+                Default::default(),
+            )?;
         }
         Ok(run)
     }
@@ -143,19 +191,34 @@ impl RunDir {
         for entry in fs::read_dir(root).map_err(io_err(root))? {
             let name = entry.map_err(io_err(root))?.file_name();
             if !CREATION_FILES.iter().any(|f| name == *f) || root.join("config.json").exists() {
-                return Err(TrainError::RunExists { path: root.to_path_buf() });
+                return Err(TrainError::RunExists {
+                    path: root.to_path_buf(),
+                });
             }
         }
         // Leftovers of a creation that was killed: nothing of value (no config, no checkpoint).
         let ckpts = root.join("checkpoints");
-        if ckpts.is_dir() && fs::read_dir(&ckpts).map_err(io_err(&ckpts))?.next().is_some() {
-            return Err(TrainError::RunExists { path: root.to_path_buf() });
+        if ckpts.is_dir()
+            && fs::read_dir(&ckpts)
+                .map_err(io_err(&ckpts))?
+                .next()
+                .is_some()
+        {
+            return Err(TrainError::RunExists {
+                path: root.to_path_buf(),
+            });
         }
         fs::create_dir_all(&ckpts).map_err(io_err(root))?;
-        let run = Self { root: root.to_path_buf(), _lock: Some(lock) };
+        let run = Self {
+            root: root.to_path_buf(),
+            _lock: Some(lock),
+        };
         run.write_json("meta.json", meta)?;
         fs::write(run.metrics_path(), b"").map_err(io_err(&run.metrics_path()))?;
-        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json { path: root.join("config.json"), reason: e.to_string() })?;
+        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json {
+            path: root.join("config.json"),
+            reason: e.to_string(),
+        })?;
         run.write_json("config.json", &raw)?;
         Ok(run)
     }
@@ -164,9 +227,14 @@ impl RunDir {
     /// evaluated or inspected while it trains).
     pub fn open(root: &Path) -> Result<Self, TrainError> {
         if !root.join("config.json").is_file() {
-            return Err(TrainError::NotARun { path: root.to_path_buf() });
+            return Err(TrainError::NotARun {
+                path: root.to_path_buf(),
+            });
         }
-        Ok(Self { root: root.to_path_buf(), _lock: None })
+        Ok(Self {
+            root: root.to_path_buf(),
+            _lock: None,
+        })
     }
 
     /// Opens an existing run folder to continue training it, holding its lock.
@@ -185,15 +253,24 @@ impl RunDir {
     pub fn config(&self) -> Result<RawConfig, TrainError> {
         let path = self.root.join("config.json");
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        let value: Value = serde_json::from_str(&text).map_err(|e| TrainError::Json { path: path.clone(), reason: e.to_string() })?;
-        RawConfig::from_json_value(value).map_err(|e| TrainError::Json { path, reason: e.to_string() })
+        let value: Value = serde_json::from_str(&text).map_err(|e| TrainError::Json {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        RawConfig::from_json_value(value).map_err(|e| TrainError::Json {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Records a change of the number of epochs (`--resume --epochs N`) in `config.json`.
     pub fn set_epochs(&self, epochs: usize) -> Result<(), TrainError> {
         let mut raw = self.config()?;
         raw.train.epochs = epochs;
-        let value = serde_json::to_value(raw).map_err(|e| TrainError::Json { path: self.root.join("config.json"), reason: e.to_string() })?;
+        let value = serde_json::to_value(raw).map_err(|e| TrainError::Json {
+            path: self.root.join("config.json"),
+            reason: e.to_string(),
+        })?;
         self.write_json("config.json", &value)
     }
 
@@ -205,7 +282,10 @@ impl RunDir {
     fn write_json(&self, name: &str, v: &Value) -> Result<(), TrainError> {
         let path = self.root.join(name);
         let tmp = self.root.join(format!(".{name}.tmp"));
-        let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Json { path: path.clone(), reason: e.to_string() })?;
+        let text = serde_json::to_string_pretty(v).map_err(|e| TrainError::Json {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         write_synced(&tmp, (text + "\n").as_bytes())?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.root)
@@ -215,7 +295,10 @@ impl RunDir {
     pub fn meta(&self) -> Result<Value, TrainError> {
         let path = self.root.join("meta.json");
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        serde_json::from_str(&text).map_err(|e| TrainError::Json { path, reason: e.to_string() })
+        serde_json::from_str(&text).map_err(|e| TrainError::Json {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch, command}`).
@@ -232,10 +315,15 @@ impl RunDir {
     /// Appends one event to `metrics.jsonl`.
     pub fn append_metric(&self, v: &Value) -> Result<(), TrainError> {
         let path = self.metrics_path();
-        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
-        writeln!(f, "{v}").and_then(|_| f.sync_data()).map_err(io_err(&path))
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        writeln!(f, "{v}")
+            .and_then(|_| f.sync_data())
+            .map_err(io_err(&path))
     }
-
 
     /// All events of `metrics.jsonl`, in order.
     pub fn metrics(&self) -> Result<Vec<Value>, TrainError> {
@@ -243,7 +331,12 @@ impl RunDir {
         let text = fs::read_to_string(&path).map_err(io_err(&path))?;
         text.lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| serde_json::from_str(l).map_err(|e| TrainError::Json { path: path.clone(), reason: e.to_string() }))
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| TrainError::Json {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+            })
             .collect()
     }
 
@@ -261,7 +354,9 @@ impl RunDir {
         let mut committed = false;
         for line in text.lines() {
             // A torn last line (killed mid-write) is not valid JSON: drop it.
-            let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
             let e = v.get("epoch").and_then(Value::as_u64).map(|e| e as usize);
             if e.is_some_and(|e| e <= epoch) {
                 kept.push(line);
@@ -272,8 +367,18 @@ impl RunDir {
         if epoch > 0 && !committed {
             let journal = self.checkpoint_dir(epoch).join("events.jsonl");
             let events = fs::read_to_string(&journal).map_err(io_err(&journal))?;
-            out.retain(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["epoch"].as_u64()) != Some(epoch as u64));
-            out.extend(events.lines().filter(|l| !l.trim().is_empty()).map(str::to_string));
+            out.retain(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["epoch"].as_u64())
+                    != Some(epoch as u64)
+            });
+            out.extend(
+                events
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_string),
+            );
         }
         let tmp = self.root.join(".metrics.jsonl.tmp");
         let mut text = out.join("\n");
@@ -286,7 +391,9 @@ impl RunDir {
     }
 
     fn checkpoint_dir(&self, epoch: usize) -> PathBuf {
-        self.root.join("checkpoints").join(format!("epoch-{epoch:04}"))
+        self.root
+            .join("checkpoints")
+            .join(format!("epoch-{epoch:04}"))
     }
 
     /// The epochs with a complete checkpoint, ascending.
@@ -299,7 +406,10 @@ impl RunDir {
         for entry in fs::read_dir(&dir).map_err(io_err(&dir))? {
             let entry = entry.map_err(io_err(&dir))?;
             let name = entry.file_name().to_string_lossy().to_string();
-            if let Some(e) = name.strip_prefix("epoch-").and_then(|e| e.parse::<usize>().ok()) {
+            if let Some(e) = name
+                .strip_prefix("epoch-")
+                .and_then(|e| e.parse::<usize>().ok())
+            {
                 if entry.path().join("model.safetensors").is_file() {
                     out.push(e);
                 }
@@ -311,7 +421,10 @@ impl RunDir {
 
     /// The newest model checkpoint, if any.
     pub fn latest_model(&self) -> Result<Option<PathBuf>, TrainError> {
-        Ok(self.checkpoint_epochs()?.last().map(|&e| self.checkpoint_dir(e).join("model.safetensors")))
+        Ok(self
+            .checkpoint_epochs()?
+            .last()
+            .map(|&e| self.checkpoint_dir(e).join("model.safetensors")))
     }
 
     /// The initial class embedding, if the run saved one.
@@ -321,14 +434,24 @@ impl RunDir {
             return Ok(None);
         }
         let (mut t, _) = load_safetensors(&path, device)?;
-        t.remove(EMBED).map(Some).ok_or_else(|| TrainError::Checkpoint { path, reason: format!("no `{EMBED}` tensor") })
+        t.remove(EMBED)
+            .map(Some)
+            .ok_or_else(|| TrainError::Checkpoint {
+                path,
+                reason: format!("no `{EMBED}` tensor"),
+            })
     }
 
     /// Writes the trainer's state as the checkpoint of its current epoch,
     /// with the epoch's `events` (appended to `metrics.jsonl` once the
     /// checkpoint is committed), and prunes old ones down to `keep_last` (0
     /// keeps all). The rename of the epoch folder is the commit point.
-    pub fn commit_epoch<M: Method>(&self, trainer: &Trainer<M>, keep_last: usize, events: &[Value]) -> Result<PathBuf, TrainError> {
+    pub fn commit_epoch<M: Method>(
+        &self,
+        trainer: &Trainer<M>,
+        keep_last: usize,
+        events: &[Value],
+    ) -> Result<PathBuf, TrainError> {
         let dir = self.save_checkpoint(trainer, events)?;
         failpoint("after-commit");
         for v in events {
@@ -361,17 +484,32 @@ impl RunDir {
     }
 
     /// Writes the trainer's state as the checkpoint of its current epoch.
-    fn save_checkpoint<M: Method>(&self, trainer: &Trainer<M>, events: &[Value]) -> Result<PathBuf, TrainError> {
+    fn save_checkpoint<M: Method>(
+        &self,
+        trainer: &Trainer<M>,
+        events: &[Value],
+    ) -> Result<PathBuf, TrainError> {
         let epoch = trainer.epochs_done();
         let final_dir = self.checkpoint_dir(epoch);
-        let tmp = self.root.join("checkpoints").join(format!(".epoch-{epoch:04}.tmp"));
+        let tmp = self
+            .root
+            .join("checkpoints")
+            .join(format!(".epoch-{epoch:04}.tmp"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let ckpt = trainer.checkpoint();
-        save_safetensors(&tmp.join("model.safetensors"), &ckpt.model, ckpt.record.to_metadata()?)?;
-        save_safetensors(&tmp.join("optimizer.safetensors"), &ckpt.optimizer, ckpt.optimizer_record.to_metadata())?;
+        save_safetensors(
+            &tmp.join("model.safetensors"),
+            &ckpt.model,
+            ckpt.record.to_metadata()?,
+        )?;
+        save_safetensors(
+            &tmp.join("optimizer.safetensors"),
+            &ckpt.optimizer,
+            ckpt.optimizer_record.to_metadata(),
+        )?;
         let journal: String = events.iter().map(|v| format!("{v}\n")).collect();
         write_synced(&tmp.join("events.jsonl"), journal.as_bytes())?;
         sync_dir(&tmp)?;
@@ -385,14 +523,25 @@ impl RunDir {
 
     /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if none).
     pub fn restore_latest<M: Method>(&self, trainer: &mut Trainer<M>) -> Result<usize, TrainError> {
-        let Some(&epoch) = self.checkpoint_epochs()?.last() else { return Ok(0) };
+        let Some(&epoch) = self.checkpoint_epochs()?.last() else {
+            return Ok(0);
+        };
         let dir = self.checkpoint_dir(epoch);
-        let (model_path, optim_path) = (dir.join("model.safetensors"), dir.join("optimizer.safetensors"));
+        let (model_path, optim_path) = (
+            dir.join("model.safetensors"),
+            dir.join("optimizer.safetensors"),
+        );
         let (model, model_meta) = load_safetensors(&model_path, trainer.device())?;
         let (optimizer, optim_meta) = load_safetensors(&optim_path, trainer.device())?;
         let record = ModelRecord::from_metadata(&model_path, &model_meta)?;
         if record.epoch != epoch {
-            return Err(TrainError::Checkpoint { path: model_path, reason: format!("its metadata says epoch {} but its folder epoch {epoch}", record.epoch) });
+            return Err(TrainError::Checkpoint {
+                path: model_path,
+                reason: format!(
+                    "its metadata says epoch {} but its folder epoch {epoch}",
+                    record.epoch
+                ),
+            });
         }
         let ckpt = CheckpointData {
             model,
@@ -406,7 +555,13 @@ impl RunDir {
 }
 
 /// The files of a checkpoint folder, all written by noprop.
-const CHECKPOINT_FILES: &[&str] = &["model.safetensors", "optimizer.safetensors", "events.jsonl", "model.safetensors.tmp", "optimizer.safetensors.tmp"];
+const CHECKPOINT_FILES: &[&str] = &[
+    "model.safetensors",
+    "optimizer.safetensors",
+    "events.jsonl",
+    "model.safetensors.tmp",
+    "optimizer.safetensors.tmp",
+];
 
 /// A test hook: when the environment variable `NOPROP_FAILPOINT` names
 /// this point, the process aborts here, as a kill at this instruction would
@@ -419,7 +574,10 @@ fn failpoint(name: &str) {
 
 /// One `metrics.jsonl` event: `v`'s fields, `event`, and `extra`.
 fn event<T: Serialize>(name: &str, v: &T, extra: &[(&str, Value)]) -> Result<Value, TrainError> {
-    let mut v = serde_json::to_value(v).map_err(|e| TrainError::Json { path: "metrics.jsonl".into(), reason: e.to_string() })?;
+    let mut v = serde_json::to_value(v).map_err(|e| TrainError::Json {
+        path: "metrics.jsonl".into(),
+        reason: e.to_string(),
+    })?;
     v["event"] = json!(name);
     for (k, x) in extra {
         v[*k] = x.clone();
@@ -430,18 +588,35 @@ fn event<T: Serialize>(name: &str, v: &T, extra: &[(&str, Value)]) -> Result<Val
 /// Writes `bytes` to `path` and flushes it to disk.
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let mut f = fs::File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_err(path))
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(path))
 }
 
 /// Trains from `trainer.epochs_done() + 1` to the configured number of epochs,
 /// evaluating, logging to `run` and checkpointing after every epoch. Returns
 /// the last evaluation.
-pub fn fit<M: Method>(trainer: &mut Trainer<M>, data: &RunData, run: Option<&RunDir>, observer: &mut dyn Observer) -> Result<Option<EvalReport>, TrainError> {
+pub fn fit<M: Method>(
+    trainer: &mut Trainer<M>,
+    data: &RunData,
+    run: Option<&RunDir>,
+    observer: &mut dyn Observer,
+) -> Result<Option<EvalReport>, TrainError> {
     let cfg = trainer.config().clone();
     let epochs = cfg.train().epochs;
     let batches = data.train.len().div_ceil(cfg.train().batch_size);
-    let passes = trainer.method().epoch_plan(&cfg).iter().map(|p| p.lanes.len()).sum();
-    observer.on_event(&Event::Start { first_epoch: trainer.epochs_done() + 1, epochs, blocks: passes, batches });
+    let passes = trainer
+        .method()
+        .epoch_plan(&cfg)
+        .iter()
+        .map(|p| p.lanes.len())
+        .sum();
+    observer.on_event(&Event::Start {
+        first_epoch: trainer.epochs_done() + 1,
+        epochs,
+        blocks: passes,
+        batches,
+    });
     let mut last = None;
     while trainer.epochs_done() < epochs {
         crate::memory::reset_peak_rss();
@@ -451,15 +626,26 @@ pub fn fit<M: Method>(trainer: &mut Trainer<M>, data: &RunData, run: Option<&Run
         // A loss can stay finite while a BatchNorm statistic or a moment
         // overflows; such a state is never evaluated or saved.
         if let Some((tensor, count)) = trainer.first_non_finite()? {
-            return Err(TrainError::NonFiniteState { epoch, tensor, count });
+            return Err(TrainError::NonFiniteState {
+                epoch,
+                tensor,
+                count,
+            });
         }
-        let mut events = passes.iter().map(|p| event("pass", p, &[])).collect::<Result<Vec<_>, _>>()?;
+        let mut events = passes
+            .iter()
+            .map(|p| event("pass", p, &[]))
+            .collect::<Result<Vec<_>, _>>()?;
         let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
         if epoch % cfg.eval().every == 0 || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
             observer.on_event(&Event::EvalEnd(&report));
-            events.push(event("eval", &report, &[("train_seconds", json!(trainer.train_seconds()))])?);
+            events.push(event(
+                "eval",
+                &report,
+                &[("train_seconds", json!(trainer.train_seconds()))],
+            )?);
             last = Some(report);
         }
         if let Some(run) = run {

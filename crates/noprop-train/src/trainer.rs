@@ -48,7 +48,11 @@ pub struct CheckpointData {
 
 /// A trainer for the configured method. `train` is the training set, used
 /// to initialise prototype embeddings (pass `None` when weights will be loaded).
-pub fn build_trainer(cfg: Config, device: Device, train: Option<&Dataset>) -> Result<Trainer, TrainError> {
+pub fn build_trainer(
+    cfg: Config,
+    device: Device,
+    train: Option<&Dataset>,
+) -> Result<Trainer, TrainError> {
     let method: Box<dyn Method> = match cfg.method() {
         MethodSettings::Dt(_) => Box::new(Dt::new(&cfg, &device, train)?),
         MethodSettings::Ct(_) => Box::new(Ct::new(&cfg, &device, train)?),
@@ -73,15 +77,30 @@ pub fn load_for_eval(path: &Path, device: &Device) -> Result<Trainer, TrainError
 fn mean_se(runs: &[f64]) -> (f64, f64) {
     let k = runs.len() as f64;
     let mean = runs.iter().sum::<f64>() / k.max(1.0);
-    let se = if runs.len() > 1 { (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt() } else { 0.0 };
+    let se = if runs.len() > 1 {
+        (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt()
+    } else {
+        0.0
+    };
     (mean, se)
 }
 
 impl<M: Method> Trainer<M> {
     /// A trainer around `method`, whose model was built from `cfg`.
     pub fn new(cfg: Config, device: Device, method: M) -> Result<Self, TrainError> {
-        let optims = Optimizers::new(method.param_groups()?, cfg.train(), cfg.model().embedding_lr)?;
-        Ok(Self { cfg, device, method, optims, epochs_done: 0, train_seconds: 0.0 })
+        let optims = Optimizers::new(
+            method.param_groups()?,
+            cfg.train(),
+            cfg.model().embedding_lr,
+        )?;
+        Ok(Self {
+            cfg,
+            device,
+            method,
+            optims,
+            epochs_done: 0,
+            train_seconds: 0.0,
+        })
     }
 
     /// The configuration.
@@ -107,8 +126,17 @@ impl<M: Method> Trainer<M> {
 
     /// One update of lane `lane` (block `t` for NoProp-DT, 0 otherwise) on a
     /// minibatch; returns `[total, ce, kl, denoise]`.
-    pub fn train_step(&mut self, lane: usize, x: &Tensor, y: &Tensor, noise: &mut NoiseRng, dropout: &mut NoiseRng) -> Result<[f64; 4], TrainError> {
-        let mut step = self.method.gradients(&self.cfg, lane, x, y, noise, dropout)?;
+    pub fn train_step(
+        &mut self,
+        lane: usize,
+        x: &Tensor,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+        dropout: &mut NoiseRng,
+    ) -> Result<[f64; 4], TrainError> {
+        let mut step = self
+            .method
+            .gradients(&self.cfg, lane, x, y, noise, dropout)?;
         self.optims.step(&mut step.grads, &step.groups)?;
         Ok(step.losses)
     }
@@ -121,20 +149,36 @@ impl<M: Method> Trainer<M> {
     /// minibatch of its pass. A pass with several lanes (NoProp-DT's fused
     /// order) reports a step event with the lanes' mean loss and gives each
     /// lane an equal share of the pass's time.
-    pub fn train_epoch(&mut self, data: &DeviceData, observer: &mut dyn Observer) -> Result<Vec<PassMetrics>, TrainError> {
+    pub fn train_epoch(
+        &mut self,
+        data: &DeviceData,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
         let (seed, batch) = (self.cfg.train().seed, self.cfg.train().batch_size);
         let mut out = Vec::new();
         for pass in self.method.epoch_plan(&self.cfg) {
-            observer.on_event(&Event::PassStart { epoch, block: pass.key });
+            observer.on_event(&Event::PassStart {
+                epoch,
+                block: pass.key,
+            });
             let start = Instant::now();
             let stream = noprop_data::pass_stream(epoch as u64, pass.key as u64);
-            let batcher = noprop_data::Batcher::new(data.len(), batch, noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]), stream)?.min_batch_len(2);
+            let batcher = noprop_data::Batcher::new(
+                data.len(),
+                batch,
+                noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]),
+                stream,
+            )?
+            .min_batch_len(2);
             let mut rngs: Vec<(NoiseRng, NoiseRng)> = pass
                 .lanes
                 .iter()
                 .map(|&l| {
-                    (NoiseRng::derived(seed, &[Stream::Noise.id(), epoch as u64, l as u64]), NoiseRng::derived(seed, &[Stream::Dropout.id(), epoch as u64, l as u64]))
+                    (
+                        NoiseRng::derived(seed, &[Stream::Noise.id(), epoch as u64, l as u64]),
+                        NoiseRng::derived(seed, &[Stream::Dropout.id(), epoch as u64, l as u64]),
+                    )
                 })
                 .collect();
             let mut sums = vec![[0.0f64; 4]; pass.lanes.len()];
@@ -142,10 +186,16 @@ impl<M: Method> Trainer<M> {
             for idx in batcher.batches() {
                 let (x, y) = data.batch(idx)?;
                 let mut total = 0.0;
-                for ((&lane, (noise, drop)), sum) in pass.lanes.iter().zip(rngs.iter_mut()).zip(sums.iter_mut()) {
+                for ((&lane, (noise, drop)), sum) in
+                    pass.lanes.iter().zip(rngs.iter_mut()).zip(sums.iter_mut())
+                {
                     let l = self.train_step(lane, &x, &y, noise, drop)?;
                     if !l[0].is_finite() {
-                        return Err(TrainError::Diverged { epoch, block: lane, loss: l[0] });
+                        return Err(TrainError::Diverged {
+                            epoch,
+                            block: lane,
+                            loss: l[0],
+                        });
                     }
                     for (s, v) in sum.iter_mut().zip(l) {
                         *s += v;
@@ -153,7 +203,13 @@ impl<M: Method> Trainer<M> {
                     total += l[0];
                 }
                 count += 1;
-                observer.on_event(&Event::Step { loss: if pass.lanes.len() == 1 { total } else { total / pass.lanes.len() as f64 } });
+                observer.on_event(&Event::Step {
+                    loss: if pass.lanes.len() == 1 {
+                        total
+                    } else {
+                        total / pass.lanes.len() as f64
+                    },
+                });
             }
             let seconds = start.elapsed().as_secs_f64();
             let n = count.max(1) as f64;
@@ -180,7 +236,12 @@ impl<M: Method> Trainer<M> {
     /// Accuracy (percent) over `data` of one inference run per entry of
     /// `modes`, all runs of a batch of images stacked into one pass of at
     /// most `eval.batch_size` rows.
-    pub fn accuracy(&self, data: &DeviceData, modes: &[Inference], rng: &mut NoiseRng) -> Result<Vec<f64>, TrainError> {
+    pub fn accuracy(
+        &self,
+        data: &DeviceData,
+        modes: &[Inference],
+        rng: &mut NoiseRng,
+    ) -> Result<Vec<f64>, TrainError> {
         let predict = self.method.predictor(&self.cfg)?;
         let runs = modes.len();
         let n = data.len();
@@ -192,24 +253,40 @@ impl<M: Method> Trainer<M> {
             let pred = predict(&data.images().narrow(0, start, b)?, modes, rng)?;
             let labels = &data.labels_host()[start..start + b];
             for (r, c) in correct.iter_mut().enumerate() {
-                *c += pred[r * b..(r + 1) * b].iter().zip(labels).filter(|(p, y)| p == y).count();
+                *c += pred[r * b..(r + 1) * b]
+                    .iter()
+                    .zip(labels)
+                    .filter(|(p, y)| p == y)
+                    .count();
             }
             start += b;
         }
-        Ok(correct.into_iter().map(|c| 100.0 * c as f64 / n.max(1) as f64).collect())
+        Ok(correct
+            .into_iter()
+            .map(|c| 100.0 * c as f64 / n.max(1) as f64)
+            .collect())
     }
 
     /// Test accuracy (mean and standard error over `eval.runs` stochastic
     /// runs, and a deterministic run where the sampler has noise and the
     /// config asks for it), and train accuracy on `train_subset` if given.
     /// Draws come from streams fixed by the seed and `epoch`.
-    pub fn evaluate(&self, test: &DeviceData, train_subset: Option<&DeviceData>, epoch: usize) -> Result<EvalReport, TrainError> {
+    pub fn evaluate(
+        &self,
+        test: &DeviceData,
+        train_subset: Option<&DeviceData>,
+        epoch: usize,
+    ) -> Result<EvalReport, TrainError> {
         let start = Instant::now();
         let ev = self.cfg.eval();
         let seed = self.cfg.train().seed;
         let stream = |k: u64| NoiseRng::derived(seed, &[Stream::Eval.id(), epoch as u64, k]);
         let stochastic = vec![Inference::Stochastic; ev.runs];
-        let det_run = if ev.deterministic { self.method.deterministic_run(&self.cfg) } else { DeterministicRun::None };
+        let det_run = if ev.deterministic {
+            self.method.deterministic_run(&self.cfg)
+        } else {
+            DeterministicRun::None
+        };
         let (runs, det) = match det_run {
             DeterministicRun::Stacked => {
                 // The stochastic runs and the deterministic one share each batch's image features.
@@ -221,16 +298,29 @@ impl<M: Method> Trainer<M> {
             }
             DeterministicRun::Separate => {
                 let runs = self.accuracy(test, &stochastic, &mut stream(0))?;
-                (runs, Some(self.accuracy(test, &[Inference::Deterministic], &mut stream(1))?[0]))
+                (
+                    runs,
+                    Some(self.accuracy(test, &[Inference::Deterministic], &mut stream(1))?[0]),
+                )
             }
             DeterministicRun::None => (self.accuracy(test, &stochastic, &mut stream(0))?, None),
         };
         let (mean, se) = mean_se(&runs);
         let train_acc = match train_subset {
-            Some(d) if !d.is_empty() => Some(self.accuracy(d, &[Inference::Stochastic], &mut stream(2))?[0]),
+            Some(d) if !d.is_empty() => {
+                Some(self.accuracy(d, &[Inference::Stochastic], &mut stream(2))?[0])
+            }
             _ => None,
         };
-        Ok(EvalReport { epoch, test_acc: mean, test_acc_se: se, test_acc_runs: runs, test_acc_deterministic: det, train_acc, seconds: start.elapsed().as_secs_f64() })
+        Ok(EvalReport {
+            epoch,
+            test_acc: mean,
+            test_acc_se: se,
+            test_acc_runs: runs,
+            test_acc_deterministic: det,
+            train_acc,
+            seconds: start.elapsed().as_secs_f64(),
+        })
     }
 
     /// The model's tensors (as in the checkpoint).
@@ -252,14 +342,25 @@ impl<M: Method> Trainer<M> {
             config: self.cfg.to_raw(),
             schedule,
             normalization: (norm.mean, norm.std),
-            seed_streams: Stream::ALL.iter().map(|s| (s.name().to_string(), s.id())).collect(),
+            seed_streams: Stream::ALL
+                .iter()
+                .map(|s| (s.name().to_string(), s.id()))
+                .collect(),
         }
     }
 
     /// The model and optimizer state of the current epoch.
     pub fn checkpoint(&self) -> CheckpointData {
         let (optimizer, steps) = self.optims.state();
-        CheckpointData { model: self.method.tensors(), record: self.record(), optimizer, optimizer_record: OptimizerRecord { epoch: self.epochs_done, steps } }
+        CheckpointData {
+            model: self.method.tensors(),
+            record: self.record(),
+            optimizer,
+            optimizer_record: OptimizerRecord {
+                epoch: self.epochs_done,
+                steps,
+            },
+        }
     }
 
     /// The first tensor of the model or the optimizer state (in name order)
@@ -275,15 +376,23 @@ impl<M: Method> Trainer<M> {
     pub fn restore(&mut self, ckpt: &CheckpointData) -> Result<(), TrainError> {
         if ckpt.optimizer_record.epoch != ckpt.record.epoch {
             return Err(TrainError::Resume {
-                reason: format!("model is at epoch {} but optimizer state at {}", ckpt.record.epoch, ckpt.optimizer_record.epoch),
+                reason: format!(
+                    "model is at epoch {} but optimizer state at {}",
+                    ckpt.record.epoch, ckpt.optimizer_record.epoch
+                ),
             });
         }
         self.load_weights(&ckpt.model, &ckpt.record)?;
-        self.optims.load_state(&ckpt.optimizer, &ckpt.optimizer_record.steps)
+        self.optims
+            .load_state(&ckpt.optimizer, &ckpt.optimizer_record.steps)
     }
 
     /// Loads weights only (for evaluation) and the training clock.
-    pub fn load_weights(&mut self, model: &BTreeMap<String, Tensor>, record: &ModelRecord) -> Result<(), TrainError> {
+    pub fn load_weights(
+        &mut self,
+        model: &BTreeMap<String, Tensor>,
+        record: &ModelRecord,
+    ) -> Result<(), TrainError> {
         self.method.load_tensors(model)?;
         self.epochs_done = record.epoch;
         self.train_seconds = record.train_seconds;

@@ -25,7 +25,14 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
             }
         }
     }
-    Dataset { images, labels, channels: 1, height: 28, width: 28, num_classes: 10 }
+    Dataset {
+        images,
+        labels,
+        channels: 1,
+        height: 28,
+        width: 28,
+        num_classes: 10,
+    }
 }
 
 fn tiny_config(epochs: usize) -> RawConfig {
@@ -57,14 +64,23 @@ fn dt_trainer(raw: RawConfig, dev: &Device) -> Trainer<Dt> {
 
 /// A new run folder for `raw` with empty process metadata.
 fn run_dir(path: &std::path::Path, raw: &RawConfig) -> RunDir {
-    RunDir::create_with(path, &raw.clone().validate().unwrap(), &serde_json::json!({})).unwrap()
+    RunDir::create_with(
+        path,
+        &raw.clone().validate().unwrap(),
+        &serde_json::json!({}),
+    )
+    .unwrap()
 }
 
 fn data(dev: &Device) -> RunData {
     let train = DeviceData::new(&synthetic(48, 1), DType::F32, dev).unwrap();
     let test = DeviceData::new(&synthetic(40, 2), DType::F32, dev).unwrap();
     let subset = train.head(16).unwrap();
-    RunData { train, test, train_subset: Some(subset) }
+    RunData {
+        train,
+        test,
+        train_subset: Some(subset),
+    }
 }
 
 #[test]
@@ -85,15 +101,32 @@ fn gradients_never_cross_blocks() {
         let z = q_sample(&u, sched.alpha_bar(t - 1).unwrap(), &mut rng).unwrap();
         let zt = q_sample(&u, sched.alpha_bar(3).unwrap(), &mut rng).unwrap();
         let mut drop = NoiseRng::new(1);
-        let uhat = model.denoise_mode(t, &z, &x, &mut Mode::Train(&mut drop)).unwrap();
-        let loss = dt_loss(&model.classify(&zt).unwrap(), &y, &uhat, &u, sched.alpha_bar(0).unwrap(), sched.dt_weight(t, 0.1).unwrap()).unwrap();
+        let uhat = model
+            .denoise_mode(t, &z, &x, &mut Mode::Train(&mut drop))
+            .unwrap();
+        let loss = dt_loss(
+            &model.classify(&zt).unwrap(),
+            &y,
+            &uhat,
+            &u,
+            sched.alpha_bar(0).unwrap(),
+            sched.dt_weight(t, 0.1).unwrap(),
+        )
+        .unwrap();
         let grads = loss.total.backward().unwrap();
         for j in 1..=3 {
             let data = model.block_vars(j).data().lock().unwrap();
-            let with_grad = data.values().filter(|v| grads.get(v.as_tensor()).is_some()).count();
+            let with_grad = data
+                .values()
+                .filter(|v| grads.get(v.as_tensor()).is_some())
+                .count();
             if j == t {
                 // Every parameter of block t is reached (BatchNorm buffers are not parameters).
-                assert_eq!(with_grad, data.len() - 2 * 6, "block {t} should have gradients");
+                assert_eq!(
+                    with_grad,
+                    data.len() - 2 * 6,
+                    "block {t} should have gradients"
+                );
             } else {
                 assert_eq!(with_grad, 0, "block {t}'s loss reached block {j}");
             }
@@ -128,7 +161,13 @@ fn same_seed_same_parameters() {
     c.train.seed = 9;
     let c = dt_trainer(c, &Device::Cpu);
     let key = "blocks.2.label.fc1.weight";
-    let get = |t: &Trainer<Dt>| t.method().model().named_tensors()[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let get = |t: &Trainer<Dt>| {
+        t.method().model().named_tensors()[key]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(get(&a), get(&b));
     assert_ne!(get(&a), get(&c));
 }
@@ -136,8 +175,20 @@ fn same_seed_same_parameters() {
 fn assert_same_tensors(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, ta) in a {
-        let va = ta.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
-        let vb = b[k].flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+        let va = ta
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let vb = b[k]
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         assert_eq!(va, vb, "tensor {k} differs");
     }
 }
@@ -161,10 +212,19 @@ fn resume_ends_where_an_uninterrupted_run_would() {
     assert_eq!(run_b.restore_latest(&mut c).unwrap(), 1);
     let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
 
-    assert_same_tensors(&a.method().model().named_tensors(), &c.method().model().named_tensors());
+    assert_same_tensors(
+        &a.method().model().named_tensors(),
+        &c.method().model().named_tensors(),
+    );
     assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs);
     assert_eq!(run_b.checkpoint_epochs().unwrap(), vec![1, 2]);
-    let epochs: Vec<u64> = run_b.metrics().unwrap().iter().filter(|v| v["event"] == "epoch").map(|v| v["epoch"].as_u64().unwrap()).collect();
+    let epochs: Vec<u64> = run_b
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|v| v["event"] == "epoch")
+        .map(|v| v["epoch"].as_u64().unwrap())
+        .collect();
     assert_eq!(epochs, vec![1, 2]);
 }
 
@@ -192,7 +252,10 @@ fn checkpoint_round_trip_with_metadata() {
     // A file that is not safetensors gives a typed error, not a panic.
     let bad = tmp.path().join("bad.safetensors");
     std::fs::write(&bad, b"not a checkpoint").unwrap();
-    assert!(matches!(checkpoint::load_safetensors(&bad, &dev), Err(noprop_train::TrainError::Checkpoint { .. })));
+    assert!(matches!(
+        checkpoint::load_safetensors(&bad, &dev),
+        Err(noprop_train::TrainError::Checkpoint { .. })
+    ));
 }
 
 #[test]
@@ -200,7 +263,11 @@ fn training_learns_the_synthetic_task() {
     let dev = Device::Cpu;
     let train = DeviceData::new(&synthetic(320, 5), DType::F32, &dev).unwrap();
     let test = DeviceData::new(&synthetic(100, 6), DType::F32, &dev).unwrap();
-    let d = RunData { train, test, train_subset: None };
+    let d = RunData {
+        train,
+        test,
+        train_subset: None,
+    };
     let mut cfg = tiny_config(3);
     // A larger step than the paper's, so that the head (a Linear on z_T,
     // trained from scratch) is past chance within the few steps a test affords.
@@ -208,7 +275,11 @@ fn training_learns_the_synthetic_task() {
     let mut t = dt_trainer(cfg, &dev);
     let before = t.evaluate(&d.test, None, 0).unwrap().test_acc;
     let after = fit(&mut t, &d, None, &mut Silent).unwrap().unwrap();
-    assert!(after.test_acc > 60.0 && after.test_acc > before + 30.0, "before {before}, after {:?}", after);
+    assert!(
+        after.test_acc > 60.0 && after.test_acc > before + 30.0,
+        "before {before}, after {:?}",
+        after
+    );
 }
 
 #[test]
@@ -226,29 +297,72 @@ fn invalid_configs_are_rejected() {
     // Unknown kernels are rejected when the file is read.
     let mut bad = json.clone();
     bad["model"]["kernels"] = serde_json::json!("gpu");
-    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "kernels = \"gpu\"");
+    assert!(
+        serde_json::from_value::<RawConfig>(bad).is_err(),
+        "kernels = \"gpu\""
+    );
     let mut c = tiny_config(1);
     match &mut c.method {
-        RawMethod::Dt { schedule, .. } => *schedule = noprop_core::ScheduleSpec::Explicit { alpha_bar: vec![0.0, 0.5, 0.4, 0.9] },
+        RawMethod::Dt { schedule, .. } => {
+            *schedule = noprop_core::ScheduleSpec::Explicit {
+                alpha_bar: vec![0.0, 0.5, 0.4, 0.9],
+            }
+        }
         other => panic!("not DT: {other:?}"),
     }
     assert_eq!(field(c), Some("method.schedule"));
     let mut c = tiny_config(1);
-    c.model.embedding = RawEmbedding::Learned { dim: 20, init: Some(EmbeddingInit::Prototype), lr: None };
-    assert_eq!(field(c.clone()), Some("model.embedding.init"), "prototype needs d = C*H*W");
-    c.model.embedding = RawEmbedding::Learned { dim: 784, init: Some(EmbeddingInit::Prototype), lr: None };
+    c.model.embedding = RawEmbedding::Learned {
+        dim: 20,
+        init: Some(EmbeddingInit::Prototype),
+        lr: None,
+        target_grad: true,
+    };
+    assert_eq!(
+        field(c.clone()),
+        Some("model.embedding.init"),
+        "prototype needs d = C*H*W"
+    );
+    c.model.embedding = RawEmbedding::Learned {
+        dim: 784,
+        init: Some(EmbeddingInit::Prototype),
+        lr: None,
+        target_grad: true,
+    };
     assert!(c.validate().is_ok());
     let mut c = tiny_config(1);
-    c.model.embedding = RawEmbedding::Learned { dim: 5, init: Some(EmbeddingInit::Orthogonal), lr: None };
-    assert_eq!(field(c), Some("model.embedding.init"), "orthogonal needs d >= m");
+    c.model.embedding = RawEmbedding::Learned {
+        dim: 5,
+        init: Some(EmbeddingInit::Orthogonal),
+        lr: None,
+        target_grad: true,
+    };
+    assert_eq!(
+        field(c),
+        Some("model.embedding.init"),
+        "orthogonal needs d >= m"
+    );
     let mut c = tiny_config(1);
-    c.model.embedding = RawEmbedding::Learned { dim: 20, init: None, lr: Some(1e-4) };
+    c.model.embedding = RawEmbedding::Learned {
+        dim: 20,
+        init: None,
+        lr: Some(1e-4),
+        target_grad: true,
+    };
     assert!(c.clone().validate().is_ok());
-    c.model.embedding = RawEmbedding::Learned { dim: 20, init: None, lr: Some(-1e-4) };
+    c.model.embedding = RawEmbedding::Learned {
+        dim: 20,
+        init: None,
+        lr: Some(-1e-4),
+        target_grad: true,
+    };
     assert_eq!(field(c), Some("model.embedding.lr"));
     // alpha_init is the back-propagation baseline's.
     let mut c = tiny_config(1);
-    c.method = RawMethod::Backprop { blocks: 3, alpha_init: 1.0 };
+    c.method = RawMethod::Backprop {
+        blocks: 3,
+        alpha_init: 1.0,
+    };
     assert_eq!(field(c), Some("method.alpha_init"));
     let mut bad = json.clone();
     bad["train"]["learning_rate"] = serde_json::json!(0.1);
@@ -256,17 +370,26 @@ fn invalid_configs_are_rejected() {
     // One-hot is fixed: it has no init or lr to give, so either is an error.
     let mut bad = json.clone();
     bad["model"]["embedding"] = serde_json::json!({"kind": "one-hot", "init": "normal"});
-    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "one-hot is fixed: init");
+    assert!(
+        serde_json::from_value::<RawConfig>(bad).is_err(),
+        "one-hot is fixed: init"
+    );
     let mut bad = json.clone();
     bad["model"]["embedding"] = serde_json::json!({"kind": "one-hot", "lr": 1e-4});
-    assert!(serde_json::from_value::<RawConfig>(bad).is_err(), "one-hot is fixed: lr");
+    assert!(
+        serde_json::from_value::<RawConfig>(bad).is_err(),
+        "one-hot is fixed: lr"
+    );
 }
 
 #[test]
 fn continuous_methods_checkpoint_and_resume_exactly() {
     let dev = Device::Cpu;
     let d = data(&dev);
-    for (name, paper) in [("ct", RawConfig::paper_ct(DatasetKind::Mnist)), ("fm", RawConfig::paper_fm(DatasetKind::Mnist))] {
+    for (name, paper) in [
+        ("ct", RawConfig::paper_ct(DatasetKind::Mnist)),
+        ("fm", RawConfig::paper_fm(DatasetKind::Mnist)),
+    ] {
         let mut cfg = paper;
         cfg.train.epochs = 2;
         cfg.train.batch_size = 16;
@@ -279,18 +402,23 @@ fn continuous_methods_checkpoint_and_resume_exactly() {
         cfg.checkpoint.keep_last = 0;
         let tmp = tempfile::tempdir().unwrap();
         let run_a = run_dir(&tmp.path().join("a"), &cfg);
-        let mut a = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
+        let mut a = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None)
+            .unwrap();
         let report_a = fit(&mut a, &d, Some(&run_a), &mut Silent).unwrap().unwrap();
         let names = a.named_tensors();
-        assert!(names.contains_key("net.img.conv1.weight") && names.contains_key("net.time.fc.weight"));
+        assert!(
+            names.contains_key("net.img.conv1.weight") && names.contains_key("net.time.fc.weight")
+        );
         assert_eq!(names.contains_key("schedule.w1"), name == "ct");
 
         let mut one = cfg.clone();
         one.train.epochs = 1;
         let run_b = run_dir(&tmp.path().join("b"), &one);
-        let mut b = noprop_train::build_trainer(one.validate().unwrap(), dev.clone(), None).unwrap();
+        let mut b =
+            noprop_train::build_trainer(one.validate().unwrap(), dev.clone(), None).unwrap();
         fit(&mut b, &d, Some(&run_b), &mut Silent).unwrap();
-        let mut c = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
+        let mut c = noprop_train::build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None)
+            .unwrap();
         run_b.restore_latest(&mut c).unwrap();
         let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
         assert_same_tensors(&a.named_tensors(), &c.named_tensors());
@@ -320,17 +448,30 @@ fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     let mut fused = dt_trainer(fused_config(1), &dev);
     let mut seq = dt_trainer(tiny_config(1), &dev);
     let fused_passes = fused.train_epoch(&d.train, &mut Silent).unwrap();
-    assert_eq!(fused_passes.iter().map(|p| p.block).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        fused_passes.iter().map(|p| p.block).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
 
     // The same epoch by hand: the fused pass's minibatch order (epoch 1,
     // pass key 0) and each block's (epoch 1, block) noise and dropout streams.
     let cfg = seq.config().clone();
     let seed = cfg.train().seed;
-    let streams = |t: u64| (NoiseRng::derived(seed, &[Stream::Noise.id(), 1, t]), NoiseRng::derived(seed, &[Stream::Dropout.id(), 1, t]));
+    let streams = |t: u64| {
+        (
+            NoiseRng::derived(seed, &[Stream::Noise.id(), 1, t]),
+            NoiseRng::derived(seed, &[Stream::Dropout.id(), 1, t]),
+        )
+    };
     let mut rngs: Vec<_> = (1..=3).map(streams).collect();
-    let batcher = noprop_data::Batcher::new(d.train.len(), cfg.train().batch_size, noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]), noprop_data::pass_stream(1, 0))
-        .unwrap()
-        .min_batch_len(2);
+    let batcher = noprop_data::Batcher::new(
+        d.train.len(),
+        cfg.train().batch_size,
+        noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]),
+        noprop_data::pass_stream(1, 0),
+    )
+    .unwrap()
+    .min_batch_len(2);
     let mut sums = vec![[0.0f64; 4]; 3];
     let mut count = 0;
     for idx in batcher.batches() {
@@ -348,11 +489,21 @@ fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     for (t, p) in (1..=3).zip(&fused_passes) {
         let n = count as f64;
         let s = sums[t - 1];
-        assert_eq!([p.loss, p.ce, p.kl, p.denoise], [s[0] / n, s[1] / n, s[2] / n, s[3] / n], "block {t}: losses");
+        assert_eq!(
+            [p.loss, p.ce, p.kl, p.denoise],
+            [s[0] / n, s[1] / n, s[2] / n, s[3] / n],
+            "block {t}: losses"
+        );
         assert_eq!(p.batches, count);
     }
-    assert_same_tensors(&fused.method().model().named_tensors(), &seq.method().model().named_tensors());
-    assert_eq!(fused.checkpoint().optimizer_record.steps, seq.checkpoint().optimizer_record.steps);
+    assert_same_tensors(
+        &fused.method().model().named_tensors(),
+        &seq.method().model().named_tensors(),
+    );
+    assert_eq!(
+        fused.checkpoint().optimizer_record.steps,
+        seq.checkpoint().optimizer_record.steps
+    );
 }
 
 /// Both orders give every block one update per minibatch and the shared
@@ -364,7 +515,10 @@ fn both_orders_update_each_parameter_equally_often() {
     for (cfg, head_steps) in [(fused_config(1), 9), (tiny_config(1), 9)] {
         let mut t = dt_trainer(cfg, &dev);
         let passes = t.train_epoch(&d.train, &mut Silent).unwrap();
-        assert_eq!(passes.iter().map(|p| p.block).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            passes.iter().map(|p| p.block).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert!(passes.iter().all(|p| p.batches == 3 && p.loss.is_finite()));
         let steps: Vec<u64> = t.checkpoint().optimizer_record.steps;
         assert_eq!(steps, vec![head_steps, 3, 3, 3]);
@@ -387,10 +541,18 @@ fn fused_order_resumes_exactly() {
     assert_eq!(run_b.restore_latest(&mut c).unwrap(), 1);
     let report_c = fit(&mut c, &d, Some(&run_b), &mut Silent).unwrap().unwrap();
 
-    assert_same_tensors(&a.method().model().named_tensors(), &c.method().model().named_tensors());
+    assert_same_tensors(
+        &a.method().model().named_tensors(),
+        &c.method().model().named_tensors(),
+    );
     assert_eq!(report_a.test_acc_runs, report_c.test_acc_runs);
     // One pass line per block and epoch, as in the sequential order.
-    let passes = run_a.metrics().unwrap().iter().filter(|v| v["event"] == "pass").count();
+    let passes = run_a
+        .metrics()
+        .unwrap()
+        .iter()
+        .filter(|v| v["event"] == "pass")
+        .count();
     assert_eq!(passes, 2 * 3);
 }
 
@@ -400,13 +562,21 @@ fn fused_training_learns_the_synthetic_task() {
     let dev = Device::Cpu;
     let train = DeviceData::new(&synthetic(320, 5), DType::F32, &dev).unwrap();
     let test = DeviceData::new(&synthetic(100, 6), DType::F32, &dev).unwrap();
-    let d = RunData { train, test, train_subset: None };
+    let d = RunData {
+        train,
+        test,
+        train_subset: None,
+    };
     let mut cfg = fused_config(3);
     cfg.train.lr = 5e-3;
     let mut t = dt_trainer(cfg, &dev);
     let before = t.evaluate(&d.test, None, 0).unwrap().test_acc;
     let after = fit(&mut t, &d, None, &mut Silent).unwrap().unwrap();
-    assert!(after.test_acc > 60.0 && after.test_acc > before + 30.0, "before {before}, after {:?}", after);
+    assert!(
+        after.test_acc > 60.0 && after.test_acc > before + 30.0,
+        "before {before}, after {:?}",
+        after
+    );
 }
 
 /// `model.embedding.lr = 0` keeps a learned embedding at its initialisation
@@ -419,29 +589,72 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
     let methods = [
         ("dt", tiny_config(1).method),
         // eta as in the DT config the other settings come from.
-        ("ct", match paper(RawConfig::paper_ct(DatasetKind::Mnist)) {
-            RawMethod::Ct { time_dim, time_scale, schedule, sampler, steps, .. } => RawMethod::Ct { eta: 0.1, time_dim, time_scale, schedule, sampler, steps },
-            other => panic!("{other:?}"),
-        }),
+        (
+            "ct",
+            match paper(RawConfig::paper_ct(DatasetKind::Mnist)) {
+                RawMethod::Ct {
+                    time_dim,
+                    time_scale,
+                    schedule,
+                    sampler,
+                    steps,
+                    t_sampling,
+                    schedule_training,
+                    ..
+                } => RawMethod::Ct {
+                    eta: 0.1,
+                    time_dim,
+                    time_scale,
+                    schedule,
+                    sampler,
+                    steps,
+                    t_sampling,
+                    schedule_training,
+                },
+                other => panic!("{other:?}"),
+            },
+        ),
         // Euler steps at inference.
         ("fm", paper(RawConfig::paper_fm(DatasetKind::Mnist))),
-        ("backprop", RawMethod::Backprop { blocks: 3, alpha_init: 0.5 }),
+        (
+            "backprop",
+            RawMethod::Backprop {
+                blocks: 3,
+                alpha_init: 0.5,
+            },
+        ),
     ];
     for (method, settings) in methods {
         for frozen in [true, false] {
             let mut c = tiny_config(1);
             c.method = settings.clone();
-            c.model.embedding = RawEmbedding::Learned { dim: 12, init: None, lr: frozen.then_some(0.0) };
-            let mut trainer = noprop_train::build_trainer(c.validate().unwrap(), dev.clone(), None).unwrap();
+            c.model.embedding = RawEmbedding::Learned {
+                dim: 12,
+                init: None,
+                lr: frozen.then_some(0.0),
+                target_grad: true,
+            };
+            let mut trainer =
+                noprop_train::build_trainer(c.validate().unwrap(), dev.clone(), None).unwrap();
             // Copies: the optimizer updates the parameters in place.
             let values = |t: &Trainer| -> BTreeMap<String, Vec<f32>> {
-                t.named_tensors().into_iter().map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap())).collect()
+                t.named_tensors()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+                    .collect()
             };
             let before = values(&trainer);
             trainer.train_epoch(&d.train, &mut Silent).unwrap();
             let after = values(&trainer);
-            assert_eq!(before["embed"] == after["embed"], frozen, "{method}, frozen {frozen}");
-            let moved = before.keys().filter(|k| k.as_str() != "embed" && before[*k] != after[*k]).count();
+            assert_eq!(
+                before["embed"] == after["embed"],
+                frozen,
+                "{method}, frozen {frozen}"
+            );
+            let moved = before
+                .keys()
+                .filter(|k| k.as_str() != "embed" && before[*k] != after[*k])
+                .count();
             assert!(moved > 0, "{method}: the networks train");
         }
     }

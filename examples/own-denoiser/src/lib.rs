@@ -14,9 +14,10 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{
-    ct_loss, dt_loss, fm_interpolate, fm_loss, log_softmax, nearest_embedding, q_sample, q_sample_ct, sample_ct_eq3,
-    sample_ct_ode, sample_dt, sample_fm, sample_t, ContinuousDenoiser, ContinuousSchedule, CoreError, Denoiser,
-    DiscreteSchedule, FixedLinearGamma, Inference, NoiseRng, OdeSolver, Result, VelocityField,
+    ct_loss, dt_loss, fm_interpolate, fm_loss, log_softmax, nearest_embedding, q_sample,
+    q_sample_ct, sample_ct_eq3, sample_ct_ode, sample_dt, sample_fm, sample_t, ContinuousDenoiser,
+    ContinuousSchedule, CoreError, Denoiser, DiscreteSchedule, FixedLinearGamma, Inference,
+    NoiseRng, OdeSolver, Result, VelocityField,
 };
 
 /// Sub-seed paths, so that parameter initialisation, training data, noise and
@@ -80,11 +81,17 @@ pub fn blobs(cfg: &Config, n: usize, rng: &mut NoiseRng, dev: &Device) -> Result
     let mut centres = Vec::with_capacity(2 * n);
     for &k in &labels {
         let angle = 2.0 * std::f64::consts::PI * k as f64 / m as f64;
-        centres.extend([(cfg.radius * angle.cos()) as f32, (cfg.radius * angle.sin()) as f32]);
+        centres.extend([
+            (cfg.radius * angle.cos()) as f32,
+            (cfg.radius * angle.sin()) as f32,
+        ]);
     }
     let centres = Tensor::from_vec(centres, (n, 2), dev)?;
     let x = (centres + rng.randn(&[n, 2], DType::F32, dev)?)?;
-    Ok(Blobs { x, y: Tensor::new(labels, dev)? })
+    Ok(Blobs {
+        x,
+        y: Tensor::new(labels, dev)?,
+    })
 }
 
 /// A fully connected layer `x W + b`, with He initialisation.
@@ -106,7 +113,8 @@ impl Linear {
 
     /// `x W + b` for `x` `[B, fan_in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.matmul(self.w.as_tensor())?.broadcast_add(self.b.as_tensor())
+        x.matmul(self.w.as_tensor())?
+            .broadcast_add(self.b.as_tensor())
     }
 
     /// The parameters, for the optimiser.
@@ -124,7 +132,13 @@ pub struct Mlp {
 
 impl Mlp {
     /// An `input -> hidden -> output` MLP.
-    pub fn new(input: usize, hidden: usize, output: usize, rng: &mut NoiseRng, dev: &Device) -> Result<Self> {
+    pub fn new(
+        input: usize,
+        hidden: usize,
+        output: usize,
+        rng: &mut NoiseRng,
+        dev: &Device,
+    ) -> Result<Self> {
         Ok(Self {
             first: Linear::new(input, hidden, rng, dev)?,
             second: Linear::new(hidden, output, rng, dev)?,
@@ -161,9 +175,21 @@ impl Adam {
 
     /// An optimiser for `vars` with learning rate `lr`.
     pub fn new(vars: Vec<Var>, lr: f64) -> Result<Self> {
-        let first = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
-        let second = vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<candle_core::Result<_>>()?;
-        Ok(Self { vars, first, second, steps: 0, lr })
+        let first = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        let second = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            vars,
+            first,
+            second,
+            steps: 0,
+            lr,
+        })
     }
 
     /// One update from the gradients of a `backward()` call.
@@ -172,7 +198,9 @@ impl Adam {
         let correct1 = 1.0 - Self::BETA1.powi(self.steps);
         let correct2 = 1.0 - Self::BETA2.powi(self.steps);
         for ((var, m), v) in self.vars.iter().zip(&mut self.first).zip(&mut self.second) {
-            let Some(g) = grads.get(var.as_tensor()) else { continue };
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
             *m = ((&*m * Self::BETA1)? + (g * (1.0 - Self::BETA1))?)?;
             *v = ((&*v * Self::BETA2)? + (g.sqr()? * (1.0 - Self::BETA2))?)?;
             let denom = ((&*v / correct2)?.sqrt()? + Self::EPS)?;
@@ -193,7 +221,10 @@ fn embed(logits: &Tensor, w_embed: &Tensor) -> candle_core::Result<Tensor> {
 
 /// The fraction of predictions equal to the labels.
 pub fn accuracy(predicted: &Tensor, y: &Tensor) -> Result<f64> {
-    let hits = predicted.to_dtype(DType::U32)?.eq(y)?.to_dtype(DType::F64)?;
+    let hits = predicted
+        .to_dtype(DType::U32)?
+        .eq(y)?
+        .to_dtype(DType::F64)?;
     Ok(hits.mean_all()?.to_scalar::<f64>()?)
 }
 
@@ -214,10 +245,12 @@ impl Denoiser for DtNet {
 
     fn denoise(&self, t: usize, z: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
         // Blocks are numbered 1..=T; `?` turns the CoreError into candle's.
-        let block = t
-            .checked_sub(1)
-            .and_then(|i| self.blocks.get(i))
-            .ok_or(CoreError::BlockOutOfRange { t, blocks: self.blocks.len() })?;
+        let block = t.checked_sub(1).and_then(|i| self.blocks.get(i)).ok_or(
+            CoreError::BlockOutOfRange {
+                t,
+                blocks: self.blocks.len(),
+            },
+        )?;
         embed(&block.forward(&Tensor::cat(&[z, x], 1)?)?, &self.w_embed)
     }
 }
@@ -246,9 +279,12 @@ pub fn train_dt(cfg: &Config, t_max: usize) -> Result<DtReport> {
     for _ in 0..t_max {
         blocks.push(Mlp::new(m + 2, cfg.hidden, m, &mut init, &dev)?);
     }
-    let net = DtNet { blocks, w_embed: w_embed.clone() };
+    let net = DtNet {
+        blocks,
+        w_embed: w_embed.clone(),
+    };
     let head = Linear::new(m, m, &mut init, &dev)?; // f_out
-    // One optimiser state per block (Algorithm 1 trains them independently).
+                                                    // One optimiser state per block (Algorithm 1 trains them independently).
     let mut block_opts = net
         .blocks
         .iter()
@@ -267,7 +303,14 @@ pub fn train_dt(cfg: &Config, t_max: usize) -> Result<DtReport> {
             let uhat = net.denoise(t, &z_prev, &batch.x)?;
             let z_last = q_sample(&u, abar_last, &mut noise)?;
             let logits = head.forward(&z_last)?;
-            let loss = dt_loss(&logits, &batch.y, &uhat, &u, abar0, sched.dt_weight(t, eta)?)?;
+            let loss = dt_loss(
+                &logits,
+                &batch.y,
+                &uhat,
+                &u,
+                abar0,
+                sched.dt_weight(t, eta)?,
+            )?;
             let grads = loss.total.backward()?;
             opt.step(&grads)?;
             head_opt.step(&grads)?;
@@ -304,7 +347,8 @@ pub struct TimeNet {
 
 impl TimeNet {
     fn logits(&self, z: &Tensor, x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.mlp.forward(&Tensor::cat(&[z, x, &time_features(t)?], 1)?)
+        self.mlp
+            .forward(&Tensor::cat(&[z, x, &time_features(t)?], 1)?)
     }
 }
 
@@ -380,7 +424,14 @@ pub fn train_ct(cfg: &Config) -> Result<CtReport> {
 
     let mut test_rng = NoiseRng::derived(cfg.seed, &[STREAM_TEST]);
     let test = blobs(cfg, cfg.test_size, &mut test_rng, &dev)?;
-    let z_eq3 = sample_ct_eq3(&net, &sched, &test.x, 100, Inference::Stochastic, &mut noise)?;
+    let z_eq3 = sample_ct_eq3(
+        &net,
+        &sched,
+        &test.x,
+        100,
+        Inference::Stochastic,
+        &mut noise,
+    )?;
     let z_ode = sample_ct_ode(&net, &sched, &test.x, 20, OdeSolver::Heun, &mut noise)?;
     Ok(CtReport {
         eq3: accuracy(&head.forward(&z_eq3)?.argmax(1)?, &test.y)?,

@@ -41,7 +41,11 @@ fn fm_learns_the_blobs() {
 /// would prove nothing.
 #[test]
 fn untrained_networks_stay_near_chance() {
-    let cfg = Config { steps: 0, test_size: 500, ..Config::default() };
+    let cfg = Config {
+        steps: 0,
+        test_size: 500,
+        ..Config::default()
+    };
     let dt = train_dt(&cfg, 5).unwrap();
     let fm = train_fm(&cfg).unwrap();
     assert!(dt.stochastic < 0.7 && fm < 0.7, "{dt:?} {fm}");

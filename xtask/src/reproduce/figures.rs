@@ -29,15 +29,30 @@ pub struct CurvePoint {
 
 /// Test accuracy against cumulative training time, averaged over seeds.
 pub fn curve(r: &RowResult) -> Vec<CurvePoint> {
-    let Some((_, first)) = r.finished.first() else { return vec![] };
+    let Some((_, first)) = r.finished.first() else {
+        return vec![];
+    };
     let mut out = vec![];
     for e in &first.evals {
-        let at: Vec<_> = r.finished.iter().filter_map(|(_, s)| s.evals.iter().find(|x| x.epoch == e.epoch)).collect();
+        let at: Vec<_> = r
+            .finished
+            .iter()
+            .filter_map(|(_, s)| s.evals.iter().find(|x| x.epoch == e.epoch))
+            .collect();
         let secs: Vec<f64> = at.iter().filter_map(|x| x.train_seconds).collect();
         if at.len() != r.finished.len() || secs.len() != at.len() {
             continue;
         }
-        let runs: Vec<f64> = at.iter().flat_map(|x| if x.test_acc_runs.is_empty() { vec![x.test_acc] } else { x.test_acc_runs.clone() }).collect();
+        let runs: Vec<f64> = at
+            .iter()
+            .flat_map(|x| {
+                if x.test_acc_runs.is_empty() {
+                    vec![x.test_acc]
+                } else {
+                    x.test_acc_runs.clone()
+                }
+            })
+            .collect();
         out.push(CurvePoint {
             epoch: e.epoch,
             seeds: at.len(),
@@ -61,7 +76,9 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
         let mut series = vec![];
         let mut lines = vec![];
         for m in [Method::Ct, Method::Fm, Method::Adjoint] {
-            let Some(r) = find(results, &Row::table1(ds, m, Embedding::OneHot)) else { continue };
+            let Some(r) = find(results, &Row::table1(ds, m, Embedding::OneHot)) else {
+                continue;
+            };
             let pts = curve(r);
             for p in &pts {
                 lines.push(vec![
@@ -74,7 +91,10 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
                     opt(p.test_acc_se),
                 ]);
             }
-            series.push(Series { name: m.title().into(), points: pts.iter().map(|p| (p.train_seconds, p.test_acc)).collect() });
+            series.push(Series {
+                name: m.title().into(),
+                points: pts.iter().map(|p| (p.train_seconds, p.test_acc)).collect(),
+            });
         }
         if lines.is_empty() {
             continue;
@@ -85,10 +105,24 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
             y_label: "test accuracy (%)".into(),
             series,
         };
-        out.push(Output { name: format!("fig3-{}.svg", ds.name()), contents: plot.to_svg() });
+        out.push(Output {
+            name: format!("fig3-{}.svg", ds.name()),
+            contents: plot.to_svg(),
+        });
         out.push(Output {
             name: format!("fig3-{}.csv", ds.name()),
-            contents: csv(&["method", "row", "epoch", "seeds", "train_seconds", "test_acc", "test_acc_se"], &lines),
+            contents: csv(
+                &[
+                    "method",
+                    "row",
+                    "epoch",
+                    "seeds",
+                    "train_seconds",
+                    "test_acc",
+                    "test_acc_se",
+                ],
+                &lines,
+            ),
         });
     }
     out
@@ -96,7 +130,13 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
 
 /// A bar chart over (group label, [(series, row)]) with its CSV; `None` if
 /// no row in it has a result.
-fn bars(name: &str, title: &str, series: &[&str], groups: &[(String, Vec<Row>)], results: &[RowResult]) -> Vec<Output> {
+fn bars(
+    name: &str,
+    title: &str,
+    series: &[&str],
+    groups: &[(String, Vec<Row>)],
+    results: &[RowResult],
+) -> Vec<Output> {
     let mut lines = vec![];
     let mut plot_groups = vec![];
     for (label, rows) in groups {
@@ -117,7 +157,10 @@ fn bars(name: &str, title: &str, series: &[&str], groups: &[(String, Vec<Row>)],
             vals.push(test.map(|(m, se)| (m, se.unwrap_or(f64::NAN))));
         }
         if vals.iter().any(Option::is_some) {
-            plot_groups.push(BarGroup { label: label.clone(), bars: vals });
+            plot_groups.push(BarGroup {
+                label: label.clone(),
+                bars: vals,
+            });
         }
     }
     if lines.is_empty() {
@@ -131,8 +174,17 @@ fn bars(name: &str, title: &str, series: &[&str], groups: &[(String, Vec<Row>)],
         groups: plot_groups,
     };
     vec![
-        Output { name: format!("{name}.svg"), contents: plot.to_svg() },
-        Output { name: format!("{name}.csv"), contents: csv(&["group", "series", "row", "seeds", "test_acc", "test_acc_se"], &lines) },
+        Output {
+            name: format!("{name}.svg"),
+            contents: plot.to_svg(),
+        },
+        Output {
+            name: format!("{name}.csv"),
+            contents: csv(
+                &["group", "series", "row", "seeds", "test_acc", "test_acc_se"],
+                &lines,
+            ),
+        },
     ]
 }
 
@@ -143,10 +195,25 @@ pub fn figure4(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
         .iter()
         .filter(|r| r.variant == Variant::Radial)
         .map(|r| {
-            (format!("{} {}", r.dataset.title(), r.embedding.title()), vec![Row { variant: Variant::Table1, ..*r }, *r])
+            (
+                format!("{} {}", r.dataset.title(), r.embedding.title()),
+                vec![
+                    Row {
+                        variant: Variant::Table1,
+                        ..*r
+                    },
+                    *r,
+                ],
+            )
         })
         .collect();
-    bars("fig4", "Figure 4: class probabilities, NoProp-DT", &["softmax", "radial"], &groups, results)
+    bars(
+        "fig4",
+        "Figure 4: class probabilities, NoProp-DT",
+        &["softmax", "radial"],
+        &groups,
+        results,
+    )
 }
 
 /// Figure 5: initialisations of a learned `W_embed` with `d = C*H*W`
@@ -154,13 +221,34 @@ pub fn figure4(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
 pub fn figure5(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
     let groups: Vec<(String, Vec<Row>)> = Dataset::ALL
         .into_iter()
-        .filter(|ds| rows.iter().any(|r| r.dataset == *ds && matches!(r.variant, Variant::Init(_))))
+        .filter(|ds| {
+            rows.iter()
+                .any(|r| r.dataset == *ds && matches!(r.variant, Variant::Init(_)))
+        })
         .map(|ds| {
-            let init = |i| Row { dataset: ds, method: Method::Dt, embedding: Embedding::Prototype, variant: Variant::Init(i) };
-            (ds.title().to_string(), vec![init(Init::Orthogonal), init(Init::Normal), Row::table1(ds, Method::Dt, Embedding::Prototype)])
+            let init = |i| Row {
+                dataset: ds,
+                method: Method::Dt,
+                embedding: Embedding::Prototype,
+                variant: Variant::Init(i),
+            };
+            (
+                ds.title().to_string(),
+                vec![
+                    init(Init::Orthogonal),
+                    init(Init::Normal),
+                    Row::table1(ds, Method::Dt, Embedding::Prototype),
+                ],
+            )
         })
         .collect();
-    bars("fig5", "Figure 5: embedding initialisation (d = C·H·W), NoProp-DT", &["orthogonal", "normal", "prototype"], &groups, results)
+    bars(
+        "fig5",
+        "Figure 5: embedding initialisation (d = C·H·W), NoProp-DT",
+        &["orthogonal", "normal", "prototype"],
+        &groups,
+        results,
+    )
 }
 
 #[cfg(test)]
@@ -179,34 +267,58 @@ mod tests {
                 acc - 0.5,
                 acc + 0.5
             ));
-            text.push_str(&format!("{{\"event\":\"epoch\",\"epoch\":{e},\"train_seconds\":{secs}}}\n"));
+            text.push_str(&format!(
+                "{{\"event\":\"epoch\",\"epoch\":{e},\"train_seconds\":{secs}}}\n"
+            ));
         }
         summarise(&text)
     }
 
     fn result(row: Row, finished: Vec<(u64, super::super::runs::Summary)>) -> RowResult {
-        RowResult { row, seeds_wanted: finished.len().max(1), finished, unfinished: 0, note: None, settings: None }
+        RowResult {
+            row,
+            seeds_wanted: finished.len().max(1),
+            finished,
+            unfinished: 0,
+            note: None,
+            settings: None,
+        }
     }
 
     #[test]
     fn curve_averages_seeds_per_epoch() {
         let r = result(
             Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
-            vec![(0, summary(&[(10.0, 90.0), (20.0, 94.0)])), (1, summary(&[(12.0, 92.0)]))],
+            vec![
+                (0, summary(&[(10.0, 90.0), (20.0, 94.0)])),
+                (1, summary(&[(12.0, 92.0)])),
+            ],
         );
         // Epoch 2 is missing for seed 1, so only epoch 1 is a point.
         let c = curve(&r);
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].epoch, c[0].seeds, c[0].train_seconds, c[0].test_acc), (1, 2, 11.0, 91.0));
+        assert_eq!(
+            (c[0].epoch, c[0].seeds, c[0].train_seconds, c[0].test_acc),
+            (1, 2, 11.0, 91.0)
+        );
         assert!(c[0].test_acc_se.is_some());
     }
 
     #[test]
     fn figure3_has_a_point_per_epoch_and_matching_csv() {
         let results = vec![
-            result(Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot), vec![(0, summary(&[(5.0, 80.0), (10.0, 90.0), (15.0, 93.0)]))]),
-            result(Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot), vec![(0, summary(&[(6.0, 85.0), (12.0, 95.0)]))]),
-            result(Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot), vec![]),
+            result(
+                Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
+                vec![(0, summary(&[(5.0, 80.0), (10.0, 90.0), (15.0, 93.0)]))],
+            ),
+            result(
+                Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
+                vec![(0, summary(&[(6.0, 85.0), (12.0, 95.0)]))],
+            ),
+            result(
+                Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot),
+                vec![],
+            ),
         ];
         let out = figure3(&results);
         assert_eq!(out.len(), 2);
@@ -215,7 +327,12 @@ mod tests {
         assert_eq!(out[0].contents.matches("<circle").count(), 5);
         // Header plus one line per point.
         assert_eq!(out[1].contents.lines().count(), 6);
-        assert!(out[1].contents.lines().nth(1).unwrap().starts_with("NoProp-CT,mnist-ct-onehot,1,1,5,80,"));
+        assert!(out[1]
+            .contents
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("NoProp-CT,mnist-ct-onehot,1,1,5,80,"));
     }
 
     #[test]
@@ -224,7 +341,13 @@ mod tests {
         let dim20 = Row::table1(Dataset::Mnist, Method::Dt, Embedding::Dim20);
         let results = vec![
             result(dim20, vec![(0, summary(&[(1.0, 97.0)]))]),
-            result(Row { variant: Variant::Radial, ..dim20 }, vec![(0, summary(&[(1.0, 96.0)]))]),
+            result(
+                Row {
+                    variant: Variant::Radial,
+                    ..dim20
+                },
+                vec![(0, summary(&[(1.0, 96.0)]))],
+            ),
         ];
         let out = figure4(&rows, &results);
         assert_eq!(out.len(), 2);
@@ -233,10 +356,18 @@ mod tests {
         assert_eq!(out[1].contents.lines().count(), 3);
         assert!(figure5(&rows, &results).is_empty());
         let proto = Row::table1(Dataset::Mnist, Method::Dt, Embedding::Prototype);
-        let normal = Row { variant: Variant::Init(Init::Normal), ..proto };
-        let results = vec![result(proto, vec![(0, summary(&[(1.0, 97.0)]))]), result(normal, vec![(0, summary(&[(1.0, 95.0)]))])];
+        let normal = Row {
+            variant: Variant::Init(Init::Normal),
+            ..proto
+        };
+        let results = vec![
+            result(proto, vec![(0, summary(&[(1.0, 97.0)]))]),
+            result(normal, vec![(0, summary(&[(1.0, 95.0)]))]),
+        ];
         let out = figure5(&rows, &results);
         assert_eq!(out[0].contents.matches("<rect class=\"bar\"").count(), 2);
-        assert!(out[1].contents.contains("MNIST,normal,mnist-dt-init-normal,1,95,"));
+        assert!(out[1]
+            .contents
+            .contains("MNIST,normal,mnist-dt-init-normal,1,95,"));
     }
 }

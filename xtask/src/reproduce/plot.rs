@@ -13,7 +13,9 @@ const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
 
 /// Colours that stay distinct for colour-blind readers (Okabe and Ito).
-const PALETTE: [&str; 7] = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000"];
+const PALETTE: [&str; 7] = [
+    "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
+];
 
 fn colour(i: usize) -> &'static str {
     PALETTE[i % PALETTE.len()]
@@ -47,7 +49,11 @@ pub fn nice_ticks(lo: f64, hi: f64) -> (f64, f64, Vec<f64>) {
     };
     let raw = (hi - lo) / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * mag);
     let start = (lo / step).floor() * step;
     let end = (hi / step).ceil() * step;
     let n = ((end - start) / step).round() as usize;
@@ -74,7 +80,12 @@ struct Frame {
 }
 
 impl Frame {
-    fn new(title: &str, x_label: &str, y_label: &str, (y0, y1, yticks): (f64, f64, Vec<f64>)) -> Self {
+    fn new(
+        title: &str,
+        x_label: &str,
+        y_label: &str,
+        (y0, y1, yticks): (f64, f64, Vec<f64>),
+    ) -> Self {
         let mut svg = String::new();
         let _ = writeln!(
             svg,
@@ -85,7 +96,13 @@ impl Frame {
             (LEFT + WIDTH - RIGHT) / 2.0,
             escape(title)
         );
-        let mut f = Frame { svg, x0: 0.0, x1: 1.0, y0, y1 };
+        let mut f = Frame {
+            svg,
+            x0: 0.0,
+            x1: 1.0,
+            y0,
+            y1,
+        };
         for t in yticks {
             let y = f.py(t);
             let _ = writeln!(
@@ -172,8 +189,18 @@ pub struct LinePlot {
 impl LinePlot {
     /// The plot as an SVG document; one `<circle>` per point.
     pub fn to_svg(&self) -> String {
-        let pts = || self.series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
-        let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+        let pts = || {
+            self.series
+                .iter()
+                .flat_map(|s| s.points.iter())
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+        };
+        let (mut xlo, mut xhi, mut ylo, mut yhi) = (
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        );
         for &(x, y) in pts() {
             xlo = xlo.min(x);
             xhi = xhi.max(x);
@@ -182,7 +209,12 @@ impl LinePlot {
         }
         // Time axes start at zero.
         let (x0, x1, xticks) = nice_ticks(xlo.min(0.0), xhi);
-        let mut f = Frame::new(&self.title, &self.x_label, &self.y_label, nice_ticks(ylo, yhi));
+        let mut f = Frame::new(
+            &self.title,
+            &self.x_label,
+            &self.y_label,
+            nice_ticks(ylo, yhi),
+        );
         f.x0 = x0;
         f.x1 = x1;
         for t in xticks {
@@ -198,10 +230,23 @@ impl LinePlot {
         }
         f.axes();
         for (i, s) in self.series.iter().enumerate() {
-            let finite: Vec<(f64, f64)> = s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+            let finite: Vec<(f64, f64)> = s
+                .points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
             if finite.len() > 1 {
-                let path: Vec<String> = finite.iter().map(|&(x, y)| format!("{:.2},{:.2}", f.px(x), f.py(y))).collect();
-                let _ = writeln!(f.svg, r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#, path.join(" "), colour(i));
+                let path: Vec<String> = finite
+                    .iter()
+                    .map(|&(x, y)| format!("{:.2},{:.2}", f.px(x), f.py(y)))
+                    .collect();
+                let _ = writeln!(
+                    f.svg,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+                    path.join(" "),
+                    colour(i)
+                );
             }
             for &(x, y) in &finite {
                 let _ = writeln!(
@@ -216,7 +261,13 @@ impl LinePlot {
                 );
             }
         }
-        f.legend(&self.series.iter().map(|s| s.name.clone()).collect::<Vec<_>>());
+        f.legend(
+            &self
+                .series
+                .iter()
+                .map(|s| s.name.clone())
+                .collect::<Vec<_>>(),
+        );
         f.finish()
     }
 }
@@ -245,7 +296,11 @@ impl BarPlot {
     /// largest, since ablations differ by tenths of a percent; its ticks are
     /// labelled.
     pub fn to_svg(&self) -> String {
-        let vals = self.groups.iter().flat_map(|g| g.bars.iter().flatten()).filter(|(m, _)| m.is_finite());
+        let vals = self
+            .groups
+            .iter()
+            .flat_map(|g| g.bars.iter().flatten())
+            .filter(|(m, _)| m.is_finite());
         let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
         for &(m, e) in vals {
             let e = if e.is_finite() { e } else { 0.0 };
@@ -255,8 +310,17 @@ impl BarPlot {
         let pad = if hi > lo { (hi - lo) * 0.3 } else { 1.0 };
         // Padding never takes the axis below zero when no value is negative
         // (an accuracy axis at -50 says nothing).
-        let bottom = if lo >= 0.0 { (lo - pad).max(0.0) } else { lo - pad };
-        let mut f = Frame::new(&self.title, &self.x_label, &self.y_label, nice_ticks(bottom, hi + pad * 0.2));
+        let bottom = if lo >= 0.0 {
+            (lo - pad).max(0.0)
+        } else {
+            lo - pad
+        };
+        let mut f = Frame::new(
+            &self.title,
+            &self.x_label,
+            &self.y_label,
+            nice_ticks(bottom, hi + pad * 0.2),
+        );
         f.axes();
         let groups = self.groups.len().max(1) as f64;
         let slot = (WIDTH - LEFT - RIGHT) / groups;
@@ -338,7 +402,11 @@ pub(crate) mod tests {
             }
             let self_closing = tag.ends_with('/');
             let body = tag.trim_end_matches('/');
-            let name = body.split_whitespace().next().ok_or("empty tag")?.to_string();
+            let name = body
+                .split_whitespace()
+                .next()
+                .ok_or("empty tag")?
+                .to_string();
             if body.matches('"').count() & 1 == 1 {
                 return Err(format!("unbalanced quotes in <{body}>"));
             }
@@ -376,10 +444,22 @@ pub(crate) mod tests {
             x_label: "cumulative training time (s)".into(),
             y_label: "test accuracy (%)".into(),
             series: vec![
-                Series { name: "NoProp-CT".into(), points: vec![(10.0, 90.0), (20.0, 95.0), (30.0, 96.5)] },
-                Series { name: "NoProp-FM".into(), points: vec![(12.0, 91.0), (24.0, 97.0)] },
-                Series { name: "Adjoint".into(), points: vec![(100.0, 98.0)] },
-                Series { name: "empty".into(), points: vec![] },
+                Series {
+                    name: "NoProp-CT".into(),
+                    points: vec![(10.0, 90.0), (20.0, 95.0), (30.0, 96.5)],
+                },
+                Series {
+                    name: "NoProp-FM".into(),
+                    points: vec![(12.0, 91.0), (24.0, 97.0)],
+                },
+                Series {
+                    name: "Adjoint".into(),
+                    points: vec![(100.0, 98.0)],
+                },
+                Series {
+                    name: "empty".into(),
+                    points: vec![],
+                },
             ],
         };
         let svg = plot.to_svg();
@@ -398,8 +478,14 @@ pub(crate) mod tests {
             y_label: "test accuracy (%)".into(),
             series: vec!["softmax".into(), "radial".into()],
             groups: vec![
-                BarGroup { label: "MNIST one-hot".into(), bars: vec![Some((99.4, 0.05)), Some((99.3, 0.1))] },
-                BarGroup { label: "MNIST dim=20".into(), bars: vec![Some((99.5, f64::NAN)), None] },
+                BarGroup {
+                    label: "MNIST one-hot".into(),
+                    bars: vec![Some((99.4, 0.05)), Some((99.3, 0.1))],
+                },
+                BarGroup {
+                    label: "MNIST dim=20".into(),
+                    bars: vec![Some((99.5, f64::NAN)), None],
+                },
             ],
         };
         let svg = plot.to_svg();
@@ -416,7 +502,10 @@ pub(crate) mod tests {
             x_label: "".into(),
             y_label: "test accuracy (%)".into(),
             series: vec!["orthogonal".into(), "normal".into()],
-            groups: vec![BarGroup { label: "MNIST".into(), bars: vec![Some((3.6, 0.38)), Some((89.9, 0.55))] }],
+            groups: vec![BarGroup {
+                label: "MNIST".into(),
+                bars: vec![Some((3.6, 0.38)), Some((89.9, 0.55))],
+            }],
         };
         let svg = plot.to_svg();
         well_formed(&svg).unwrap();
@@ -426,9 +515,27 @@ pub(crate) mod tests {
 
     #[test]
     fn empty_plots_are_still_documents() {
-        well_formed(&LinePlot { title: "t".into(), x_label: "x".into(), y_label: "y".into(), series: vec![] }.to_svg()).unwrap();
-        well_formed(&BarPlot { title: "t".into(), x_label: "".into(), y_label: "y".into(), series: vec![], groups: vec![] }.to_svg())
-            .unwrap();
+        well_formed(
+            &LinePlot {
+                title: "t".into(),
+                x_label: "x".into(),
+                y_label: "y".into(),
+                series: vec![],
+            }
+            .to_svg(),
+        )
+        .unwrap();
+        well_formed(
+            &BarPlot {
+                title: "t".into(),
+                x_label: "".into(),
+                y_label: "y".into(),
+                series: vec![],
+                groups: vec![],
+            }
+            .to_svg(),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -53,7 +53,13 @@ pub enum Method {
 
 impl Method {
     /// Table 1's order: the discrete-time rows, then the continuous-time ones.
-    pub const ALL: [Method; 5] = [Method::Backprop, Method::Dt, Method::Adjoint, Method::Ct, Method::Fm];
+    pub const ALL: [Method; 5] = [
+        Method::Backprop,
+        Method::Dt,
+        Method::Adjoint,
+        Method::Ct,
+        Method::Fm,
+    ];
 
     /// The name used in config file names (and in `method.kind`).
     pub fn name(self) -> &'static str {
@@ -171,7 +177,12 @@ pub struct Row {
 
 impl Row {
     pub fn table1(dataset: Dataset, method: Method, embedding: Embedding) -> Self {
-        Self { dataset, method, embedding, variant: Variant::Table1 }
+        Self {
+            dataset,
+            method,
+            embedding,
+            variant: Variant::Table1,
+        }
     }
 
     /// The row's name: `mnist-dt-onehot`, `mnist-dt-dim20-radial`,
@@ -188,7 +199,12 @@ impl Row {
 
     /// The stem of the file in `configs/` this row's config is derived from.
     pub fn base_config(&self) -> String {
-        format!("{}-{}-{}", self.dataset.name(), self.method.name(), self.embedding.name())
+        format!(
+            "{}-{}-{}",
+            self.dataset.name(),
+            self.method.name(),
+            self.embedding.name()
+        )
     }
 
     /// Whether `z` has the image's dimension, so that it runs through a
@@ -206,11 +222,27 @@ impl Row {
 fn ablation_rows(dataset: Dataset, quick: bool) -> Vec<Row> {
     // A quick run keeps one radial row, the learned dim=20 embedding (where
     // radial probabilities measure distances between learned embeddings).
-    let radial: &[Embedding] = if quick { &[Embedding::Dim20] } else { &Embedding::ALL };
-    let mut rows: Vec<Row> =
-        radial.iter().map(|&embedding| Row { dataset, method: Method::Dt, embedding, variant: Variant::Radial }).collect();
+    let radial: &[Embedding] = if quick {
+        &[Embedding::Dim20]
+    } else {
+        &Embedding::ALL
+    };
+    let mut rows: Vec<Row> = radial
+        .iter()
+        .map(|&embedding| Row {
+            dataset,
+            method: Method::Dt,
+            embedding,
+            variant: Variant::Radial,
+        })
+        .collect();
     for init in [Init::Orthogonal, Init::Normal] {
-        rows.push(Row { dataset, method: Method::Dt, embedding: Embedding::Prototype, variant: Variant::Init(init) });
+        rows.push(Row {
+            dataset,
+            method: Method::Dt,
+            embedding: Embedding::Prototype,
+            variant: Variant::Init(init),
+        });
     }
     rows
 }
@@ -218,7 +250,11 @@ fn ablation_rows(dataset: Dataset, quick: bool) -> Vec<Row> {
 /// Every row, in the order they are run: for each data set, Table 1 in the
 /// paper's order, then the ablations. A quick run covers MNIST only.
 pub fn all_rows(quick: bool) -> Vec<Row> {
-    let datasets: &[Dataset] = if quick { &[Dataset::Mnist] } else { &Dataset::ALL };
+    let datasets: &[Dataset] = if quick {
+        &[Dataset::Mnist]
+    } else {
+        &Dataset::ALL
+    };
     let mut rows = vec![];
     for &dataset in datasets {
         for method in Method::ALL {
@@ -271,8 +307,12 @@ fn words_match(pattern: &str, name: &str) -> bool {
 /// as whole dash-separated words: `mnist`, `dt-onehot`, `radial`, `init`.
 /// A pattern that selects nothing is an error naming the rows there are.
 pub fn select(rows: &[Row], patterns: &[String]) -> Result<Vec<Row>> {
-    let patterns: Vec<&str> =
-        patterns.iter().flat_map(|p| p.split(',')).map(str::trim).filter(|p| !p.is_empty()).collect();
+    let patterns: Vec<&str> = patterns
+        .iter()
+        .flat_map(|p| p.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     if patterns.is_empty() {
         return Ok(rows.to_vec());
     }
@@ -280,20 +320,32 @@ pub fn select(rows: &[Row], patterns: &[String]) -> Result<Vec<Row>> {
     let mut keep = vec![false; rows.len()];
     for pat in patterns {
         let hits: Vec<usize> = if pat.contains(['*', '?']) {
-            (0..rows.len()).filter(|&i| glob_match(pat, &names[i])).collect()
+            (0..rows.len())
+                .filter(|&i| glob_match(pat, &names[i]))
+                .collect()
         } else if let Some(i) = names.iter().position(|n| n == pat) {
             vec![i]
         } else {
-            (0..rows.len()).filter(|&i| words_match(pat, &names[i])).collect()
+            (0..rows.len())
+                .filter(|&i| words_match(pat, &names[i]))
+                .collect()
         };
         if hits.is_empty() {
-            bail!("--only {pat:?} matches no row; the rows are: {}", names.join(", "));
+            bail!(
+                "--only {pat:?} matches no row; the rows are: {}",
+                names.join(", ")
+            );
         }
         for i in hits {
             keep[i] = true;
         }
     }
-    Ok(rows.iter().zip(keep).filter(|(_, k)| *k).map(|(r, _)| *r).collect())
+    Ok(rows
+        .iter()
+        .zip(keep)
+        .filter(|(_, k)| *k)
+        .map(|(r, _)| *r)
+        .collect())
 }
 
 /// The reduced settings of a `--quick` run, chosen so that the MNIST rows
@@ -334,7 +386,11 @@ impl Quick {
             // epochs give Figure 3 a curve.
             Method::Ct | Method::Fm => 6,
         };
-        let test = if row.image_sized() { QUICK_TEST_IMAGE_SIZED } else { QUICK_TEST };
+        let test = if row.image_sized() {
+            QUICK_TEST_IMAGE_SIZED
+        } else {
+            QUICK_TEST
+        };
         Quick {
             epochs,
             train_limit: QUICK_TRAIN,
@@ -392,9 +448,20 @@ fn int(n: usize) -> Value {
 /// The configuration a run of `row` with `seed` trains with: the config file's
 /// table with the seed, the row's variant, and (with `quick`) the reduced
 /// settings written in. `device` is `cpu`, `cuda` or `metal`.
-pub fn effective_config(base: &Table, row: &Row, seed: u64, quick: bool, device: &str) -> Result<Table> {
+pub fn effective_config(
+    base: &Table,
+    row: &Row,
+    seed: u64,
+    quick: bool,
+    device: &str,
+) -> Result<Table> {
     let mut t = base.clone();
-    set(&mut t, "train", "seed", Value::Integer(i64::try_from(seed).context("seed too large")?))?;
+    set(
+        &mut t,
+        "train",
+        "seed",
+        Value::Integer(i64::try_from(seed).context("seed too large")?),
+    )?;
     match row.variant {
         Variant::Table1 => {}
         Variant::Radial => {
@@ -407,8 +474,12 @@ pub fn effective_config(base: &Table, row: &Row, seed: u64, quick: bool, device:
             // The prototype row's config (a learned `d = C*H*W` embedding)
             // with another initialisation.
             let model = table_mut(&mut t, "model")?;
-            let embedding = model.entry("embedding".to_string()).or_insert_with(|| Value::Table(Table::new()));
-            let embedding = embedding.as_table_mut().context("model.embedding is not a table")?;
+            let embedding = model
+                .entry("embedding".to_string())
+                .or_insert_with(|| Value::Table(Table::new()));
+            let embedding = embedding
+                .as_table_mut()
+                .context("model.embedding is not a table")?;
             embedding.insert("kind".into(), "prototype".into());
             embedding.insert("init".into(), init.name().into());
         }
@@ -429,8 +500,14 @@ pub fn effective_config(base: &Table, row: &Row, seed: u64, quick: bool, device:
     }
     if device == "cpu" && row.image_sized() {
         let eval = table_mut(&mut t, "eval")?;
-        let current = eval.get("batch_size").and_then(Value::as_integer).unwrap_or(1000);
-        eval.insert("batch_size".into(), Value::Integer(current.min(CPU_IMAGE_SIZED_EVAL_BATCH)));
+        let current = eval
+            .get("batch_size")
+            .and_then(Value::as_integer)
+            .unwrap_or(1000);
+        eval.insert(
+            "batch_size".into(),
+            Value::Integer(current.min(CPU_IMAGE_SIZED_EVAL_BATCH)),
+        );
     }
     Ok(t)
 }
@@ -454,7 +531,10 @@ mod tests {
 
     #[test]
     fn table1_has_every_method_embedding_and_dataset() {
-        let rows: Vec<Row> = all_rows(false).into_iter().filter(|r| r.variant == Variant::Table1).collect();
+        let rows: Vec<Row> = all_rows(false)
+            .into_iter()
+            .filter(|r| r.variant == Variant::Table1)
+            .collect();
         // (3 + 3 + 1 + 3 + 3) rows per data set.
         assert_eq!(rows.len(), 39);
         assert!(names(&rows).contains(&"cifar100-adjoint-onehot".to_string()));
@@ -466,7 +546,10 @@ mod tests {
     fn quick_is_mnist_only() {
         let rows = all_rows(true);
         assert!(rows.iter().all(|r| r.dataset == Dataset::Mnist));
-        assert_eq!(rows.iter().filter(|r| r.variant == Variant::Table1).count(), 13);
+        assert_eq!(
+            rows.iter().filter(|r| r.variant == Variant::Table1).count(),
+            13
+        );
         assert!(names(&rows).contains(&"mnist-dt-init-normal".to_string()));
         assert_eq!(rows.len(), 13 + 1 + 2);
     }
@@ -516,18 +599,35 @@ mod tests {
     #[test]
     fn several_patterns_keep_run_order_without_duplicates() {
         let rows = all_rows(false);
-        let got = select(&rows, &["mnist-fm-onehot, mnist-dt-onehot".into(), "mnist-dt-onehot".into()]).unwrap();
+        let got = select(
+            &rows,
+            &[
+                "mnist-fm-onehot, mnist-dt-onehot".into(),
+                "mnist-dt-onehot".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(names(&got), ["mnist-dt-onehot", "mnist-fm-onehot"]);
         // A glob reaches the ablation row too, which runs after Table 1's rows.
         let got = select(&rows, &["mnist-fm-onehot".into(), "mnist-dt-o*".into()]).unwrap();
-        assert_eq!(names(&got), ["mnist-dt-onehot", "mnist-fm-onehot", "mnist-dt-onehot-radial"]);
+        assert_eq!(
+            names(&got),
+            [
+                "mnist-dt-onehot",
+                "mnist-fm-onehot",
+                "mnist-dt-onehot-radial"
+            ]
+        );
     }
 
     #[test]
     fn unknown_pattern_is_an_error() {
         let rows = all_rows(true);
         let err = select(&rows, &["svhn".into()]).unwrap_err().to_string();
-        assert!(err.contains("svhn") && err.contains("mnist-dt-onehot"), "{err}");
+        assert!(
+            err.contains("svhn") && err.contains("mnist-dt-onehot"),
+            "{err}"
+        );
         assert_eq!(select(&rows, &[]).unwrap().len(), rows.len());
     }
 
@@ -551,21 +651,46 @@ mod tests {
 
     #[test]
     fn effective_config_quick_and_variants() {
-        let row = Row { dataset: Dataset::Mnist, method: Method::Dt, embedding: Embedding::Prototype, variant: Variant::Init(Init::Normal) };
+        let row = Row {
+            dataset: Dataset::Mnist,
+            method: Method::Dt,
+            embedding: Embedding::Prototype,
+            variant: Variant::Init(Init::Normal),
+        };
         let t = effective_config(&base(), &row, 0, true, "cpu").unwrap();
         assert_eq!(t["model"]["embedding"]["kind"].as_str(), Some("prototype"));
         assert_eq!(t["model"]["embedding"]["init"].as_str(), Some("normal"));
         assert_eq!(config_epochs(&t).unwrap(), 2);
-        assert_eq!(t["data"]["train_limit"].as_integer(), Some(QUICK_TRAIN as i64));
+        assert_eq!(
+            t["data"]["train_limit"].as_integer(),
+            Some(QUICK_TRAIN as i64)
+        );
         assert_eq!(t["eval"]["every"].as_integer(), Some(2));
-        assert_eq!(t["eval"]["batch_size"].as_integer(), Some(CPU_IMAGE_SIZED_EVAL_BATCH));
-        assert_eq!(t["data"]["test_limit"].as_integer(), Some(QUICK_TEST_IMAGE_SIZED as i64));
+        assert_eq!(
+            t["eval"]["batch_size"].as_integer(),
+            Some(CPU_IMAGE_SIZED_EVAL_BATCH)
+        );
+        assert_eq!(
+            t["data"]["test_limit"].as_integer(),
+            Some(QUICK_TEST_IMAGE_SIZED as i64)
+        );
         assert!(t["method"].get("steps").is_none());
 
-        let row = Row { dataset: Dataset::Mnist, method: Method::Dt, embedding: Embedding::Dim20, variant: Variant::Radial };
+        let row = Row {
+            dataset: Dataset::Mnist,
+            method: Method::Dt,
+            embedding: Embedding::Dim20,
+            variant: Variant::Radial,
+        };
         let t = effective_config(&base(), &row, 0, false, "cpu").unwrap();
-        assert_eq!(t["model"]["class_probability"]["kind"].as_str(), Some("radial"));
-        assert_eq!(t["model"]["class_probability"]["sigma"].as_float(), Some(RADIAL_SIGMA));
+        assert_eq!(
+            t["model"]["class_probability"]["kind"].as_str(),
+            Some("radial")
+        );
+        assert_eq!(
+            t["model"]["class_probability"]["sigma"].as_float(),
+            Some(RADIAL_SIGMA)
+        );
 
         let row = Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot);
         let t = effective_config(&base(), &row, 0, true, "cpu").unwrap();

@@ -52,7 +52,10 @@ fn as_usize(v: &Json) -> Option<usize> {
 /// `epoch` line (work after the last checkpoint) are left out, as a resume
 /// drops them.
 pub fn summarise(metrics: &str) -> Summary {
-    let events: Vec<Json> = metrics.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let events: Vec<Json> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let mut s = Summary::default();
     for v in events.iter().filter(|v| v["event"] == "epoch") {
         if let Some(e) = as_usize(&v["epoch"]) {
@@ -69,11 +72,16 @@ pub fn summarise(metrics: &str) -> Summary {
         }
     }
     for v in events.iter().filter(|v| v["event"] == "eval") {
-        let (Some(epoch), Some(test_acc)) = (as_usize(&v["epoch"]), v["test_acc"].as_f64()) else { continue };
+        let (Some(epoch), Some(test_acc)) = (as_usize(&v["epoch"]), v["test_acc"].as_f64()) else {
+            continue;
+        };
         if epoch == 0 || epoch > s.epochs_done {
             continue;
         }
-        let runs = v["test_acc_runs"].as_array().map(|a| a.iter().filter_map(Json::as_f64).collect()).unwrap_or_default();
+        let runs = v["test_acc_runs"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Json::as_f64).collect())
+            .unwrap_or_default();
         // A resumed run's metrics hold each epoch once; keep the last if not.
         s.evals.retain(|e: &Eval| e.epoch != epoch);
         s.evals.push(Eval {
@@ -122,7 +130,11 @@ fn same_number(a: f64, b: f64) -> bool {
 pub fn config_differences(wanted: &toml::Table, run: &Json) -> Vec<String> {
     fn walk(prefix: &str, t: &toml::Table, run: &Json, out: &mut Vec<String>) {
         for (k, v) in t {
-            let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             let Some(r) = run.get(k) else { continue };
             let same = match v {
                 Toml::Table(sub) => {
@@ -189,7 +201,9 @@ mod tests {
         assert_eq!(s.evals.len(), 1);
         assert_eq!(s.peak_rss_bytes, Some(1000));
         // Killed after the eval line but before the epoch line: the eval is not counted.
-        let cut = TWO_EPOCHS.find(r#"{"checkpoint":"checkpoints/epoch-0002""#).unwrap();
+        let cut = TWO_EPOCHS
+            .find(r#"{"checkpoint":"checkpoints/epoch-0002""#)
+            .unwrap();
         let s = summarise(&TWO_EPOCHS[..cut]);
         assert_eq!((s.epochs_done, s.evals.len()), (1, 1));
         assert_eq!(s.final_eval().unwrap().epoch, 1);
@@ -203,14 +217,20 @@ mod tests {
 
     #[test]
     fn missing_rss_field_is_none() {
-        let text = TWO_EPOCHS.replace(r#","train_peak_rss_bytes":1000"#, "").replace(r#","train_peak_rss_bytes":3000"#, "");
+        let text = TWO_EPOCHS
+            .replace(r#","train_peak_rss_bytes":1000"#, "")
+            .replace(r#","train_peak_rss_bytes":3000"#, "");
         assert_eq!(summarise(&text).peak_rss_bytes, None);
         assert_eq!(summarise(&text).first_epoch_rss_bytes, None);
     }
 
     #[test]
     fn eval_every_n_epochs_has_no_final_eval_in_between() {
-        let text = TWO_EPOCHS.lines().filter(|l| !l.contains(r#""epoch":2,"event":"eval""#)).collect::<Vec<_>>().join("\n");
+        let text = TWO_EPOCHS
+            .lines()
+            .filter(|l| !l.contains(r#""epoch":2,"event":"eval""#))
+            .collect::<Vec<_>>()
+            .join("\n");
         let s = summarise(&text);
         assert_eq!(s.epochs_done, 2);
         assert_eq!(s.final_eval(), None);
@@ -228,7 +248,11 @@ mod tests {
             "train": {"epochs": 100, "lr": 0.001, "seed": 0},
             "model": {"class_probability": {"kind": "radial", "sigma": 1.0}}
         });
-        assert!(config_differences(&wanted, &run).is_empty(), "{:?}", config_differences(&wanted, &run));
+        assert!(
+            config_differences(&wanted, &run).is_empty(),
+            "{:?}",
+            config_differences(&wanted, &run)
+        );
         let run: Json = serde_json::json!({
             "data": {"dataset": "mnist", "train_limit": 0},
             "train": {"epochs": 2, "lr": 0.001, "seed": 1},

@@ -11,23 +11,44 @@ use super::runs::Summary;
 /// prototype (adjoint: one-hot only).
 const PAPER_TEST: [[[f64; 3]; 3]; 5] = [
     // Backprop
-    [[99.46, 79.92, 45.85], [99.43, 79.30, 46.57], [99.44, 79.58, 47.80]],
+    [
+        [99.46, 79.92, 45.85],
+        [99.43, 79.30, 46.57],
+        [99.44, 79.58, 47.80],
+    ],
     // NoProp-DT
-    [[99.47, 79.25, 45.93], [99.49, 79.12, 45.19], [99.54, 80.54, 46.06]],
+    [
+        [99.47, 79.25, 45.93],
+        [99.49, 79.12, 45.19],
+        [99.54, 80.54, 46.06],
+    ],
     // Adjoint (one-hot only)
     [[98.62, 66.78, 25.03], [f64::NAN; 3], [f64::NAN; 3]],
     // NoProp-CT
-    [[97.84, 73.35, 33.66], [97.70, 71.77, 33.99], [97.17, 66.54, 21.31]],
+    [
+        [97.84, 73.35, 33.66],
+        [97.70, 71.77, 33.99],
+        [97.17, 66.54, 21.31],
+    ],
     // NoProp-FM
-    [[99.21, 73.14, 6.38], [99.29, 73.50, 31.14], [98.52, 75.18, 37.57]],
+    [
+        [99.21, 73.14, 6.38],
+        [99.29, 73.50, 31.14],
+        [98.52, 75.18, 37.57],
+    ],
 ];
 
 /// Train accuracy (%) the paper gives, for NoProp-DT with one-hot embeddings only.
 const PAPER_TRAIN_DT_ONEHOT: [f64; 3] = [99.92, 95.02, 84.97];
 
 /// Table 2 of the paper: peak GPU memory in training (GB), `[method][dataset]`.
-const PAPER_MEMORY_GB: [[f64; 3]; 5] =
-    [[0.87, 1.17, 1.73], [0.49, 0.64, 1.23], [2.32, 6.23, 6.45], [1.05, 0.45, 0.50], [1.06, 0.44, 0.49]];
+const PAPER_MEMORY_GB: [[f64; 3]; 5] = [
+    [0.87, 1.17, 1.73],
+    [0.49, 0.64, 1.23],
+    [2.32, 6.23, 6.45],
+    [1.05, 0.45, 0.50],
+    [1.06, 0.44, 0.49],
+];
 
 fn method_index(m: Method) -> usize {
     Method::ALL.iter().position(|&x| x == m).unwrap_or(0)
@@ -44,7 +65,9 @@ pub fn paper_test(row: &Row) -> Option<f64> {
 
 /// The paper's train accuracy of a row, if it gives one.
 pub fn paper_train(row: &Row) -> Option<f64> {
-    (row.variant == Variant::Table1 && row.method == Method::Dt && row.embedding == Embedding::OneHot)
+    (row.variant == Variant::Table1
+        && row.method == Method::Dt
+        && row.embedding == Embedding::OneHot)
         .then(|| PAPER_TRAIN_DT_ONEHOT[row.dataset.index()])
 }
 
@@ -119,7 +142,11 @@ pub fn csv(header: &[&str], rows: &[Vec<String>]) -> String {
             s.to_string()
         }
     }
-    let mut out = header.iter().map(|h| field(h)).collect::<Vec<_>>().join(",");
+    let mut out = header
+        .iter()
+        .map(|h| field(h))
+        .collect::<Vec<_>>()
+        .join(",");
     out.push('\n');
     for r in rows {
         out.push_str(&r.iter().map(|f| field(f)).collect::<Vec<_>>().join(","));
@@ -131,13 +158,28 @@ pub fn csv(header: &[&str], rows: &[Vec<String>]) -> String {
 /// A Markdown table; `right` marks right-aligned (numeric) columns.
 pub fn markdown(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
     let cell = |s: &str| s.replace('|', "\\|");
-    let mut out = format!("| {} |\n|", header.iter().map(|h| cell(h)).collect::<Vec<_>>().join(" | "));
+    let mut out = format!(
+        "| {} |\n|",
+        header
+            .iter()
+            .map(|h| cell(h))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
     for i in 0..header.len() {
-        out.push_str(if right.get(i).copied().unwrap_or(false) { " ---: |" } else { " --- |" });
+        out.push_str(if right.get(i).copied().unwrap_or(false) {
+            " ---: |"
+        } else {
+            " --- |"
+        });
     }
     out.push('\n');
     for r in rows {
-        let _ = writeln!(out, "| {} |", r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | "));
+        let _ = writeln!(
+            out,
+            "| {} |",
+            r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | ")
+        );
     }
     out
 }
@@ -182,23 +224,51 @@ pub struct Aggregate {
 impl RowResult {
     /// Means and standard errors over the finished seeds' last evaluations.
     pub fn aggregate(&self) -> Aggregate {
-        let finals: Vec<_> = self.finished.iter().filter_map(|(_, s)| s.final_eval()).collect();
+        let finals: Vec<_> = self
+            .finished
+            .iter()
+            .filter_map(|(_, s)| s.final_eval())
+            .collect();
         let pooled: Vec<f64> = finals
             .iter()
-            .flat_map(|e| if e.test_acc_runs.is_empty() { vec![e.test_acc] } else { e.test_acc_runs.clone() })
+            .flat_map(|e| {
+                if e.test_acc_runs.is_empty() {
+                    vec![e.test_acc]
+                } else {
+                    e.test_acc_runs.clone()
+                }
+            })
             .collect();
-        let per_seed = |f: &dyn Fn(&super::runs::Eval) -> Option<f64>| -> Vec<f64> { finals.iter().filter_map(|e| f(e)).collect() };
+        let per_seed = |f: &dyn Fn(&super::runs::Eval) -> Option<f64>| -> Vec<f64> {
+            finals.iter().filter_map(|e| f(e)).collect()
+        };
         let epochs: Vec<usize> = self.finished.iter().map(|(_, s)| s.epochs_done).collect();
-        let secs: Vec<f64> = self.finished.iter().filter_map(|(_, s)| s.train_seconds).collect();
+        let secs: Vec<f64> = self
+            .finished
+            .iter()
+            .filter_map(|(_, s)| s.train_seconds)
+            .collect();
         Aggregate {
             test: mean_se(&pooled),
             test_runs: pooled.len(),
             train: mean_se(&per_seed(&|e| e.train_acc)),
             deterministic: mean_se(&per_seed(&|e| e.test_acc_deterministic)),
-            epochs: epochs.iter().min().zip(epochs.iter().max()).map(|(a, b)| (*a, *b)),
+            epochs: epochs
+                .iter()
+                .min()
+                .zip(epochs.iter().max())
+                .map(|(a, b)| (*a, *b)),
             train_seconds: (!secs.is_empty()).then(|| secs.iter().sum::<f64>() / secs.len() as f64),
-            peak_rss_bytes: self.finished.iter().filter_map(|(_, s)| s.peak_rss_bytes).max(),
-            first_epoch_rss_bytes: self.finished.iter().filter_map(|(_, s)| s.first_epoch_rss_bytes).max(),
+            peak_rss_bytes: self
+                .finished
+                .iter()
+                .filter_map(|(_, s)| s.peak_rss_bytes)
+                .max(),
+            first_epoch_rss_bytes: self
+                .finished
+                .iter()
+                .filter_map(|(_, s)| s.first_epoch_rss_bytes)
+                .max(),
         }
     }
 
@@ -299,16 +369,34 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
     }
     let mut notes = vec![];
     for ds in Dataset::ALL {
-        let table: Vec<&RowResult> = results.iter().filter(|r| r.row.dataset == ds && r.row.variant == Variant::Table1).collect();
+        let table: Vec<&RowResult> = results
+            .iter()
+            .filter(|r| r.row.dataset == ds && r.row.variant == Variant::Table1)
+            .collect();
         if table.is_empty() {
             continue;
         }
         let _ = writeln!(out, "## {}\n", ds.title());
-        out.push_str(&markdown(&T1_HEADER, &T1_RIGHT, &table.iter().map(|r| t1_cells(r)).collect::<Vec<_>>()));
-        let ablation: Vec<&RowResult> = results.iter().filter(|r| r.row.dataset == ds && r.row.variant != Variant::Table1).collect();
+        out.push_str(&markdown(
+            &T1_HEADER,
+            &T1_RIGHT,
+            &table.iter().map(|r| t1_cells(r)).collect::<Vec<_>>(),
+        ));
+        let ablation: Vec<&RowResult> = results
+            .iter()
+            .filter(|r| r.row.dataset == ds && r.row.variant != Variant::Table1)
+            .collect();
         if !ablation.is_empty() {
-            let _ = writeln!(out, "\nAblation runs (Figures 4 and 5), NoProp-DT, {}:\n", ds.title());
-            out.push_str(&markdown(&T1_HEADER, &T1_RIGHT, &ablation.iter().map(|r| t1_cells(r)).collect::<Vec<_>>()));
+            let _ = writeln!(
+                out,
+                "\nAblation runs (Figures 4 and 5), NoProp-DT, {}:\n",
+                ds.title()
+            );
+            out.push_str(&markdown(
+                &T1_HEADER,
+                &T1_RIGHT,
+                &ablation.iter().map(|r| t1_cells(r)).collect::<Vec<_>>(),
+            ));
         }
         out.push('\n');
         for r in table.iter().chain(&ablation) {
@@ -333,8 +421,11 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
             }
         }
         for s in seen {
-            let rows: Vec<String> =
-                results.iter().filter(|r| r.settings.as_ref() == Some(&s)).map(|r| format!("`{}`", r.row.name())).collect();
+            let rows: Vec<String> = results
+                .iter()
+                .filter(|r| r.settings.as_ref() == Some(&s))
+                .map(|r| format!("`{}`", r.row.name()))
+                .collect();
             let _ = writeln!(out, "- {s}: {}", rows.join(", "));
         }
         out.push('\n');
@@ -345,9 +436,26 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
 /// `table1.csv`: one line per row, every number of `table1.md` unformatted.
 pub fn table1_csv(results: &[RowResult]) -> String {
     let header = [
-        "row", "dataset", "method", "embedding", "variant", "seeds", "stochastic_runs", "epochs_min", "epochs_max",
-        "paper_epochs", "test_mean", "test_se", "paper_test", "train_mean", "train_se", "paper_train",
-        "deterministic_mean", "deterministic_se", "train_seconds_mean", "peak_rss_bytes",
+        "row",
+        "dataset",
+        "method",
+        "embedding",
+        "variant",
+        "seeds",
+        "stochastic_runs",
+        "epochs_min",
+        "epochs_max",
+        "paper_epochs",
+        "test_mean",
+        "test_se",
+        "paper_test",
+        "train_mean",
+        "train_se",
+        "paper_train",
+        "deterministic_mean",
+        "deterministic_se",
+        "train_seconds_mean",
+        "peak_rss_bytes",
     ];
     let num = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let rows: Vec<Vec<String>> = results
@@ -411,7 +519,10 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
         ctx.device,
         if ctx.quick { " A quick run trains on a subset of the data, which shrinks the host memory." } else { "" }
     );
-    let datasets: Vec<Dataset> = Dataset::ALL.into_iter().filter(|d| results.iter().any(|r| r.row.dataset == *d)).collect();
+    let datasets: Vec<Dataset> = Dataset::ALL
+        .into_iter()
+        .filter(|d| results.iter().any(|r| r.row.dataset == *d))
+        .collect();
     let mut header = vec!["method".to_string()];
     for d in &datasets {
         header.push(format!("{} (ours)", d.title()));
@@ -421,7 +532,9 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
     for m in Method::ALL {
         let mut cells = vec![m.title().to_string()];
         for d in &datasets {
-            let r = results.iter().find(|r| r.row == Row::table1(*d, m, Embedding::OneHot));
+            let r = results
+                .iter()
+                .find(|r| r.row == Row::table1(*d, m, Embedding::OneHot));
             cells.push(gb(r, |a| a.first_epoch_rss_bytes));
             cells.push(format!("{:.2}", paper_memory_gb(m, *d)));
         }
@@ -433,9 +546,19 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
     out.push_str("\nEvery row (ours, GB):\n\n");
     let all: Vec<Vec<String>> = results
         .iter()
-        .map(|r| vec![format!("`{}`", r.row.name()), gb(Some(r), |a| a.first_epoch_rss_bytes), gb(Some(r), |a| a.peak_rss_bytes)])
+        .map(|r| {
+            vec![
+                format!("`{}`", r.row.name()),
+                gb(Some(r), |a| a.first_epoch_rss_bytes),
+                gb(Some(r), |a| a.peak_rss_bytes),
+            ]
+        })
         .collect();
-    out.push_str(&markdown(&["row", "epoch 1", "largest over epochs"], &[false, true, true], &all));
+    out.push_str(&markdown(
+        &["row", "epoch 1", "largest over epochs"],
+        &[false, true, true],
+        &all,
+    ));
     out
 }
 
@@ -449,13 +572,28 @@ pub fn table2_csv(results: &[RowResult]) -> String {
                 r.row.dataset.name().into(),
                 r.row.method.name().into(),
                 r.row.embedding.name().into(),
-                r.aggregate().first_epoch_rss_bytes.map_or(String::new(), |b| b.to_string()),
-                r.aggregate().peak_rss_bytes.map_or(String::new(), |b| b.to_string()),
+                r.aggregate()
+                    .first_epoch_rss_bytes
+                    .map_or(String::new(), |b| b.to_string()),
+                r.aggregate()
+                    .peak_rss_bytes
+                    .map_or(String::new(), |b| b.to_string()),
                 format!("{}", paper_memory_gb(r.row.method, r.row.dataset)),
             ]
         })
         .collect();
-    csv(&["row", "dataset", "method", "embedding", "epoch1_peak_rss_bytes", "max_peak_rss_bytes", "paper_gpu_gb"], &rows)
+    csv(
+        &[
+            "row",
+            "dataset",
+            "method",
+            "embedding",
+            "epoch1_peak_rss_bytes",
+            "max_peak_rss_bytes",
+            "paper_gpu_gb",
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -475,13 +613,23 @@ mod tests {
                 e as f64 * 10.0
             ));
             let rss = rss.map_or(String::new(), |b| format!(",\"train_peak_rss_bytes\":{b}"));
-            text.push_str(&format!("{{\"event\":\"epoch\",\"epoch\":{e},\"train_seconds\":{}{rss}}}\n", e as f64 * 10.0));
+            text.push_str(&format!(
+                "{{\"event\":\"epoch\",\"epoch\":{e},\"train_seconds\":{}{rss}}}\n",
+                e as f64 * 10.0
+            ));
         }
         summarise(&text)
     }
 
     fn result(row: Row, finished: Vec<(u64, Summary)>) -> RowResult {
-        RowResult { row, seeds_wanted: 3, finished, unfinished: 0, note: None, settings: None }
+        RowResult {
+            row,
+            seeds_wanted: 3,
+            finished,
+            unfinished: 0,
+            note: None,
+            settings: None,
+        }
     }
 
     #[test]
@@ -500,7 +648,13 @@ mod tests {
     #[test]
     fn pooled_over_seeds_and_runs() {
         let row = Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot);
-        let r = result(row, vec![(0, run(&[99.0, 99.2], 99.5, 2, Some(5))), (1, run(&[99.4, 99.6], 99.7, 2, Some(7)))]);
+        let r = result(
+            row,
+            vec![
+                (0, run(&[99.0, 99.2], 99.5, 2, Some(5))),
+                (1, run(&[99.4, 99.6], 99.7, 2, Some(7))),
+            ],
+        );
         let a = r.aggregate();
         let (m, se) = a.test.unwrap();
         assert!((m - 99.3).abs() < 1e-9);
@@ -522,18 +676,36 @@ mod tests {
 
     #[test]
     fn table1_lists_rows_notes_and_paper_numbers() {
-        let ok = result(Row::table1(Dataset::Mnist, Method::Fm, Embedding::Dim20), vec![(0, run(&[97.0, 98.0], 98.0, 3, None))]);
-        let mut missing = result(Row::table1(Dataset::Mnist, Method::Backprop, Embedding::OneHot), vec![]);
-        missing.note = Some("configs/mnist-backprop-onehot.toml does not exist yet".into());
-        let ablation = result(
-            Row { dataset: Dataset::Mnist, method: Method::Dt, embedding: Embedding::Dim20, variant: Variant::Radial },
+        let ok = result(
+            Row::table1(Dataset::Mnist, Method::Fm, Embedding::Dim20),
+            vec![(0, run(&[97.0, 98.0], 98.0, 3, None))],
+        );
+        let mut missing = result(
+            Row::table1(Dataset::Mnist, Method::Backprop, Embedding::OneHot),
             vec![],
         );
-        let ctx = Context { quick: true, device: "cpu".into(), seeds: 1 };
+        missing.note = Some("configs/mnist-backprop-onehot.toml does not exist yet".into());
+        let ablation = result(
+            Row {
+                dataset: Dataset::Mnist,
+                method: Method::Dt,
+                embedding: Embedding::Dim20,
+                variant: Variant::Radial,
+            },
+            vec![],
+        );
+        let ctx = Context {
+            quick: true,
+            device: "cpu".into(),
+            seeds: 1,
+        };
         let md = table1_markdown(&ctx, &[missing, ok, ablation]);
         assert!(md.contains("## MNIST"));
         assert!(!md.contains("## CIFAR-10"));
-        assert!(md.contains("| NoProp-FM | dim=20 | 97.50 ± 0.50 | 99.29 |"), "{md}");
+        assert!(
+            md.contains("| NoProp-FM | dim=20 | 97.50 ± 0.50 | 99.29 |"),
+            "{md}"
+        );
         assert!(md.contains("| Backprop | one-hot | — | 99.46 |"), "{md}");
         assert!(md.contains("does not exist yet"));
         assert!(md.contains("| NoProp-DT | dim=20, radial | — |"), "{md}");
@@ -542,19 +714,42 @@ mod tests {
         for line in md.lines().filter(|l| l.starts_with("| ")) {
             assert_eq!(line.matches(" | ").count(), T1_HEADER.len() - 1, "{line}");
         }
-        let csv = table1_csv(&[result(Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot), vec![(0, run(&[99.0], 99.0, 1, Some(123)))])]);
+        let csv = table1_csv(&[result(
+            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
+            vec![(0, run(&[99.0], 99.0, 1, Some(123)))],
+        )]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
-        assert!(lines[1].starts_with("mnist-dt-onehot,mnist,dt,onehot,table1,1,1,1,1,100,99,"), "{}", lines[1]);
+        assert!(
+            lines[1].starts_with("mnist-dt-onehot,mnist,dt,onehot,table1,1,1,1,1,100,99,"),
+            "{}",
+            lines[1]
+        );
     }
 
     #[test]
     fn table2_prints_na_without_memory() {
-        let with = result(Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot), vec![(0, run(&[99.0], 99.0, 1, Some(1_234_000_000)))]);
-        let without = result(Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot), vec![(0, run(&[97.0], 97.0, 1, None))]);
-        let not_run = result(Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot), vec![]);
-        let md = table2_markdown(&Context { quick: false, device: "cuda".into(), seeds: 3 }, &[with, without, not_run]);
+        let with = result(
+            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
+            vec![(0, run(&[99.0], 99.0, 1, Some(1_234_000_000)))],
+        );
+        let without = result(
+            Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
+            vec![(0, run(&[97.0], 97.0, 1, None))],
+        );
+        let not_run = result(
+            Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
+            vec![],
+        );
+        let md = table2_markdown(
+            &Context {
+                quick: false,
+                device: "cuda".into(),
+                seeds: 3,
+            },
+            &[with, without, not_run],
+        );
         assert!(md.contains("| NoProp-DT | 1.23 | 0.49 |"), "{md}");
         assert!(md.contains("| NoProp-CT | n/a | 1.05 |"), "{md}");
         assert!(md.contains("| NoProp-FM | — | 1.06 |"), "{md}");
@@ -568,21 +763,41 @@ mod tests {
         // Epoch 1 at 1 GB, epoch 2 (after an evaluation) at 1 GB + 2 GB.
         let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_peak_rss_bytes\":1000000000}\n\
                     {\"event\":\"epoch\",\"epoch\":2,\"train_peak_rss_bytes\":3000000000}\n";
-        let r = result(Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot), vec![(0, summarise(text))]);
-        let md = table2_markdown(&Context { quick: true, device: "cpu".into(), seeds: 1 }, &[r]);
+        let r = result(
+            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
+            vec![(0, summarise(text))],
+        );
+        let md = table2_markdown(
+            &Context {
+                quick: true,
+                device: "cpu".into(),
+                seeds: 1,
+            },
+            &[r],
+        );
         assert!(md.contains("| NoProp-DT | 1.00 | 0.49 |"), "{md}");
         assert!(md.contains("| `mnist-dt-onehot` | 1.00 | 3.00 |"), "{md}");
     }
 
     #[test]
     fn csv_quotes_what_needs_it() {
-        let s = csv(&["a", "b"], &[vec!["x,y".into(), "say \"hi\"".into()], vec!["plain".into(), "".into()]]);
+        let s = csv(
+            &["a", "b"],
+            &[
+                vec!["x,y".into(), "say \"hi\"".into()],
+                vec!["plain".into(), "".into()],
+            ],
+        );
         assert_eq!(s, "a,b\n\"x,y\",\"say \"\"hi\"\"\"\nplain,\n");
     }
 
     #[test]
     fn markdown_escapes_pipes() {
-        let s = markdown(&["a", "b"], &[false, true], &[vec!["p(y|z)".into(), "1".into()]]);
+        let s = markdown(
+            &["a", "b"],
+            &[false, true],
+            &[vec!["p(y|z)".into(), "1".into()]],
+        );
         assert_eq!(s, "| a | b |\n| --- | ---: |\n| p(y\\|z) | 1 |\n");
     }
 
