@@ -7,6 +7,8 @@
 //! cargo xtask data [--dataset mnist|cifar10|cifar100] [--dir DIR]
 //! cargo xtask reproduce [--quick] [--only PATTERN] [--device cpu|cuda|metal] [--out DIR] [--data DIR]
 //! cargo xtask ci
+//! cargo xtask cuda-env [--dir DIR] [--compute-cap N]
+//! cargo xtask cuda-build [--check] [--dir DIR] [--compute-cap N]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+mod cuda;
 mod reproduce;
 
 fn root() -> PathBuf {
@@ -31,11 +34,14 @@ fn main() -> std::process::ExitCode {
         Some("data") => data(&args[1..]),
         Some("ci") => ci(),
         Some("reproduce") => reproduce::run(&args[1..], &root()),
+        Some("cuda-env") => cuda::env(&args[1..], &root()),
+        Some("cuda-build") => cuda::build(&args[1..], &root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <bench|data|ci|reproduce> [options]\n\n{}\n{}",
+                "usage: cargo xtask <bench|data|ci|reproduce|cuda-env|cuda-build> [options]\n\n{}\n{}\n{}",
                 HELP,
-                reproduce::HELP
+                reproduce::HELP,
+                cuda::HELP
             );
             return std::process::ExitCode::from(2);
         }

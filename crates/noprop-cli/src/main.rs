@@ -156,6 +156,10 @@ struct TrainArgs {
     /// Download the data set if it is missing.
     #[arg(long)]
     download: bool,
+    /// With --resume: continue even if the run's config.json or its data
+    /// differ from what its checkpoint was trained on (recorded in meta.json).
+    #[arg(long, requires = "resume")]
+    accept_changes: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -284,15 +288,29 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line, whatever the causes print.
-            let msg = format!("{e:#}")
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line: the first line of each message (a
+/// candle error built with `RUST_BACKTRACE` set carries its backtrace on the
+/// lines after), each cause once even where a message already quotes it.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        let first = msg.lines().next().unwrap_or("").split_whitespace().collect::<Vec<_>>().join(" ");
+        if first.is_empty() || out.contains(&first) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&first);
+    }
+    out
 }
 
 /// Forwards events, and after each evaluation hands the allocator's free
@@ -336,13 +354,37 @@ pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
 }
 
 pub(crate) fn parse_config(path: &Path) -> Result<RawConfig> {
-    let text = std::fs::read_to_string(path)
+    let text = read_bounded(path, MAX_CONFIG_BYTES)
         .with_context(|| format!("cannot read config {}", path.display()))?;
     parse_config_text(
         &text,
         path.extension().and_then(|e| e.to_str()) == Some("json"),
     )
     .with_context(|| format!("invalid config {}", path.display()))
+}
+
+/// The largest config file read (the shipped ones are about 1 KB).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// A regular file's text, refused above `max` bytes before it is read (a
+/// device such as `/dev/zero` would otherwise be read until memory runs out).
+fn read_bounded(path: &Path, max: u64) -> Result<String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        bail!("not a regular file");
+    }
+    if meta.len() > max {
+        bail!("{} bytes, more than the {max} a config may have", meta.len());
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        bail!("more than the {max} bytes a config may have");
+    }
+    Ok(text)
 }
 
 /// A one-line message for a TOML error, with its line and column.
@@ -465,23 +507,28 @@ fn train(args: TrainArgs) -> Result<()> {
     let cfg = raw.validate()?;
     let loaded = RunData::load(&cfg, args.common.data.as_deref(), args.download, &dev)?;
     let mut trainer = build_trainer(cfg, dev.clone(), Some(&loaded.host_train))?;
+    let identity = loaded.identity(trainer.config().dataset().name())?;
     let data = loaded.device;
     let run = match target {
         Target::Resume(run) => {
-            let epoch = run
-                .restore_latest(&mut trainer)
+            let mut accepted = run.check_data(&identity, args.accept_changes)?;
+            let (epoch, changed) = run
+                .restore_latest_checked(&mut trainer, args.accept_changes)
                 .context("cannot restore the newest checkpoint")?;
+            accepted.extend(changed);
             run.reconcile_metrics(epoch)?;
             if trainer.config().train().epochs != epochs_before {
                 run.set_epochs(trainer.config().train().epochs)?;
             }
-            run.record_resume(epoch, &command)?;
+            run.record_resume(epoch, &command, &accepted)?;
             eprintln!("resuming {} after epoch {epoch}", run.path().display());
             run
         }
-        Target::New(out) => {
-            RunDir::create(&out, &trainer, &RunMeta::new(&trainer, threads, command))?
-        }
+        Target::New(out) => RunDir::create(
+            &out,
+            &trainer,
+            &RunMeta::new(&trainer, threads, command).with_data(identity),
+        )?,
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));

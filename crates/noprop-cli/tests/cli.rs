@@ -484,6 +484,36 @@ fn kills_in_the_commit_windows_lose_nothing() {
     }
 }
 
+/// `--resume` continues under the run's own config and data: an edited
+/// `config.json` or other data is refused unless `--accept-changes`, which
+/// meta.json records; `--epochs` on resume is recorded in config.json.
+#[test]
+fn resume_refuses_changed_config_or_data_unless_accepted() {
+    let f = fixture(64);
+    let cfg = f.root.join("tiny.toml");
+    write_config(&cfg, 1, "");
+    let data = f.root.join("mnist");
+    let run = f.root.join("run");
+    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).arg("--out").arg(&run).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resume = |extra: &[&str], data: &Path| noprop().args(["train", "--resume"]).arg(&run).arg("--data").arg(data).args(extra).output().unwrap();
+    // Other data (the same shapes, other images).
+    let other = f.root.join("other");
+    write_mnist(&other, 65, 50);
+    assert_one_line_error(&resume(&["--epochs", "2"], &other), "data.train 64 -> 65");
+    // An edited learning rate.
+    let path = run.join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"lr\": 0.001", "\"lr\": 0.01")).unwrap();
+    assert_one_line_error(&resume(&["--epochs", "2"], &data), "train.lr 0.001 -> 0.01");
+    let out = resume(&["--epochs", "2", "--accept-changes"], &data);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert!(meta["resumes"][0]["accepted_changes"][0].as_str().unwrap().contains("train.lr"), "{meta}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(config["train"]["epochs"], 2);
+}
+
 /// A second process on a run folder in use is refused at once, naming the holder.
 #[test]
 fn a_second_process_on_a_run_folder_is_refused() {

@@ -175,6 +175,10 @@ impl OptimizerRecord {
     }
 }
 
+/// The largest checkpoint file read (a CIFAR-100 prototype model with its
+/// optimizer state is a few hundred MB).
+pub const MAX_CHECKPOINT_BYTES: u64 = 16 << 30;
+
 /// Writes `tensors` with `metadata` to `path` through a temporary file in the
 /// same folder and a rename, so a reader never sees a half-written file.
 pub fn save_safetensors(
@@ -252,6 +256,19 @@ pub fn load_safetensors(
     path: &Path,
     device: &Device,
 ) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>), TrainError> {
+    let meta = std::fs::metadata(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(TrainError::Checkpoint { path: path.to_path_buf(), reason: "not a regular file".into() });
+    }
+    if meta.len() > MAX_CHECKPOINT_BYTES {
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("{} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have", meta.len()),
+        });
+    }
     let bytes = std::fs::read(path).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
         source,

@@ -39,6 +39,10 @@ pub mod limits {
     pub const STEPS: usize = 10_000_000;
     /// Epochs.
     pub const EPOCHS: usize = 1_000_000;
+    /// Trainable parameters of the whole model (1 GiB of `f32`; with the
+    /// gradients and AdamW's two moments about 4 GiB). The paper's largest
+    /// model, CIFAR-100 prototype NoProp-DT, has about 1/10 of this.
+    pub const PARAMETERS: u128 = 1 << 28;
 }
 
 /// Which NoProp variant (or baseline) a run trains.
@@ -473,6 +477,61 @@ impl Config {
     }
 }
 
+/// The trainable parameters of the Figure-6 networks a config asks for
+/// (BatchNorm statistics included), counted from the shapes without
+/// building anything, in `u128` so that no size can overflow.
+fn parameter_count(dataset: DatasetKind, d: usize, method: &MethodSettings) -> u128 {
+    let (c, h, w) = dataset.shape();
+    let (c, h, w, d, m) = (c as u128, h as u128, w as u128, d as u128, dataset.num_classes() as u128);
+    let linear = |i: u128, o: u128| i * o + o;
+    let image = linear(9 * c, 32) + linear(9 * 32, 64) + linear(9 * 64, 128) + linear(128 * (h / 4) * (w / 4), 256) + 4 * 256;
+    let prototype = d == c * h * w;
+    let dt_block = image
+        + if prototype { image } else { linear(d, 256) + 2 * linear(256, 256) + 3 * 4 * 256 }
+        + linear(512, 256)
+        + linear(256, 128)
+        + 4 * (256 + 128)
+        + linear(128, m);
+    let ct_net = |time_dim: usize| {
+        image + if prototype { image } else { linear(d, 256) } + linear(time_dim as u128, 256) + linear(768, 256) + linear(256, 128) + linear(128, m)
+    };
+    let shared = linear(d, m) + m * d;
+    shared
+        + match method {
+            MethodSettings::Dt(s) => s.schedule.blocks() as u128 * dt_block,
+            MethodSettings::Backprop(s) => s.blocks as u128 * dt_block,
+            MethodSettings::Ct(s) => ct_net(s.time.dim),
+            MethodSettings::Fm(s) => ct_net(s.time.dim),
+            MethodSettings::Adjoint(s) => ct_net(s.time.dim),
+        }
+}
+
+/// The settings (dotted paths, with both values) in which two configs
+/// differ, `train.epochs` aside (a resume may extend a run).
+pub fn config_differences(a: &RawConfig, b: &RawConfig) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let null = serde_json::Value::Null;
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b && path != "train.epochs" => out.push(format!("{path} {a} -> {b}")),
+            _ => {}
+        }
+    }
+    let (a, b) = (serde_json::to_value(a), serde_json::to_value(b));
+    let mut out = vec![];
+    match (a, b) {
+        (Ok(a), Ok(b)) => walk("", &a, &b, &mut out),
+        _ => out.push("the configs cannot be compared".into()),
+    }
+    out
+}
+
 /// Inference settings to change in [`Config::with_inference`]; `None` keeps the config's.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct InferenceChange {
@@ -727,6 +786,10 @@ impl RawConfig {
                     method.method().name()
                 ),
             });
+        }
+        let parameters = parameter_count(dataset, d, &method);
+        if parameters > limits::PARAMETERS {
+            return Err(ConfigError::ModelTooLarge { parameters, max: limits::PARAMETERS });
         }
         let head_init = raw_model.head_init.unwrap_or(match method {
             MethodSettings::Backprop(_) => HeadInit::Embedding,

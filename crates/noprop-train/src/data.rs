@@ -83,12 +83,52 @@ pub struct RunData {
     pub train_subset: Option<DeviceData>,
 }
 
+/// What identifies a run's data: the data set, the sizes used, and a digest
+/// of every image and label (FNV-1a, 64 bit, over the normalised `f32`
+/// values and the labels of both sets, in order).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DataIdentity {
+    /// The data set's name.
+    pub dataset: String,
+    /// Training examples used.
+    pub train: usize,
+    /// Test examples used.
+    pub test: usize,
+    /// The digest, 16 hex digits.
+    pub digest: String,
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// The data of a run on the host and on the device.
 pub struct LoadedData {
     /// The sets on the device.
     pub device: RunData,
     /// The training set on the host (prototype embeddings are initialised from it).
     pub host_train: Dataset,
+}
+
+impl LoadedData {
+    /// The identity of this data (see [`DataIdentity`]).
+    pub fn identity(&self, dataset: &str) -> Result<DataIdentity, TrainError> {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for v in &self.host_train.images {
+            h = fnv(h, &v.to_le_bytes());
+        }
+        for l in &self.host_train.labels {
+            h = fnv(h, &l.to_le_bytes());
+        }
+        let test: Vec<f32> = self.device.test.images().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        for v in &test {
+            h = fnv(h, &v.to_le_bytes());
+        }
+        for l in self.device.test.labels_host() {
+            h = fnv(h, &l.to_le_bytes());
+        }
+        Ok(DataIdentity { dataset: dataset.to_string(), train: self.device.train.len(), test: self.device.test.len(), digest: format!("{h:016x}") })
+    }
 }
 
 impl RunData {

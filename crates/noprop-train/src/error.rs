@@ -39,6 +39,14 @@ pub enum ConfigError {
         /// The value given.
         found: usize,
     },
+    /// The model would not fit in memory.
+    #[error("invalid config: the model would have {parameters} parameters, more than the {max} allowed (fewer method.blocks or a smaller model.embedding.dim)")]
+    ModelTooLarge {
+        /// The parameters the config asks for.
+        parameters: u128,
+        /// The limit.
+        max: u128,
+    },
     /// A number that must be finite and positive.
     #[error("invalid config: {field} must be a finite number > 0, got {found}")]
     NotPositive {
@@ -138,6 +146,7 @@ impl ConfigError {
             ConfigError::OrthogonalTooNarrow { .. }
             | ConfigError::PrototypeNotImageSized { .. } => "model.embedding.init",
             ConfigError::ImageSize { .. } => "data.dataset",
+            ConfigError::ModelTooLarge { .. } => "method.blocks",
             ConfigError::Sampler { .. } => "method.sampler",
         }
     }
@@ -216,6 +225,16 @@ pub enum TrainError {
         path: PathBuf,
         /// The holder's process id, if it wrote one.
         pid: Option<u32>,
+    },
+    /// What a resume would continue under differs from what the run used.
+    #[error("cannot resume {path}: its {what} changed ({}); pass --accept-changes to continue anyway (recorded in meta.json)", differences.join(", "))]
+    ResumeMismatch {
+        /// The run folder.
+        path: PathBuf,
+        /// `config` or `data`.
+        what: &'static str,
+        /// The differences.
+        differences: Vec<String>,
     },
     /// The loss became NaN or infinite.
     #[error("training diverged at epoch {epoch}, block {block}: loss {loss}")]

@@ -42,7 +42,7 @@ pub use adjoint::Adjoint;
 pub use backprop::Backprop;
 pub use config::{Config, InferenceChange, RawConfig};
 pub use ct::Ct;
-pub use data::{DeviceData, LoadedData, RunData};
+pub use data::{DataIdentity, DeviceData, LoadedData, RunData};
 pub use dt::Dt;
 pub use error::{ConfigError, TrainError};
 pub use fm::Fm;

@@ -27,7 +27,7 @@ use crate::checkpoint::{
     load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord,
 };
 use crate::config::{Config, RawConfig};
-use crate::data::RunData;
+use crate::data::{DataIdentity, RunData};
 use crate::error::TrainError;
 use crate::groups::EMBED;
 use crate::method::Method;
@@ -53,6 +53,8 @@ pub struct RunMeta {
     pub command: Vec<String>,
     /// Trainable parameters, BatchNorm buffers and the class embedding excluded.
     pub parameters: usize,
+    /// What the run trains and tests on, compared on `--resume`.
+    pub data: Option<DataIdentity>,
 }
 
 impl RunMeta {
@@ -73,7 +75,14 @@ impl RunMeta {
             seed_streams: Stream::ALL.iter().map(|s| (s.name(), s.id())).collect(),
             command,
             parameters,
+            data: None,
         }
+    }
+
+    /// The same, recording the identity of the run's data.
+    pub fn with_data(mut self, data: DataIdentity) -> Self {
+        self.data = Some(data);
+        self
     }
 }
 
@@ -302,9 +311,12 @@ impl RunDir {
     }
 
     /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch, command}`).
-    pub fn record_resume(&self, from_epoch: usize, command: &[String]) -> Result<(), TrainError> {
+    pub fn record_resume(&self, from_epoch: usize, command: &[String], accepted_changes: &[String]) -> Result<(), TrainError> {
         let mut meta = self.meta()?;
-        let entry = json!({"from_epoch": from_epoch, "command": command});
+        let mut entry = json!({"from_epoch": from_epoch, "command": command});
+        if !accepted_changes.is_empty() {
+            entry["accepted_changes"] = json!(accepted_changes);
+        }
         match meta.get_mut("resumes").and_then(Value::as_array_mut) {
             Some(list) => list.push(entry),
             None => meta["resumes"] = json!([entry]),
@@ -523,8 +535,15 @@ impl RunDir {
 
     /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if none).
     pub fn restore_latest<M: Method>(&self, trainer: &mut Trainer<M>) -> Result<usize, TrainError> {
+        Ok(self.restore_latest_checked(trainer, true)?.0)
+    }
+
+    /// [`Self::restore_latest`], refusing (unless `accept_changes`) a
+    /// trainer whose configuration differs from the one the checkpoint was
+    /// trained under, `train.epochs` aside; returns the epoch and the differences.
+    pub fn restore_latest_checked<M: Method>(&self, trainer: &mut Trainer<M>, accept_changes: bool) -> Result<(usize, Vec<String>), TrainError> {
         let Some(&epoch) = self.checkpoint_epochs()?.last() else {
-            return Ok(0);
+            return Ok((0, vec![]));
         };
         let dir = self.checkpoint_dir(epoch);
         let (model_path, optim_path) = (
@@ -543,6 +562,10 @@ impl RunDir {
                 ),
             });
         }
+        let differences = crate::config::config_differences(&record.config, &trainer.raw_config());
+        if !differences.is_empty() && !accept_changes {
+            return Err(TrainError::ResumeMismatch { path: self.root.clone(), what: "config", differences });
+        }
         let ckpt = CheckpointData {
             model,
             record,
@@ -550,7 +573,25 @@ impl RunDir {
             optimizer_record: OptimizerRecord::from_metadata(&optim_path, &optim_meta)?,
         };
         trainer.restore(&ckpt)?;
-        Ok(epoch)
+        Ok((epoch, differences))
+    }
+
+    /// Compares the data a resume would train on with what the run recorded
+    /// in `meta.json` (nothing to compare for a run that recorded none);
+    /// refuses a difference unless `accept_changes`. Returns the differences.
+    pub fn check_data(&self, data: &DataIdentity, accept_changes: bool) -> Result<Vec<String>, TrainError> {
+        let meta = self.meta()?;
+        let Some(recorded) = meta.get("data").filter(|v| !v.is_null()) else { return Ok(vec![]) };
+        let now = serde_json::to_value(data).map_err(|e| TrainError::Json { path: self.root.join("meta.json"), reason: e.to_string() })?;
+        let differences: Vec<String> = ["dataset", "train", "test", "digest"]
+            .iter()
+            .filter(|k| recorded.get(**k) != now.get(**k))
+            .map(|k| format!("data.{k} {} -> {}", recorded.get(*k).unwrap_or(&Value::Null), now[*k]))
+            .collect();
+        if !differences.is_empty() && !accept_changes {
+            return Err(TrainError::ResumeMismatch { path: self.root.clone(), what: "data", differences });
+        }
+        Ok(differences)
     }
 }
 
