@@ -23,7 +23,8 @@ cuda-env     fetch NVIDIA's CUDA 13.0 pip wheels into DIR, make a libcuda.so
              link stub and the unversioned library links, and print the
              shell lines to build the cuda feature:
              eval \"$(cargo xtask cuda-env)\"
-             --dir DIR (target/cuda-toolchain), --compute-cap N (90)
+             --dir DIR ($CARGO_TARGET_DIR or target, then /cuda-toolchain),
+             --compute-cap N (90)
 cuda-build   cuda-env, then cargo build --release -p noprop-cli --features
              cuda (target dir target/cuda unless CARGO_TARGET_DIR is set)
              --check (cargo check instead), --dir DIR, --compute-cap N (90)";
@@ -154,10 +155,19 @@ struct Options {
     check: bool,
 }
 
-/// Parses the options of `cuda-env` (`allow_check` false) or `cuda-build`.
-fn options(args: &[String], root: &Path, allow_check: bool) -> Result<Options> {
+/// The cargo target folder: `CARGO_TARGET_DIR`, else `target` in the
+/// workspace.
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+/// Parses the options of `cuda-env` (`allow_check` false) or `cuda-build`;
+/// the wheels go to `cuda-toolchain` in `target` unless `--dir` says.
+fn options(args: &[String], target: &Path, allow_check: bool) -> Result<Options> {
     let mut o = Options {
-        dir: root.join("target/cuda-toolchain"),
+        dir: target.join("cuda-toolchain"),
         compute_cap: "90".into(),
         check: false,
     };
@@ -190,7 +200,7 @@ fn options(args: &[String], root: &Path, allow_check: bool) -> Result<Options> {
 
 /// `cargo xtask cuda-env`.
 pub fn env(args: &[String], root: &Path) -> Result<()> {
-    let opts = options(args, root, false)?;
+    let opts = options(args, &target_dir(root), false)?;
     let env = prepare(&opts)?;
     print!("{}", env.shell_lines());
     Ok(())
@@ -198,7 +208,7 @@ pub fn env(args: &[String], root: &Path) -> Result<()> {
 
 /// `cargo xtask cuda-build`.
 pub fn build(args: &[String], root: &Path) -> Result<()> {
-    let opts = options(args, root, true)?;
+    let opts = options(args, &target_dir(root), true)?;
     let check = opts.check;
     let env = prepare(&opts)?;
     let path = std::env::var("PATH").unwrap_or_default();
@@ -219,9 +229,10 @@ pub fn build(args: &[String], root: &Path) -> Result<()> {
     }
     // RUSTFLAGS and the features differ from the CPU build's, so sharing
     // `target` would rebuild everything each time one switches.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/cuda"));
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => PathBuf::from(t),
+        None => root.join("target/cuda"),
+    };
     cmd.env("CARGO_TARGET_DIR", &target);
     // candle-kernels' nvcc steps use half the cores unless told otherwise
     // (cudaforge's default); on a small machine that is one file at a time.
@@ -451,7 +462,7 @@ extern cudaError_t cudaMalloc(void **p, size_t n);
         let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let o = options(
             &args(&["--check", "--compute-cap", "80", "--dir", "/x"]),
-            Path::new("/r"),
+            Path::new("/r/target"),
             true,
         )
         .unwrap();
@@ -461,12 +472,17 @@ extern cudaError_t cudaMalloc(void **p, size_t n);
             (PathBuf::from("/x"), "80".to_string())
         );
         assert_eq!(
-            options(&[], Path::new("/r"), false).unwrap().dir,
+            options(&[], Path::new("/r/target"), false).unwrap().dir,
             PathBuf::from("/r/target/cuda-toolchain")
         );
-        assert!(options(&args(&["--check"]), Path::new("/r"), false).is_err());
-        assert!(options(&args(&["--compute-cap"]), Path::new("/r"), true).is_err());
-        assert!(options(&args(&["--compute-cap", "9.0"]), Path::new("/r"), true).is_err());
+        assert!(options(&args(&["--check"]), Path::new("/r/target"), false).is_err());
+        assert!(options(&args(&["--compute-cap"]), Path::new("/r/target"), true).is_err());
+        assert!(options(
+            &args(&["--compute-cap", "9.0"]),
+            Path::new("/r/target"),
+            true
+        )
+        .is_err());
     }
 
     #[test]

@@ -321,6 +321,12 @@ impl Config {
             .latent_dim(self.data.dataset.num_classes(), c * h * w)
     }
 
+    /// The trainable parameters the model will have (BatchNorm statistics
+    /// included), at most [`limits::PARAMETERS`].
+    pub fn parameters(&self) -> u128 {
+        parameter_count(self.data.dataset, self.latent_dim(), &self.method)
+    }
+
     /// The configuration as a file would say it, every default filled in.
     pub fn to_raw(&self) -> RawConfig {
         let m = &self.model;
@@ -492,15 +498,19 @@ fn parameter_count(dataset: DatasetKind, d: usize, method: &MethodSettings) -> u
         + linear(256, 128)
         + 4 * (256 + 128)
         + linear(128, m);
+    // The continuous-time network's image path ends in a ReLU, not a BatchNorm.
+    let ct_image = image - 4 * 256;
     let ct_net = |time_dim: usize| {
-        image + if prototype { image } else { linear(d, 256) } + linear(time_dim as u128, 256) + linear(768, 256) + linear(256, 128) + linear(128, m)
+        ct_image + if prototype { ct_image } else { linear(d, 256) } + linear(time_dim as u128, 256) + linear(768, 256) + linear(256, 128) + linear(128, m)
     };
     let shared = linear(d, m) + m * d;
     shared
         + match method {
             MethodSettings::Dt(s) => s.schedule.blocks() as u128 * dt_block,
-            MethodSettings::Backprop(s) => s.blocks as u128 * dt_block,
-            MethodSettings::Ct(s) => ct_net(s.time.dim),
+            // And `w_t`, one per block.
+            MethodSettings::Backprop(s) => s.blocks as u128 * (dt_block + 1),
+            // The learnable schedule: `b1`, `w1`, `w2` of its hidden layer and two endpoints.
+            MethodSettings::Ct(s) => ct_net(s.time.dim) + 3 * s.schedule.hidden as u128 + 2,
             MethodSettings::Fm(s) => ct_net(s.time.dim),
             MethodSettings::Adjoint(s) => ct_net(s.time.dim),
         }
