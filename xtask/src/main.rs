@@ -7,6 +7,7 @@
 //! cargo xtask data [--dataset mnist|cifar10|cifar100] [--dir DIR]
 //! cargo xtask reproduce [--quick] [--only PATTERN] [--device cpu|cuda|metal] [--out DIR] [--data DIR]
 //! cargo xtask ci
+//! cargo xtask soak [--kills N] [--seed S] [--dir DIR] [--no-build]
 //! cargo xtask cuda-env [--dir DIR] [--compute-cap N]
 //! cargo xtask cuda-build [--check] [--dir DIR] [--compute-cap N]
 //! ```
@@ -19,6 +20,7 @@ use serde_json::{json, Value};
 
 mod cuda;
 mod reproduce;
+mod soak;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,13 +36,15 @@ fn main() -> std::process::ExitCode {
         Some("data") => data(&args[1..]),
         Some("ci") => ci(),
         Some("reproduce") => reproduce::run(&args[1..], &root()),
+        Some("soak") => soak::run(&args[1..]),
         Some("cuda-env") => cuda::env(&args[1..], &root()),
         Some("cuda-build") => cuda::build(&args[1..], &root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <bench|data|ci|reproduce|cuda-env|cuda-build> [options]\n\n{}\n{}\n{}",
+                "usage: cargo xtask <bench|data|ci|reproduce|soak|cuda-env|cuda-build> [options]\n\n{}\n{}\n{}\n{}",
                 HELP,
                 reproduce::HELP,
+                soak::HELP,
                 cuda::HELP
             );
             return std::process::ExitCode::from(2);

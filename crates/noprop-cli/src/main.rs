@@ -301,7 +301,13 @@ fn one_line(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let msg = cause.to_string();
-        let first = msg.lines().next().unwrap_or("").split_whitespace().collect::<Vec<_>>().join(" ");
+        let first = msg
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         if first.is_empty() || out.contains(&first) {
             continue;
         }
@@ -375,7 +381,10 @@ fn read_bounded(path: &Path, max: u64) -> Result<String> {
         bail!("not a regular file");
     }
     if meta.len() > max {
-        bail!("{} bytes, more than the {max} a config may have", meta.len());
+        bail!(
+            "{} bytes, more than the {max} a config may have",
+            meta.len()
+        );
     }
     let mut text = String::new();
     std::fs::File::open(path)?

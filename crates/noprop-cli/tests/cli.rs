@@ -256,6 +256,49 @@ fn bad_input_gives_a_one_line_error() {
         .output()
         .unwrap();
     assert_one_line_error(&out, "data.train_limit must be at least 1");
+    // One training image trains nothing: an error, not "loss 0.0000".
+    let out = noprop()
+        .args(["train", "--train-limit", "1", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "training needs at least 2");
+    // Devices and other files that are not configs or checkpoints are refused before reading.
+    let out = noprop()
+        .args(["train", "--config", "/dev/zero"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "not a regular file");
+    let out = noprop()
+        .args(["eval", "/dev/zero"])
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "not a regular file");
+    // With RUST_BACKTRACE set, still one line, and the OS cause once.
+    let out = noprop()
+        .env("RUST_BACKTRACE", "1")
+        .args(["train", "--config"])
+        .arg(f.root.join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "missing.toml");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    let out = noprop()
+        .env("RUST_BACKTRACE", "full")
+        .arg("eval")
+        .arg(f.root.join("bad.safetensors"))
+        .arg("--data")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     // Enumerated arguments are checked by the parser.
     let out = noprop()
         .args(["train", "--kernels", "gpu", "--config"])
@@ -494,9 +537,30 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     write_config(&cfg, 1, "");
     let data = f.root.join("mnist");
     let run = f.root.join("run");
-    let out = noprop().args(["train", "--config"]).arg(&cfg).arg("--data").arg(&data).arg("--out").arg(&run).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let resume = |extra: &[&str], data: &Path| noprop().args(["train", "--resume"]).arg(&run).arg("--data").arg(data).args(extra).output().unwrap();
+    let out = noprop()
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resume = |extra: &[&str], data: &Path| {
+        noprop()
+            .args(["train", "--resume"])
+            .arg(&run)
+            .arg("--data")
+            .arg(data)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
     // Other data (the same shapes, other images).
     let other = f.root.join("other");
     write_mnist(&other, 65, 50);
@@ -507,10 +571,22 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     std::fs::write(&path, text.replace("\"lr\": 0.001", "\"lr\": 0.01")).unwrap();
     assert_one_line_error(&resume(&["--epochs", "2"], &data), "train.lr 0.001 -> 0.01");
     let out = resume(&["--epochs", "2", "--accept-changes"], &data);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
-    assert!(meta["resumes"][0]["accepted_changes"][0].as_str().unwrap().contains("train.lr"), "{meta}");
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("meta.json")).unwrap()).unwrap();
+    assert!(
+        meta["resumes"][0]["accepted_changes"][0]
+            .as_str()
+            .unwrap()
+            .contains("train.lr"),
+        "{meta}"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(config["train"]["epochs"], 2);
 }
 

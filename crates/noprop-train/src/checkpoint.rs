@@ -261,12 +261,18 @@ pub fn load_safetensors(
         source,
     })?;
     if !meta.is_file() {
-        return Err(TrainError::Checkpoint { path: path.to_path_buf(), reason: "not a regular file".into() });
+        return Err(TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
     }
     if meta.len() > MAX_CHECKPOINT_BYTES {
         return Err(TrainError::Checkpoint {
             path: path.to_path_buf(),
-            reason: format!("{} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have", meta.len()),
+            reason: format!(
+                "{} bytes, more than the {MAX_CHECKPOINT_BYTES} a checkpoint may have",
+                meta.len()
+            ),
         });
     }
     let bytes = std::fs::read(path).map_err(|source| TrainError::Io {

@@ -488,12 +488,26 @@ impl Config {
 /// building anything, in `u128` so that no size can overflow.
 fn parameter_count(dataset: DatasetKind, d: usize, method: &MethodSettings) -> u128 {
     let (c, h, w) = dataset.shape();
-    let (c, h, w, d, m) = (c as u128, h as u128, w as u128, d as u128, dataset.num_classes() as u128);
+    let (c, h, w, d, m) = (
+        c as u128,
+        h as u128,
+        w as u128,
+        d as u128,
+        dataset.num_classes() as u128,
+    );
     let linear = |i: u128, o: u128| i * o + o;
-    let image = linear(9 * c, 32) + linear(9 * 32, 64) + linear(9 * 64, 128) + linear(128 * (h / 4) * (w / 4), 256) + 4 * 256;
+    let image = linear(9 * c, 32)
+        + linear(9 * 32, 64)
+        + linear(9 * 64, 128)
+        + linear(128 * (h / 4) * (w / 4), 256)
+        + 4 * 256;
     let prototype = d == c * h * w;
     let dt_block = image
-        + if prototype { image } else { linear(d, 256) + 2 * linear(256, 256) + 3 * 4 * 256 }
+        + if prototype {
+            image
+        } else {
+            linear(d, 256) + 2 * linear(256, 256) + 3 * 4 * 256
+        }
         + linear(512, 256)
         + linear(256, 128)
         + 4 * (256 + 128)
@@ -501,7 +515,12 @@ fn parameter_count(dataset: DatasetKind, d: usize, method: &MethodSettings) -> u
     // The continuous-time network's image path ends in a ReLU, not a BatchNorm.
     let ct_image = image - 4 * 256;
     let ct_net = |time_dim: usize| {
-        ct_image + if prototype { ct_image } else { linear(d, 256) } + linear(time_dim as u128, 256) + linear(768, 256) + linear(256, 128) + linear(128, m)
+        ct_image
+            + if prototype { ct_image } else { linear(d, 256) }
+            + linear(time_dim as u128, 256)
+            + linear(768, 256)
+            + linear(256, 128)
+            + linear(128, m)
     };
     let shared = linear(d, m) + m * d;
     shared
@@ -524,9 +543,18 @@ pub fn config_differences(a: &RawConfig, b: &RawConfig) -> Vec<String> {
             (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
                 let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
                 for k in keys {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     let null = serde_json::Value::Null;
-                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
                 }
             }
             _ if a != b && path != "train.epochs" => out.push(format!("{path} {a} -> {b}")),
@@ -799,7 +827,10 @@ impl RawConfig {
         }
         let parameters = parameter_count(dataset, d, &method);
         if parameters > limits::PARAMETERS {
-            return Err(ConfigError::ModelTooLarge { parameters, max: limits::PARAMETERS });
+            return Err(ConfigError::ModelTooLarge {
+                parameters,
+                max: limits::PARAMETERS,
+            });
         }
         let head_init = raw_model.head_init.unwrap_or(match method {
             MethodSettings::Backprop(_) => HeadInit::Embedding,

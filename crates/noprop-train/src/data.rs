@@ -99,7 +99,9 @@ pub struct DataIdentity {
 }
 
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The data of a run on the host and on the device.
@@ -120,14 +122,25 @@ impl LoadedData {
         for l in &self.host_train.labels {
             h = fnv(h, &l.to_le_bytes());
         }
-        let test: Vec<f32> = self.device.test.images().flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let test: Vec<f32> = self
+            .device
+            .test
+            .images()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
         for v in &test {
             h = fnv(h, &v.to_le_bytes());
         }
         for l in self.device.test.labels_host() {
             h = fnv(h, &l.to_le_bytes());
         }
-        Ok(DataIdentity { dataset: dataset.to_string(), train: self.device.train.len(), test: self.device.test.len(), digest: format!("{h:016x}") })
+        Ok(DataIdentity {
+            dataset: dataset.to_string(),
+            train: self.device.train.len(),
+            test: self.device.test.len(),
+            digest: format!("{h:016x}"),
+        })
     }
 }
 
@@ -152,6 +165,22 @@ impl RunData {
         }
         if let Some(n) = cfg.data().test_limit {
             test = test.take(n);
+        }
+        // BatchNorm needs two examples in a minibatch; a smaller set would
+        // train nothing and report a loss of 0 as if it had.
+        if train.len() < 2 {
+            return Err(TrainError::NotEnoughData {
+                what: format!(
+                    "{kind} in {}: {} training example(s); training needs at least 2",
+                    dir.display(),
+                    train.len()
+                ),
+            });
+        }
+        if test.is_empty() {
+            return Err(TrainError::NotEnoughData {
+                what: format!("{kind} in {}: no test examples", dir.display()),
+            });
         }
         let train_dev = DeviceData::new(&train, DType::F32, device)?;
         let test = DeviceData::new(&test, DType::F32, device)?;

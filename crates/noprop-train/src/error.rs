@@ -236,6 +236,12 @@ pub enum TrainError {
         /// The differences.
         differences: Vec<String>,
     },
+    /// Too little data to train or test on.
+    #[error("{what}")]
+    NotEnoughData {
+        /// What is missing.
+        what: String,
+    },
     /// The loss became NaN or infinite.
     #[error("training diverged at epoch {epoch}, block {block}: loss {loss}")]
     Diverged {

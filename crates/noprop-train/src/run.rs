@@ -311,7 +311,12 @@ impl RunDir {
     }
 
     /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch, command}`).
-    pub fn record_resume(&self, from_epoch: usize, command: &[String], accepted_changes: &[String]) -> Result<(), TrainError> {
+    pub fn record_resume(
+        &self,
+        from_epoch: usize,
+        command: &[String],
+        accepted_changes: &[String],
+    ) -> Result<(), TrainError> {
         let mut meta = self.meta()?;
         let mut entry = json!({"from_epoch": from_epoch, "command": command});
         if !accepted_changes.is_empty() {
@@ -541,7 +546,11 @@ impl RunDir {
     /// [`Self::restore_latest`], refusing (unless `accept_changes`) a
     /// trainer whose configuration differs from the one the checkpoint was
     /// trained under, `train.epochs` aside; returns the epoch and the differences.
-    pub fn restore_latest_checked<M: Method>(&self, trainer: &mut Trainer<M>, accept_changes: bool) -> Result<(usize, Vec<String>), TrainError> {
+    pub fn restore_latest_checked<M: Method>(
+        &self,
+        trainer: &mut Trainer<M>,
+        accept_changes: bool,
+    ) -> Result<(usize, Vec<String>), TrainError> {
         let Some(&epoch) = self.checkpoint_epochs()?.last() else {
             return Ok((0, vec![]));
         };
@@ -564,7 +573,11 @@ impl RunDir {
         }
         let differences = crate::config::config_differences(&record.config, &trainer.raw_config());
         if !differences.is_empty() && !accept_changes {
-            return Err(TrainError::ResumeMismatch { path: self.root.clone(), what: "config", differences });
+            return Err(TrainError::ResumeMismatch {
+                path: self.root.clone(),
+                what: "config",
+                differences,
+            });
         }
         let ckpt = CheckpointData {
             model,
@@ -579,17 +592,36 @@ impl RunDir {
     /// Compares the data a resume would train on with what the run recorded
     /// in `meta.json` (nothing to compare for a run that recorded none);
     /// refuses a difference unless `accept_changes`. Returns the differences.
-    pub fn check_data(&self, data: &DataIdentity, accept_changes: bool) -> Result<Vec<String>, TrainError> {
+    pub fn check_data(
+        &self,
+        data: &DataIdentity,
+        accept_changes: bool,
+    ) -> Result<Vec<String>, TrainError> {
         let meta = self.meta()?;
-        let Some(recorded) = meta.get("data").filter(|v| !v.is_null()) else { return Ok(vec![]) };
-        let now = serde_json::to_value(data).map_err(|e| TrainError::Json { path: self.root.join("meta.json"), reason: e.to_string() })?;
+        let Some(recorded) = meta.get("data").filter(|v| !v.is_null()) else {
+            return Ok(vec![]);
+        };
+        let now = serde_json::to_value(data).map_err(|e| TrainError::Json {
+            path: self.root.join("meta.json"),
+            reason: e.to_string(),
+        })?;
         let differences: Vec<String> = ["dataset", "train", "test", "digest"]
             .iter()
             .filter(|k| recorded.get(**k) != now.get(**k))
-            .map(|k| format!("data.{k} {} -> {}", recorded.get(*k).unwrap_or(&Value::Null), now[*k]))
+            .map(|k| {
+                format!(
+                    "data.{k} {} -> {}",
+                    recorded.get(*k).unwrap_or(&Value::Null),
+                    now[*k]
+                )
+            })
             .collect();
         if !differences.is_empty() && !accept_changes {
-            return Err(TrainError::ResumeMismatch { path: self.root.clone(), what: "data", differences });
+            return Err(TrainError::ResumeMismatch {
+                path: self.root.clone(),
+                what: "data",
+                differences,
+            });
         }
         Ok(differences)
     }

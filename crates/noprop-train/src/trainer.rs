@@ -211,8 +211,16 @@ impl<M: Method> Trainer<M> {
                     },
                 });
             }
+            if count == 0 {
+                return Err(TrainError::NotEnoughData {
+                    what: format!(
+                        "{} training example(s) make no minibatch of at least 2",
+                        data.len()
+                    ),
+                });
+            }
             let seconds = start.elapsed().as_secs_f64();
-            let n = count.max(1) as f64;
+            let n = count as f64;
             for (&lane, s) in pass.lanes.iter().zip(&sums) {
                 let p = PassMetrics {
                     epoch,

@@ -14,16 +14,25 @@ use noprop_train::{build_trainer, checkpoint, RawConfig};
 use proptest::prelude::*;
 
 fn cases() -> u32 {
-    std::env::var("NOPROP_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    std::env::var("NOPROP_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64)
 }
 
 /// Every shipped kind of config, as JSON.
 fn valid_configs() -> Vec<serde_json::Value> {
     let ds = DatasetKind::Mnist;
-    [RawConfig::paper_dt(ds), RawConfig::paper_ct(ds), RawConfig::paper_fm(ds), RawConfig::paper_backprop(ds), RawConfig::paper_adjoint(ds)]
-        .iter()
-        .map(|c| serde_json::to_value(c).unwrap())
-        .collect()
+    [
+        RawConfig::paper_dt(ds),
+        RawConfig::paper_ct(ds),
+        RawConfig::paper_fm(ds),
+        RawConfig::paper_backprop(ds),
+        RawConfig::paper_adjoint(ds),
+    ]
+    .iter()
+    .map(|c| serde_json::to_value(c).unwrap())
+    .collect()
 }
 
 /// Every leaf of a JSON value, as a path of keys.
@@ -52,7 +61,9 @@ fn hostile_number() -> impl Strategy<Value = serde_json::Value> {
     prop_oneof![
         any::<u64>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)),
+        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null)),
         Just(serde_json::Value::from(1u64 << 40)),
         Just(serde_json::Value::from(u64::MAX)),
         Just(serde_json::Value::from(0)),
@@ -97,7 +108,11 @@ fn checkpoint_bytes() -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("m.safetensors");
     // A few tensors keep the cases fast; the metadata is the real one.
-    let tensors: BTreeMap<_, _> = trainer.named_tensors().into_iter().filter(|(k, _)| k.starts_with("head") || k == "embed").collect();
+    let tensors: BTreeMap<_, _> = trainer
+        .named_tensors()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("head") || k == "embed")
+        .collect();
     checkpoint::save_safetensors(&path, &tensors, trainer.record().to_metadata().unwrap()).unwrap();
     std::fs::read(&path).unwrap()
 }
@@ -115,7 +130,11 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         any::<usize>().prop_map(Mutation::Truncate),
         (any::<usize>(), 1u8..=255).prop_map(|(i, b)| Mutation::Flip(i, b)),
         any::<u64>().prop_map(Mutation::HeaderLen),
-        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..16)).prop_map(|(i, b)| Mutation::Splice(i, b)),
+        (
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(i, b)| Mutation::Splice(i, b)),
     ]
 }
 
@@ -154,14 +173,38 @@ proptest! {
 #[test]
 fn the_parameter_budget_counts_the_real_model() {
     let mut proto_fm = RawConfig::paper_fm(DatasetKind::Mnist);
-    proto_fm.model.embedding = noprop_train::config::RawEmbedding::Prototype { init: None, lr: None, target_grad: true };
+    proto_fm.model.embedding = noprop_train::config::RawEmbedding::Prototype {
+        init: None,
+        lr: None,
+        target_grad: true,
+    };
     let mut proto_dt = RawConfig::paper_dt(DatasetKind::Cifar10);
-    proto_dt.model.embedding = noprop_train::config::RawEmbedding::Prototype { init: None, lr: None, target_grad: true };
-    for raw in [RawConfig::paper_dt(DatasetKind::Mnist), RawConfig::paper_ct(DatasetKind::Cifar10), RawConfig::paper_backprop(DatasetKind::Cifar100), RawConfig::paper_adjoint(DatasetKind::Mnist), proto_fm, proto_dt] {
+    proto_dt.model.embedding = noprop_train::config::RawEmbedding::Prototype {
+        init: None,
+        lr: None,
+        target_grad: true,
+    };
+    for raw in [
+        RawConfig::paper_dt(DatasetKind::Mnist),
+        RawConfig::paper_ct(DatasetKind::Cifar10),
+        RawConfig::paper_backprop(DatasetKind::Cifar100),
+        RawConfig::paper_adjoint(DatasetKind::Mnist),
+        proto_fm,
+        proto_dt,
+    ] {
         let cfg = raw.validate().unwrap();
         let counted = cfg.parameters();
         let trainer = build_trainer(cfg, Device::Cpu, None).unwrap();
-        let real: usize = trainer.named_tensors().values().map(|t| t.elem_count()).sum();
-        assert_eq!(counted, real as u128, "{:?}", trainer.config().method().method());
+        let real: usize = trainer
+            .named_tensors()
+            .values()
+            .map(|t| t.elem_count())
+            .sum();
+        assert_eq!(
+            counted,
+            real as u128,
+            "{:?}",
+            trainer.config().method().method()
+        );
     }
 }
