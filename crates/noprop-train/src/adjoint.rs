@@ -10,13 +10,13 @@ use noprop_core::{adjoint_euler, odeint_euler, Inference, NoiseRng, VelocityFiel
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{AdjointSettings, Config, MethodSettings};
+use crate::config::{AdjointSettings, Config};
 use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup};
 use crate::method::{
-    build_ct_model, class_log_probs, network_group, scalar, DeterministicRun, Method, Pass,
-    Predict, StepGrads,
+    build_ct_model, class_log_probs, network_group, scalar, settings, DeterministicRun, Method,
+    Pass, Predict, StepGrads,
 };
 
 /// Names of the image path's variables in the network.
@@ -27,21 +27,11 @@ pub struct Adjoint {
     model: CtModel,
 }
 
-fn settings(cfg: &Config) -> Result<&AdjointSettings, TrainError> {
-    match cfg.method() {
-        MethodSettings::Adjoint(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch {
-            model: "adjoint",
-            config: other.method().name(),
-        }),
-    }
-}
-
 impl Adjoint {
     /// A fresh model initialised from the config's seed.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         Ok(Self {
-            model: build_ct_model(cfg, settings(cfg)?.time, device, train)?,
+            model: build_ct_model(cfg, settings::<AdjointSettings>(cfg)?.time, device, train)?,
         })
     }
 
@@ -81,7 +71,7 @@ impl Method for Adjoint {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let steps = settings(cfg)?.train_steps;
+        let steps = settings::<AdjointSettings>(cfg)?.train_steps;
         let b = x.dim(0)?;
         let net = self.model.net();
         let embed = self.model.embed();
@@ -144,12 +134,10 @@ impl Method for Adjoint {
 
     /// Euler steps of the ODE from `z(0) ~ N(0, I)`; runs differ only in their draw of `z(0)`.
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let steps = settings(cfg)?.steps;
+        let steps = settings::<AdjointSettings>(cfg)?.steps;
         Ok(Box::new(
             move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-                let den = Cached::new(&self.model, &fx, modes.len())?;
-                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                let (den, xs) = Cached::prepare(&self.model, x, modes.len())?;
                 let z0 = rng.randn(
                     &[den.rows()?, self.model.embed().dim(1)?],
                     DType::F32,

@@ -15,11 +15,12 @@ use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
 
-use crate::config::{BackpropSettings, Config, MethodSettings};
+use crate::config::{BackpropSettings, Config};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, scalar, DeterministicRun, Method, Pass, Predict, StepGrads,
+    build_dt_model, class_log_probs, scalar, settings, DeterministicRun, Method, Pass, Predict,
+    StepGrads,
 };
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
@@ -32,20 +33,10 @@ pub struct Backprop {
     alpha: Var,
 }
 
-fn settings(cfg: &Config) -> Result<&BackpropSettings, TrainError> {
-    match cfg.method() {
-        MethodSettings::Backprop(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch {
-            model: "backprop",
-            config: other.method().name(),
-        }),
-    }
-}
-
 impl Backprop {
     /// A fresh model; prototype embeddings are initialised from `train`.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<BackpropSettings>(cfg)?;
         // build_dt_model aligns the head when `head_init = "embedding"` (the default here).
         let model = build_dt_model(cfg, s.blocks, device, train)?;
         let w0 = s.alpha_init.atanh() as f32;

@@ -239,6 +239,30 @@ impl MethodSettings {
     }
 }
 
+/// One method's own settings, found in a checked config by type.
+pub trait MethodSpecific: Sized {
+    /// The method they belong to.
+    const METHOD: Method;
+    /// These settings, if `settings` are this method's.
+    fn of(settings: &MethodSettings) -> Option<&Self>;
+}
+
+macro_rules! method_specific {
+    ($($ty:ident => $variant:ident),* $(,)?) => {$(
+        impl MethodSpecific for $ty {
+            const METHOD: Method = Method::$variant;
+            fn of(settings: &MethodSettings) -> Option<&Self> {
+                match settings {
+                    MethodSettings::$variant(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+
+method_specific!(DtSettings => Dt, CtSettings => Ct, FmSettings => Fm, BackpropSettings => Backprop, AdjointSettings => Adjoint);
+
 /// `[train]`, checked.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]

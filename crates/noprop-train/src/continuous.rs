@@ -31,6 +31,20 @@ impl<'a> Cached<'a> {
         })
     }
 
+    /// The network on the images `x` `[B, C, H, W]` (image features computed
+    /// once, evaluation mode) for `runs` stacked runs, and the stand-in input
+    /// the samplers read only their batch size and dtype from.
+    pub fn prepare(
+        model: &'a CtModel,
+        x: &Tensor,
+        runs: usize,
+    ) -> candle_core::Result<(Self, Tensor)> {
+        let fx = model.net().image_features(x, &mut Mode::Eval)?;
+        let cached = Self::new(model, &fx, runs)?;
+        let xs = Tensor::zeros((cached.rows()?, 1), candle_core::DType::F32, x.device())?;
+        Ok((cached, xs))
+    }
+
     /// Rows: images times runs.
     pub fn rows(&self) -> candle_core::Result<usize> {
         self.fx.dim(0)

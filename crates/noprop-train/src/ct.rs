@@ -12,12 +12,12 @@ use noprop_core::{
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{Config, CtSampler, CtSettings, MethodSettings, ScheduleTraining};
+use crate::config::{Config, CtSampler, CtSettings, ScheduleTraining};
 use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::ParamGroup;
 use crate::method::{
-    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar,
+    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar, settings,
     DeterministicRun, Method, Pass, Predict, StepGrads,
 };
 
@@ -27,20 +27,10 @@ pub struct Ct {
     schedule: LearnableSchedule,
 }
 
-fn settings(cfg: &Config) -> Result<&CtSettings, TrainError> {
-    match cfg.method() {
-        MethodSettings::Ct(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch {
-            model: "ct",
-            config: other.method().name(),
-        }),
-    }
-}
-
 impl Ct {
     /// A fresh model and schedule initialised from the config's seed.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<CtSettings>(cfg)?;
         let model = build_ct_model(cfg, s.time, device, train)?;
         let mut rng = NoiseRng::derived(cfg.train().seed, &[Stream::ScheduleInit.id()]);
         let schedule = LearnableSchedule::new(&s.schedule, DType::F32, device, &mut rng)?;
@@ -100,7 +90,7 @@ impl Method for Ct {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<CtSettings>(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
@@ -149,14 +139,12 @@ impl Method for Ct {
     }
 
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<CtSettings>(cfg)?;
         Ok(Box::new(
             move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-                let den = Cached::new(&self.model, &fx, modes.len())?;
                 // The samplers read only the batch size and dtype from their `x`;
                 // the network reads the precomputed image features instead.
-                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                let (den, xs) = Cached::prepare(&self.model, x, modes.len())?;
                 // Every run of one call shares its mode (the deterministic run is separate).
                 let mode = modes.first().copied().unwrap_or(Inference::Stochastic);
                 let z1 = match s.sampler {
@@ -177,7 +165,7 @@ impl Method for Ct {
     /// Only the eq. 3 sampler has noise to switch off; the ODE samplers are
     /// deterministic given `z_0`.
     fn deterministic_run(&self, cfg: &Config) -> DeterministicRun {
-        match settings(cfg).map(|s| s.sampler) {
+        match settings::<CtSettings>(cfg).map(|s| s.sampler) {
             Ok(CtSampler::Eq3) => DeterministicRun::Separate,
             _ => DeterministicRun::None,
         }

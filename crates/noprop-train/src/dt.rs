@@ -8,12 +8,12 @@ use noprop_core::{cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, Infe
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
 
-use crate::config::{Config, DtSettings, MethodSettings, TrainOrder};
+use crate::config::{Config, DtSettings, TrainOrder};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, denoise_target, scalar, DeterministicRun, Method, Pass,
-    Predict, StepGrads,
+    build_dt_model, class_log_probs, denoise_target, scalar, settings, DeterministicRun, Method,
+    Pass, Predict, StepGrads,
 };
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.
@@ -21,21 +21,11 @@ pub struct Dt {
     model: DtModel,
 }
 
-fn settings(cfg: &Config) -> Result<&DtSettings, TrainError> {
-    match cfg.method() {
-        MethodSettings::Dt(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch {
-            model: "dt",
-            config: other.method().name(),
-        }),
-    }
-}
-
 impl Dt {
     /// A fresh model initialised from the config's seed; prototype
     /// embeddings are initialised from `train`.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let blocks = settings(cfg)?.schedule.blocks();
+        let blocks = settings::<DtSettings>(cfg)?.schedule.blocks();
         Ok(Self {
             model: build_dt_model(cfg, blocks, device, train)?,
         })
@@ -72,7 +62,10 @@ impl Method for Dt {
     /// Fused: one pass keyed 0 that trains every block on each minibatch.
     fn epoch_plan(&self, cfg: &Config) -> Vec<Pass> {
         let blocks = self.model.config().blocks;
-        match settings(cfg).map(|s| s.order).unwrap_or_default() {
+        match settings::<DtSettings>(cfg)
+            .map(|s| s.order)
+            .unwrap_or_default()
+        {
             TrainOrder::Sequential => (1..=blocks)
                 .map(|t| Pass {
                     key: t,
@@ -98,7 +91,7 @@ impl Method for Dt {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<DtSettings>(cfg)?;
         let sched = &s.schedule;
         let u = self.model.embed().index_select(y, 0)?;
         let z_prev = q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
@@ -130,7 +123,7 @@ impl Method for Dt {
     /// folded for inference; the image path does not depend on `z`, so each
     /// block's image features are computed once per batch for all runs.
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let sched = &settings(cfg)?.schedule;
+        let sched = &settings::<DtSettings>(cfg)?.schedule;
         let d = self.model.config().block.latent_dim;
         // Evaluation-mode BatchNorm folded into the Linear layers before it.
         let blocks = (1..=sched.blocks())

@@ -11,12 +11,12 @@ use noprop_core::{
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{Config, FmSettings, MethodSettings};
+use crate::config::{Config, FmSettings};
 use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::ParamGroup;
 use crate::method::{
-    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar,
+    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar, settings,
     DeterministicRun, Method, Pass, Predict, StepGrads,
 };
 
@@ -25,21 +25,11 @@ pub struct Fm {
     model: CtModel,
 }
 
-fn settings(cfg: &Config) -> Result<&FmSettings, TrainError> {
-    match cfg.method() {
-        MethodSettings::Fm(s) => Ok(s),
-        other => Err(TrainError::MethodMismatch {
-            model: "fm",
-            config: other.method().name(),
-        }),
-    }
-}
-
 impl Fm {
     /// A fresh model initialised from the config's seed.
     pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
         Ok(Self {
-            model: build_ct_model(cfg, settings(cfg)?.time, device, train)?,
+            model: build_ct_model(cfg, settings::<FmSettings>(cfg)?.time, device, train)?,
         })
     }
 
@@ -76,7 +66,7 @@ impl Method for Fm {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<FmSettings>(cfg)?;
         let (b, dev) = (x.dim(0)?, x.device());
         let u = self.model.embed().index_select(y, 0)?;
         let t = draw_times(s.t_sampling, b, dev, noise)?;
@@ -107,12 +97,10 @@ impl Method for Fm {
     }
 
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let s = settings(cfg)?;
+        let s = settings::<FmSettings>(cfg)?;
         Ok(Box::new(
             move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
-                let fx = self.model.net().image_features(x, &mut Mode::Eval)?;
-                let den = Cached::new(&self.model, &fx, modes.len())?;
-                let xs = Tensor::zeros((den.rows()?, 1), DType::F32, x.device())?;
+                let (den, xs) = Cached::prepare(&self.model, x, modes.len())?;
                 let z1 = sample_fm(&den, &xs, s.steps, s.solver, rng)?;
                 Ok(nearest_embedding(&z1, self.model.embed())?.to_vec1()?)
             },

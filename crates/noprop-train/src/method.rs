@@ -17,7 +17,7 @@ use noprop_models::{
     ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind,
 };
 
-use crate::config::{Config, EmbeddingInit, HeadInit, TimeEmbedding, TimeSampling};
+use crate::config::{Config, EmbeddingInit, HeadInit, MethodSpecific, TimeEmbedding, TimeSampling};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 
@@ -120,6 +120,14 @@ impl Method for Box<dyn Method> {
     fn embed(&self) -> &Tensor {
         (**self).embed()
     }
+}
+
+/// A method's own settings in `cfg`; an error if `cfg` is another method's.
+pub fn settings<S: MethodSpecific>(cfg: &Config) -> Result<&S, TrainError> {
+    S::of(cfg.method()).ok_or_else(|| TrainError::MethodMismatch {
+        model: S::METHOD.name(),
+        config: cfg.method().method().name(),
+    })
 }
 
 /// `log p(y | z)` `[B, m]` from the head's logits under the configured class probabilities.
