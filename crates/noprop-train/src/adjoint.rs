@@ -16,7 +16,7 @@ use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup};
 use crate::method::{
     build_ct_model, class_log_probs, network_group, scalar, settings, DeterministicRun, Method,
-    Pass, Predict, StepGrads,
+    Predict, StepGrads,
 };
 
 /// Names of the image path's variables in the network.
@@ -44,13 +44,6 @@ impl Adjoint {
 impl Method for Adjoint {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
         Ok(vec![network_group(&self.model)?])
-    }
-
-    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass {
-            key: 0,
-            lanes: vec![0],
-        }]
     }
 
     /// The loss on a minibatch and the gradients of every trainable variable.

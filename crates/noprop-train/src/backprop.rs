@@ -19,8 +19,7 @@ use crate::config::{BackpropSettings, Config};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, scalar, settings, DeterministicRun, Method, Pass, Predict,
-    StepGrads,
+    build_dt_model, class_log_probs, scalar, settings, DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
@@ -81,13 +80,6 @@ impl Method for Backprop {
                 decay: false,
             },
         ])
-    }
-
-    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass {
-            key: 0,
-            lanes: vec![0],
-        }]
     }
 
     /// The cross-entropy of a minibatch through the whole chain; reported as `[ce, ce, 0, 0]`.

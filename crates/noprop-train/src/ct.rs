@@ -18,7 +18,7 @@ use crate::error::TrainError;
 use crate::groups::ParamGroup;
 use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar, settings,
-    DeterministicRun, Method, Pass, Predict, StepGrads,
+    DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// NoProp-CT's network, head, embedding and learnable schedule.
@@ -60,13 +60,6 @@ impl Method for Ct {
                 decay: false,
             },
         ])
-    }
-
-    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass {
-            key: 0,
-            lanes: vec![0],
-        }]
     }
 
     /// Algorithm 2's loss on a minibatch (eq. 9, assembled as

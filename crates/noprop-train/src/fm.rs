@@ -17,7 +17,7 @@ use crate::error::TrainError;
 use crate::groups::ParamGroup;
 use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar, settings,
-    DeterministicRun, Method, Pass, Predict, StepGrads,
+    DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// NoProp-FM's network, head and embedding.
@@ -42,13 +42,6 @@ impl Fm {
 impl Method for Fm {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
         Ok(vec![network_group(&self.model)?])
-    }
-
-    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass {
-            key: 0,
-            lanes: vec![0],
-        }]
     }
 
     /// Algorithm 3's flow-matching loss on a minibatch; with a learned

@@ -63,8 +63,14 @@ pub type Predict<'a> =
 pub trait Method {
     /// The parameter groups, each stepped by its own optimizer (called once).
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError>;
-    /// The passes of one epoch.
-    fn epoch_plan(&self, cfg: &Config) -> Vec<Pass>;
+    /// The passes of one epoch; by default one pass with one lane (a single
+    /// network stepped on every minibatch).
+    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
+        vec![Pass {
+            key: 0,
+            lanes: vec![0],
+        }]
+    }
     /// The loss of lane `lane` on a minibatch and its gradients.
     fn gradients(
         &self,
