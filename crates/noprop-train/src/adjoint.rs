@@ -146,8 +146,8 @@ impl Method for Adjoint {
         ))
     }
 
-    fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {
-        DeterministicRun::None
+    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
+        Ok(DeterministicRun::None)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

@@ -140,8 +140,8 @@ impl Method for Backprop {
     }
 
     /// The chain has no noise but `z_0`.
-    fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {
-        DeterministicRun::None
+    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
+        Ok(DeterministicRun::None)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

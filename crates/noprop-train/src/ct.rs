@@ -157,11 +157,11 @@ impl Method for Ct {
 
     /// Only the eq. 3 sampler has noise to switch off; the ODE samplers are
     /// deterministic given `z_0`.
-    fn deterministic_run(&self, cfg: &Config) -> DeterministicRun {
-        match settings::<CtSettings>(cfg).map(|s| s.sampler) {
-            Ok(CtSampler::Eq3) => DeterministicRun::Separate,
-            _ => DeterministicRun::None,
-        }
+    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError> {
+        Ok(match settings::<CtSettings>(cfg)?.sampler {
+            CtSampler::Eq3 => DeterministicRun::Separate,
+            CtSampler::Flow(_) => DeterministicRun::None,
+        })
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

@@ -60,12 +60,9 @@ impl Method for Dt {
 
     /// Sequential (Algorithm 1): a pass per block, keyed by the block.
     /// Fused: one pass keyed 0 that trains every block on each minibatch.
-    fn epoch_plan(&self, cfg: &Config) -> Vec<Pass> {
+    fn epoch_plan(&self, cfg: &Config) -> Result<Vec<Pass>, TrainError> {
         let blocks = self.model.config().blocks;
-        match settings::<DtSettings>(cfg)
-            .map(|s| s.order)
-            .unwrap_or_default()
-        {
+        Ok(match settings::<DtSettings>(cfg)?.order {
             TrainOrder::Sequential => (1..=blocks)
                 .map(|t| Pass {
                     key: t,
@@ -76,7 +73,7 @@ impl Method for Dt {
                 key: 0,
                 lanes: (1..=blocks).collect(),
             }],
-        }
+        })
     }
 
     /// Block `t`'s loss `L_t` (eq. 61's term for `t`) on a minibatch, as
@@ -184,8 +181,8 @@ impl Method for Dt {
         ))
     }
 
-    fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {
-        DeterministicRun::Stacked
+    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
+        Ok(DeterministicRun::Stacked)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

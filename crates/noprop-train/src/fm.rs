@@ -101,8 +101,8 @@ impl Method for Fm {
     }
 
     /// The flow is deterministic given `z_0`.
-    fn deterministic_run(&self, _cfg: &Config) -> DeterministicRun {
-        DeterministicRun::None
+    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
+        Ok(DeterministicRun::None)
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {

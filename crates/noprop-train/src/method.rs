@@ -65,11 +65,11 @@ pub trait Method {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError>;
     /// The passes of one epoch; by default one pass with one lane (a single
     /// network stepped on every minibatch).
-    fn epoch_plan(&self, _cfg: &Config) -> Vec<Pass> {
-        vec![Pass {
+    fn epoch_plan(&self, _cfg: &Config) -> Result<Vec<Pass>, TrainError> {
+        Ok(vec![Pass {
             key: 0,
             lanes: vec![0],
-        }]
+        }])
     }
     /// The loss of lane `lane` on a minibatch and its gradients.
     fn gradients(
@@ -84,7 +84,7 @@ pub trait Method {
     /// A predictor for evaluation, with whatever it precomputes once.
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError>;
     /// How the deterministic run is made.
-    fn deterministic_run(&self, cfg: &Config) -> DeterministicRun;
+    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError>;
     /// The model's tensors under their checkpoint names.
     fn tensors(&self) -> BTreeMap<String, Tensor>;
     /// Loads tensors saved by [`Self::tensors`].
@@ -97,7 +97,7 @@ impl Method for Box<dyn Method> {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
         (**self).param_groups()
     }
-    fn epoch_plan(&self, cfg: &Config) -> Vec<Pass> {
+    fn epoch_plan(&self, cfg: &Config) -> Result<Vec<Pass>, TrainError> {
         (**self).epoch_plan(cfg)
     }
     fn gradients(
@@ -114,7 +114,7 @@ impl Method for Box<dyn Method> {
     fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
         (**self).predictor(cfg)
     }
-    fn deterministic_run(&self, cfg: &Config) -> DeterministicRun {
+    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError> {
         (**self).deterministic_run(cfg)
     }
     fn tensors(&self) -> BTreeMap<String, Tensor> {

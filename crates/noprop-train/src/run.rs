@@ -681,7 +681,7 @@ pub fn fit<M: Method>(
     let batches = data.train.len().div_ceil(cfg.train().batch_size);
     let passes = trainer
         .method()
-        .epoch_plan(&cfg)
+        .epoch_plan(&cfg)?
         .iter()
         .map(|p| p.lanes.len())
         .sum();

@@ -157,7 +157,7 @@ impl<M: Method> Trainer<M> {
         let epoch = self.epochs_done + 1;
         let (seed, batch) = (self.cfg.train().seed, self.cfg.train().batch_size);
         let mut out = Vec::new();
-        for pass in self.method.epoch_plan(&self.cfg) {
+        for pass in self.method.epoch_plan(&self.cfg)? {
             observer.on_event(&Event::PassStart {
                 epoch,
                 block: pass.key,
@@ -291,7 +291,7 @@ impl<M: Method> Trainer<M> {
         let stream = |k: u64| NoiseRng::derived(seed, &[Stream::Eval.id(), epoch as u64, k]);
         let stochastic = vec![Inference::Stochastic; ev.runs];
         let det_run = if ev.deterministic {
-            self.method.deterministic_run(&self.cfg)
+            self.method.deterministic_run(&self.cfg)?
         } else {
             DeterministicRun::None
         };
