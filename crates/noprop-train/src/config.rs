@@ -60,6 +60,23 @@ pub enum Method {
     Adjoint,
 }
 
+impl std::str::FromStr for Method {
+    type Err = String;
+    /// `dt`, `ct`, `fm`, `backprop` or `adjoint`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Method::Dt,
+            Method::Ct,
+            Method::Fm,
+            Method::Backprop,
+            Method::Adjoint,
+        ]
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| format!("unknown method {s:?}"))
+    }
+}
+
 impl Method {
     /// The name used in configs and checkpoint metadata.
     pub fn name(self) -> &'static str {

@@ -344,7 +344,7 @@ impl<M: Method> Trainer<M> {
             _ => None,
         };
         ModelRecord {
-            method: self.cfg.method().method().name().into(),
+            method: self.cfg.method().method(),
             epoch: self.epochs_done,
             train_seconds: self.train_seconds,
             config: self.cfg.to_raw(),

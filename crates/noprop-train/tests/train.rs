@@ -241,7 +241,7 @@ fn checkpoint_round_trip_with_metadata() {
     assert_eq!(meta["method"], "dt");
     assert_eq!(meta["epoch"], "1");
     let record = checkpoint::ModelRecord::from_metadata(&path, &meta).unwrap();
-    assert_eq!(record.method, "dt");
+    assert_eq!(record.method, noprop_train::config::Method::Dt);
     assert_eq!(record.epoch, 1);
     // The written config has every default resolved.
     assert_eq!(record.config, tiny_config(1).validate().unwrap().to_raw());
