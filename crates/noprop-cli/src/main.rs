@@ -19,6 +19,7 @@ use serde_json::json;
 mod bench;
 mod inspect;
 mod progress;
+mod selftest;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -46,6 +47,8 @@ enum Command {
     Eval(EvalArgs),
     /// Time training steps and inference of the Figure-6 model (synthetic inputs).
     Bench(BenchArgs),
+    /// Run every op of training and inference on the device and on the CPU, and compare.
+    Selftest(selftest::SelftestArgs),
     /// Look inside a run.
     Inspect {
         #[command(subcommand)]
@@ -280,6 +283,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Bench(args) => bench::run(args),
+        Command::Selftest(args) => selftest::run(args),
         Command::Inspect {
             command: InspectCommand::Embeddings { run, png, scale },
         } => inspect::embeddings(&run, &png, scale),

@@ -590,6 +590,33 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     assert_eq!(config["train"]["epochs"], 2);
 }
 
+/// `noprop selftest` on the CPU: the CPU against itself, and candle's
+/// stock CPU ops against the fast kernels; a JSON summary on request.
+#[test]
+fn selftest_passes_on_the_cpu() {
+    for kernels in ["fast", "stock"] {
+        let out = noprop()
+            .args([
+                "selftest",
+                "--device",
+                "cpu",
+                "--json",
+                "--kernels",
+                kernels,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{kernels}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["failed"], 0);
+        assert!(v["checks"].as_array().unwrap().len() >= 18);
+    }
+}
+
 /// A second process on a run folder in use is refused at once, naming the holder.
 #[test]
 fn a_second_process_on_a_run_folder_is_refused() {
