@@ -1,5 +1,5 @@
 //! The checked configuration: [`RawConfig::validate`] turns the file's
-//! schema (see [`crate::raw`]) into a [`Config`] whose every value has been
+//! schema (`raw.rs`, re-exported here) into a [`Config`] whose every value has been
 //! checked once, with defaults resolved, enums where the file has names, and
 //! the method's own settings in the method's variant. Nothing downstream
 //! reads the raw file; [`Config::to_raw`] writes it back out (with every

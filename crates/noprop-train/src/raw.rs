@@ -112,7 +112,7 @@ impl Default for RawModel {
 
 /// `[model.embedding]`: the class embedding, tagged by `kind`.
 ///
-/// It is read through [`EmbeddingTable`] rather than serde's tagged-enum
+/// It is read through a checked table of every key rather than serde's tagged-enum
 /// support, which lets a unit variant (`one-hot`) accept any extra key
 /// silently (serde-rs/serde#2123): here a key that does not apply to the
 /// kind is an error that names it.
