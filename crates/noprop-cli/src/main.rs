@@ -350,8 +350,8 @@ pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
 
 pub(crate) fn set_threads(threads: Option<usize>) -> Result<usize> {
     if let Some(n) = threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
+        if !(1..=1024).contains(&n) {
+            bail!("--threads must lie in 1..=1024, got {n}");
         }
         // candle's CPU matmul reads RAYON_NUM_THREADS; our kernels use rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());

@@ -773,4 +773,9 @@ fn prototype_embeddings_render_as_png() {
         .output()
         .unwrap();
     assert_one_line_error(&out, "--batch");
+    let out = noprop()
+        .args(["bench", "--threads", "100000"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "--threads");
 }
