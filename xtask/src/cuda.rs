@@ -206,6 +206,16 @@ pub fn env(args: &[String], root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Where `cuda-build` builds: `CARGO_TARGET_DIR`, else `target/cuda`
+/// (RUSTFLAGS and the features differ from the CPU build's, so sharing
+/// `target` would rebuild everything each time one switches).
+pub fn build_target(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(t) => PathBuf::from(t),
+        None => root.join("target/cuda"),
+    }
+}
+
 /// `cargo xtask cuda-build`.
 pub fn build(args: &[String], root: &Path) -> Result<()> {
     let opts = options(args, &target_dir(root), true)?;
@@ -227,12 +237,7 @@ pub fn build(args: &[String], root: &Path) -> Result<()> {
             "cuda",
         ]);
     }
-    // RUSTFLAGS and the features differ from the CPU build's, so sharing
-    // `target` would rebuild everything each time one switches.
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(t) => PathBuf::from(t),
-        None => root.join("target/cuda"),
-    };
+    let target = build_target(root);
     cmd.env("CARGO_TARGET_DIR", &target);
     // candle-kernels' nvcc steps use half the cores unless told otherwise
     // (cudaforge's default); on a small machine that is one file at a time.

@@ -10,6 +10,7 @@
 //! cargo xtask soak [--kills N] [--seed S] [--dir DIR] [--no-build]
 //! cargo xtask cuda-env [--dir DIR] [--compute-cap N]
 //! cargo xtask cuda-build [--check] [--dir DIR] [--compute-cap N]
+//! cargo xtask gpu-bundle [--out DIR] [--binary FILE] [--no-build] [--data DIR]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 mod cuda;
+mod gpu_bundle;
 mod reproduce;
 mod soak;
 
@@ -39,13 +41,15 @@ fn main() -> std::process::ExitCode {
         Some("soak") => soak::run(&args[1..]),
         Some("cuda-env") => cuda::env(&args[1..], &root()),
         Some("cuda-build") => cuda::build(&args[1..], &root()),
+        Some("gpu-bundle") => gpu_bundle::run(&args[1..], &root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <bench|data|ci|reproduce|soak|cuda-env|cuda-build> [options]\n\n{}\n{}\n{}\n{}",
+                "usage: cargo xtask <bench|data|ci|reproduce|soak|cuda-env|cuda-build|gpu-bundle> [options]\n\n{}\n{}\n{}\n{}\n{}",
                 HELP,
                 reproduce::HELP,
                 soak::HELP,
-                cuda::HELP
+                cuda::HELP,
+                gpu_bundle::HELP
             );
             return std::process::ExitCode::from(2);
         }

@@ -1,11 +1,19 @@
-//! Peak resident memory of the process, for the paper's Table 2 analogue.
+//! Peak memory of training, for the paper's Table 2 analogue.
 //!
-//! On Linux the peak (`VmHWM` in `/proc/self/status`) can be reset by writing
-//! `5` to `/proc/self/clear_refs`, so each epoch's training peak is measured
-//! on its own, without the evaluation that follows it. On macOS the peak is
-//! `ru_maxrss` since the process started (it cannot be reset). Elsewhere it
-//! is not measured. Device memory (CUDA, Metal) is not reported by candle and
-//! is not included.
+//! Host: on Linux the peak resident set (`VmHWM` in `/proc/self/status`) can
+//! be reset by writing `5` to `/proc/self/clear_refs`, so each epoch's
+//! training peak is measured on its own, without the evaluation that follows
+//! it. On macOS the peak is `ru_maxrss` since the process started (it cannot
+//! be reset). Elsewhere it is not measured.
+//!
+//! Device: on CUDA (a build with the `cuda` feature) the memory in use on the
+//! GPU is the driver's total minus its free memory (`cuMemGetInfo`): this
+//! process's context, tensors and allocator pool, and any other process on
+//! the same GPU. The trainer samples it after each step's gradients exist
+//! (weights, gradients, optimizer moments and what the step left cached),
+//! and keeps the largest value of the epoch. Metal's is not measured.
+
+use candle_core::Device;
 
 /// Starts a new peak measurement; false when the platform cannot reset it.
 pub fn reset_peak_rss() -> bool {
@@ -41,6 +49,20 @@ pub fn peak_rss_bytes() -> Option<u64> {
     }
 }
 
+/// Memory in use on `device` in bytes (see the module's note); `None` on the
+/// CPU, on Metal, in a build without the `cuda` feature, or when the driver
+/// does not answer.
+pub fn device_bytes_in_use(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let (free, total) = dev.cuda_stream().context().mem_get_info().ok()?;
+            Some(total.saturating_sub(free) as u64)
+        }
+        _ => None,
+    }
+}
+
 /// `VmHWM:   123456 kB` -> bytes.
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn parse_vm_hwm(status: &str) -> Option<u64> {
@@ -58,6 +80,11 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  999 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1000 kB\n";
         assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
         assert_eq!(parse_vm_hwm("VmRSS: 1 kB"), None);
+    }
+
+    #[test]
+    fn the_cpu_reports_no_device_memory() {
+        assert_eq!(device_bytes_in_use(&Device::Cpu), None);
     }
 
     #[cfg(target_os = "linux")]

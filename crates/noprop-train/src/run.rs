@@ -694,8 +694,10 @@ pub fn fit<M: Method>(
     let mut last = None;
     while trainer.epochs_done() < epochs {
         crate::memory::reset_peak_rss();
+        trainer.take_peak_device_bytes();
         let passes = trainer.train_epoch(&data.train, observer)?;
         let train_peak_rss = crate::memory::peak_rss_bytes();
+        let train_peak_device = trainer.take_peak_device_bytes();
         let epoch = trainer.epochs_done();
         // A loss can stay finite while a BatchNorm statistic or a moment
         // overflows; such a state is never evaluated or saved.
@@ -731,6 +733,7 @@ pub fn fit<M: Method>(
                 "epoch_seconds": epoch_seconds,
                 "train_seconds": trainer.train_seconds(),
                 "train_peak_rss_bytes": train_peak_rss,
+                "train_peak_device_bytes": train_peak_device,
                 "checkpoint": rel,
             }));
             let path = run.commit_epoch(trainer, cfg.keep_last(), &events)?;

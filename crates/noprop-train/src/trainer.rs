@@ -32,6 +32,9 @@ pub struct Trainer<M = Box<dyn Method>> {
     optims: Optimizers,
     epochs_done: usize,
     train_seconds: f64,
+    /// The most device memory seen in use after a step since the last
+    /// [`Trainer::take_peak_device_bytes`] (CUDA only).
+    peak_device_bytes: Option<u64>,
 }
 
 /// A model checkpoint and an optimizer checkpoint, in memory.
@@ -100,6 +103,7 @@ impl<M: Method> Trainer<M> {
             optims,
             epochs_done: 0,
             train_seconds: 0.0,
+            peak_device_bytes: None,
         })
     }
 
@@ -124,6 +128,13 @@ impl<M: Method> Trainer<M> {
         self.train_seconds
     }
 
+    /// The most device memory in use after any step since the last call
+    /// (`memory::device_bytes_in_use`), and a fresh start of that count;
+    /// `None` where the device's memory is not measured.
+    pub fn take_peak_device_bytes(&mut self) -> Option<u64> {
+        self.peak_device_bytes.take()
+    }
+
     /// One update of lane `lane` (block `t` for NoProp-DT, 0 otherwise) on a
     /// minibatch; returns `[total, ce, kl, denoise]`.
     pub fn train_step(
@@ -137,6 +148,9 @@ impl<M: Method> Trainer<M> {
         let mut step = self
             .method
             .gradients(&self.cfg, lane, x, y, noise, dropout)?;
+        if let Some(used) = crate::memory::device_bytes_in_use(&self.device) {
+            self.peak_device_bytes = Some(self.peak_device_bytes.map_or(used, |p| p.max(used)));
+        }
         self.optims.step(&mut step.grads, &step.groups)?;
         Ok(step.losses)
     }

@@ -1,0 +1,410 @@
+//! `cargo xtask gpu-bundle`: everything one measured GPU run needs, in one
+//! folder, for a node with an NVIDIA driver and a Python environment holding
+//! CUDA 13's libraries (and PyTorch), but no Rust toolchain and no network.
+//!
+//! ```text
+//! bin/noprop                  the cuda build, stripped
+//! data/mnist/*.gz             MNIST's four IDX files
+//! configs/mnist-*-onehot.toml the shipped DT, CT and FM configs
+//! torch_reference.py          a copy of the PyTorch reference
+//! run.sh, summarize.py        the run and its summary (xtask/bundle/)
+//! MANIFEST.json               commit, files and sizes, the time estimate
+//! ```
+//!
+//! The folder must stay under [`MAX_BYTES`] (what travels with one command to
+//! a lent machine) and `run.sh` under its 470-second budget; the per-step
+//! estimates behind that budget are in [`ESTIMATE`].
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+pub const HELP: &str = "\
+gpu-bundle   build the stripped CUDA binary (as cuda-build) and gather into
+             one folder what a GPU node without Rust or network needs for one
+             measured run: the binary, MNIST, the DT/CT/FM configs, a copy of
+             the PyTorch reference, run.sh and summarize.py. There:
+             bash DIR/run.sh [--out DIR]; a CPU dry run here:
+             bash DIR/run.sh --device cpu --quick
+             --out DIR (target/gpu-bundle), --binary FILE (bundle this noprop,
+             build nothing), --no-build (target/cuda/release/noprop as it is),
+             --data DIR (MNIST; else $NOPROP_DATA/mnist, ../shared/data/mnist,
+             data/mnist), --torch-script FILE (../shared/bench/torch_reference.py),
+             --compute-cap N (90)";
+
+/// What one command may carry to a lent machine: the bundle stays below it.
+pub const MAX_BYTES: u64 = 64 << 20;
+
+/// The configs the run trains, from `configs/`.
+const CONFIGS: &[&str] = &["mnist-dt-onehot", "mnist-ct-onehot", "mnist-fm-onehot"];
+
+/// MNIST's files as the loaders read them.
+const MNIST: &[&str] = &[
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+];
+
+const RUN_SH: &str = include_str!("../bundle/run.sh");
+const SUMMARIZE_PY: &str = include_str!("../bundle/summarize.py");
+
+/// Estimated seconds of each step of `run.sh` on one H100/H200, written
+/// down before any GPU run (none has been at hand), with the reasoning:
+/// (step, low, high, basis).
+pub const ESTIMATE: &[(&str, u32, u32, &str)] = &[
+    ("selftest", 10, 30, "18 small checks; CUDA context, cuBLAS and PTX module loads dominate"),
+    ("dt", 30, 90, "4690 one-block steps at 2-5 ms (about 150 kernel launches each), 60k-image load, eval 6 x 20k images x T=10"),
+    ("bench", 15, 40, "35 block steps, 10 reps of 12 ops, 5 fused steps, T=10 inference of 1000 images"),
+    ("torch-step", 15, 30, "torch import and CUDA init, 35 steps"),
+    ("torch-dt", 20, 60, "4690 steps at 2-4 ms (eager PyTorch), eval 2 x 10k images"),
+    ("ct", 40, 100, "469 steps; eval 1000 steps x 20 batches of 1000 x (1 stochastic + deterministic) = 40k forwards at 1-2 ms"),
+    ("fm", 40, 100, "as ct (Euler, 1000 steps)"),
+];
+
+struct Options {
+    out: PathBuf,
+    binary: Option<PathBuf>,
+    build: bool,
+    data: Option<PathBuf>,
+    torch_script: Option<PathBuf>,
+    compute_cap: String,
+}
+
+fn parse(args: &[String], root: &Path) -> Result<Options> {
+    let mut o = Options {
+        out: root.join("target/gpu-bundle"),
+        binary: None,
+        build: true,
+        data: None,
+        torch_script: None,
+        compute_cap: "90".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{name} needs a value"))
+        };
+        match a.as_str() {
+            "--out" => o.out = value("--out")?.into(),
+            "--binary" => o.binary = Some(value("--binary")?.into()),
+            "--no-build" => o.build = false,
+            "--data" => o.data = Some(value("--data")?.into()),
+            "--torch-script" => o.torch_script = Some(value("--torch-script")?.into()),
+            "--compute-cap" => o.compute_cap = value("--compute-cap")?,
+            "-h" | "--help" => bail!("{HELP}"),
+            other => bail!("unknown option {other:?} for gpu-bundle\n{HELP}"),
+        }
+    }
+    Ok(o)
+}
+
+/// The first folder holding MNIST's four gzipped files.
+fn mnist_dir(flag: Option<&Path>, root: &Path) -> Result<PathBuf> {
+    let has = |d: &Path| MNIST.iter().all(|f| d.join(f).is_file());
+    let mut tried = vec![];
+    if let Some(d) = flag {
+        for c in [d.to_path_buf(), d.join("mnist")] {
+            if has(&c) {
+                return Ok(c);
+            }
+            tried.push(c);
+        }
+        bail!(
+            "no gzipped MNIST ({}) in {}",
+            MNIST.join(", "),
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        );
+    }
+    let mut candidates = vec![];
+    if let Some(d) = std::env::var_os("NOPROP_DATA") {
+        candidates.push(PathBuf::from(d).join("mnist"));
+    }
+    candidates.push(root.join("../shared/data/mnist"));
+    candidates.push(root.join("data/mnist"));
+    for c in candidates {
+        if has(&c) {
+            return Ok(c);
+        }
+        tried.push(c);
+    }
+    bail!(
+        "no gzipped MNIST found (looked in {}); pass --data DIR or run `cargo xtask data`",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Empties `out` for a new bundle: a folder this command made (it holds
+/// MANIFEST.json) is replaced; any other non-empty folder is refused.
+fn fresh_folder(out: &Path) -> Result<()> {
+    if out.exists() {
+        let ours = out.join("MANIFEST.json").is_file();
+        let empty = fs::read_dir(out)
+            .with_context(|| format!("cannot read {}", out.display()))?
+            .next()
+            .is_none();
+        if !ours && !empty {
+            bail!(
+                "{} exists and is not a bundle (no MANIFEST.json); pass another --out",
+                out.display()
+            );
+        }
+        fs::remove_dir_all(out).with_context(|| format!("cannot empty {}", out.display()))?;
+    }
+    for sub in ["bin", "data/mnist", "configs"] {
+        fs::create_dir_all(out.join(sub))
+            .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
+    }
+    Ok(())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<u64> {
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))
+}
+
+#[cfg(unix)]
+fn make_executable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("cannot make {} executable", path.display()))
+}
+
+#[cfg(not(unix))]
+fn make_executable(_: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// Every file under `dir` with its size, relative paths, sorted.
+fn listing(dir: &Path) -> Result<Vec<(String, u64)>> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(String, u64)>) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            if path.is_dir() {
+                walk(base, &path, out)?;
+            } else {
+                let rel = path.strip_prefix(base).unwrap_or(&path);
+                out.push((rel.display().to_string(), entry.metadata()?.len()));
+            }
+        }
+        Ok(())
+    }
+    let mut out = vec![];
+    walk(dir, dir, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn git_commit(root: &Path) -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(root)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// `cargo xtask gpu-bundle`.
+pub fn run(args: &[String], root: &Path) -> Result<()> {
+    let opts = parse(args, root)?;
+    let mnist = mnist_dir(opts.data.as_deref(), root)?;
+    let torch = opts
+        .torch_script
+        .clone()
+        .unwrap_or_else(|| root.join("../shared/bench/torch_reference.py"));
+    if !torch.is_file() {
+        bail!(
+            "the PyTorch reference {} does not exist; pass --torch-script FILE",
+            torch.display()
+        );
+    }
+    for c in CONFIGS {
+        let p = root.join("configs").join(format!("{c}.toml"));
+        if !p.is_file() {
+            bail!("{} does not exist", p.display());
+        }
+    }
+    let binary = match &opts.binary {
+        Some(b) => b.clone(),
+        None => {
+            if opts.build {
+                crate::cuda::build(&["--compute-cap".into(), opts.compute_cap.clone()], root)?;
+            }
+            crate::cuda::build_target(root).join("release/noprop")
+        }
+    };
+    if !binary.is_file() {
+        bail!(
+            "{} does not exist; build it (cargo xtask cuda-build) or pass --binary FILE",
+            binary.display()
+        );
+    }
+
+    let out = &opts.out;
+    fresh_folder(out)?;
+    let bin = out.join("bin/noprop");
+    let strip = Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&binary)
+        .status()
+        .context("cannot run strip (binutils) to shrink the binary")?;
+    if !strip.success() {
+        bail!("strip --strip-all {} failed ({strip})", binary.display());
+    }
+    for f in MNIST {
+        copy(&mnist.join(f), &out.join("data/mnist").join(f))?;
+    }
+    for c in CONFIGS {
+        let name = format!("{c}.toml");
+        copy(
+            &root.join("configs").join(&name),
+            &out.join("configs").join(&name),
+        )?;
+    }
+    copy(&torch, &out.join("torch_reference.py"))?;
+    for (name, text) in [("run.sh", RUN_SH), ("summarize.py", SUMMARIZE_PY)] {
+        let p = out.join(name);
+        fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?;
+        make_executable(&p)?;
+    }
+
+    let files = listing(out)?;
+    let total: u64 = files.iter().map(|(_, n)| n).sum();
+    let (low, high) = ESTIMATE
+        .iter()
+        .fold((0, 0), |(l, h), (_, a, b, _)| (l + a, h + b));
+    let manifest = json!({
+        "commit": git_commit(root),
+        "binary": binary,
+        "compute_cap": opts.compute_cap,
+        "files": files.iter().map(|(p, n)| json!({"path": p, "bytes": n})).collect::<Vec<_>>(),
+        "total_bytes": total,
+        "estimate_seconds": {
+            "low": low,
+            "high": high,
+            "steps": ESTIMATE.iter().map(|(s, a, b, why)| json!({"step": s, "low": a, "high": b, "basis": why})).collect::<Vec<_>>(),
+        },
+        "run": "bash run.sh [--out DIR]   (a dry run on CPU: bash run.sh --device cpu --quick)",
+    });
+    let manifest_text = format!("{}\n", serde_json::to_string_pretty(&manifest)?);
+    fs::write(out.join("MANIFEST.json"), &manifest_text)
+        .with_context(|| format!("cannot write {}", out.join("MANIFEST.json").display()))?;
+    let total = total + manifest_text.len() as u64;
+    if total > MAX_BYTES {
+        bail!(
+            "the bundle in {} holds {:.1} MiB, over the {} MiB one command may carry",
+            out.display(),
+            total as f64 / (1u64 << 20) as f64,
+            MAX_BYTES >> 20
+        );
+    }
+    eprintln!(
+        "bundle: {} ({:.1} MiB in {} files; binary {:.1} MiB); estimated {}-{} s on one H100/H200\n\
+         run there: bash {}/run.sh   (CUDA 13's libraries from the Python environment, or NOPROP_CUDA_LIB)\n\
+         dry run here: bash {}/run.sh --device cpu --quick",
+        out.display(),
+        total as f64 / (1u64 << 20) as f64,
+        files.len() + 1,
+        fs::metadata(&bin)?.len() as f64 / (1u64 << 20) as f64,
+        low,
+        high,
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_parse_and_reject_unknown() {
+        let root = Path::new("/r");
+        let o = parse(&args("--binary /b/noprop --out /o --compute-cap 80"), root).unwrap();
+        assert_eq!(o.binary.as_deref(), Some(Path::new("/b/noprop")));
+        assert_eq!(o.out, Path::new("/o"));
+        assert_eq!(o.compute_cap, "80");
+        assert!(o.build);
+        let o = parse(&args("--no-build"), root).unwrap();
+        assert!(!o.build);
+        assert_eq!(o.out, Path::new("/r/target/gpu-bundle"));
+        assert!(parse(&args("--bogus"), root).is_err());
+        assert!(parse(&args("--out"), root).is_err());
+    }
+
+    #[test]
+    fn the_estimate_fits_the_run_budget() {
+        let high: u32 = ESTIMATE.iter().map(|e| e.2).sum();
+        // run.sh's default --budget, with room for start-up and the summary.
+        assert!(high <= 470, "{high}");
+        let budget_line = RUN_SH.lines().find(|l| l.starts_with("budget=")).unwrap();
+        assert_eq!(budget_line, "budget=470");
+        for (step, ..) in ESTIMATE {
+            assert!(
+                RUN_SH.contains(&format!("step {step} ")),
+                "run.sh has no step {step}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_foreign_folder_is_refused_and_a_bundle_replaced() {
+        let dir = std::env::temp_dir().join(format!("gpu-bundle-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("precious.txt"), "keep").unwrap();
+        let err = fresh_folder(&dir).unwrap_err().to_string();
+        assert!(err.contains("not a bundle"), "{err}");
+        assert!(dir.join("precious.txt").is_file());
+        fs::remove_file(dir.join("precious.txt")).unwrap();
+        fresh_folder(&dir).unwrap();
+        fs::write(dir.join("MANIFEST.json"), "{}").unwrap();
+        fs::write(dir.join("bin/old"), "x").unwrap();
+        fresh_folder(&dir).unwrap();
+        assert!(!dir.join("bin/old").exists());
+        assert!(dir.join("data/mnist").is_dir());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mnist_is_looked_for_where_the_flag_says() {
+        let dir = std::env::temp_dir().join(format!("gpu-bundle-mnist-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("mnist")).unwrap();
+        let err = mnist_dir(Some(&dir), Path::new("/r"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no gzipped MNIST"), "{err}");
+        for f in MNIST {
+            fs::write(dir.join("mnist").join(f), "").unwrap();
+        }
+        assert_eq!(
+            mnist_dir(Some(&dir), Path::new("/r")).unwrap(),
+            dir.join("mnist")
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
