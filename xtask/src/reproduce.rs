@@ -23,6 +23,7 @@
 //! The tables are written from every run folder of the mode, so rows
 //! trained by separate `--only` calls end up in one table.
 
+mod estimate;
 mod figures;
 mod plot;
 mod rows;
@@ -60,7 +61,9 @@ reproduce
                            data set's own folder); default $NOPROP_DATA, else ./data
         --seeds N          seeds 0..N-1 (default 3, quick 1)
         --threads N        worker threads for each `noprop train`
-        --plan             print the runs and their state, run nothing
+        --plan             print the runs, their state and an estimate of each
+                           one's time on the device (a short `noprop bench`
+                           of each model here), run nothing
         --report           only rewrite the tables and figures from the runs there are
         --no-build         use the noprop binary as it is (no cargo build)";
 
@@ -250,17 +253,45 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn build(root: &Path, device: &str) -> Result<()> {
+    // Without a system CUDA (no nvcc on PATH), from NVIDIA's pip wheels.
+    if device == "cuda" && Command::new("nvcc").arg("--version").output().is_err() {
+        eprintln!("building noprop: no nvcc on PATH, so with cargo xtask cuda-build");
+        return crate::cuda::build(&[], root);
+    }
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root)
         .args(["build", "--release", "-p", "noprop-cli"]);
     if device != "cpu" {
         cmd.args(["--features", device]);
+        cmd.env("CARGO_TARGET_DIR", device_target_dir(root, device));
     }
     eprintln!("building noprop: {cmd:?}");
     if !cmd.status().context("cannot run cargo")?.success() {
         bail!("cargo build of noprop-cli failed");
     }
     Ok(())
+}
+
+/// Where the `noprop` of `device` is built: `CARGO_TARGET_DIR` if set, else
+/// `target` for the CPU and `target/<device>` for a GPU feature (its own
+/// folder, as `cargo xtask cuda-build` uses, so switching devices rebuilds
+/// nothing).
+fn device_target_dir(root: &Path, device: &str) -> PathBuf {
+    match device {
+        "cpu" => target_dir(root),
+        "cuda" => crate::cuda::build_target(root),
+        d => match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(t) if !t.is_empty() => target_dir(root),
+            _ => root.join("target").join(d),
+        },
+    }
+}
+
+/// The `noprop` binary a reproduction on `device` runs.
+fn noprop_binary(root: &Path, device: &str) -> PathBuf {
+    device_target_dir(root, device)
+        .join("release")
+        .join("noprop")
 }
 
 /// The text of a generated config file: a header saying where it came from,
@@ -403,7 +434,7 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
         }
     }
 
-    let noprop = target_dir(root).join("release").join("noprop");
+    let noprop = noprop_binary(root, &opts.device);
     let mut failed: Vec<String> = vec![];
     let (mut trained, mut skipped) = (0, 0);
     if !opts.report_only {
@@ -426,7 +457,8 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
             }
         }
         if opts.plan {
-            print_plan(&jobs)?;
+            let noprop = plan_binary(root, &opts);
+            print_plan(&jobs, noprop.as_deref(), &opts)?;
             return Ok(());
         }
         if opts.build {
@@ -536,26 +568,173 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn print_plan(jobs: &[Job]) -> Result<()> {
+/// The binary `--plan` benchmarks with, or `None` (said in one line) when
+/// there is none to use: built first as a run would build it, or with
+/// `--no-build` the one there is (for cuda, `cargo xtask cuda-build`'s
+/// `target/cuda/release/noprop` where it exists).
+fn plan_binary(root: &Path, opts: &Options) -> Option<PathBuf> {
+    let noprop = noprop_binary(root, &opts.device);
+    if opts.build {
+        if let Err(e) = build(root, &opts.device) {
+            eprintln!("[--] no time estimates: {e:#}");
+            return None;
+        }
+    }
+    if noprop.is_file() {
+        return Some(noprop);
+    }
+    let how = match opts.device.as_str() {
+        "cpu" => "`cargo build --release -p noprop-cli`".to_string(),
+        "cuda" => "`cargo xtask cuda-build`".to_string(),
+        d => format!("`cargo xtask reproduce --device {d}` without --no-build"),
+    };
+    eprintln!(
+        "[--] no time estimates: {} does not exist; build it with {how} or drop --no-build",
+        noprop.display()
+    );
+    None
+}
+
+/// Prints each job with its state and, where `noprop` is given, the time
+/// it has left; ends with the total (and one per data set when there are several).
+fn print_plan(jobs: &[Job], noprop: Option<&Path>, opts: &Options) -> Result<()> {
+    struct Line {
+        text: String,
+        /// The time left, or why there is no figure; `None` when nothing is left.
+        cost: Option<std::result::Result<estimate::Estimate, String>>,
+    }
+    // One benchmark per model, shared by the jobs whose costs match.
+    let mut benches: Vec<(String, std::result::Result<estimate::Bench, String>)> = vec![];
+    let mut lines: Vec<Line> = vec![];
     let n = jobs.len();
     for (i, job) in jobs.iter().enumerate() {
         let epochs = rows::config_epochs(&job.config)?;
-        let state = match job_state(job)? {
-            JobState::Stale(d) => format!("made with another config: {}", d.join("; ")),
-            JobState::Ready(State::New) => "new".into(),
-            JobState::Ready(State::Partial { epochs_done }) => {
-                format!("resume after epoch {epochs_done}")
-            }
-            JobState::Ready(State::Finished { .. }) => "finished".into(),
+        let (state, done) = match job_state(job)? {
+            JobState::Stale(d) => (format!("made with another config: {}", d.join("; ")), None),
+            JobState::Ready(State::New) => ("new".into(), Some(0)),
+            JobState::Ready(State::Partial { epochs_done }) => (
+                format!("resume after epoch {epochs_done}"),
+                Some(epochs_done),
+            ),
+            JobState::Ready(State::Finished { .. }) => ("finished".into(), None),
         };
-        println!(
+        let text = format!(
             "[{}/{n}] {} ({epochs} epochs, {}): {state}",
             i + 1,
             job.label(),
             job.config_path.display()
         );
+        let cost = match (done, noprop) {
+            (Some(done), Some(noprop)) => Some(job_cost(job, done, noprop, opts, &mut benches)),
+            _ => None,
+        };
+        lines.push(Line { text, cost });
     }
+
+    let mut per_dataset: Vec<(Dataset, estimate::Estimate, usize)> = vec![];
+    let mut missing = 0;
+    for (line, job) in lines.iter().zip(jobs) {
+        match &line.cost {
+            None => println!("{}", line.text),
+            Some(Ok(e)) => {
+                println!("{}, ~{}", line.text, fmt_duration(e.total()));
+                match per_dataset.iter_mut().find(|(d, ..)| *d == job.row.dataset) {
+                    Some((_, sum, k)) => {
+                        *sum += *e;
+                        *k += 1;
+                    }
+                    None => per_dataset.push((job.row.dataset, *e, 1)),
+                }
+            }
+            Some(Err(why)) => {
+                println!("{}, no estimate: {why}", line.text);
+                missing += 1;
+            }
+        }
+    }
+    if noprop.is_none() {
+        return Ok(());
+    }
+    let threads = benches
+        .iter()
+        .find_map(|(_, b)| b.as_ref().ok().and_then(|b| b.threads));
+    let device = match (opts.device.as_str(), threads) {
+        ("cpu", Some(t)) => format!("cpu, {t} threads"),
+        (d, _) => d.to_string(),
+    };
+    let mut total = estimate::Estimate::default();
+    let mut counted = 0;
+    for (ds, e, k) in &per_dataset {
+        if per_dataset.len() > 1 {
+            println!(
+                "{}: ~{} on {device} for {k} run(s) (training {}, evaluation {})",
+                ds.title(),
+                fmt_duration(e.total()),
+                fmt_duration(e.train),
+                fmt_duration(e.eval)
+            );
+        }
+        total += *e;
+        counted += k;
+    }
+    if counted == 0 {
+        println!(
+            "total: {}",
+            if missing == 0 {
+                "nothing left to train".to_string()
+            } else {
+                format!("no estimate for any of the {missing} run(s) still to train")
+            }
+        );
+        return Ok(());
+    }
+    let days = total.total() / 86_400.0;
+    println!(
+        "total: ~{}{} on {device} for {counted} run(s) still to train (training {}, evaluation {}){}",
+        fmt_duration(total.total()),
+        if days >= 2.0 {
+            format!(" ({days:.1} days)")
+        } else {
+            String::new()
+        },
+        fmt_duration(total.train),
+        fmt_duration(total.eval),
+        if missing == 0 {
+            String::new()
+        } else {
+            format!(", and {missing} run(s) without an estimate")
+        }
+    );
+    println!(
+        "(from a {}-step `noprop bench` of each model on this machine as loaded now; \
+         data loading and checkpoint writes are not counted)",
+        estimate::BENCH_STEPS
+    );
     Ok(())
+}
+
+/// The time a job has left after `done` epochs, benchmarking its model
+/// unless a job with the same costs already did; the error is one line.
+fn job_cost(
+    job: &Job,
+    done: usize,
+    noprop: &Path,
+    opts: &Options,
+    benches: &mut Vec<(String, std::result::Result<estimate::Bench, String>)>,
+) -> std::result::Result<estimate::Estimate, String> {
+    let unreadable = |e: anyhow::Error| format!("{}: {e:#}", job.config_path.display());
+    let args = estimate::bench_args(&job.config, &opts.device, opts.threads).map_err(unreadable)?;
+    let key = estimate::cost_key(&job.config, &args);
+    let bench = match benches.iter().find(|(k, _)| *k == key) {
+        Some((_, b)) => b.clone(),
+        None => {
+            eprintln!("[--] {}: noprop bench {}", job.row.name(), args.join(" "));
+            let b = estimate::run_bench(noprop, &job.config_path, &args);
+            benches.push((key, b.clone()));
+            b
+        }
+    }?;
+    estimate::estimate(&job.config, job.row.dataset, &bench, done).map_err(unreadable)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -691,6 +870,27 @@ mod tests {
         assert!(parse(&args("--seeds 0")).is_err());
         assert!(parse(&args("--only")).is_err());
         assert!(parse(&args("--frobnicate")).is_err());
+    }
+
+    #[test]
+    fn plan_without_a_binary_has_no_times() {
+        // An absolute CARGO_TARGET_DIR points away from the empty root.
+        if std::env::var_os("CARGO_TARGET_DIR").is_some() {
+            return;
+        }
+        let root = std::env::temp_dir().join(format!("xtask-plan-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        for device in ["cpu", "cuda"] {
+            let o = parse(&args(&format!("--plan --no-build --device {device}"))).unwrap();
+            assert_eq!(plan_binary(&root, &o), None);
+        }
+        // With --no-build and --device cuda, `cargo xtask cuda-build`'s binary is used.
+        let cuda = root.join("target/cuda/release");
+        fs::create_dir_all(&cuda).unwrap();
+        fs::write(cuda.join("noprop"), b"").unwrap();
+        let o = parse(&args("--plan --no-build --device cuda")).unwrap();
+        assert_eq!(plan_binary(&root, &o), Some(cuda.join("noprop")));
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -21,7 +21,7 @@ use noprop_models::ops::{
     batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
     Kernels, WINOGRAD_MIN_CIN,
 };
-use noprop_train::{DeviceData, Dt, Trainer};
+use noprop_train::{build_trainer, Config, DeviceData, Dt, Trainer};
 use serde_json::{json, Value};
 
 use crate::{device, parse_config, parse_config_text, set_threads, BenchArgs, DEFAULT_CONFIG};
@@ -285,10 +285,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .blocks()
         .filter(|_| matches!(cfg.method(), noprop_train::config::MethodSettings::Dt(_)))
     else {
-        bail!(
-            "noprop bench times NoProp-DT blocks; the config trains {}",
-            cfg.method().method().name()
-        );
+        return bench_method(&args, cfg, &dev, threads);
     };
 
     let ops = if args.op_reps > 0 {
@@ -392,7 +389,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "device": format!("{:?}", args.common.device).to_lowercase(),
         "threads": threads,
         "batch": args.batch,
+        "method": "dt",
         "blocks": blocks,
+        "step_ms": round(step_ms, 2),
         "block_step_ms": round(step_ms, 2),
         "block_step_ms_min": round(1000.0 * min(&times), 2),
         "train_images_per_s": round(args.batch as f64 / (step_ms / 1000.0), 1),
@@ -417,6 +416,71 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{summary}");
     } else {
         print_table(&summary);
+    }
+    Ok(())
+}
+
+/// Any method but NoProp-DT (CT, FM, back-prop, adjoint): the median of its
+/// one optimizer step per minibatch (`train_step` on lane 0) and one
+/// stochastic inference run at the config's step count, through the same
+/// trainer `noprop train` builds. Per-op and FLOP figures are NoProp-DT's
+/// only.
+fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> Result<()> {
+    let (c, h, w) = cfg.dataset().shape();
+    let m = cfg.dataset().num_classes();
+    let method = cfg.method().method().name();
+    let infer_steps = cfg.method().inference_steps();
+    let mut rng = NoiseRng::new(0);
+    let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
+    let mut trainer = build_trainer(cfg, dev.clone(), Some(&pool))?;
+    let mut times = Vec::with_capacity(args.steps);
+    let (mut noise, mut drop) = (NoiseRng::new(1), NoiseRng::new(2));
+    for i in 0..args.warmup + args.steps {
+        let start = (i % 8) * args.batch;
+        let x = Tensor::from_slice(
+            &pool.images[start * c * h * w..(start + args.batch) * c * h * w],
+            (args.batch, c, h, w),
+            dev,
+        )?;
+        let y = Tensor::from_slice(&pool.labels[start..start + args.batch], args.batch, dev)?;
+        let t0 = Instant::now();
+        trainer.train_step(0, &x, &y, &mut noise, &mut drop)?;
+        dev.synchronize()?;
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let step_ms = 1000.0 * median(&times);
+    // One stochastic run over `infer_batch` images, after a warm-up on two.
+    let mut r = NoiseRng::new(3);
+    let warm = DeviceData::new(&synthetic(2, c, h, w, m, &mut rng), DType::F32, dev)?;
+    trainer.accuracy(&warm, &[Inference::Stochastic], &mut r)?;
+    let infer = synthetic(args.infer_batch, c, h, w, m, &mut rng);
+    let infer = DeviceData::new(&infer, DType::F32, dev)?;
+    let t0 = Instant::now();
+    trainer.accuracy(&infer, &[Inference::Stochastic], &mut r)?;
+    dev.synchronize()?;
+    let infer_s = t0.elapsed().as_secs_f64();
+    let summary = json!({
+        "impl": "noprop",
+        "method": method,
+        "kernels": trainer.config().model().kernels.to_string(),
+        "device": format!("{:?}", args.common.device).to_lowercase(),
+        "threads": threads,
+        "batch": args.batch,
+        "step_ms": round(step_ms, 2),
+        "step_ms_min": round(1000.0 * min(&times), 2),
+        "train_images_per_s": round(args.batch as f64 / (step_ms / 1000.0), 1),
+        "infer_batch": args.infer_batch,
+        "infer_steps": infer_steps,
+        "infer_images_per_s": round(args.infer_batch as f64 / infer_s, 1),
+    });
+    if args.common.json {
+        println!("{summary}");
+    } else {
+        for (k, v) in summary.as_object().into_iter().flatten() {
+            println!("{k:<24} {v}");
+        }
     }
     Ok(())
 }

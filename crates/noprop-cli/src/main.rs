@@ -45,7 +45,7 @@ enum Command {
     Train(TrainArgs),
     /// Evaluate a run folder (its newest checkpoint) or a checkpoint file.
     Eval(EvalArgs),
-    /// Time training steps and inference of the Figure-6 model (synthetic inputs).
+    /// Time training steps and inference of the config's model (synthetic inputs; NoProp-DT also per op)
     Bench(BenchArgs),
     /// Run every op of training and inference on the device and on the CPU, and compare.
     Selftest(selftest::SelftestArgs),

@@ -180,7 +180,25 @@ pub fn kl_prior_tensor(u: &Tensor, abar0: &Tensor) -> Result<Tensor> {
 /// # Shapes
 /// `uhat`, `u`: `[B, d]`, `snr_prime`: `[B]`; returns a scalar.
 pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) -> Result<Tensor> {
-    check_shape("ct_denoise_loss: u", u, &[None, None], "[B, d]")?;
+    let names = [
+        "ct_denoise_loss: u",
+        "ct_denoise_loss: uhat",
+        "ct_denoise_loss: snr_prime",
+    ];
+    let weighted = weighted_sq_errors(uhat, u, snr_prime, eta, names)?;
+    Ok((weighted.mean(0)? * (eta / 2.0))?)
+}
+
+/// `SNR'(t_i) ||uhat_i - u_i||^2` `[B]` after checking the shapes and eta
+/// (`names`: how errors call u, uhat and snr_prime).
+fn weighted_sq_errors(
+    uhat: &Tensor,
+    u: &Tensor,
+    snr_prime: &Tensor,
+    eta: f64,
+    names: [&'static str; 3],
+) -> Result<Tensor> {
+    check_shape(names[0], u, &[None, None], "[B, d]")?;
     // A negative eta would reward a worse denoiser.
     if !(eta.is_finite() && eta >= 0.0) {
         return Err(CoreError::BadArgument {
@@ -191,20 +209,14 @@ pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) 
     }
     if uhat.dims() != u.dims() {
         return Err(CoreError::Shape {
-            what: "ct_denoise_loss: uhat",
+            what: names[1],
             expected: format!("{:?} (the shape of u)", u.dims()),
             found: uhat.dims().to_vec(),
         });
     }
-    check_shape(
-        "ct_denoise_loss: snr_prime",
-        snr_prime,
-        &[Some(u.dim(0)?)],
-        "[B]",
-    )?;
+    check_shape(names[2], snr_prime, &[Some(u.dim(0)?)], "[B]")?;
     let sq = (uhat - u)?.sqr()?.sum(1)?;
-    let weighted = (sq * snr_prime.to_dtype(u.dtype())?)?;
-    Ok((weighted.mean(0)? * (eta / 2.0))?)
+    Ok((sq * snr_prime.to_dtype(u.dtype())?)?)
 }
 
 /// The CT denoising term of eq. 9 per example, not averaged:
@@ -216,29 +228,13 @@ pub fn ct_denoise_loss(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) 
 /// # Shapes
 /// `uhat`, `u`: `[B, d]`, `snr_prime`: `[B]`; returns `[B]`.
 pub fn ct_denoise_terms(uhat: &Tensor, u: &Tensor, snr_prime: &Tensor, eta: f64) -> Result<Tensor> {
-    check_shape("ct_denoise_terms: u", u, &[None, None], "[B, d]")?;
-    if !(eta.is_finite() && eta >= 0.0) {
-        return Err(CoreError::BadArgument {
-            name: "eta",
-            value: eta,
-            reason: "must be finite and >= 0",
-        });
-    }
-    if uhat.dims() != u.dims() {
-        return Err(CoreError::Shape {
-            what: "ct_denoise_terms: uhat",
-            expected: format!("{:?} (the shape of u)", u.dims()),
-            found: uhat.dims().to_vec(),
-        });
-    }
-    check_shape(
+    let names = [
+        "ct_denoise_terms: u",
+        "ct_denoise_terms: uhat",
         "ct_denoise_terms: snr_prime",
-        snr_prime,
-        &[Some(u.dim(0)?)],
-        "[B]",
-    )?;
-    let sq = (uhat - u)?.sqr()?.sum(1)?;
-    Ok(((sq * snr_prime.to_dtype(u.dtype())?)? * (eta / 2.0))?)
+    ];
+    let weighted = weighted_sq_errors(uhat, u, snr_prime, eta, names)?;
+    Ok((weighted * (eta / 2.0))?)
 }
 
 /// The three terms of the NoProp-CT loss (eq. 9) and their sum.

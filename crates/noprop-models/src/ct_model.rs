@@ -7,7 +7,7 @@ use candle_nn::VarMap;
 use noprop_core::sub_seed;
 
 use crate::ct_net::{ct_net, CtNet, CtNetConfig};
-use crate::embedding::{dual_basis, ClassEmbedding};
+use crate::embedding::ClassEmbedding;
 use crate::init::seeded_var_builder;
 use crate::layers::{linear, Linear};
 use crate::model::{load_embedding, STREAM_INIT};
@@ -78,27 +78,10 @@ impl CtModel {
         self.embed.weight()
     }
 
-    /// Sets `f_out` to `g` times the dual basis of `W_embed` (see
-    /// [`dual_basis`]) and its bias to 0, so that `f_out(u_y) ≈ g e_y` ranks
-    /// class `y` first from the start, with `g = ln(9 (m - 1))` (class `y`
-    /// gets probability 0.9); as [`DtModel::align_head`](crate::DtModel::align_head).
+    /// Sets `f_out` to `g` times the dual basis of `W_embed`
+    /// ([`align_head`](crate::align_head)), as [`DtModel::align_head`](crate::DtModel::align_head).
     pub fn align_head(&self) -> Result<(), ModelError> {
-        let m = self.embed.weight().dim(0)?;
-        let gain = (9.0 * (m.max(2) - 1) as f64).ln();
-        let weight = (dual_basis(self.embed.weight(), 1e-3)? * gain)?;
-        let data = self
-            .head_vars
-            .data()
-            .lock()
-            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
-        for (name, var) in data.iter() {
-            if name.ends_with("weight") {
-                var.set(&weight.to_dtype(var.dtype())?)?;
-            } else {
-                var.set(&var.zeros_like()?)?;
-            }
-        }
-        Ok(())
+        crate::embedding::align_head(&self.head_vars, self.embed.weight())
     }
 
     /// Class logits `f_out(z)`.

@@ -35,7 +35,9 @@ pub mod ops;
 pub use ct_model::CtModel;
 pub use ct_net::{ct_net, sinusoidal_embedding, CtNet, CtNetConfig};
 pub use dt_block::{dt_block, DtBlock, DtBlockConfig, FoldedDtBlock};
-pub use embedding::{dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind};
+pub use embedding::{
+    align_head, dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind,
+};
 pub use image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
 pub use init::seeded_var_builder;
 pub use layers::Mode;

@@ -8,7 +8,7 @@ use candle_nn::VarMap;
 use noprop_core::{sub_seed, Denoiser};
 
 use crate::dt_block::{dt_block, DtBlock, DtBlockConfig};
-use crate::embedding::{dual_basis, ClassEmbedding, EmbeddingKind};
+use crate::embedding::{ClassEmbedding, EmbeddingKind};
 use crate::init::seeded_var_builder;
 use crate::layers::{linear, softmax_embed, Linear, Mode};
 use crate::ModelError;
@@ -128,29 +128,10 @@ impl DtModel {
         &self.embed
     }
 
-    /// Sets `f_out` to `g` times the dual basis of `W_embed` (see
-    /// [`dual_basis`]) and its bias to 0, so that `f_out(u_y) ≈ g e_y` ranks
-    /// class `y` first from the start. The gain `g = ln(9 (m - 1))` makes
-    /// `softmax(f_out(u_y))` give `y` probability 0.9 (4.4 for m = 10, 6.8 for
-    /// m = 100): high enough that the cross-entropy is not capped near
-    /// `ln(1 + (m - 1)/e)` while the head grows, as it is with `g = 1`.
+    /// Sets `f_out` to `g` times the dual basis of `W_embed`
+    /// ([`align_head`](crate::align_head)).
     pub fn align_head(&self) -> Result<(), ModelError> {
-        let m = self.cfg.block.classes;
-        let gain = (9.0 * (m.max(2) - 1) as f64).ln();
-        let weight = (dual_basis(self.embed.weight(), 1e-3)? * gain)?;
-        let data = self
-            .head_vars
-            .data()
-            .lock()
-            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
-        for (name, var) in data.iter() {
-            if name.ends_with("weight") {
-                var.set(&weight.to_dtype(var.dtype())?)?;
-            } else {
-                var.set(&var.zeros_like()?)?;
-            }
-        }
-        Ok(())
+        crate::embedding::align_head(&self.head_vars, self.embed.weight())
     }
 
     /// Block `t`'s prediction `uhat_t(z, x)`.

@@ -245,6 +245,18 @@ impl MethodSettings {
         }
     }
 
+    /// Network evaluations of one inference run: `T` blocks for DT and
+    /// back-propagation, the solver's or sampler's `steps` otherwise.
+    pub fn inference_steps(&self) -> usize {
+        match self {
+            MethodSettings::Dt(s) => s.schedule.blocks(),
+            MethodSettings::Backprop(s) => s.blocks,
+            MethodSettings::Ct(s) => s.steps,
+            MethodSettings::Fm(s) => s.steps,
+            MethodSettings::Adjoint(s) => s.steps,
+        }
+    }
+
     /// The time embedding of the continuous-time network, if the method has one.
     pub fn time(&self) -> Option<TimeEmbedding> {
         match self {

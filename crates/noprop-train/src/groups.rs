@@ -106,6 +106,16 @@ impl Optimizers {
         (tensors, steps)
     }
 
+    /// The first moment of [`Self::state`] in name order that holds NaN or
+    /// infinite values, and how many.
+    pub fn first_non_finite(&self) -> Result<Option<(String, usize)>, TrainError> {
+        let mut found = Vec::new();
+        for g in &self.groups {
+            found.extend(g.opt.non_finite()?);
+        }
+        Ok(found.into_iter().min())
+    }
+
     /// Restores what [`Self::state`] returned.
     pub fn load_state(
         &mut self,

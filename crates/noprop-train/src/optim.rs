@@ -219,6 +219,33 @@ impl AdamW {
         out
     }
 
+    /// Each moment of [`AdamW::state`] (same names, no prefix) that holds
+    /// NaN or infinite values, with how many; host moments are scanned in
+    /// place, without the copy `state` makes.
+    pub fn non_finite(&self) -> candle_core::Result<Vec<(String, usize)>> {
+        let count = |x: &[f32]| x.iter().filter(|v| !v.is_finite()).count();
+        let mut out = Vec::new();
+        for s in &self.slots {
+            let (m, v) = match &s.moments {
+                Moments::Host { m, v } => (count(m), count(v)),
+                Moments::Tensors { m, v } => {
+                    let host = |t: &Tensor| -> candle_core::Result<usize> {
+                        Ok(count(
+                            &t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                        ))
+                    };
+                    (host(m)?, host(v)?)
+                }
+            };
+            for (suffix, n) in [("m", m), ("v", v)] {
+                if n > 0 {
+                    out.push((format!("{}.{suffix}", s.name), n));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Restores moments saved by [`AdamW::state`] with the same prefix, and the step count.
     pub fn load_state(
         &mut self,
@@ -397,6 +424,28 @@ mod tests {
             })
             .collect();
         Var::from_tensor(&Tensor::from_vec(v, dims, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// A NaN or infinity in a saved moment is found by name and count, in
+    /// host moments (scanned in place) as in tensor ones.
+    #[test]
+    fn non_finite_moments_are_named() {
+        let vars = vec![
+            ("a".to_string(), var(1, &[4])),
+            ("b".to_string(), var(2, &[2, 3])),
+        ];
+        let mut opt = AdamW::new(vars, AdamWParams::new(1e-3, 0.0)).unwrap();
+        assert!(opt.non_finite().unwrap().is_empty());
+        let mut state = opt.state("");
+        let bad = Tensor::from_vec(
+            vec![0.0f32, f32::NAN, 1.0, f32::INFINITY, 2.0, 3.0],
+            (2, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        state.insert("b.v".into(), bad);
+        opt.load_state("", &state, 1).unwrap();
+        assert_eq!(opt.non_finite().unwrap(), vec![("b.v".to_string(), 2)]);
     }
 
     /// Two identical parameter sets, one per optimizer, and a few steps on

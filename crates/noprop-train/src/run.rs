@@ -538,9 +538,12 @@ impl RunDir {
         Ok(final_dir)
     }
 
-    /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if none).
+    /// Restores `trainer` from the newest checkpoint; returns its epoch (0 if
+    /// none). A trainer whose configuration differs from the checkpoint's
+    /// (`train.epochs` aside) is refused with [`TrainError::ResumeMismatch`];
+    /// [`Self::restore_latest_checked`] can accept the changes.
     pub fn restore_latest<M: Method>(&self, trainer: &mut Trainer<M>) -> Result<usize, TrainError> {
-        Ok(self.restore_latest_checked(trainer, true)?.0)
+        Ok(self.restore_latest_checked(trainer, false)?.0)
     }
 
     /// [`Self::restore_latest`], refusing (unless `accept_changes`) a

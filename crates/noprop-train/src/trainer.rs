@@ -391,7 +391,7 @@ impl<M: Method> Trainer<M> {
         if let Some(found) = first_non_finite(&self.method.tensors())? {
             return Ok(Some(found));
         }
-        first_non_finite(&self.optims.state().0)
+        self.optims.first_non_finite()
     }
 
     /// Restores a checkpoint written by [`Self::checkpoint`] (for `--resume`).
