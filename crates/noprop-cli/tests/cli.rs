@@ -779,3 +779,35 @@ fn prototype_embeddings_render_as_png() {
         .unwrap();
     assert_one_line_error(&out, "--threads");
 }
+
+/// `noprop bench` times every method: a shipped CT, FM, back-prop and
+/// adjoint config each print one JSON line with a positive step time and
+/// inference rate (synthetic inputs, so no data is needed).
+#[test]
+fn bench_times_every_method() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for (config, method) in [
+        ("mnist-ct-onehot.toml", "ct"),
+        ("mnist-fm-onehot.toml", "fm"),
+        ("mnist-backprop-onehot.toml", "backprop"),
+        ("mnist-adjoint-onehot.toml", "adjoint"),
+    ] {
+        let out = noprop()
+            .args(["bench", "--steps", "1", "--warmup", "0", "--batch", "4"])
+            .args(["--infer-batch", "2", "--threads", "1", "--json", "-c"])
+            .arg(root.join(config))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{config}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(v["method"], method, "{v}");
+        assert!(v["step_ms"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["infer_images_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["infer_steps"].as_u64().unwrap() >= 10, "{v}");
+    }
+}
