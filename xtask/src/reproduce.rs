@@ -754,7 +754,7 @@ fn report(
             row: *row,
             seeds_wanted: seeds,
             finished: vec![],
-            unfinished: 0,
+            unfinished: vec![],
             note: notes.iter().find(|(n, _)| n == row).map(|(_, s)| s.clone()),
             settings: opts.quick.then(|| Quick::for_row(row).describe()),
         };
@@ -764,17 +764,22 @@ fn report(
                 JobState::Ready(State::Finished { .. }) => {
                     r.finished.push((job.seed, read_summary(&job.run_dir)))
                 }
-                JobState::Ready(State::Partial { .. }) => r.unfinished += 1,
+                JobState::Ready(State::Partial { .. }) => {
+                    r.unfinished.push(read_summary(&job.run_dir))
+                }
                 JobState::Stale(_) => stale += 1,
                 JobState::Ready(State::New) => {}
             }
         }
+        // A row whose unfinished runs have evaluations shows those (marked),
+        // so it is not listed among the rows without results.
+        let shows_unfinished = r.shown().seeds > 0;
         if stale > 0 {
             r.note = Some(format!(
                 "{stale} run folder(s) made with another config, left out (see `--plan`)"
             ));
-        } else if r.finished.is_empty() && r.note.is_none() {
-            r.note = Some(if r.unfinished > 0 {
+        } else if r.finished.is_empty() && r.note.is_none() && !shows_unfinished {
+            r.note = Some(if !r.unfinished.is_empty() {
                 "not finished yet".into()
             } else {
                 "not run yet".into()

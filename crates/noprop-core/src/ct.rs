@@ -363,12 +363,16 @@ where
             Inference::Stochastic => Some(rng.randn(&shape, x.dtype(), x.device())?),
             Inference::Deterministic => None,
         };
+        // Inference keeps no autograd graph: with a network of `Var`s each
+        // step's activations would otherwise stay alive through `z` until
+        // the end, memory growing with the step count.
         z = eq3_update(
             coefficients_between(abar[k - 1], abar[k])?,
             &uhat,
             &z,
             eps.as_ref(),
-        )?;
+        )?
+        .detach();
     }
     Ok(z)
 }

@@ -57,7 +57,9 @@ where
                 let k2 = f(&pred, k + 1)?;
                 (&z + ((k1 + k2)? * (0.5 * h))?)?
             }
-        };
+        }
+        // No autograd graph across steps (see `sample_ct_eq3`).
+        .detach();
     }
     Ok(z)
 }

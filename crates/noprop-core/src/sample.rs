@@ -191,7 +191,8 @@ pub fn sample_dt<D: Denoiser + ?Sized>(
             Inference::Stochastic => Some(rng.randn(&shape, x.dtype(), x.device())?),
             Inference::Deterministic => None,
         };
-        z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
+        // No autograd graph across blocks (see `sample_ct_eq3`).
+        z = dt_step(sched, t, &uhat, &z, eps.as_ref())?.detach();
     }
     Ok(z)
 }

@@ -279,7 +279,7 @@ mod tests {
             row,
             seeds_wanted: finished.len().max(1),
             finished,
-            unfinished: 0,
+            unfinished: vec![],
             note: None,
             settings: None,
         }

@@ -34,12 +34,23 @@ pub struct Summary {
     /// in the process (later epochs also count memory that the evaluation
     /// left resident).
     pub first_epoch_rss_bytes: Option<u64>,
+    /// The largest `train_peak_device_bytes` (GPU memory in use, CUDA only)
+    /// over the finished epochs, if reported; `null` on the CPU is `None`.
+    pub peak_device_bytes: Option<u64>,
+    /// `train_peak_device_bytes` of epoch 1 (see `first_epoch_rss_bytes`).
+    pub first_epoch_device_bytes: Option<u64>,
 }
 
 impl Summary {
     /// The evaluation of the last finished epoch, if there was one then.
     pub fn final_eval(&self) -> Option<&Eval> {
         self.evals.last().filter(|e| e.epoch == self.epochs_done)
+    }
+
+    /// The latest evaluation of a finished epoch, if any: for an unfinished
+    /// run, the latest figure there is.
+    pub fn latest_eval(&self) -> Option<&Eval> {
+        self.evals.last()
     }
 }
 
@@ -64,10 +75,24 @@ pub fn summarise(metrics: &str) -> Summary {
                 s.train_seconds = v["train_seconds"].as_f64();
             }
         }
-        if let Some(b) = v.get("train_peak_rss_bytes").and_then(Json::as_u64) {
-            s.peak_rss_bytes = Some(s.peak_rss_bytes.map_or(b, |p| p.max(b)));
-            if as_usize(&v["epoch"]) == Some(1) {
-                s.first_epoch_rss_bytes = Some(b);
+        let first = as_usize(&v["epoch"]) == Some(1);
+        for (key, peak, first_epoch) in [
+            (
+                "train_peak_rss_bytes",
+                &mut s.peak_rss_bytes,
+                &mut s.first_epoch_rss_bytes,
+            ),
+            (
+                "train_peak_device_bytes",
+                &mut s.peak_device_bytes,
+                &mut s.first_epoch_device_bytes,
+            ),
+        ] {
+            if let Some(b) = v.get(key).and_then(Json::as_u64) {
+                *peak = Some(peak.map_or(b, |p| p.max(b)));
+                if first {
+                    *first_epoch = Some(b);
+                }
             }
         }
     }
@@ -222,6 +247,60 @@ mod tests {
             .replace(r#","train_peak_rss_bytes":3000"#, "");
         assert_eq!(summarise(&text).peak_rss_bytes, None);
         assert_eq!(summarise(&text).first_epoch_rss_bytes, None);
+    }
+
+    #[test]
+    fn device_memory_is_read_beside_rss() {
+        // Written on CUDA: the largest over epochs and epoch 1's, as for RSS.
+        let text = TWO_EPOCHS
+            .replace(
+                r#""train_peak_rss_bytes":1000"#,
+                r#""train_peak_rss_bytes":1000,"train_peak_device_bytes":700"#,
+            )
+            .replace(
+                r#""train_peak_rss_bytes":3000"#,
+                r#""train_peak_rss_bytes":3000,"train_peak_device_bytes":900"#,
+            );
+        let s = summarise(&text);
+        assert_eq!(s.peak_device_bytes, Some(900));
+        assert_eq!(s.first_epoch_device_bytes, Some(700));
+        assert_eq!(
+            (s.peak_rss_bytes, s.first_epoch_rss_bytes),
+            (Some(3000), Some(1000))
+        );
+        // Runs made before the field existed have no device figure either.
+        assert_eq!(summarise(TWO_EPOCHS).peak_device_bytes, None);
+    }
+
+    #[test]
+    fn null_device_memory_is_none() {
+        // Written on the CPU: the field is there, as null.
+        let text = TWO_EPOCHS.replace(
+            r#","train_peak_rss_bytes":"#,
+            r#","train_peak_device_bytes":null,"train_peak_rss_bytes":"#,
+        );
+        assert!(text.contains("null,\"train_peak_rss_bytes\":3000"));
+        let s = summarise(&text);
+        assert_eq!(
+            (s.peak_device_bytes, s.first_epoch_device_bytes),
+            (None, None)
+        );
+        assert_eq!(s.peak_rss_bytes, Some(3000));
+    }
+
+    #[test]
+    fn latest_eval_of_an_unfinished_run() {
+        // Asked for 5 epochs, 3 done, epoch 3 not evaluated: epoch 2's is the latest.
+        let text =
+            format!("{TWO_EPOCHS}{{\"epoch\":3,\"event\":\"epoch\",\"train_seconds\":9.0}}\n");
+        assert_eq!(state(&text, 5), State::Partial { epochs_done: 3 });
+        let s = summarise(&text);
+        assert_eq!(s.final_eval(), None);
+        assert_eq!(
+            s.latest_eval().map(|e| (e.epoch, e.test_acc)),
+            Some((2, 95.0))
+        );
+        assert_eq!(summarise("").latest_eval(), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::rows::{Dataset, Embedding, Method, Row, Variant};
-use super::runs::Summary;
+use super::runs::{Eval, Summary};
 
 /// Table 1 of the paper: test accuracy (%), `[method][embedding][dataset]`
 /// with methods in [`Method::ALL`] order and embeddings one-hot, dim=20,
@@ -192,8 +192,10 @@ pub struct RowResult {
     pub seeds_wanted: usize,
     /// Finished runs: (seed, summary).
     pub finished: Vec<(u64, Summary)>,
-    /// Seeds with a started but unfinished run.
-    pub unfinished: usize,
+    /// Started but unfinished runs, one per seed: their summaries so far.
+    /// Table 1 shows their latest evaluations, marked as such, while the
+    /// row has no finished run.
+    pub unfinished: Vec<Summary>,
     /// Why the row has no runs, if it has none (for example a missing config).
     pub note: Option<String>,
     /// What a quick run changed, if this is one.
@@ -219,86 +221,172 @@ pub struct Aggregate {
     pub peak_rss_bytes: Option<u64>,
     /// Largest peak resident memory of epoch 1 over seeds, in bytes.
     pub first_epoch_rss_bytes: Option<u64>,
+    /// Largest peak GPU memory over seeds and epochs, in bytes (CUDA runs).
+    pub peak_device_bytes: Option<u64>,
+    /// Largest peak GPU memory of epoch 1 over seeds, in bytes.
+    pub first_epoch_device_bytes: Option<u64>,
+}
+
+/// One seed's part in a row's numbers.
+struct SeedPoint<'a> {
+    summary: &'a Summary,
+    /// The evaluation reported; `None` adds the seed's epochs, time and
+    /// memory only.
+    eval: Option<&'a Eval>,
+    epochs: usize,
+    train_seconds: Option<f64>,
+}
+
+/// Means and standard errors over seeds: test accuracy over all stochastic
+/// runs of all seeds pooled, the rest one value per seed.
+fn aggregate_seeds(points: &[SeedPoint]) -> Aggregate {
+    let evals: Vec<&Eval> = points.iter().filter_map(|p| p.eval).collect();
+    let pooled: Vec<f64> = evals
+        .iter()
+        .flat_map(|e| {
+            if e.test_acc_runs.is_empty() {
+                vec![e.test_acc]
+            } else {
+                e.test_acc_runs.clone()
+            }
+        })
+        .collect();
+    let per_seed =
+        |f: fn(&Eval) -> Option<f64>| -> Vec<f64> { evals.iter().filter_map(|e| f(e)).collect() };
+    let largest = |f: fn(&Summary) -> Option<u64>| points.iter().filter_map(|p| f(p.summary)).max();
+    let epochs = points.iter().map(|p| p.epochs);
+    let secs: Vec<f64> = points.iter().filter_map(|p| p.train_seconds).collect();
+    Aggregate {
+        test: mean_se(&pooled),
+        test_runs: pooled.len(),
+        train: mean_se(&per_seed(|e| e.train_acc)),
+        deterministic: mean_se(&per_seed(|e| e.test_acc_deterministic)),
+        epochs: epochs.clone().min().zip(epochs.max()),
+        train_seconds: (!secs.is_empty()).then(|| secs.iter().sum::<f64>() / secs.len() as f64),
+        peak_rss_bytes: largest(|s| s.peak_rss_bytes),
+        first_epoch_rss_bytes: largest(|s| s.first_epoch_rss_bytes),
+        peak_device_bytes: largest(|s| s.peak_device_bytes),
+        first_epoch_device_bytes: largest(|s| s.first_epoch_device_bytes),
+    }
+}
+
+/// What Table 1 shows of a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shown {
+    pub agg: Aggregate,
+    /// Whether `agg` comes from finished runs; if not, it comes from the
+    /// latest evaluation of each unfinished run (or there is nothing).
+    pub finished: bool,
+    /// Seeds behind `agg`.
+    pub seeds: usize,
+}
+
+impl Shown {
+    /// Whether the row's numbers are unfinished runs' latest evaluations.
+    fn partial(&self) -> bool {
+        !self.finished && self.seeds > 0
+    }
 }
 
 impl RowResult {
     /// Means and standard errors over the finished seeds' last evaluations.
     pub fn aggregate(&self) -> Aggregate {
-        let finals: Vec<_> = self
+        let points: Vec<SeedPoint> = self
             .finished
             .iter()
-            .filter_map(|(_, s)| s.final_eval())
-            .collect();
-        let pooled: Vec<f64> = finals
-            .iter()
-            .flat_map(|e| {
-                if e.test_acc_runs.is_empty() {
-                    vec![e.test_acc]
-                } else {
-                    e.test_acc_runs.clone()
-                }
+            .map(|(_, s)| SeedPoint {
+                summary: s,
+                eval: s.final_eval(),
+                epochs: s.epochs_done,
+                train_seconds: s.train_seconds,
             })
             .collect();
-        let per_seed = |f: &dyn Fn(&super::runs::Eval) -> Option<f64>| -> Vec<f64> {
-            finals.iter().filter_map(|e| f(e)).collect()
-        };
-        let epochs: Vec<usize> = self.finished.iter().map(|(_, s)| s.epochs_done).collect();
-        let secs: Vec<f64> = self
-            .finished
+        aggregate_seeds(&points)
+    }
+
+    /// The row's numbers for Table 1: its finished runs as [`aggregate`]
+    /// has them; without any, the latest evaluation of each of its
+    /// `unfinished` runs that has one, with the epochs and training time
+    /// up to it.
+    ///
+    /// [`aggregate`]: RowResult::aggregate
+    pub fn shown(&self) -> Shown {
+        if !self.finished.is_empty() {
+            return Shown {
+                agg: self.aggregate(),
+                finished: true,
+                seeds: self.finished.len(),
+            };
+        }
+        let points: Vec<SeedPoint> = self
+            .unfinished
             .iter()
-            .filter_map(|(_, s)| s.train_seconds)
+            .filter_map(|s| {
+                let e = s.latest_eval()?;
+                Some(SeedPoint {
+                    summary: s,
+                    eval: Some(e),
+                    epochs: e.epoch,
+                    train_seconds: e.train_seconds,
+                })
+            })
             .collect();
-        Aggregate {
-            test: mean_se(&pooled),
-            test_runs: pooled.len(),
-            train: mean_se(&per_seed(&|e| e.train_acc)),
-            deterministic: mean_se(&per_seed(&|e| e.test_acc_deterministic)),
-            epochs: epochs
-                .iter()
-                .min()
-                .zip(epochs.iter().max())
-                .map(|(a, b)| (*a, *b)),
-            train_seconds: (!secs.is_empty()).then(|| secs.iter().sum::<f64>() / secs.len() as f64),
-            peak_rss_bytes: self
-                .finished
-                .iter()
-                .filter_map(|(_, s)| s.peak_rss_bytes)
-                .max(),
-            first_epoch_rss_bytes: self
-                .finished
-                .iter()
-                .filter_map(|(_, s)| s.first_epoch_rss_bytes)
-                .max(),
+        Shown {
+            agg: aggregate_seeds(&points),
+            finished: false,
+            seeds: points.len(),
         }
     }
 
-    /// `3 × 5`, or `2 × 5 (1 unfinished)`, or what is missing.
-    fn runs_cell(&self, agg: &Aggregate) -> String {
-        let seeds = self.finished.len();
+    /// `3 × 5`, or `2 × 5 (1 unfinished)`, or what is missing; for
+    /// unfinished runs' numbers `2 of 3 × 5 (unfinished)`, saying how many
+    /// more have no evaluation yet.
+    fn runs_cell(&self, shown: &Shown) -> String {
+        let seeds = shown.seeds;
         let mut s = if seeds == 0 {
             format!("0 of {}", self.seeds_wanted)
         } else {
-            let per = agg.test_runs / seeds.max(1);
+            let per = shown.agg.test_runs / seeds.max(1);
             if seeds < self.seeds_wanted {
                 format!("{seeds} of {} × {per}", self.seeds_wanted)
             } else {
                 format!("{seeds} × {per}")
             }
         };
-        if self.unfinished > 0 {
-            let _ = write!(s, " ({} unfinished)", self.unfinished);
+        if shown.partial() {
+            match self.unfinished.len().saturating_sub(seeds) {
+                0 => s.push_str(" (unfinished)"),
+                n => {
+                    let _ = write!(s, " (unfinished; {n} more not evaluated yet)");
+                }
+            }
+        } else if !self.unfinished.is_empty() {
+            let _ = write!(s, " ({} unfinished)", self.unfinished.len());
         }
         s
     }
 }
 
-fn epochs_cell(agg: &Aggregate, paper: usize) -> String {
-    match agg.epochs {
+/// `5 / 100`, `3–5 / 100`; `5 / 100 (unfinished)` for unfinished runs.
+fn epochs_cell(shown: &Shown, paper: usize) -> String {
+    let mut s = match shown.agg.epochs {
         None => format!("— / {paper}"),
         Some((a, b)) if a == b => format!("{a} / {paper}"),
         Some((a, b)) => format!("{a}–{b} / {paper}"),
+    };
+    if shown.partial() {
+        s.push_str(" (unfinished)");
     }
+    s
 }
+
+/// The mark on numbers of unfinished runs.
+const UNFINISHED_MARK: &str = "*";
+/// The footnote under a table with marked numbers (the `*` escaped, as a
+/// line starting with `* ` is a Markdown list item).
+const UNFINISHED_NOTE: &str =
+    "\\* Unfinished runs: the latest evaluation, after the epochs shown, and the \
+     training time up to it; not a final figure.\n";
 
 /// How a table was made, printed above it.
 #[derive(Debug, Clone)]
@@ -323,7 +411,16 @@ const T1_HEADER: [&str; 10] = [
 const T1_RIGHT: [bool; 10] = [false, false, true, true, true, true, true, true, true, true];
 
 fn t1_cells(r: &RowResult) -> Vec<String> {
-    let agg = r.aggregate();
+    let shown = r.shown();
+    let agg = &shown.agg;
+    // Marks a number of unfinished runs; `—` stays as it is.
+    let mark = |s: String| {
+        if shown.partial() && s != "—" {
+            s + UNFINISHED_MARK
+        } else {
+            s
+        }
+    };
     let embedding = match r.row.variant {
         Variant::Table1 => r.row.embedding.title().to_string(),
         Variant::Radial => format!("{}, radial", r.row.embedding.title()),
@@ -332,20 +429,36 @@ fn t1_cells(r: &RowResult) -> Vec<String> {
     vec![
         r.row.method.title().to_string(),
         embedding,
-        fmt_mean_se(agg.test),
+        mark(fmt_mean_se(agg.test)),
         fmt_opt(paper_test(&r.row), 2),
-        fmt_mean_se(agg.train),
+        mark(fmt_mean_se(agg.train)),
         fmt_opt(paper_train(&r.row), 2),
-        fmt_mean_se(agg.deterministic),
-        epochs_cell(&agg, paper_epochs(r.row.method, r.row.dataset)),
-        r.runs_cell(&agg),
-        agg.train_seconds.map_or("—".into(), fmt_duration),
+        mark(fmt_mean_se(agg.deterministic)),
+        epochs_cell(&shown, paper_epochs(r.row.method, r.row.dataset)),
+        r.runs_cell(&shown),
+        mark(agg.train_seconds.map_or("—".into(), fmt_duration)),
     ]
+}
+
+/// One Markdown table of Table 1 rows, with the footnote on unfinished
+/// runs under it if it shows any.
+fn t1_markdown(rows: &[&RowResult]) -> String {
+    let mut out = markdown(
+        &T1_HEADER,
+        &T1_RIGHT,
+        &rows.iter().map(|r| t1_cells(r)).collect::<Vec<_>>(),
+    );
+    if rows.iter().any(|r| r.shown().partial()) {
+        out.push('\n');
+        out.push_str(UNFINISHED_NOTE);
+    }
+    out
 }
 
 /// `table1.md`: for each data set, every row's test and train accuracy
 /// beside the paper's, then the ablation runs, then notes on missing rows
-/// and on what a quick run changed.
+/// and on what a quick run changed. A row without finished runs shows its
+/// `unfinished` runs' latest evaluations, marked, with a footnote.
 pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
     let mut out = String::from("# Table 1: test accuracy (%)\n\n");
     let _ = writeln!(
@@ -377,11 +490,7 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
             continue;
         }
         let _ = writeln!(out, "## {}\n", ds.title());
-        out.push_str(&markdown(
-            &T1_HEADER,
-            &T1_RIGHT,
-            &table.iter().map(|r| t1_cells(r)).collect::<Vec<_>>(),
-        ));
+        out.push_str(&t1_markdown(&table));
         let ablation: Vec<&RowResult> = results
             .iter()
             .filter(|r| r.row.dataset == ds && r.row.variant != Variant::Table1)
@@ -392,11 +501,7 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
                 "\nAblation runs (Figures 4 and 5), NoProp-DT, {}:\n",
                 ds.title()
             );
-            out.push_str(&markdown(
-                &T1_HEADER,
-                &T1_RIGHT,
-                &ablation.iter().map(|r| t1_cells(r)).collect::<Vec<_>>(),
-            ));
+            out.push_str(&t1_markdown(&ablation));
         }
         out.push('\n');
         for r in table.iter().chain(&ablation) {
@@ -433,7 +538,9 @@ pub fn table1_markdown(ctx: &Context, results: &[RowResult]) -> String {
     out
 }
 
-/// `table1.csv`: one line per row, every number of `table1.md` unformatted.
+/// `table1.csv`: one line per row, every number of `table1.md` unformatted;
+/// `finished` is false where the numbers are unfinished runs' latest
+/// evaluations (or there are none).
 pub fn table1_csv(results: &[RowResult]) -> String {
     let header = [
         "row",
@@ -456,12 +563,14 @@ pub fn table1_csv(results: &[RowResult]) -> String {
         "deterministic_se",
         "train_seconds_mean",
         "peak_rss_bytes",
+        "finished",
     ];
     let num = |v: Option<f64>| v.map_or(String::new(), |x| format!("{x}"));
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
-            let a = r.aggregate();
+            let shown = r.shown();
+            let a = &shown.agg;
             let variant = match r.row.variant {
                 Variant::Table1 => "table1".to_string(),
                 Variant::Radial => "radial".to_string(),
@@ -473,7 +582,7 @@ pub fn table1_csv(results: &[RowResult]) -> String {
                 r.row.method.name().into(),
                 r.row.embedding.name().into(),
                 variant,
-                r.finished.len().to_string(),
+                shown.seeds.to_string(),
                 a.test_runs.to_string(),
                 a.epochs.map_or(String::new(), |e| e.0.to_string()),
                 a.epochs.map_or(String::new(), |e| e.1.to_string()),
@@ -488,34 +597,91 @@ pub fn table1_csv(results: &[RowResult]) -> String {
                 num(a.deterministic.and_then(|t| t.1)),
                 num(a.train_seconds),
                 a.peak_rss_bytes.map_or(String::new(), |b| b.to_string()),
+                shown.finished.to_string(),
             ]
         })
         .collect();
     csv(&header, &rows)
 }
 
-/// GB with two decimals; `—` for a row without finished runs, `n/a` for
-/// runs that do not report memory.
-fn gb(r: Option<&RowResult>, bytes: impl Fn(&Aggregate) -> Option<u64>) -> String {
-    match r.filter(|r| !r.finished.is_empty()) {
+/// Which memory a Table 2 figure is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Memory {
+    /// `train_peak_device_bytes`: GPU memory in use, what the paper measured.
+    Gpu,
+    /// `train_peak_rss_bytes`: the `noprop train` process's resident memory.
+    HostRss,
+}
+
+impl Memory {
+    fn label(self) -> &'static str {
+        match self {
+            Memory::Gpu => "GPU",
+            Memory::HostRss => "host RSS",
+        }
+    }
+}
+
+impl Aggregate {
+    /// Table 2's figures of a row: peak GPU memory where its runs report
+    /// it, else the process's peak RSS; (which, epoch 1, largest over epochs).
+    fn memory(&self) -> (Memory, Option<u64>, Option<u64>) {
+        if self.peak_device_bytes.is_some() || self.first_epoch_device_bytes.is_some() {
+            (
+                Memory::Gpu,
+                self.first_epoch_device_bytes,
+                self.peak_device_bytes,
+            )
+        } else {
+            (
+                Memory::HostRss,
+                self.first_epoch_rss_bytes,
+                self.peak_rss_bytes,
+            )
+        }
+    }
+}
+
+/// A row's Table 2 figure (epoch 1, or with `largest` the largest over
+/// epochs): `None` without finished runs, else which memory it is and the
+/// bytes, if reported.
+fn memory_of(r: Option<&RowResult>, largest: bool) -> Option<(Memory, Option<u64>)> {
+    let r = r.filter(|r| !r.finished.is_empty())?;
+    let (kind, first, max) = r.aggregate().memory();
+    Some((kind, if largest { max } else { first }))
+}
+
+/// GB with two decimals, followed by `(GPU)` or `(host RSS)` with `label`;
+/// `—` for a row without finished runs, `n/a` for runs that do not report
+/// memory.
+fn gb(m: Option<(Memory, Option<u64>)>, label: bool) -> String {
+    match m {
         None => "—".into(),
-        Some(r) => bytes(&r.aggregate()).map_or("n/a".into(), |b| format!("{:.2}", b as f64 / 1e9)),
+        Some((_, None)) => "n/a".into(),
+        Some((kind, Some(b))) if label => format!("{:.2} ({})", b as f64 / 1e9, kind.label()),
+        Some((_, Some(b))) => format!("{:.2}", b as f64 / 1e9),
     }
 }
 
 /// `table2.md`: peak training memory per method and data set (the one-hot
 /// rows, as the paper's table has one number per method), beside the
-/// paper's, then every row.
+/// paper's, then every row. GPU memory where the runs report it, the
+/// process's RSS otherwise; a column's header says which, or each figure
+/// does where a column has both.
 pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
     let mut out = String::from("# Table 2: peak memory in training (GB)\n\n");
     let _ = writeln!(
         out,
-        "Ours: `train_peak_rss_bytes` of the first epoch (the peak resident memory of the `noprop train` \
-         process while it trained epoch 1, on device `{}`: host memory, which includes the data set held on \
-         the host), the largest over finished seeds; \"n/a\" where the runs do not report it, \"—\" where \
-         there is no finished run. The first epoch is used because the figure of a later epoch also counts \
-         memory that the previous evaluation left resident; the largest over all epochs is listed per row \
-         below. Paper: peak GPU memory in training, Li, Teh, Pascanu (2025), Table 2. 1 GB = 10^9 bytes.{}\n",
+        "Ours: the peak memory while training epoch 1 (on device `{}`), the largest over finished seeds. \
+         Where the runs report it (CUDA), `train_peak_device_bytes`: GPU memory in use (the driver's total \
+         minus free, so the CUDA context and candle's allocator pool count), which is what the paper \
+         measured, so only these figures compare like for like. Otherwise `train_peak_rss_bytes`: the peak \
+         resident memory of the `noprop train` process (host memory, which includes the data set held on \
+         the host). A column's header says which (GPU or host RSS), or each figure does where a column has \
+         both; \"n/a\" where the runs report neither, \"—\" where there is no finished run. The first epoch \
+         is used because the figure of a later epoch also counts memory that the previous evaluation left \
+         behind; the largest over all epochs is listed per row below. Paper: peak GPU memory in training, \
+         Li, Teh, Pascanu (2025), Table 2. 1 GB = 10^9 bytes.{}\n",
         ctx.device,
         if ctx.quick { " A quick run trains on a subset of the data, which shrinks the host memory." } else { "" }
     );
@@ -523,19 +689,43 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
         .into_iter()
         .filter(|d| results.iter().any(|r| r.row.dataset == *d))
         .collect();
+    // Per data set, each method's one-hot figure and the one kind they all
+    // are, if they are one.
+    let columns: Vec<(Vec<Option<(Memory, Option<u64>)>>, Option<Memory>)> = datasets
+        .iter()
+        .map(|d| {
+            let cells: Vec<_> = Method::ALL
+                .into_iter()
+                .map(|m| {
+                    let r = results
+                        .iter()
+                        .find(|r| r.row == Row::table1(*d, m, Embedding::OneHot));
+                    memory_of(r, false)
+                })
+                .collect();
+            let mut kinds = cells
+                .iter()
+                .filter_map(|c| c.filter(|(_, b)| b.is_some()).map(|(k, _)| k));
+            let first = kinds.next();
+            let one = first.filter(|k| kinds.all(|x| x == *k));
+            (cells, one)
+        })
+        .collect();
     let mut header = vec!["method".to_string()];
-    for d in &datasets {
-        header.push(format!("{} (ours)", d.title()));
-        header.push(format!("{} (paper)", d.title()));
+    for (d, (cells, one)) in datasets.iter().zip(&columns) {
+        let mixed = one.is_none() && cells.iter().any(|c| matches!(c, Some((_, Some(_)))));
+        header.push(match (one, mixed) {
+            (Some(k), _) => format!("{} (ours, {})", d.title(), k.label()),
+            (None, true) => format!("{} (ours, GPU or host RSS)", d.title()),
+            (None, false) => format!("{} (ours)", d.title()),
+        });
+        header.push(format!("{} (paper, GPU)", d.title()));
     }
     let mut rows = vec![];
-    for m in Method::ALL {
+    for (i, m) in Method::ALL.into_iter().enumerate() {
         let mut cells = vec![m.title().to_string()];
-        for d in &datasets {
-            let r = results
-                .iter()
-                .find(|r| r.row == Row::table1(*d, m, Embedding::OneHot));
-            cells.push(gb(r, |a| a.first_epoch_rss_bytes));
+        for (d, (col, one)) in datasets.iter().zip(&columns) {
+            cells.push(gb(col[i], one.is_none()));
             cells.push(format!("{:.2}", paper_memory_gb(m, *d)));
         }
         rows.push(cells);
@@ -547,38 +737,41 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
     let all: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
+            let first = memory_of(Some(r), false);
             vec![
                 format!("`{}`", r.row.name()),
-                gb(Some(r), |a| a.first_epoch_rss_bytes),
-                gb(Some(r), |a| a.peak_rss_bytes),
+                first.map_or("—".into(), |(k, _)| k.label().to_string()),
+                gb(first, false),
+                gb(memory_of(Some(r), true), false),
             ]
         })
         .collect();
     out.push_str(&markdown(
-        &["row", "epoch 1", "largest over epochs"],
-        &[false, true, true],
+        &["row", "memory", "epoch 1", "largest over epochs"],
+        &[false, false, true, true],
         &all,
     ));
     out
 }
 
-/// `table2.csv`: every row's peak memory in bytes, with the paper's per-method GB.
+/// `table2.csv`: every row's peak memory in bytes (process RSS, and GPU
+/// memory where reported), with the paper's per-method GB.
 pub fn table2_csv(results: &[RowResult]) -> String {
+    let bytes = |b: Option<u64>| b.map_or(String::new(), |b| b.to_string());
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| {
+            let a = r.aggregate();
             vec![
                 r.row.name(),
                 r.row.dataset.name().into(),
                 r.row.method.name().into(),
                 r.row.embedding.name().into(),
-                r.aggregate()
-                    .first_epoch_rss_bytes
-                    .map_or(String::new(), |b| b.to_string()),
-                r.aggregate()
-                    .peak_rss_bytes
-                    .map_or(String::new(), |b| b.to_string()),
+                bytes(a.first_epoch_rss_bytes),
+                bytes(a.peak_rss_bytes),
                 format!("{}", paper_memory_gb(r.row.method, r.row.dataset)),
+                bytes(a.first_epoch_device_bytes),
+                bytes(a.peak_device_bytes),
             ]
         })
         .collect();
@@ -591,6 +784,8 @@ pub fn table2_csv(results: &[RowResult]) -> String {
             "epoch1_peak_rss_bytes",
             "max_peak_rss_bytes",
             "paper_gpu_gb",
+            "epoch1_peak_device_bytes",
+            "max_peak_device_bytes",
         ],
         &rows,
     )
@@ -626,7 +821,7 @@ mod tests {
             row,
             seeds_wanted: 3,
             finished,
-            unfinished: 0,
+            unfinished: vec![],
             note: None,
             settings: None,
         }
@@ -754,7 +949,15 @@ mod tests {
         assert!(md.contains("| NoProp-CT | n/a | 1.05 |"), "{md}");
         assert!(md.contains("| NoProp-FM | — | 1.06 |"), "{md}");
         assert!(md.contains("| Adjoint | — | 2.32 |"), "{md}");
-        assert!(md.contains("| `mnist-dt-onehot` | 1.23 | 1.23 |"), "{md}");
+        assert!(
+            md.contains("| `mnist-dt-onehot` | host RSS | 1.23 | 1.23 |"),
+            "{md}"
+        );
+        assert!(md.contains("| `mnist-fm-onehot` | — | — | — |"), "{md}");
+        assert!(
+            md.contains("| method | MNIST (ours, host RSS) | MNIST (paper, GPU) |"),
+            "{md}"
+        );
         assert!(!md.contains("CIFAR"));
     }
 
@@ -776,7 +979,249 @@ mod tests {
             &[r],
         );
         assert!(md.contains("| NoProp-DT | 1.00 | 0.49 |"), "{md}");
-        assert!(md.contains("| `mnist-dt-onehot` | 1.00 | 3.00 |"), "{md}");
+        assert!(
+            md.contains("| `mnist-dt-onehot` | host RSS | 1.00 | 3.00 |"),
+            "{md}"
+        );
+    }
+
+    const MNIST_DT: Row = Row {
+        dataset: Dataset::Mnist,
+        method: Method::Dt,
+        embedding: Embedding::OneHot,
+        variant: Variant::Table1,
+    };
+
+    /// The cells of the row in a CSV document with a header line, by column name.
+    fn csv_row(csv: &str) -> Vec<(String, String)> {
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 2, "{csv}");
+        lines[0]
+            .split(',')
+            .map(String::from)
+            .zip(lines[1].split(',').map(String::from))
+            .collect()
+    }
+
+    fn cell<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
+        &row.iter().find(|(h, _)| h == name).unwrap().1
+    }
+
+    #[test]
+    fn finished_row_is_shown_as_before() {
+        let mut r = result(
+            MNIST_DT,
+            vec![
+                (0, run(&[99.0, 99.2], 99.5, 2, None)),
+                (1, run(&[99.4, 99.6], 99.7, 2, None)),
+            ],
+        );
+        let cells = t1_cells(&r);
+        assert_eq!(
+            cells[2..],
+            [
+                "99.30 ± 0.13",
+                "99.47",
+                "99.60 ± 0.10",
+                "99.92",
+                "99.20 ± 0.20",
+                "2 / 100",
+                "2 of 3 × 2",
+                "20s"
+            ]
+        );
+        // With an unfinished seed the numbers stay those of the finished ones.
+        r.unfinished.push(run(&[10.0], 10.0, 1, None));
+        assert_eq!(r.shown().agg, r.aggregate());
+        let mut expect = cells.clone();
+        expect[8] = "2 of 3 × 2 (1 unfinished)".into();
+        assert_eq!(t1_cells(&r), expect);
+        let md = table1_markdown(
+            &Context {
+                quick: false,
+                device: "cpu".into(),
+                seeds: 3,
+            },
+            &[r.clone()],
+        );
+        assert!(!md.contains('*'), "{md}");
+        let row = csv_row(&table1_csv(&[r]));
+        assert_eq!(cell(&row, "finished"), "true");
+        assert_eq!(cell(&row, "seeds"), "2");
+        assert_eq!(
+            cell(&row, "test_mean"),
+            format!("{}", (99.0 + 99.2 + 99.4 + 99.6) / 4.0)
+        );
+    }
+
+    #[test]
+    fn unfinished_row_shows_latest_evaluations_marked() {
+        // Two of three seeds started, evaluated up to epochs 3 and 5 of 100.
+        let mut r = result(MNIST_DT, vec![]);
+        r.unfinished = vec![
+            run(&[96.0, 97.0], 97.5, 3, Some(100)),
+            run(&[98.0, 99.0], 98.5, 5, Some(300)),
+        ];
+        let shown = r.shown();
+        assert!(!shown.finished && shown.partial());
+        assert_eq!((shown.seeds, shown.agg.test_runs), (2, 4));
+        assert_eq!(shown.agg.epochs, Some((3, 5)));
+        // Training time up to each seed's evaluation: 30 s and 50 s.
+        assert_eq!(shown.agg.train_seconds, Some(40.0));
+        let cells = t1_cells(&r);
+        assert_eq!(
+            cells[2..],
+            [
+                "97.50 ± 0.65*",
+                "99.47",
+                "98.00 ± 0.50*",
+                "99.92",
+                "97.00 ± 1.00*",
+                "3–5 / 100 (unfinished)",
+                "2 of 3 × 2 (unfinished)",
+                "40s*"
+            ]
+        );
+        // One seed: `5 / 100 (unfinished)`.
+        let mut one = result(MNIST_DT, vec![]);
+        one.unfinished.push(r.unfinished[1].clone());
+        let cells = t1_cells(&one);
+        assert_eq!(
+            (cells[2].as_str(), cells[7].as_str()),
+            ("98.50 ± 0.50*", "5 / 100 (unfinished)")
+        );
+        // A started seed without an evaluation yet is said, not counted.
+        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_seconds\":10.0}\n";
+        r.unfinished.push(summarise(text));
+        assert_eq!(
+            t1_cells(&r)[8],
+            "2 of 3 × 2 (unfinished; 1 more not evaluated yet)"
+        );
+
+        let ctx = Context {
+            quick: false,
+            device: "cpu".into(),
+            seeds: 3,
+        };
+        let md = table1_markdown(&ctx, &[r.clone()]);
+        assert!(
+            md.contains("| NoProp-DT | one-hot | 97.50 ± 0.65* | 99.47 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("\n\n\\* Unfinished runs: the latest evaluation, after the epochs shown"),
+            "{md}"
+        );
+        let row = csv_row(&table1_csv(&[r]));
+        assert_eq!(cell(&row, "finished"), "false");
+        assert_eq!(
+            (
+                cell(&row, "seeds"),
+                cell(&row, "epochs_min"),
+                cell(&row, "epochs_max")
+            ),
+            ("2", "3", "5")
+        );
+        assert_eq!(cell(&row, "test_mean"), "97.5");
+        assert_eq!(cell(&row, "peak_rss_bytes"), "300");
+        // A row without unfinished runs shows nothing.
+        let other = result(
+            Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
+            vec![],
+        );
+        assert_eq!(other.shown().seeds, 0);
+    }
+
+    #[test]
+    fn unfinished_run_without_evaluation_shows_as_before() {
+        let mut r = result(MNIST_DT, vec![]);
+        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_seconds\":10.0}\n";
+        r.unfinished.push(summarise(text));
+        let cells = t1_cells(&r);
+        assert_eq!(
+            cells[2..],
+            [
+                "—",
+                "99.47",
+                "—",
+                "99.92",
+                "—",
+                "— / 100",
+                "0 of 3 (1 unfinished)",
+                "—"
+            ]
+        );
+        let md = table1_markdown(
+            &Context {
+                quick: false,
+                device: "cpu".into(),
+                seeds: 3,
+            },
+            &[r.clone()],
+        );
+        assert!(!md.contains('*'), "{md}");
+        let row = csv_row(&table1_csv(&[r]));
+        assert_eq!(
+            (cell(&row, "finished"), cell(&row, "test_mean")),
+            ("false", "")
+        );
+    }
+
+    #[test]
+    fn table2_prefers_gpu_memory() {
+        // A CUDA run: 0.5 GB of GPU memory in epoch 1, 0.6 GB later, beside
+        // 2 GB and 3 GB of process RSS.
+        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_peak_rss_bytes\":2000000000,\"train_peak_device_bytes\":500000000}\n\
+                    {\"event\":\"epoch\",\"epoch\":2,\"train_peak_rss_bytes\":3000000000,\"train_peak_device_bytes\":600000000}\n";
+        let gpu = result(MNIST_DT, vec![(0, summarise(text))]);
+        let a = gpu.aggregate();
+        assert_eq!(
+            (a.first_epoch_device_bytes, a.peak_device_bytes),
+            (Some(500_000_000), Some(600_000_000))
+        );
+        let ctx = Context {
+            quick: false,
+            device: "cuda".into(),
+            seeds: 1,
+        };
+        let md = table2_markdown(&ctx, &[gpu.clone()]);
+        assert!(
+            md.contains("| method | MNIST (ours, GPU) | MNIST (paper, GPU) |"),
+            "{md}"
+        );
+        assert!(md.contains("| NoProp-DT | 0.50 | 0.49 |"), "{md}");
+        assert!(
+            md.contains("| `mnist-dt-onehot` | GPU | 0.50 | 0.60 |"),
+            "{md}"
+        );
+        // Beside a CPU run in the same column, each figure says which it is.
+        let cpu = result(
+            Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
+            vec![(0, run(&[97.0], 97.0, 1, Some(1_234_000_000)))],
+        );
+        let md = table2_markdown(&ctx, &[gpu.clone(), cpu]);
+        assert!(
+            md.contains("| method | MNIST (ours, GPU or host RSS) |"),
+            "{md}"
+        );
+        assert!(md.contains("| NoProp-DT | 0.50 (GPU) | 0.49 |"), "{md}");
+        assert!(
+            md.contains("| NoProp-CT | 1.23 (host RSS) | 1.05 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `mnist-ct-onehot` | host RSS | 1.23 | 1.23 |"),
+            "{md}"
+        );
+        let row = csv_row(&table2_csv(&[gpu]));
+        assert_eq!(
+            (
+                cell(&row, "epoch1_peak_device_bytes"),
+                cell(&row, "max_peak_device_bytes")
+            ),
+            ("500000000", "600000000")
+        );
+        assert_eq!(cell(&row, "epoch1_peak_rss_bytes"), "2000000000");
     }
 
     #[test]
