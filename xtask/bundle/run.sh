@@ -56,9 +56,18 @@ case "$budget" in ''|*[!0-9]*) echo "run.sh: --budget $budget: expected whole se
 command -v "$py" >/dev/null 2>&1 || { echo "run.sh: no Python at $py (pass --python)" >&2; exit 2; }
 mkdir -p "$out" || { echo "run.sh: cannot create $out" >&2; exit 2; }
 out=$(cd "$out" && pwd)
-bin="$here/bin/noprop"
 data="$here/data/mnist"
-[ -x "$bin" ] || { echo "run.sh: $bin is missing or not executable" >&2; exit 2; }
+# The binary travels gzipped (its CUDA kernels are text and shrink 4-fold):
+# unpacked into a temporary folder, removed at exit.
+bin="$here/bin/noprop"
+if [ ! -x "$bin" ] && [ -f "$here/bin/noprop.gz" ]; then
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/noprop-bundle.XXXXXX") || { echo "run.sh: cannot make a temporary folder" >&2; exit 2; }
+    trap 'rm -rf "$tmp"' EXIT
+    gzip -dc "$here/bin/noprop.gz" >"$tmp/noprop" && chmod +x "$tmp/noprop" ||
+        { echo "run.sh: cannot unpack $here/bin/noprop.gz into $tmp" >&2; exit 2; }
+    bin="$tmp/noprop"
+fi
+[ -x "$bin" ] || { echo "run.sh: $here/bin/noprop(.gz) is missing or not executable" >&2; exit 2; }
 
 # CUDA 13's runtime libraries: the Python environment's nvidia/cu13/lib (pip
 # wheels, as PyTorch cu13x installs them), torch/lib, then NOPROP_CUDA_LIB.
@@ -175,5 +184,6 @@ command -v nvidia-smi >/dev/null 2>&1 &&
     --seconds "$(($(date +%s) - started))" --budget "$budget" >"$out/summary.json" ||
     { echo "run.sh: summarize.py failed" >&2; exit 1; }
 cat "$out/summary.json"
+[ -z "$missing" ] || { echo "run.sh: $bin cannot load $missing(set NOPROP_CUDA_LIB)" >&2; exit 1; }
 # Non-zero when a step failed or was cut short (skips for a missing torch are not failures).
 awk -F'\t' 'NR > 1 && $2 != "-" && $2 != 0 { bad = 1 } END { exit bad }' "$steps"

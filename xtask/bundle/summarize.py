@@ -154,7 +154,7 @@ def main():
         "seconds": a.seconds,
         "budget_seconds": a.budget,
         "unloadable_libraries": a.missing.split() or None,
-        "all_ok": all(s["ok"] or s["exit"] is None for s in steps.values()),
+        "all_ok": not a.missing.split() and all(s["ok"] or s["exit"] is None for s in steps.values()),
         "steps": steps,
         "noprop": noprop_fig,
         "torch": torch_fig,

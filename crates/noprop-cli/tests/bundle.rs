@@ -43,10 +43,14 @@ fn bundle_dry_run_on_cpu_writes_its_summary() {
     for sub in ["bin", "data/mnist", "configs"] {
         std::fs::create_dir_all(bundle.join(sub)).unwrap();
     }
-    copy(
-        Path::new(env!("CARGO_BIN_EXE_noprop")),
-        &bundle.join("bin/noprop"),
-    );
+    // Gzipped, as the bundle carries it (run.sh unpacks it).
+    let gz = std::fs::File::create(bundle.join("bin/noprop.gz")).unwrap();
+    let status = Command::new("gzip")
+        .args(["-1", "-c", env!("CARGO_BIN_EXE_noprop")])
+        .stdout(gz)
+        .status()
+        .unwrap();
+    assert!(status.success());
     for f in MNIST {
         copy(&mnist_dir().join(f), &bundle.join("data/mnist").join(f));
     }
