@@ -135,14 +135,24 @@ def main():
         "version": torch_step.get("torch") or torch_dt.get("torch"),
         "block_step_ms": torch_step.get("train_step_ms_median"),
         "infer_T10_images_per_s": torch_step.get("infer_T10_images_per_s"),
-        "dt_epoch_seconds": torch_dt.get("train_s"),
+        # torch_reference's clock runs through one stochastic evaluation of
+        # the test set after the epoch; noprop's epoch_seconds does not.
+        "dt_epoch_plus_one_eval_seconds": torch_dt.get("train_s"),
         "dt_test_acc": torch_dt.get("test_acc"),
         "dt_test_acc_deterministic": torch_dt.get("test_acc_deterministic"),
     }
+    # noprop's epoch plus one stochastic test run: its evaluation stacks the
+    # runs (5 stochastic + deterministic), so one run costs about a sixth.
+    dt = runs.get("dt", {})
+    noprop_epoch_plus_one_eval = None
+    if isinstance(dt.get("epoch_seconds"), (int, float)) and isinstance(dt.get("eval_seconds"), (int, float)):
+        runs_made = len(dt.get("test_acc_runs") or []) + (dt.get("test_acc_deterministic") is not None)
+        noprop_epoch_plus_one_eval = round(dt["epoch_seconds"] + dt["eval_seconds"] / max(runs_made, 1), 2)
+    noprop_fig["dt_epoch_plus_one_eval_seconds"] = noprop_epoch_plus_one_eval
     # Below 1 means noprop takes less time (or, for throughput, is slower).
     ratios = {
         "block_step_time_noprop_over_torch": ratio(noprop_fig["block_step_ms"], torch_fig["block_step_ms"]),
-        "dt_epoch_time_noprop_over_torch": ratio(noprop_fig["dt_epoch_seconds"], torch_fig["dt_epoch_seconds"]),
+        "dt_epoch_time_noprop_over_torch": ratio(noprop_epoch_plus_one_eval, torch_fig["dt_epoch_plus_one_eval_seconds"]),
         "infer_throughput_noprop_over_torch": ratio(noprop_fig["infer_T10_images_per_s"],
                                                     torch_fig["infer_T10_images_per_s"]),
     }
