@@ -18,6 +18,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
+use crate::value_of;
+
 pub const HELP: &str = "\
 cuda-env     fetch NVIDIA's CUDA 13.0 pip wheels into DIR, make a libcuda.so
              link stub and the unversioned library links, and print the
@@ -173,15 +175,10 @@ fn options(args: &[String], target: &Path, allow_check: bool) -> Result<Options>
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{name} needs a value"))
-        };
         match a.as_str() {
-            "--dir" => o.dir = PathBuf::from(value("--dir")?),
+            "--dir" => o.dir = PathBuf::from(value_of(&mut it, "--dir")?),
             "--compute-cap" => {
-                let v = value("--compute-cap")?;
+                let v = value_of(&mut it, "--compute-cap")?;
                 if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric()) {
                     bail!("--compute-cap {v:?}: expected a number such as 90 or 90a");
                 }

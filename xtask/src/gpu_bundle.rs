@@ -22,6 +22,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::value_of;
+
 pub const HELP: &str = "\
 gpu-bundle   build the stripped CUDA binary (as cuda-build) and gather into
              one folder what a GPU node without Rust or network needs for one
@@ -85,18 +87,13 @@ fn parse(args: &[String], root: &Path) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{name} needs a value"))
-        };
         match a.as_str() {
-            "--out" => o.out = value("--out")?.into(),
-            "--binary" => o.binary = Some(value("--binary")?.into()),
+            "--out" => o.out = value_of(&mut it, "--out")?.into(),
+            "--binary" => o.binary = Some(value_of(&mut it, "--binary")?.into()),
             "--no-build" => o.build = false,
-            "--data" => o.data = Some(value("--data")?.into()),
-            "--torch-script" => o.torch_script = Some(value("--torch-script")?.into()),
-            "--compute-cap" => o.compute_cap = value("--compute-cap")?,
+            "--data" => o.data = Some(value_of(&mut it, "--data")?.into()),
+            "--torch-script" => o.torch_script = Some(value_of(&mut it, "--torch-script")?.into()),
+            "--compute-cap" => o.compute_cap = value_of(&mut it, "--compute-cap")?,
             "-h" | "--help" => bail!("{HELP}"),
             other => bail!("unknown option {other:?} for gpu-bundle\n{HELP}"),
         }

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo xtask bench [--threads N] [--rounds R] [--torch-python PY] [--torch-script FILE] [--json]
 //! cargo xtask data [--dataset mnist|cifar10|cifar100] [--dir DIR]
+//! cargo xtask curve RUN_DIR [--out DIR] [--title TEXT]
 //! cargo xtask reproduce [--quick] [--only PATTERN] [--device cpu|cuda|metal] [--out DIR] [--data DIR]
 //! cargo xtask ci
 //! cargo xtask soak [--kills N] [--seed S] [--dir DIR] [--no-build]
@@ -38,15 +39,17 @@ fn main() -> std::process::ExitCode {
         Some("data") => data(&args[1..]),
         Some("ci") => ci(),
         Some("reproduce") => reproduce::run(&args[1..], &root()),
+        Some("curve") => reproduce::curve::run(&args[1..]),
         Some("soak") => soak::run(&args[1..]),
         Some("cuda-env") => cuda::env(&args[1..], &root()),
         Some("cuda-build") => cuda::build(&args[1..], &root()),
         Some("gpu-bundle") => gpu_bundle::run(&args[1..], &root()),
         _ => {
             eprintln!(
-                "usage: cargo xtask <bench|data|ci|reproduce|soak|cuda-env|cuda-build|gpu-bundle> [options]\n\n{}\n{}\n{}\n{}\n{}",
+                "usage: cargo xtask <bench|data|ci|reproduce|curve|soak|cuda-env|cuda-build|gpu-bundle> [options]\n\n{}\n{}\n{}\n{}\n{}\n{}",
                 HELP,
                 reproduce::HELP,
+                reproduce::curve::HELP,
                 soak::HELP,
                 cuda::HELP,
                 gpu_bundle::HELP
@@ -74,6 +77,16 @@ bench   time the Figure-6 block's hot ops (forward and backward, GFLOP/s
         --json (one JSON object as the last line)
 data    download a data set with checksums (noprop data download)
 ci      run the test suite as CI does";
+
+/// The value after the flag `name` that the walk `it` over the arguments has
+/// just passed, or the one-line error "`name` needs a value" when the
+/// arguments end there (reproduce, cuda-env, cuda-build and gpu-bundle parse
+/// this way, rejecting unknown options, where [`flag`] ignores them).
+fn value_of<'a>(it: &mut impl Iterator<Item = &'a String>, name: &str) -> Result<String> {
+    it.next()
+        .cloned()
+        .with_context(|| format!("{name} needs a value"))
+}
 
 fn flag(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -349,4 +362,20 @@ fn ci() -> Result<()> {
         bail!("tests failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_and_the_one_line_error() {
+        let args: Vec<String> = ["--out", "dir", "--dir"].map(String::from).into();
+        let mut it = args.iter();
+        it.next();
+        assert_eq!(value_of(&mut it, "--out").unwrap(), "dir");
+        it.next();
+        let err = value_of(&mut it, "--dir").unwrap_err();
+        assert_eq!(format!("{err:#}"), "--dir needs a value");
+    }
 }

@@ -23,6 +23,7 @@
 //! The tables are written from every run folder of the mode, so rows
 //! trained by separate `--only` calls end up in one table.
 
+pub mod curve;
 mod estimate;
 mod figures;
 mod plot;
@@ -38,6 +39,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+
+use crate::value_of;
 
 use rows::{Dataset, Quick, Row, Variant};
 use runs::State;
@@ -97,19 +100,14 @@ fn parse(args: &[String]) -> Result<Options> {
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{name} needs a value"))
-        };
         match a.as_str() {
             "--quick" => o.quick = true,
-            "--only" => o.only.push(value("--only")?),
-            "--device" => o.device = value("--device")?,
-            "--out" => o.out = Some(value("--out")?.into()),
-            "--data" => o.data = Some(value("--data")?.into()),
+            "--only" => o.only.push(value_of(&mut it, "--only")?),
+            "--device" => o.device = value_of(&mut it, "--device")?,
+            "--out" => o.out = Some(value_of(&mut it, "--out")?.into()),
+            "--data" => o.data = Some(value_of(&mut it, "--data")?.into()),
             "--seeds" => {
-                let v = value("--seeds")?;
+                let v = value_of(&mut it, "--seeds")?;
                 o.seeds = Some(
                     v.parse()
                         .ok()
@@ -118,7 +116,7 @@ fn parse(args: &[String]) -> Result<Options> {
                 );
             }
             "--threads" => {
-                let v = value("--threads")?;
+                let v = value_of(&mut it, "--threads")?;
                 o.threads = Some(
                     v.parse()
                         .ok()

@@ -220,24 +220,69 @@ fn op_timings(
     Ok(out)
 }
 
+/// Direct-method forward FLOPs per image of the Figure-6 block's parts, the
+/// one count behind [`block_step_flop`] and [`dt_shared_fraction`].
+struct BlockFlop {
+    /// The image path's first convolution (no input gradient in training).
+    conv1: f64,
+    /// The image path's other two convolutions and its Linear to 256.
+    image_rest: f64,
+    /// The label path: an MLP from `d`, or a second image path when `d = C*H*W`.
+    label: f64,
+    /// The fuse layers, down to the `m` logits.
+    fuse: f64,
+    /// `softmax(logits) W_embed`, at inference only.
+    embed: f64,
+}
+
+impl BlockFlop {
+    fn new((c, h, w): (usize, usize, usize), d: usize, m: usize) -> Self {
+        let (h2, w2) = (h / 2, w / 2);
+        let conv1 = conv2d_flops([1, c, h, w], [32, c, 3, 3], 1);
+        let lin = |i: usize, o: usize| 2.0 * (i * o) as f64;
+        let image_rest = conv2d_flops([1, 32, h2, w2], [64, 32, 3, 3], 1)
+            + conv2d_flops([1, 64, h2, w2], [128, 64, 3, 3], 1)
+            + lin(128 * (h / 4) * (w / 4), 256);
+        let label = if d == c * h * w {
+            conv1 + image_rest
+        } else {
+            lin(d, 256) + 2.0 * lin(256, 256)
+        };
+        Self {
+            conv1,
+            image_rest,
+            label,
+            fuse: lin(512, 256) + lin(256, 128) + lin(128, m),
+            embed: lin(m, d),
+        }
+    }
+}
+
 /// Direct-method FLOPs of one training step of one Figure-6 block: the
 /// forward pass, and a backward pass costing twice the forward except for
 /// the first convolution (no input gradient).
-fn block_step_flop(batch: usize, (c, h, w): (usize, usize, usize), d: usize, m: usize) -> f64 {
-    let (h2, w2) = (h / 2, w / 2);
-    let conv1 = conv2d_flops([batch, c, h, w], [32, c, 3, 3], 1);
-    let convs = conv2d_flops([batch, 32, h2, w2], [64, 32, 3, 3], 1)
-        + conv2d_flops([batch, 64, h2, w2], [128, 64, 3, 3], 1);
-    let lin = |i: usize, o: usize| 2.0 * (batch * i * o) as f64;
-    let fc = lin(128 * (h / 4) * (w / 4), 256);
-    let label = if d == c * h * w {
-        conv1 + convs + fc
-    } else {
-        lin(d, 256) + 2.0 * lin(256, 256)
-    };
-    let fuse = lin(512, 256) + lin(256, 128) + lin(128, m);
-    let fwd = conv1 + convs + fc + label + fuse;
-    fwd + conv1 + 2.0 * (convs + fc + label + fuse)
+fn block_step_flop(batch: usize, shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
+    let f = BlockFlop::new(shape, d, m);
+    let fwd = f.conv1 + f.image_rest + f.label + f.fuse;
+    batch as f64 * (fwd + f.conv1 + 2.0 * (f.image_rest + f.label + f.fuse))
+}
+
+/// The share of one NoProp-DT inference run's time that stacked runs share.
+///
+/// The evaluator computes each block's image features once per batch of
+/// images and stacks every inference run's latents behind them (dt.rs,
+/// `predictor`), so `k` runs cost `s + k (1 - s)` single runs, with `s` the
+/// image path's share. Here `s` is its share of the block's forward FLOPs:
+/// the image path (three 3x3 convolutions and a Linear to 256), against the
+/// label path (an MLP from `d`, or a second image path when `d = C*H*W`),
+/// the fuse layers and `softmax(logits) W_embed`. On MNIST one-hot (s =
+/// 0.985) `noprop eval` took 1.13 times as long for 6 stacked runs as for 2
+/// (measured; the FLOP split says 1.07). `cargo xtask reproduce --plan`
+/// reads it from the JSON summary to estimate evaluation times.
+fn dt_shared_fraction(shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
+    let f = BlockFlop::new(shape, d, m);
+    let image = f.conv1 + f.image_rest;
+    image / (image + f.label + f.fuse + f.embed)
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -399,6 +444,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "block_step_gflop": round(step_flop / 1e9, 3),
         "block_step_gflops": round(gflops(step_flop, step_ms / 1000.0), 1),
         "block_step_pct_peak": round(100.0 * gflops(step_flop, step_ms / 1000.0) / peak, 1),
+        "dt_shared_fraction": dt_shared_fraction(shape, d, m),
         "infer_batch": args.infer_batch,
         "infer_images_per_s": round(args.infer_batch as f64 / infer_s, 1),
         "peak_gflops": round(peak, 1),
@@ -522,5 +568,38 @@ fn print_table(s: &Value) {
         if !s[k].is_null() {
             println!("{k:<24} {}", s[k]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+    }
+
+    #[test]
+    fn shared_fraction_from_flops() {
+        // MNIST, one-hot: image path 451584 + 7225344 + 28901376 + 3211264
+        // = 39789568 FLOPs; label MLP 5120 + 262144, fuse 262144 + 65536 +
+        // 2560, softmax(logits) W_embed 200: 597704.
+        let s = dt_shared_fraction((1, 28, 28), 10, 10);
+        assert!(close(s, 39_789_568.0 / (39_789_568.0 + 597_704.0)), "{s}");
+        // Prototypes run a second image path for every run: under half shared.
+        let p = dt_shared_fraction((1, 28, 28), 784, 10);
+        assert!(p > 0.45 && p < 0.5, "{p}");
+        let c = dt_shared_fraction((3, 32, 32), 20, 100);
+        assert!(c > 0.98 && c < 1.0, "{c}");
+    }
+
+    #[test]
+    fn block_step_counts_the_backward_pass() {
+        // MNIST, one-hot, one image: forward 39789568 (image path) + 267264
+        // (label MLP) + 330240 (fuse) = 40387072; the backward pass twice
+        // that but for the first convolution's 451584.
+        let f = block_step_flop(1, (1, 28, 28), 10, 10);
+        assert!(close(f, 3.0 * 40_387_072.0 - 451_584.0), "{f}");
+        assert!(close(block_step_flop(128, (1, 28, 28), 10, 10), 128.0 * f));
     }
 }

@@ -112,7 +112,7 @@ impl Observer for Progress {
                 self.steps += 1;
                 if let Some(bar) = &self.bar {
                     bar.inc(1);
-                    if self.steps % 20 == 0 {
+                    if self.steps.is_multiple_of(20) {
                         bar.set_message(format!("loss {:.4}", self.loss / self.steps as f64));
                     }
                 }

@@ -475,10 +475,13 @@ mod tests {
         let dev = Device::Cpu;
         let a = Tensor::new(&[1f32, 2.0, 4.0], &dev).unwrap();
         let b = Tensor::new(&[1f32, 2.0, 4.004], &dev).unwrap();
-        let d = rel_diff(&[a.clone()], &[b]).unwrap();
+        let d = rel_diff(std::slice::from_ref(&a), &[b]).unwrap();
         assert!((d - 1e-3).abs() < 1e-6, "{d}");
-        assert_eq!(rel_diff(&[a.clone()], &[a.clone()]).unwrap(), 0.0);
-        assert!(rel_diff(&[a.clone()], &[a.reshape((3, 1)).unwrap()]).is_err());
+        assert_eq!(
+            rel_diff(std::slice::from_ref(&a), std::slice::from_ref(&a)).unwrap(),
+            0.0
+        );
+        assert!(rel_diff(std::slice::from_ref(&a), &[a.reshape((3, 1)).unwrap()]).is_err());
         let nan = Tensor::new(&[f32::NAN, 2.0, 4.0], &dev).unwrap();
         assert!(rel_diff(&[nan], &[a]).unwrap().is_infinite());
     }

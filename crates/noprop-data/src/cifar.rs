@@ -98,7 +98,7 @@ fn check_records(path: &Path, len: u64, record_len: usize) -> Result<(), DataErr
             limit: MAX_FILE_LEN,
         });
     }
-    if len % record_len as u64 != 0 {
+    if !len.is_multiple_of(record_len as u64) {
         return Err(DataError::PartialRecord {
             path: path.to_path_buf(),
             len,

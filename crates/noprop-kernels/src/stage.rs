@@ -62,7 +62,7 @@ pub(crate) enum Algo {
 
 /// Whether [`Algo::Winograd`] can compute this convolution.
 pub(crate) fn winograd_fits(g: &ConvGeom) -> bool {
-    g.k == 3 && g.pad == 1 && g.h % 2 == 0 && g.w % 2 == 0 && g.h > 0 && g.w > 0
+    g.k == 3 && g.pad == 1 && g.h.is_multiple_of(2) && g.w.is_multiple_of(2) && g.h > 0 && g.w > 0
 }
 
 /// The shape of a stage: the convolution and whether a 2x2 pool follows.

@@ -75,7 +75,7 @@ pub struct CtNet {
 
 /// Builds the network with parameters `img.*`, `label.*`, `time.fc.*`, `fuse.{fc1,fc2,out}.*`.
 pub fn ct_net(cfg: CtNetConfig, vb: VarBuilder) -> candle_core::Result<CtNet> {
-    if cfg.time_dim == 0 || cfg.time_dim % 2 != 0 {
+    if cfg.time_dim == 0 || !cfg.time_dim.is_multiple_of(2) {
         candle_core::bail!(
             "the time embedding dimension must be even and positive, got {}",
             cfg.time_dim

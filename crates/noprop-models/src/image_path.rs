@@ -55,7 +55,7 @@ pub struct ImagePathConfig {
 
 /// Builds an image path with parameters `conv1`, `conv2`, `conv3`, `fc` (and `bn`).
 pub fn image_path(cfg: ImagePathConfig, vb: VarBuilder) -> candle_core::Result<ImagePath> {
-    if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
+    if !cfg.height.is_multiple_of(4) || !cfg.width.is_multiple_of(4) {
         candle_core::bail!(
             "the Figure-6 image path needs H and W divisible by 4, got {}x{}",
             cfg.height,

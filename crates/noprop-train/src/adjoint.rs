@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{adjoint_euler, odeint_euler, Inference, NoiseRng, VelocityField};
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
@@ -15,8 +15,8 @@ use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup};
 use crate::method::{
-    build_ct_model, class_log_probs, network_group, scalar, settings, DeterministicRun, Method,
-    Predict, StepGrads,
+    build_ct_model, class_log_probs, network_group, predicted_classes, scalar, settings,
+    DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// Names of the image path's variables in the network.
@@ -137,11 +137,7 @@ impl Method for Adjoint {
                     x.device(),
                 )?;
                 let z1 = odeint_euler(|z, t| den.velocity_at(z, &xs, t), &z0, steps)?;
-                Ok(
-                    class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?
-                        .argmax(D::Minus1)?
-                        .to_vec1()?,
-                )
+                predicted_classes(cfg, &self.model.classify(&z1)?, self.model.embed())
             },
         ))
     }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
@@ -19,7 +19,8 @@ use crate::config::{BackpropSettings, Config};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, scalar, settings, DeterministicRun, Method, Predict, StepGrads,
+    build_dt_model, class_log_probs, predicted_classes, scalar, settings, stack_runs,
+    DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
@@ -122,19 +123,11 @@ impl Method for Backprop {
                 let feats = self.model.image_features(x)?;
                 let mut z = rng.randn(&[runs * b, d], DType::F32, x.device())?;
                 for (t, fx) in feats.iter().enumerate() {
-                    let fx = if runs == 1 {
-                        fx.clone()
-                    } else {
-                        Tensor::cat(&vec![fx; runs], 0)?
-                    };
+                    let fx = stack_runs(fx, runs)?;
                     let uhat = self.model.denoise_from_features(t + 1, &z, &fx)?;
                     z = chain(&z, &uhat, &alpha.narrow(0, t, 1)?)?;
                 }
-                Ok(
-                    class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?
-                        .argmax(D::Minus1)?
-                        .to_vec1()?,
-                )
+                predicted_classes(cfg, &self.model.classify(&z)?, self.model.embed())
             },
         ))
     }

@@ -251,11 +251,14 @@ pub fn first_non_finite(
     Ok(None)
 }
 
+/// A safetensors file's string metadata.
+pub type Metadata = HashMap<String, String>;
+
 /// Reads every tensor of a safetensors file onto `device`, with its metadata.
 pub fn load_safetensors(
     path: &Path,
     device: &Device,
-) -> Result<(BTreeMap<String, Tensor>, HashMap<String, String>), TrainError> {
+) -> Result<(BTreeMap<String, Tensor>, Metadata), TrainError> {
     let meta = std::fs::metadata(path).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
         source,

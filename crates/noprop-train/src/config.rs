@@ -676,7 +676,7 @@ fn non_negative(field: &'static str, found: f64) -> Result<f64, ConfigError> {
 }
 
 fn time_embedding(dim: usize, scale: f64) -> Result<TimeEmbedding, ConfigError> {
-    if dim == 0 || dim % 2 != 0 {
+    if dim == 0 || !dim.is_multiple_of(2) {
         return Err(ConfigError::OddTimeDim { found: dim });
     }
     between("method.time_dim", dim, 2, limits::TIME_DIM)?;

@@ -18,11 +18,7 @@ impl<'a> Cached<'a> {
     /// The network on the images whose features are `fx` `[B, 256]`,
     /// repeated for `runs` stacked inference runs.
     pub fn new(model: &'a CtModel, fx: &Tensor, runs: usize) -> candle_core::Result<Self> {
-        let fx = if runs == 1 {
-            fx.clone()
-        } else {
-            Tensor::cat(&vec![fx; runs], 0)?
-        };
+        let fx = crate::method::stack_runs(fx, runs)?;
         let projected = model.net().project_features(&fx)?;
         Ok(Self {
             model,

@@ -17,8 +17,8 @@ use crate::continuous::Cached;
 use crate::error::TrainError;
 use crate::groups::ParamGroup;
 use crate::method::{
-    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, scalar, settings,
-    DeterministicRun, Method, Predict, StepGrads,
+    build_ct_model, class_log_probs, denoise_target, draw_times, network_group, predicted_classes,
+    scalar, settings, DeterministicRun, Method, Predict, StepGrads,
 };
 
 /// NoProp-CT's network, head, embedding and learnable schedule.
@@ -146,11 +146,7 @@ impl Method for Ct {
                         sample_ct_ode(&den, &self.schedule, &xs, s.steps, solver, rng)?
                     }
                 };
-                Ok(
-                    class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?
-                        .argmax(D::Minus1)?
-                        .to_vec1()?,
-                )
+                predicted_classes(cfg, &self.model.classify(&z1)?, self.model.embed())
             },
         ))
     }

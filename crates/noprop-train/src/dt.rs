@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 use noprop_core::{cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, Inference, NoiseRng};
 use noprop_data::Dataset;
 use noprop_models::{DtModel, Mode};
@@ -12,8 +12,8 @@ use crate::config::{Config, DtSettings, TrainOrder};
 use crate::error::TrainError;
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, denoise_target, scalar, settings, DeterministicRun, Method,
-    Pass, Predict, StepGrads,
+    build_dt_model, class_log_probs, denoise_target, predicted_classes, scalar, settings,
+    stack_runs, DeterministicRun, Method, Pass, Predict, StepGrads,
 };
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.
@@ -153,11 +153,7 @@ impl Method for Dt {
                     Tensor::from_vec(noise_mask, (rows, 1), dev)?.to_dtype(x.dtype())?;
                 let any_noise = modes.contains(&Inference::Stochastic);
                 for t in 1..=sched.blocks() {
-                    let fx = if runs == 1 {
-                        feats[t - 1].clone()
-                    } else {
-                        Tensor::cat(&vec![&feats[t - 1]; runs], 0)?
-                    };
+                    let fx = stack_runs(&feats[t - 1], runs)?;
                     let uhat = noprop_models::layers::softmax_embed(
                         &blocks[t - 1].logits_from_features(&z, &fx)?,
                         self.model.embed(),
@@ -172,11 +168,7 @@ impl Method for Dt {
                     };
                     z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
                 }
-                Ok(
-                    class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?
-                        .argmax(D::Minus1)?
-                        .to_vec1()?,
-                )
+                predicted_classes(cfg, &self.model.classify(&z)?, self.model.embed())
             },
         ))
     }

@@ -145,6 +145,27 @@ pub fn class_log_probs(
     Ok(cfg.model().class_probability.log_probs(logits, w_embed)?)
 }
 
+/// The predicted classes of a batch: the argmax of `log p(y | z)` under the
+/// configured class probabilities, from the head's `logits` `[B, m]`.
+pub fn predicted_classes(
+    cfg: &Config,
+    logits: &Tensor,
+    w_embed: &Tensor,
+) -> Result<Vec<u32>, TrainError> {
+    Ok(class_log_probs(cfg, logits, w_embed)?
+        .argmax(candle_core::D::Minus1)?
+        .to_vec1()?)
+}
+
+/// `x` `[B, ...]` repeated for `runs` stacked inference runs (`[runs * B, ...]`).
+pub fn stack_runs(x: &Tensor, runs: usize) -> candle_core::Result<Tensor> {
+    if runs == 1 {
+        Ok(x.clone())
+    } else {
+        Tensor::cat(&vec![x; runs], 0)
+    }
+}
+
 /// A scalar loss tensor as `f64`.
 pub fn scalar(t: &Tensor) -> Result<f64, TrainError> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)

@@ -716,7 +716,7 @@ pub fn fit<M: Method>(
             .map(|p| event("pass", p, &[]))
             .collect::<Result<Vec<_>, _>>()?;
         let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
-        if epoch % cfg.eval().every == 0 || epoch == epochs {
+        if epoch.is_multiple_of(cfg.eval().every) || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
             observer.on_event(&Event::EvalEnd(&report));

@@ -472,7 +472,7 @@ fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     )
     .unwrap()
     .min_batch_len(2);
-    let mut sums = vec![[0.0f64; 4]; 3];
+    let mut sums = [[0.0f64; 4]; 3];
     let mut count = 0;
     for idx in batcher.batches() {
         let (x, y) = d.train.batch(idx).unwrap();

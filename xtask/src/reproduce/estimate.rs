@@ -37,20 +37,8 @@ fn sizes(ds: Dataset) -> (usize, usize) {
     }
 }
 
-/// Image shape `(C, H, W)` of a data set.
-fn shape(ds: Dataset) -> (usize, usize, usize) {
-    match ds {
-        Dataset::Mnist => (1, 28, 28),
-        Dataset::Cifar10 | Dataset::Cifar100 => (3, 32, 32),
-    }
-}
-
-fn classes(ds: Dataset) -> usize {
-    match ds {
-        Dataset::Mnist | Dataset::Cifar10 => 10,
-        Dataset::Cifar100 => 100,
-    }
-}
+/// The key of [`Bench::dt_shared_fraction`] in `noprop bench --json`.
+const DT_SHARED_FRACTION: &str = "dt_shared_fraction";
 
 /// What `noprop bench --json` measured for one model.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +49,10 @@ pub struct Bench {
     pub infer_seconds: f64,
     /// Worker threads it ran with.
     pub threads: Option<u64>,
+    /// The share of a NoProp-DT inference run's time that stacked runs
+    /// share (bench.rs, `dt_shared_fraction`); only NoProp-DT benches
+    /// report it, and noprop binaries older than the field do not.
+    pub dt_shared_fraction: Option<f64>,
 }
 
 impl Bench {
@@ -85,6 +77,9 @@ impl Bench {
             step_seconds: positive("step_ms").or_else(|_| positive("block_step_ms"))? / 1000.0,
             infer_seconds: 1.0 / positive("infer_images_per_s")?,
             threads: v["threads"].as_u64(),
+            dt_shared_fraction: v[DT_SHARED_FRACTION]
+                .as_f64()
+                .filter(|s| (0.0..=1.0).contains(s)),
         })
     }
 }
@@ -146,66 +141,17 @@ fn method(t: &Table) -> Result<Method> {
         })
 }
 
-/// The latent dimension `d` of the config's class embedding (noprop-train's
-/// `Config::latent_dim`): `m` for one-hot, `dim` (20 by default) for a
-/// learned one, `C*H*W` for prototypes.
-fn latent_dim(t: &Table, ds: Dataset) -> Result<usize> {
-    let (c, h, w) = shape(ds);
-    let Some(e) = get(t, "model", "embedding") else {
-        return Ok(classes(ds));
-    };
-    match e.get("kind").and_then(Value::as_str) {
-        Some("one-hot") => Ok(classes(ds)),
-        Some("learned") => match e.get("dim") {
-            None => Ok(20),
-            Some(v) => v
-                .as_integer()
-                .and_then(|x| usize::try_from(x).ok())
-                .context("model.embedding.dim is not a non-negative integer"),
-        },
-        Some("prototype") => Ok(c * h * w),
-        other => bail!("model.embedding.kind {other:?} is not one-hot, learned or prototype"),
-    }
-}
-
 /// Minibatches of a training pass over `n` images: the trainer's batcher
 /// drops a last batch of fewer than 2 (BatchNorm needs two).
 pub fn batches_per_pass(n: usize, batch: usize) -> usize {
     n / batch + usize::from(n % batch >= 2)
 }
 
-/// The share of one NoProp-DT inference run's time that stacked runs share.
-///
-/// The evaluator computes each block's image features once per batch of
-/// images and stacks every inference run's latents behind them (dt.rs,
-/// `predictor`), so `k` runs cost `s + k (1 - s)` single runs, with `s` the
-/// image path's share. Here `s` is its share of the forward FLOPs of the
-/// Figure-6 block (the counts of noprop bench's `block_step_flop`): the
-/// image path (three 3x3 convolutions and a Linear to 256), against the
-/// label path (an MLP from `d`, or a second image path when `d = C*H*W`),
-/// the fuse layers and `softmax(logits) W_embed`. On MNIST one-hot (s =
-/// 0.985) `noprop eval` took 1.13 times as long for 6 stacked runs as for 2
-/// (measured; the FLOP split says 1.07).
-pub fn dt_shared_fraction((c, h, w): (usize, usize, usize), d: usize, m: usize) -> f64 {
-    let conv = |cin: usize, cout: usize, h: usize, w: usize| 2.0 * (cin * cout * 9 * h * w) as f64;
-    let lin = |i: usize, o: usize| 2.0 * (i * o) as f64;
-    let image = conv(c, 32, h, w)
-        + conv(32, 64, h / 2, w / 2)
-        + conv(64, 128, h / 2, w / 2)
-        + lin(128 * (h / 4) * (w / 4), 256);
-    let label = if d == c * h * w {
-        image
-    } else {
-        lin(d, 256) + 2.0 * lin(256, 256)
-    };
-    let rest = lin(512, 256) + lin(256, 128) + lin(128, m) + lin(m, d);
-    image / (image + label + rest)
-}
-
 /// The wall time left to a run of `config` on `ds` after `epochs_done`
 /// epochs, from the benchmark of its model: training steps at
 /// `bench.step_seconds`, and inference at `bench.infer_seconds` per image
-/// and run.
+/// and run, NoProp-DT's stacked runs sharing `bench.dt_shared_fraction` of
+/// a run.
 pub fn estimate(
     config: &Table,
     ds: Dataset,
@@ -250,7 +196,12 @@ pub fn estimate(
         Method::Fm | Method::Backprop | Method::Adjoint => (runs, 0),
     };
     let shared = match method {
-        Method::Dt => dt_shared_fraction(shape(ds), latent_dim(config, ds)?, classes(ds)),
+        Method::Dt => bench.dt_shared_fraction.with_context(|| {
+            format!(
+                "noprop bench's JSON has no {DT_SHARED_FRACTION} between 0 and 1 \
+                 (from a noprop built before it reported one?)"
+            )
+        })?,
         _ => 0.0,
     };
     let runs_cost = |k: usize| {
@@ -406,11 +357,15 @@ mod tests {
         [method]\nkind = \"dt\"\nblocks = 10\neta = 0.1\n[train]\nepochs = 100\nbatch_size = 128\nseed = 0\n\
         [eval]\nruns = 5\ndeterministic = true\nbatch_size = 1000\ntrain_subset = 10000\nevery = 1\n";
 
+    /// A bench's figures: `step` seconds per training step, `infer` seconds
+    /// per image and run, and NoProp-DT's stacked runs sharing 0.985 of a
+    /// run (about MNIST one-hot's share).
     fn bench(step: f64, infer: f64) -> Bench {
         Bench {
             step_seconds: step,
             infer_seconds: infer,
             threads: Some(2),
+            dt_shared_fraction: Some(0.985),
         }
     }
 
@@ -434,29 +389,18 @@ mod tests {
     }
 
     #[test]
-    fn shared_fraction_from_flops() {
-        // MNIST, one-hot: image path 451584 + 7225344 + 28901376 + 3211264
-        // = 39789568 FLOPs; label MLP 5120 + 262144, fuse 262144 + 65536 +
-        // 2560, softmax(logits) W_embed 200: 597704.
-        let s = dt_shared_fraction((1, 28, 28), 10, 10);
-        assert!(close(s, 39_789_568.0 / (39_789_568.0 + 597_704.0)), "{s}");
-        // Prototypes run a second image path for every run: under half shared.
-        let p = dt_shared_fraction((1, 28, 28), 784, 10);
-        assert!(p > 0.45 && p < 0.5, "{p}");
-        let c = dt_shared_fraction((3, 32, 32), 20, 100);
-        assert!(c > 0.98 && c < 1.0, "{c}");
-    }
-
-    #[test]
     fn dt_full_run() {
         let t = config(MNIST_DT);
-        let b = bench(0.1, 0.002);
+        let b = Bench::from_json(
+            "{\"step_ms\":100.0,\"infer_images_per_s\":500.0,\"dt_shared_fraction\":0.985}",
+        )
+        .unwrap();
         let e = estimate(&t, Dataset::Mnist, &b, 0).unwrap();
         // 100 epochs x 10 blocks x 469 minibatches x 0.1 s.
         assert!(close(e.train, 46_900.0), "{}", e.train);
         // 100 evaluations: 10000 test images with 5 + 1 stacked runs, and
         // 10000 train images with one.
-        let s = dt_shared_fraction((1, 28, 28), 10, 10);
+        let s = 0.985;
         let once = 0.002 * (10_000.0 * (s + 6.0 * (1.0 - s)) + 10_000.0);
         assert!(close(e.eval, 100.0 * once), "{} {}", e.eval, 100.0 * once);
         assert!(close(e.total(), e.train + e.eval));
@@ -518,7 +462,11 @@ mod tests {
             "[method]\nkind = \"ct\"\neta = 1.0\nsteps = 1000\n[train]\nepochs = 1\nbatch_size = 128\n\
              [eval]\nruns = 5\ntrain_subset = 0\n",
         );
-        let b = bench(0.5, 1.0);
+        // Only NoProp-DT benches report a shared fraction.
+        let b = Bench {
+            dt_shared_fraction: None,
+            ..bench(0.5, 1.0)
+        };
         let e = estimate(&ct, Dataset::Cifar10, &b, 0).unwrap();
         // 50000 / 128 = 390 full batches and one of 80.
         assert!(close(e.train, 391.0 * 0.5), "{}", e.train);
@@ -557,6 +505,24 @@ mod tests {
         assert!(close(b.step_seconds, 0.23334));
         assert!(close(b.infer_seconds, 0.005));
         assert_eq!(b.threads, Some(2));
+        // A binary older than dt_shared_fraction: no estimate for NoProp-DT,
+        // and a one-line error naming the field.
+        assert_eq!(b.dt_shared_fraction, None);
+        let err = estimate(&config(MNIST_DT), Dataset::Mnist, &b, 0).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("dt_shared_fraction") && !msg.contains('\n'),
+            "{msg}"
+        );
+        let with = |s: &str| {
+            let out = format!(
+                "{{\"step_ms\":1.0,\"infer_images_per_s\":1.0,\"dt_shared_fraction\":{s}}}"
+            );
+            Bench::from_json(&out).unwrap().dt_shared_fraction
+        };
+        assert_eq!(with("0.985"), Some(0.985));
+        assert_eq!(with("1.5"), None);
+        assert_eq!(with("\"0.9\""), None);
         assert!(Bench::from_json("").is_err());
         assert!(Bench::from_json("op  fwd ms\n").is_err());
         assert!(Bench::from_json("{\"block_step_ms\":1.0}").is_err());

@@ -691,7 +691,7 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
         .collect();
     // Per data set, each method's one-hot figure and the one kind they all
     // are, if they are one.
-    let columns: Vec<(Vec<Option<(Memory, Option<u64>)>>, Option<Memory>)> = datasets
+    let columns: Vec<_> = datasets
         .iter()
         .map(|d| {
             let cells: Vec<_> = Method::ALL
@@ -796,6 +796,9 @@ mod tests {
     use super::super::runs::summarise;
     use super::*;
 
+    /// The summary of a run with `epochs` evaluated epochs, each scoring
+    /// `accs` on its stochastic test runs and `train` on the training set,
+    /// 10 s apart, with `rss` bytes of peak memory if given.
     fn run(accs: &[f64], train: f64, epochs: usize, rss: Option<u64>) -> Summary {
         let mut text = String::new();
         for e in 1..=epochs {
@@ -816,15 +819,88 @@ mod tests {
         summarise(&text)
     }
 
-    fn result(row: Row, finished: Vec<(u64, Summary)>) -> RowResult {
+    /// The summary of a started run: one epoch done in 10 s, no evaluation yet.
+    fn not_evaluated() -> Summary {
+        summarise("{\"event\":\"epoch\",\"epoch\":1,\"train_seconds\":10.0}\n")
+    }
+
+    /// The summary of a run whose epochs report memory only: per epoch, the
+    /// peak host RSS and, for a CUDA run, the peak GPU memory, in bytes.
+    fn memory(epochs: &[(u64, Option<u64>)]) -> Summary {
+        let mut text = String::new();
+        for (e, (rss, device)) in (1..).zip(epochs) {
+            let device = device.map_or(String::new(), |b| {
+                format!(",\"train_peak_device_bytes\":{b}")
+            });
+            text.push_str(&format!(
+                "{{\"event\":\"epoch\",\"epoch\":{e},\"train_peak_rss_bytes\":{rss}{device}}}\n"
+            ));
+        }
+        summarise(&text)
+    }
+
+    /// Table 1's MNIST row of `method` with the one-hot embedding.
+    fn mnist(method: Method) -> Row {
+        Row::table1(Dataset::Mnist, method, Embedding::OneHot)
+    }
+
+    /// A row's result with three seeds wanted and no runs yet; a test adds
+    /// the runs it needs with the `with_*` methods below.
+    fn result(row: Row) -> RowResult {
         RowResult {
             row,
             seeds_wanted: 3,
-            finished,
+            finished: vec![],
             unfinished: vec![],
             note: None,
             settings: None,
         }
+    }
+
+    impl RowResult {
+        /// Adds a finished run as the next seed (0, 1, ...).
+        fn with_finished(mut self, s: Summary) -> Self {
+            self.finished.push((self.finished.len() as u64, s));
+            self
+        }
+
+        /// Adds a started but unfinished run.
+        fn with_unfinished(mut self, s: Summary) -> Self {
+            self.unfinished.push(s);
+            self
+        }
+    }
+
+    /// How the tests' tables are made unless a test says otherwise: a full
+    /// reproduction on the CPU with three seeds.
+    fn ctx() -> Context {
+        Context {
+            quick: false,
+            device: "cpu".into(),
+            seeds: 3,
+        }
+    }
+
+    /// Table 1 of `r` alone, made as [`ctx`] says: the Markdown and the
+    /// CSV row.
+    fn table1(r: &RowResult) -> (String, Vec<(String, String)>) {
+        let rs = std::slice::from_ref(r);
+        (table1_markdown(&ctx(), rs), csv_row(&table1_csv(rs)))
+    }
+
+    /// The cells of the row in a CSV document with a header line, by column name.
+    fn csv_row(csv: &str) -> Vec<(String, String)> {
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 2, "{csv}");
+        lines[0]
+            .split(',')
+            .map(String::from)
+            .zip(lines[1].split(',').map(String::from))
+            .collect()
+    }
+
+    fn cell<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
+        &row.iter().find(|(h, _)| h == name).unwrap().1
     }
 
     #[test]
@@ -842,14 +918,9 @@ mod tests {
 
     #[test]
     fn pooled_over_seeds_and_runs() {
-        let row = Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot);
-        let r = result(
-            row,
-            vec![
-                (0, run(&[99.0, 99.2], 99.5, 2, Some(5))),
-                (1, run(&[99.4, 99.6], 99.7, 2, Some(7))),
-            ],
-        );
+        let r = result(mnist(Method::Dt))
+            .with_finished(run(&[99.0, 99.2], 99.5, 2, Some(5)))
+            .with_finished(run(&[99.4, 99.6], 99.7, 2, Some(7)));
         let a = r.aggregate();
         let (m, se) = a.test.unwrap();
         assert!((m - 99.3).abs() < 1e-9);
@@ -871,30 +942,22 @@ mod tests {
 
     #[test]
     fn table1_lists_rows_notes_and_paper_numbers() {
-        let ok = result(
-            Row::table1(Dataset::Mnist, Method::Fm, Embedding::Dim20),
-            vec![(0, run(&[97.0, 98.0], 98.0, 3, None))],
-        );
-        let mut missing = result(
-            Row::table1(Dataset::Mnist, Method::Backprop, Embedding::OneHot),
-            vec![],
-        );
+        let ok = result(Row::table1(Dataset::Mnist, Method::Fm, Embedding::Dim20))
+            .with_finished(run(&[97.0, 98.0], 98.0, 3, None));
+        let mut missing = result(mnist(Method::Backprop));
         missing.note = Some("configs/mnist-backprop-onehot.toml does not exist yet".into());
-        let ablation = result(
-            Row {
-                dataset: Dataset::Mnist,
-                method: Method::Dt,
-                embedding: Embedding::Dim20,
-                variant: Variant::Radial,
-            },
-            vec![],
-        );
-        let ctx = Context {
+        let ablation = result(Row {
+            dataset: Dataset::Mnist,
+            method: Method::Dt,
+            embedding: Embedding::Dim20,
+            variant: Variant::Radial,
+        });
+        let quick = Context {
             quick: true,
-            device: "cpu".into(),
             seeds: 1,
+            ..ctx()
         };
-        let md = table1_markdown(&ctx, &[missing, ok, ablation]);
+        let md = table1_markdown(&quick, &[missing, ok, ablation]);
         assert!(md.contains("## MNIST"));
         assert!(!md.contains("## CIFAR-10"));
         assert!(
@@ -909,10 +972,12 @@ mod tests {
         for line in md.lines().filter(|l| l.starts_with("| ")) {
             assert_eq!(line.matches(" | ").count(), T1_HEADER.len() - 1, "{line}");
         }
-        let csv = table1_csv(&[result(
-            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
-            vec![(0, run(&[99.0], 99.0, 1, Some(123)))],
-        )]);
+        let csv = table1_csv(&[result(mnist(Method::Dt)).with_finished(run(
+            &[99.0],
+            99.0,
+            1,
+            Some(123),
+        ))]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0].split(',').count(), lines[1].split(',').count());
@@ -925,26 +990,15 @@ mod tests {
 
     #[test]
     fn table2_prints_na_without_memory() {
-        let with = result(
-            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
-            vec![(0, run(&[99.0], 99.0, 1, Some(1_234_000_000)))],
-        );
-        let without = result(
-            Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
-            vec![(0, run(&[97.0], 97.0, 1, None))],
-        );
-        let not_run = result(
-            Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
-            vec![],
-        );
-        let md = table2_markdown(
-            &Context {
-                quick: false,
-                device: "cuda".into(),
-                seeds: 3,
-            },
-            &[with, without, not_run],
-        );
+        let with =
+            result(mnist(Method::Dt)).with_finished(run(&[99.0], 99.0, 1, Some(1_234_000_000)));
+        let without = result(mnist(Method::Ct)).with_finished(run(&[97.0], 97.0, 1, None));
+        let not_run = result(mnist(Method::Fm));
+        let cuda = Context {
+            device: "cuda".into(),
+            ..ctx()
+        };
+        let md = table2_markdown(&cuda, &[with, without, not_run]);
         assert!(md.contains("| NoProp-DT | 1.23 | 0.49 |"), "{md}");
         assert!(md.contains("| NoProp-CT | n/a | 1.05 |"), "{md}");
         assert!(md.contains("| NoProp-FM | — | 1.06 |"), "{md}");
@@ -964,20 +1018,14 @@ mod tests {
     #[test]
     fn table2_uses_the_first_epoch() {
         // Epoch 1 at 1 GB, epoch 2 (after an evaluation) at 1 GB + 2 GB.
-        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_peak_rss_bytes\":1000000000}\n\
-                    {\"event\":\"epoch\",\"epoch\":2,\"train_peak_rss_bytes\":3000000000}\n";
-        let r = result(
-            Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot),
-            vec![(0, summarise(text))],
-        );
-        let md = table2_markdown(
-            &Context {
-                quick: true,
-                device: "cpu".into(),
-                seeds: 1,
-            },
-            &[r],
-        );
+        let r = result(mnist(Method::Dt))
+            .with_finished(memory(&[(1_000_000_000, None), (3_000_000_000, None)]));
+        let quick = Context {
+            quick: true,
+            seeds: 1,
+            ..ctx()
+        };
+        let md = table2_markdown(&quick, &[r]);
         assert!(md.contains("| NoProp-DT | 1.00 | 0.49 |"), "{md}");
         assert!(
             md.contains("| `mnist-dt-onehot` | host RSS | 1.00 | 3.00 |"),
@@ -985,37 +1033,11 @@ mod tests {
         );
     }
 
-    const MNIST_DT: Row = Row {
-        dataset: Dataset::Mnist,
-        method: Method::Dt,
-        embedding: Embedding::OneHot,
-        variant: Variant::Table1,
-    };
-
-    /// The cells of the row in a CSV document with a header line, by column name.
-    fn csv_row(csv: &str) -> Vec<(String, String)> {
-        let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines.len(), 2, "{csv}");
-        lines[0]
-            .split(',')
-            .map(String::from)
-            .zip(lines[1].split(',').map(String::from))
-            .collect()
-    }
-
-    fn cell<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
-        &row.iter().find(|(h, _)| h == name).unwrap().1
-    }
-
     #[test]
     fn finished_row_is_shown_as_before() {
-        let mut r = result(
-            MNIST_DT,
-            vec![
-                (0, run(&[99.0, 99.2], 99.5, 2, None)),
-                (1, run(&[99.4, 99.6], 99.7, 2, None)),
-            ],
-        );
+        let mut r = result(mnist(Method::Dt))
+            .with_finished(run(&[99.0, 99.2], 99.5, 2, None))
+            .with_finished(run(&[99.4, 99.6], 99.7, 2, None));
         let cells = t1_cells(&r);
         assert_eq!(
             cells[2..],
@@ -1036,16 +1058,8 @@ mod tests {
         let mut expect = cells.clone();
         expect[8] = "2 of 3 × 2 (1 unfinished)".into();
         assert_eq!(t1_cells(&r), expect);
-        let md = table1_markdown(
-            &Context {
-                quick: false,
-                device: "cpu".into(),
-                seeds: 3,
-            },
-            &[r.clone()],
-        );
+        let (md, row) = table1(&r);
         assert!(!md.contains('*'), "{md}");
-        let row = csv_row(&table1_csv(&[r]));
         assert_eq!(cell(&row, "finished"), "true");
         assert_eq!(cell(&row, "seeds"), "2");
         assert_eq!(
@@ -1057,11 +1071,9 @@ mod tests {
     #[test]
     fn unfinished_row_shows_latest_evaluations_marked() {
         // Two of three seeds started, evaluated up to epochs 3 and 5 of 100.
-        let mut r = result(MNIST_DT, vec![]);
-        r.unfinished = vec![
-            run(&[96.0, 97.0], 97.5, 3, Some(100)),
-            run(&[98.0, 99.0], 98.5, 5, Some(300)),
-        ];
+        let mut r = result(mnist(Method::Dt))
+            .with_unfinished(run(&[96.0, 97.0], 97.5, 3, Some(100)))
+            .with_unfinished(run(&[98.0, 99.0], 98.5, 5, Some(300)));
         let shown = r.shown();
         assert!(!shown.finished && shown.partial());
         assert_eq!((shown.seeds, shown.agg.test_runs), (2, 4));
@@ -1083,27 +1095,20 @@ mod tests {
             ]
         );
         // One seed: `5 / 100 (unfinished)`.
-        let mut one = result(MNIST_DT, vec![]);
-        one.unfinished.push(r.unfinished[1].clone());
+        let one = result(mnist(Method::Dt)).with_unfinished(r.unfinished[1].clone());
         let cells = t1_cells(&one);
         assert_eq!(
             (cells[2].as_str(), cells[7].as_str()),
             ("98.50 ± 0.50*", "5 / 100 (unfinished)")
         );
         // A started seed without an evaluation yet is said, not counted.
-        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_seconds\":10.0}\n";
-        r.unfinished.push(summarise(text));
+        r.unfinished.push(not_evaluated());
         assert_eq!(
             t1_cells(&r)[8],
             "2 of 3 × 2 (unfinished; 1 more not evaluated yet)"
         );
 
-        let ctx = Context {
-            quick: false,
-            device: "cpu".into(),
-            seeds: 3,
-        };
-        let md = table1_markdown(&ctx, &[r.clone()]);
+        let (md, row) = table1(&r);
         assert!(
             md.contains("| NoProp-DT | one-hot | 97.50 ± 0.65* | 99.47 |"),
             "{md}"
@@ -1112,7 +1117,6 @@ mod tests {
             md.contains("\n\n\\* Unfinished runs: the latest evaluation, after the epochs shown"),
             "{md}"
         );
-        let row = csv_row(&table1_csv(&[r]));
         assert_eq!(cell(&row, "finished"), "false");
         assert_eq!(
             (
@@ -1125,18 +1129,12 @@ mod tests {
         assert_eq!(cell(&row, "test_mean"), "97.5");
         assert_eq!(cell(&row, "peak_rss_bytes"), "300");
         // A row without unfinished runs shows nothing.
-        let other = result(
-            Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
-            vec![],
-        );
-        assert_eq!(other.shown().seeds, 0);
+        assert_eq!(result(mnist(Method::Fm)).shown().seeds, 0);
     }
 
     #[test]
     fn unfinished_run_without_evaluation_shows_as_before() {
-        let mut r = result(MNIST_DT, vec![]);
-        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_seconds\":10.0}\n";
-        r.unfinished.push(summarise(text));
+        let r = result(mnist(Method::Dt)).with_unfinished(not_evaluated());
         let cells = t1_cells(&r);
         assert_eq!(
             cells[2..],
@@ -1151,16 +1149,8 @@ mod tests {
                 "—"
             ]
         );
-        let md = table1_markdown(
-            &Context {
-                quick: false,
-                device: "cpu".into(),
-                seeds: 3,
-            },
-            &[r.clone()],
-        );
+        let (md, row) = table1(&r);
         assert!(!md.contains('*'), "{md}");
-        let row = csv_row(&table1_csv(&[r]));
         assert_eq!(
             (cell(&row, "finished"), cell(&row, "test_mean")),
             ("false", "")
@@ -1171,20 +1161,21 @@ mod tests {
     fn table2_prefers_gpu_memory() {
         // A CUDA run: 0.5 GB of GPU memory in epoch 1, 0.6 GB later, beside
         // 2 GB and 3 GB of process RSS.
-        let text = "{\"event\":\"epoch\",\"epoch\":1,\"train_peak_rss_bytes\":2000000000,\"train_peak_device_bytes\":500000000}\n\
-                    {\"event\":\"epoch\",\"epoch\":2,\"train_peak_rss_bytes\":3000000000,\"train_peak_device_bytes\":600000000}\n";
-        let gpu = result(MNIST_DT, vec![(0, summarise(text))]);
+        let gpu = result(mnist(Method::Dt)).with_finished(memory(&[
+            (2_000_000_000, Some(500_000_000)),
+            (3_000_000_000, Some(600_000_000)),
+        ]));
         let a = gpu.aggregate();
         assert_eq!(
             (a.first_epoch_device_bytes, a.peak_device_bytes),
             (Some(500_000_000), Some(600_000_000))
         );
-        let ctx = Context {
-            quick: false,
+        let cuda = Context {
             device: "cuda".into(),
             seeds: 1,
+            ..ctx()
         };
-        let md = table2_markdown(&ctx, &[gpu.clone()]);
+        let md = table2_markdown(&cuda, std::slice::from_ref(&gpu));
         assert!(
             md.contains("| method | MNIST (ours, GPU) | MNIST (paper, GPU) |"),
             "{md}"
@@ -1195,11 +1186,9 @@ mod tests {
             "{md}"
         );
         // Beside a CPU run in the same column, each figure says which it is.
-        let cpu = result(
-            Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
-            vec![(0, run(&[97.0], 97.0, 1, Some(1_234_000_000)))],
-        );
-        let md = table2_markdown(&ctx, &[gpu.clone(), cpu]);
+        let cpu =
+            result(mnist(Method::Ct)).with_finished(run(&[97.0], 97.0, 1, Some(1_234_000_000)));
+        let md = table2_markdown(&cuda, &[gpu.clone(), cpu]);
         assert!(
             md.contains("| method | MNIST (ours, GPU or host RSS) |"),
             "{md}"
