@@ -94,6 +94,7 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
             series.push(Series {
                 name: m.title().into(),
                 points: pts.iter().map(|p| (p.train_seconds, p.test_acc)).collect(),
+                ..Default::default()
             });
         }
         if lines.is_empty() {
@@ -104,6 +105,7 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
             x_label: "cumulative training time (s)".into(),
             y_label: "test accuracy (%)".into(),
             series,
+            ..Default::default()
         };
         out.push(Output {
             name: format!("fig3-{}.svg", ds.name()),

@@ -147,7 +147,9 @@ impl Frame {
         );
     }
 
-    fn legend(&mut self, names: &[String]) {
+    /// One legend entry per name, in the colour of the same position in
+    /// `colours` (the palette's `i`-th colour where `colours` is shorter).
+    fn legend(&mut self, names: &[String], colours: &[usize]) {
         for (i, name) in names.iter().enumerate() {
             let y = TOP + 10.0 + i as f64 * 20.0;
             let x = WIDTH - RIGHT + 14.0;
@@ -156,7 +158,7 @@ impl Frame {
                 r#"<rect x="{x}" y="{:.2}" width="14" height="10" fill="{}"/>
 <text x="{:.2}" y="{:.2}">{}</text>"#,
                 y - 9.0,
-                colour(i),
+                colour(colours.get(i).copied().unwrap_or(i)),
                 x + 20.0,
                 y,
                 escape(name)
@@ -171,19 +173,26 @@ impl Frame {
 }
 
 /// One line of a [`LinePlot`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// The palette colour; by default the series' position in the plot.
+    pub colour: Option<usize>,
+    /// A dashed line without point markers (a reference value, not data).
+    pub dashed: bool,
 }
 
 /// Lines through points, each point marked with a circle.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LinePlot {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    /// Whole-number x values (epochs): the axis spans at least 0..5, so
+    /// its ticks fall on whole numbers.
+    pub integer_x: bool,
 }
 
 impl LinePlot {
@@ -208,6 +217,7 @@ impl LinePlot {
             yhi = yhi.max(y);
         }
         // Time axes start at zero.
+        let xhi = if self.integer_x { xhi.max(5.0) } else { xhi };
         let (x0, x1, xticks) = nice_ticks(xlo.min(0.0), xhi);
         let mut f = Frame::new(
             &self.title,
@@ -229,7 +239,10 @@ impl LinePlot {
             );
         }
         f.axes();
-        for (i, s) in self.series.iter().enumerate() {
+        let colours: Vec<usize> = (0..self.series.len())
+            .map(|i| self.series[i].colour.unwrap_or(i))
+            .collect();
+        for (s, &c) in self.series.iter().zip(&colours) {
             let finite: Vec<(f64, f64)> = s
                 .points
                 .iter()
@@ -243,10 +256,18 @@ impl LinePlot {
                     .collect();
                 let _ = writeln!(
                     f.svg,
-                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"{}/>"#,
                     path.join(" "),
-                    colour(i)
+                    colour(c),
+                    if s.dashed {
+                        r#" stroke-dasharray="6 4""#
+                    } else {
+                        ""
+                    }
                 );
+            }
+            if s.dashed {
+                continue;
             }
             for &(x, y) in &finite {
                 let _ = writeln!(
@@ -254,7 +275,7 @@ impl LinePlot {
                     r#"<circle cx="{:.2}" cy="{:.2}" r="3.5" fill="{}"><title>{}: ({}, {})</title></circle>"#,
                     f.px(x),
                     f.py(y),
-                    colour(i),
+                    colour(c),
                     escape(&s.name),
                     fmt_tick(x),
                     fmt_tick(y)
@@ -267,6 +288,7 @@ impl LinePlot {
                 .iter()
                 .map(|s| s.name.clone())
                 .collect::<Vec<_>>(),
+            &colours,
         );
         f.finish()
     }
@@ -367,7 +389,7 @@ impl BarPlot {
                 }
             }
         }
-        f.legend(&self.series);
+        f.legend(&self.series, &[]);
         f.finish()
     }
 }
@@ -447,20 +469,25 @@ pub(crate) mod tests {
                 Series {
                     name: "NoProp-CT".into(),
                     points: vec![(10.0, 90.0), (20.0, 95.0), (30.0, 96.5)],
+                    ..Default::default()
                 },
                 Series {
                     name: "NoProp-FM".into(),
                     points: vec![(12.0, 91.0), (24.0, 97.0)],
+                    ..Default::default()
                 },
                 Series {
                     name: "Adjoint".into(),
                     points: vec![(100.0, 98.0)],
+                    ..Default::default()
                 },
                 Series {
                     name: "empty".into(),
                     points: vec![],
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let svg = plot.to_svg();
         well_formed(&svg).unwrap();
@@ -521,6 +548,7 @@ pub(crate) mod tests {
                 x_label: "x".into(),
                 y_label: "y".into(),
                 series: vec![],
+                ..Default::default()
             }
             .to_svg(),
         )

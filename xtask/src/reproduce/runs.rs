@@ -54,7 +54,7 @@ impl Summary {
     }
 }
 
-fn as_usize(v: &Json) -> Option<usize> {
+pub(super) fn as_usize(v: &Json) -> Option<usize> {
     v.as_u64().and_then(|x| usize::try_from(x).ok())
 }
 
