@@ -32,8 +32,48 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The help text of a command (several commands share one), or `None`
+/// for an unknown command.
+fn help_for(command: &str) -> Option<&'static str> {
+    Some(match command {
+        "bench" | "data" | "ci" => HELP,
+        "reproduce" => reproduce::HELP,
+        "curve" => reproduce::curve::HELP,
+        "soak" => soak::HELP,
+        "cuda-env" | "cuda-build" => cuda::HELP,
+        "gpu-bundle" => gpu_bundle::HELP,
+        _ => return None,
+    })
+}
+
+const COMMANDS: &str = "bench|data|ci|reproduce|curve|soak|cuda-env|cuda-build|gpu-bundle";
+
+fn usage() -> String {
+    format!(
+        "usage: cargo xtask <{COMMANDS}> [options]\n\n{}\n{}\n{}\n{}\n{}\n{}",
+        HELP,
+        reproduce::HELP,
+        reproduce::curve::HELP,
+        soak::HELP,
+        cuda::HELP,
+        gpu_bundle::HELP
+    )
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let wants_help = |a: &String| a == "--help" || a == "-h";
+    if args.first().is_some_and(|a| wants_help(a) || a == "help") {
+        println!("{}", usage());
+        return std::process::ExitCode::SUCCESS;
+    }
+    // `cargo xtask bench --help` prints help; it never runs the command.
+    if let (Some(command), true) = (args.first(), args.iter().skip(1).any(wants_help)) {
+        if let Some(help) = help_for(command) {
+            println!("{help}");
+            return std::process::ExitCode::SUCCESS;
+        }
+    }
     let result = match args.first().map(String::as_str) {
         Some("bench") => bench(&args[1..]),
         Some("data") => data(&args[1..]),
@@ -45,15 +85,7 @@ fn main() -> std::process::ExitCode {
         Some("cuda-build") => cuda::build(&args[1..], &root()),
         Some("gpu-bundle") => gpu_bundle::run(&args[1..], &root()),
         _ => {
-            eprintln!(
-                "usage: cargo xtask <bench|data|ci|reproduce|curve|soak|cuda-env|cuda-build|gpu-bundle> [options]\n\n{}\n{}\n{}\n{}\n{}\n{}",
-                HELP,
-                reproduce::HELP,
-                reproduce::curve::HELP,
-                soak::HELP,
-                cuda::HELP,
-                gpu_bundle::HELP
-            );
+            eprintln!("{}", usage());
             return std::process::ExitCode::from(2);
         }
     };
@@ -367,6 +399,15 @@ fn ci() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_command_has_help() {
+        for command in COMMANDS.split('|') {
+            let help = help_for(command).unwrap_or_else(|| panic!("{command} has no help"));
+            assert!(help.contains(command), "{command}'s help does not name it");
+        }
+        assert!(help_for("bogus").is_none());
+    }
 
     #[test]
     fn flag_values_and_the_one_line_error() {
