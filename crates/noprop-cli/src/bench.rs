@@ -73,6 +73,40 @@ fn synthetic(
     }
 }
 
+/// Minibatch `i` of `batch` images: the benchmarks cycle through the first
+/// eight minibatches of `pool`.
+fn minibatch(pool: &Dataset, batch: usize, i: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let size = pool.channels * pool.height * pool.width;
+    let start = (i % 8) * batch;
+    let x = Tensor::from_slice(
+        &pool.images[start * size..(start + batch) * size],
+        (batch, pool.channels, pool.height, pool.width),
+        dev,
+    )?;
+    let y = Tensor::from_slice(&pool.labels[start..start + batch], batch, dev)?;
+    Ok((x, y))
+}
+
+/// The seconds of `steps` calls of `step(i)`, each synchronised with the
+/// device, after `warmup` untimed ones.
+fn time_steps(
+    warmup: usize,
+    steps: usize,
+    dev: &Device,
+    mut step: impl FnMut(usize) -> Result<()>,
+) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        step(i)?;
+        dev.synchronize()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
 fn randn(rng: &mut NoiseRng, dims: &[usize], dev: &Device) -> Result<Tensor> {
     let mut v = vec![0f32; dims.iter().product()];
     rng.fill_normal(&mut v);
@@ -344,28 +378,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let d = cfg.latent_dim();
     let mut rng = NoiseRng::new(0);
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
-    let minibatch = |i: usize| -> Result<(Tensor, Tensor)> {
-        let start = (i % 8) * args.batch;
-        let x = Tensor::from_slice(
-            &pool.images[start * c * h * w..(start + args.batch) * c * h * w],
-            (args.batch, c, h, w),
-            &dev,
-        )?;
-        let y = Tensor::from_slice(&pool.labels[start..start + args.batch], args.batch, &dev)?;
-        Ok((x, y))
-    };
+    let batches: Vec<(Tensor, Tensor)> = (0..8)
+        .map(|i| minibatch(&pool, args.batch, i, &dev))
+        .collect::<Result<_>>()?;
     let t = blocks.div_ceil(2);
     let (mut noise, mut drop) = (NoiseRng::new(1), NoiseRng::new(2));
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..args.warmup + args.steps {
-        let (x, y) = minibatch(i)?;
-        let t0 = Instant::now();
-        trainer.train_step(t, &x, &y, &mut noise, &mut drop)?;
-        dev.synchronize()?;
-        if i >= args.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
+    let times = time_steps(args.warmup, args.steps, &dev, |i| {
+        let (x, y) = &batches[i % 8];
+        trainer.train_step(t, x, y, &mut noise, &mut drop)?;
+        Ok(())
+    })?;
     let step_ms = 1000.0 * median(&times);
 
     // The fused order: all blocks on one minibatch, per block.
@@ -375,19 +397,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64)
             .map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b)))
             .collect();
-        let mut ftimes = vec![];
-        for i in 0..1 + args.fused_steps {
-            let (x, y) = minibatch(i)?;
-            let t0 = Instant::now();
+        let ftimes = time_steps(1, args.fused_steps, &dev, |i| {
+            let (x, y) = &batches[i % 8];
             for (t, (noise, drop)) in streams.iter_mut().enumerate() {
-                fused.train_step(t + 1, &x, &y, noise, drop)?;
+                fused.train_step(t + 1, x, y, noise, drop)?;
             }
-            dev.synchronize()?;
-            if i >= 1 {
-                ftimes.push(t0.elapsed().as_secs_f64() / blocks as f64);
-            }
-        }
-        fused_ms = Some(1000.0 * median(&ftimes));
+            Ok(())
+        })?;
+        fused_ms = Some(1000.0 * median(&ftimes) / blocks as f64);
     }
 
     // Full T-step inference (one stochastic run) on `infer_batch` images.
@@ -479,23 +496,15 @@ fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> 
     let mut rng = NoiseRng::new(0);
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
     let mut trainer = build_trainer(cfg, dev.clone(), Some(&pool))?;
-    let mut times = Vec::with_capacity(args.steps);
+    let batches: Vec<(Tensor, Tensor)> = (0..8)
+        .map(|i| minibatch(&pool, args.batch, i, dev))
+        .collect::<Result<_>>()?;
     let (mut noise, mut drop) = (NoiseRng::new(1), NoiseRng::new(2));
-    for i in 0..args.warmup + args.steps {
-        let start = (i % 8) * args.batch;
-        let x = Tensor::from_slice(
-            &pool.images[start * c * h * w..(start + args.batch) * c * h * w],
-            (args.batch, c, h, w),
-            dev,
-        )?;
-        let y = Tensor::from_slice(&pool.labels[start..start + args.batch], args.batch, dev)?;
-        let t0 = Instant::now();
-        trainer.train_step(0, &x, &y, &mut noise, &mut drop)?;
-        dev.synchronize()?;
-        if i >= args.warmup {
-            times.push(t0.elapsed().as_secs_f64());
-        }
-    }
+    let times = time_steps(args.warmup, args.steps, dev, |i| {
+        let (x, y) = &batches[i % 8];
+        trainer.train_step(0, x, y, &mut noise, &mut drop)?;
+        Ok(())
+    })?;
     let step_ms = 1000.0 * median(&times);
     // One stochastic run over `infer_batch` images, after a warm-up on two.
     let mut r = NoiseRng::new(3);
