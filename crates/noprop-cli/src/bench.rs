@@ -24,7 +24,7 @@ use noprop_models::ops::{
 use noprop_train::{build_trainer, Config, DeviceData, Dt, Trainer};
 use serde_json::{json, Value};
 
-use crate::{device, parse_config, parse_config_text, set_threads, BenchArgs, DEFAULT_CONFIG};
+use crate::{device, parse_config, parse_config_text, set_up_cpu, BenchArgs, DEFAULT_CONFIG};
 
 /// FP32 floating-point operations per cycle and core: two FMA units of
 /// eight lanes, two operations per multiply-add.
@@ -320,7 +320,7 @@ fn dt_shared_fraction(shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let threads = set_threads(args.common.threads)?;
+    let threads = set_up_cpu(args.common.threads)?;
     // Sizes are checked before anything is allocated for them.
     for (flag, v, min, max) in [
         (

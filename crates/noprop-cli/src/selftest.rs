@@ -20,7 +20,7 @@ use noprop_train::config::RawMethod;
 use noprop_train::{build_trainer, DeviceData, Method, RawConfig};
 use serde_json::json;
 
-use crate::{device, set_threads, Common};
+use crate::{device, set_up_cpu, Common};
 
 /// `noprop selftest`'s arguments.
 #[derive(clap::Args)]
@@ -419,7 +419,7 @@ fn rel_diff(a: &[Tensor], b: &[Tensor]) -> Result<f64> {
 }
 
 pub(crate) fn run(args: SelftestArgs) -> Result<()> {
-    set_threads(args.common.threads)?;
+    set_up_cpu(args.common.threads)?;
     let dev = device(args.common.device)?;
     let mut rows = vec![];
     let mut failed = 0;

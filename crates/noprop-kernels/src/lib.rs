@@ -61,6 +61,7 @@
 
 mod bn;
 mod conv;
+mod denormals;
 mod direct;
 mod dropout;
 mod elem;
@@ -71,6 +72,7 @@ mod pool;
 mod stage;
 mod winograd;
 
+pub use denormals::flush_denormals;
 pub use error::KernelError;
 
 use candle_core::{DType, Result, Tensor};
