@@ -106,6 +106,7 @@ bench   time the Figure-6 block's hot ops (forward and backward, GFLOP/s
         $NOPROP_TORCH_PYTHON) names a Python with torch; prints ratios.
         --threads N (2), --rounds R (3, interleaved; medians reported),
         --torch-script FILE (default ../shared/bench/torch_reference.py),
+        --avx512 (time the build with AVX-512 GEMM kernels, target/avx512),
         --json (one JSON object as the last line)
 data    download a data set with checksums (noprop data download)
 ci      run the test suite as CI does";
@@ -147,14 +148,26 @@ fn run_json(cmd: &mut Command) -> Result<Value> {
 }
 
 fn build_noprop() -> Result<PathBuf> {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(root())
-        .args(["build", "--release", "-p", "noprop-cli"])
-        .status()?;
-    if !status.success() {
+    build_noprop_with(false)
+}
+
+/// Builds the release `noprop`, with the `avx512` feature into its own
+/// `target/avx512` (so the two builds do not rebuild each other); returns it.
+fn build_noprop_with(avx512: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root())
+        .args(["build", "--release", "-p", "noprop-cli"]);
+    let target = if avx512 {
+        let dir = root().join("target/avx512");
+        cmd.args(["--features", "avx512"]).env("CARGO_TARGET_DIR", &dir);
+        dir
+    } else {
+        root().join("target")
+    };
+    if !cmd.status()?.success() {
         bail!("cargo build failed");
     }
-    Ok(root().join("target/release/noprop"))
+    Ok(target.join("release/noprop"))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -211,7 +224,7 @@ fn bench(args: &[String]) -> Result<()> {
     let torch_script = flag(args, "--torch-script")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("../shared/bench/torch_reference.py"));
-    let noprop = build_noprop()?;
+    let noprop = build_noprop_with(args.iter().any(|a| a == "--avx512"))?;
     let (mut fast, mut stock, mut torch) = (vec![], vec![], vec![]);
     // Interleave the implementations so that machine noise hits them alike.
     for round in 0..rounds {
@@ -319,6 +332,8 @@ fn bench(args: &[String]) -> Result<()> {
         "-",
         med_of(&stock, "infer_images_per_s")
     );
+    let cpu_gemm = fast.first().map(|v| v["cpu_gemm"].clone()).unwrap_or(Value::Null);
+    println!("GEMM kernels: {}", cpu_gemm.as_str().unwrap_or("?"));
     println!(
         "block step: {:.2} GFLOP (direct-method count), {:.1} GFLOP/s, {:.0}% of the {:.0} GFLOP/s peak ({})",
         step_gflop,
@@ -338,6 +353,7 @@ fn bench(args: &[String]) -> Result<()> {
         "block_step_gflops": step_gflop / (fast_step / 1e3),
         "peak_gflops": peak,
         "peak_basis": fast.first().map(|v| v["peak_basis"].clone()).unwrap_or(Value::Null),
+        "cpu_gemm": cpu_gemm,
         "ops": fast_ops,
         "stock_block_step_ms": med_of(&stock, "block_step_ms"),
         "stock_infer_images_per_s": med_of(&stock, "infer_images_per_s"),

@@ -5,7 +5,8 @@
 //!
 //! Throughput is reported against the FP32 peak `threads x clock x 32`
 //! (two 256-bit FMA units per core: 16 multiply-adds per cycle, as on AMD
-//! Zen 3 and Intel cores since Haswell), with the clock given by
+//! Zen 3 and Intel cores since Haswell), `x 64` where the GEMMs run
+//! AVX-512 kernels (a build with the `avx512` feature), with the clock given by
 //! `--clock-ghz` (default 2.98, the sustained clock measured on the
 //! development VM). FLOP counts are those of the direct method (two per
 //! multiply-add); a Winograd convolution does 2.25 times fewer multiplies
@@ -27,8 +28,14 @@ use serde_json::{json, Value};
 use crate::{device, parse_config, parse_config_text, set_up_cpu, BenchArgs, DEFAULT_CONFIG};
 
 /// FP32 floating-point operations per cycle and core: two FMA units of
-/// eight lanes, two operations per multiply-add.
-const FLOP_PER_CYCLE: f64 = 32.0;
+/// eight lanes (sixteen with AVX-512), two operations per multiply-add.
+fn flop_per_cycle(cpu_gemm: &str) -> f64 {
+    if cpu_gemm == "avx512f" {
+        64.0
+    } else {
+        32.0
+    }
+}
 
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -417,7 +424,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
 
-    let peak = threads as f64 * args.clock_ghz * FLOP_PER_CYCLE;
+    let cpu_gemm = noprop_kernels::gemm_isa();
+    let per_cycle = flop_per_cycle(cpu_gemm);
+    let peak = threads as f64 * args.clock_ghz * per_cycle;
     let gflops = |flop: f64, s: f64| flop / s / 1e9;
     let step_flop = block_step_flop(args.batch, shape, d, m);
     let batches_per_epoch = 60_000usize.div_ceil(args.batch);
@@ -465,7 +474,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "infer_batch": args.infer_batch,
         "infer_images_per_s": round(args.infer_batch as f64 / infer_s, 1),
         "peak_gflops": round(peak, 1),
-        "peak_basis": format!("{threads} threads x {} GHz x {FLOP_PER_CYCLE} FLOP/cycle (FP32 FMA)", args.clock_ghz),
+        "peak_basis": format!("{threads} threads x {} GHz x {per_cycle} FLOP/cycle (FP32 FMA)", args.clock_ghz),
+        "cpu_gemm": cpu_gemm,
         "ops": op_json,
     });
     if let Some(f) = fused_ms {
@@ -562,6 +572,7 @@ fn print_table(s: &Value) {
     println!();
     let keys = [
         "kernels",
+        "cpu_gemm",
         "threads",
         "block_step_ms",
         "block_step_gflops",

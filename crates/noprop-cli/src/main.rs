@@ -542,7 +542,16 @@ fn train(args: TrainArgs) -> Result<()> {
             if trainer.config().train().epochs != epochs_before {
                 run.set_epochs(trainer.config().train().epochs)?;
             }
-            run.record_resume(epoch, &command, &accepted)?;
+            let cpu_gemm = dev.is_cpu().then(noprop_kernels::gemm_isa);
+            if let (Some(before), Some(now)) = (run.recorded_cpu_gemm()?, cpu_gemm) {
+                if before != now {
+                    eprintln!(
+                        "note: this run trained with {before} GEMM kernels and continues with {now} \
+                         ones: from here it is not bit-identical to an uninterrupted run (noprop-kernels' `avx512` feature)"
+                    );
+                }
+            }
+            run.record_resume(epoch, &command, &accepted, cpu_gemm)?;
             eprintln!("resuming {} after epoch {epoch}", run.path().display());
             run
         }

@@ -530,6 +530,8 @@ fn kills_in_the_commit_windows_lose_nothing() {
 /// `--resume` continues under the run's own config and data: an edited
 /// `config.json` or other data is refused unless `--accept-changes`, which
 /// meta.json records; `--epochs` on resume is recorded in config.json.
+/// Resuming on other GEMM kernels (a build with or without `avx512`) is
+/// allowed, said on stderr and recorded.
 #[test]
 fn resume_refuses_changed_config_or_data_unless_accepted() {
     let f = fixture(64);
@@ -588,6 +590,34 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(config["train"]["epochs"], 2);
+
+    // The run so far as if trained by a build with other GEMM kernels.
+    let isa = meta["cpu_gemm"].as_str().unwrap().to_string();
+    assert_eq!(meta["resumes"][0]["cpu_gemm"], isa.as_str());
+    let meta_path = run.join("meta.json");
+    let mut edited = meta.clone();
+    edited["resumes"][0]["cpu_gemm"] = "other-isa".into();
+    std::fs::write(&meta_path, edited.to_string()).unwrap();
+    let out = resume(&["--epochs", "3"], &data);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "note: this run trained with other-isa GEMM kernels and continues with {isa} ones"
+        )),
+        "{stderr}"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    assert_eq!(meta["resumes"][1]["cpu_gemm"], isa.as_str());
+    // Resumed again on the same kernels: nothing to say.
+    let out = resume(&["--epochs", "4"], &data);
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("GEMM kernels"));
 }
 
 /// `noprop selftest` on the CPU: the CPU against itself, and candle's

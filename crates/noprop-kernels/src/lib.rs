@@ -35,6 +35,11 @@
 //! every device and the stock path serves as the tests' oracle. The kernels
 //! run on rayon's global thread pool.
 //!
+//! The `avx512` feature lets the `gemm` crate (and so candle's matmuls too)
+//! run AVX-512 micro-kernels where the CPU has them: about 1.4x faster
+//! training on such CPUs, at the price of results that differ from the
+//! default build's in the last bits; [`gemm_isa`] tells which kernels run.
+//!
 //! What this crate does not do: strides other than 1, dilation, groups,
 //! non-square kernels or pooling windows other than 2x2; GPU kernels; second
 //! derivatives (the gradients it returns are not themselves differentiable);
@@ -414,6 +419,41 @@ fn conv_impl(
 /// not affected.)
 pub fn use_baseline_simd(on: bool) {
     elem::BASELINE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The instruction set of the GEMM micro-kernels this build runs on this
+/// CPU, as the `gemm` crate (here and inside candle) chooses them at run
+/// time: `"avx512f"` (a build with this crate's `avx512` feature, on a CPU
+/// with AVX-512F), `"fma"` (AVX2 and FMA), `"neon"`, or `"scalar"`.
+///
+/// A build gives bit-identical results for any thread count. Builds that
+/// run different micro-kernels do not: the AVX-512 kernels split a GEMM's
+/// sums differently, so results differ in the last bits and a training
+/// trajectory drifts apart over many steps. `noprop` records this value in a
+/// run's `meta.json` and says so when a resume changes it.
+pub fn gemm_isa() -> &'static str {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        if cfg!(feature = "avx512") && std::is_x86_feature_detected!("avx512f") {
+            "avx512f"
+        } else if std::is_x86_feature_detected!("fma") {
+            "fma"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            "neon"
+        } else {
+            "scalar"
+        }
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "scalar"
+    }
 }
 
 /// How a fused convolution stage computes its convolution on the fast

@@ -55,6 +55,10 @@ pub struct RunMeta {
     pub parameters: usize,
     /// What the run trains and tests on, compared on `--resume`.
     pub data: Option<DataIdentity>,
+    /// On the CPU, the GEMM micro-kernels this build runs
+    /// ([`noprop_kernels::gemm_isa`]): runs on different ones are not
+    /// bit-identical. `None` on a GPU.
+    pub cpu_gemm: Option<&'static str>,
 }
 
 impl RunMeta {
@@ -76,6 +80,7 @@ impl RunMeta {
             command,
             parameters,
             data: None,
+            cpu_gemm: trainer.device().is_cpu().then(noprop_kernels::gemm_isa),
         }
     }
 
@@ -310,23 +315,45 @@ impl RunDir {
         })
     }
 
-    /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch, command}`).
+    /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch,
+    /// command}`, with the changes accepted and the CPU's GEMM kernels
+    /// where there are any).
     pub fn record_resume(
         &self,
         from_epoch: usize,
         command: &[String],
         accepted_changes: &[String],
+        cpu_gemm: Option<&str>,
     ) -> Result<(), TrainError> {
         let mut meta = self.meta()?;
         let mut entry = json!({"from_epoch": from_epoch, "command": command});
         if !accepted_changes.is_empty() {
             entry["accepted_changes"] = json!(accepted_changes);
         }
+        if let Some(isa) = cpu_gemm {
+            entry["cpu_gemm"] = json!(isa);
+        }
         match meta.get_mut("resumes").and_then(Value::as_array_mut) {
             Some(list) => list.push(entry),
             None => meta["resumes"] = json!([entry]),
         }
         self.write_json("meta.json", &meta)
+    }
+
+    /// The CPU GEMM kernels the run last trained with, as `meta.json`
+    /// records them (its newest resume's, else its start's); `None` for a
+    /// run on a GPU or one recorded before noprop kept them.
+    pub fn recorded_cpu_gemm(&self) -> Result<Option<String>, TrainError> {
+        let meta = self.meta()?;
+        let newest = meta
+            .get("resumes")
+            .and_then(Value::as_array)
+            .and_then(|list| list.last())
+            .map_or(&meta, |last| last);
+        Ok(newest
+            .get("cpu_gemm")
+            .and_then(Value::as_str)
+            .map(str::to_owned))
     }
 
     /// Appends one event to `metrics.jsonl`.
