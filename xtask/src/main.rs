@@ -106,7 +106,7 @@ bench   time the Figure-6 block's hot ops (forward and backward, GFLOP/s
         $NOPROP_TORCH_PYTHON) names a Python with torch; prints ratios.
         --threads N (2), --rounds R (3, interleaved; medians reported),
         --torch-script FILE (default ../shared/bench/torch_reference.py),
-        --avx512 (time the build with AVX-512 GEMM kernels, target/avx512),
+        --avx512 (time the build with AVX-512 GEMM kernels, <target>/avx512),
         --json (one JSON object as the last line)
 data    download a data set with checksums (noprop data download)
 ci      run the test suite as CI does";
@@ -152,22 +152,38 @@ fn build_noprop() -> Result<PathBuf> {
 }
 
 /// Builds the release `noprop`, with the `avx512` feature into its own
-/// `target/avx512` (so the two builds do not rebuild each other); returns it.
+/// `<target>/avx512` (so the two builds do not rebuild each other); returns it.
 fn build_noprop_with(avx512: bool) -> Result<PathBuf> {
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(root())
         .args(["build", "--release", "-p", "noprop-cli"]);
     let target = if avx512 {
-        let dir = root().join("target/avx512");
-        cmd.args(["--features", "avx512"]).env("CARGO_TARGET_DIR", &dir);
+        if !cpu_has_avx512() {
+            eprintln!("[--] this CPU has no AVX-512F: the --avx512 build runs the same FMA kernels as the default one");
+        }
+        let dir = reproduce::avx512_target_dir(&root());
+        cmd.args(["--features", "avx512"])
+            .env("CARGO_TARGET_DIR", &dir);
         dir
     } else {
-        root().join("target")
+        reproduce::target_dir(&root())
     };
     if !cmd.status()?.success() {
         bail!("cargo build failed");
     }
     Ok(target.join("release/noprop"))
+}
+
+/// Whether this CPU has AVX-512F, which the `avx512` feature's kernels need.
+fn cpu_has_avx512() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+    {
+        false
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -332,7 +348,10 @@ fn bench(args: &[String]) -> Result<()> {
         "-",
         med_of(&stock, "infer_images_per_s")
     );
-    let cpu_gemm = fast.first().map(|v| v["cpu_gemm"].clone()).unwrap_or(Value::Null);
+    let cpu_gemm = fast
+        .first()
+        .map(|v| v["cpu_gemm"].clone())
+        .unwrap_or(Value::Null);
     println!("GEMM kernels: {}", cpu_gemm.as_str().unwrap_or("?"));
     println!(
         "block step: {:.2} GFLOP (direct-method count), {:.1} GFLOP/s, {:.0}% of the {:.0} GFLOP/s peak ({})",

@@ -6,7 +6,8 @@
 //! Throughput is reported against the FP32 peak `threads x clock x 32`
 //! (two 256-bit FMA units per core: 16 multiply-adds per cycle, as on AMD
 //! Zen 3 and Intel cores since Haswell), `x 64` where the GEMMs run
-//! AVX-512 kernels (a build with the `avx512` feature), with the clock given by
+//! AVX-512 kernels (a build with the `avx512` feature; two 512-bit FMA
+//! units assumed, so half that peak on CPUs with one), with the clock given by
 //! `--clock-ghz` (default 2.98, the sustained clock measured on the
 //! development VM). FLOP counts are those of the direct method (two per
 //! multiply-add); a Winograd convolution does 2.25 times fewer multiplies
@@ -28,7 +29,9 @@ use serde_json::{json, Value};
 use crate::{device, parse_config, parse_config_text, set_up_cpu, BenchArgs, DEFAULT_CONFIG};
 
 /// FP32 floating-point operations per cycle and core: two FMA units of
-/// eight lanes (sixteen with AVX-512), two operations per multiply-add.
+/// eight lanes, two operations per multiply-add; with AVX-512 GEMMs, two
+/// units of sixteen lanes (Intel Xeon Gold 6xxx/Platinum and later; CPUs
+/// with one 512-bit unit, or AMD Zen 4's two 256-bit halves, reach half).
 fn flop_per_cycle(cpu_gemm: &str) -> f64 {
     if cpu_gemm == "avx512f" {
         64.0
@@ -424,8 +427,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
 
-    let cpu_gemm = noprop_kernels::gemm_isa();
-    let per_cycle = flop_per_cycle(cpu_gemm);
+    let cpu_gemm = dev.is_cpu().then(noprop_kernels::gemm_isa);
+    let per_cycle = flop_per_cycle(cpu_gemm.unwrap_or(""));
     let peak = threads as f64 * args.clock_ghz * per_cycle;
     let gflops = |flop: f64, s: f64| flop / s / 1e9;
     let step_flop = block_step_flop(args.batch, shape, d, m);

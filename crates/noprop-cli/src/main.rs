@@ -216,7 +216,7 @@ pub(crate) struct BenchArgs {
     /// Timed fused all-block steps (0: skip).
     #[arg(long, default_value_t = 5)]
     pub fused_steps: usize,
-    /// Sustained core clock in GHz, for the FP32 peak (threads x clock x 32 FLOP/cycle).
+    /// Sustained core clock in GHz, for the FP32 peak (threads x clock x 32 FLOP/cycle, 64 with AVX-512 GEMMs).
     #[arg(long, default_value_t = 2.98)]
     pub clock_ghz: f64,
     #[command(flatten)]
@@ -547,7 +547,8 @@ fn train(args: TrainArgs) -> Result<()> {
                 if before != now {
                     eprintln!(
                         "note: this run trained with {before} GEMM kernels and continues with {now} \
-                         ones: from here it is not bit-identical to an uninterrupted run (noprop-kernels' `avx512` feature)"
+                         ones (another CPU, or a build with or without `--features avx512`): from here \
+                         it is not bit-identical to an uninterrupted run"
                     );
                 }
             }
@@ -613,7 +614,12 @@ fn eval(args: EvalArgs) -> Result<()> {
     if args.common.json {
         println!(
             "{}",
-            json!({"checkpoint": checkpoint, "epoch": trainer.epochs_done(), "eval": report})
+            json!({
+                "checkpoint": checkpoint,
+                "epoch": trainer.epochs_done(),
+                "eval": report,
+                "cpu_gemm": dev.is_cpu().then(noprop_kernels::gemm_isa),
+            })
         );
     } else {
         println!("{}", progress::describe_eval(&report));

@@ -172,6 +172,7 @@ fn train_writes_a_complete_run_folder_and_eval_reads_it() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["epoch"], 2);
     assert_eq!(v["eval"]["test_acc_runs"].as_array().unwrap().len(), 3);
+    assert_eq!(v["cpu_gemm"], meta["cpu_gemm"]);
 }
 
 fn assert_one_line_error(out: &std::process::Output, needle: &str) {
@@ -618,6 +619,23 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     let out = resume(&["--epochs", "4"], &data);
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("GEMM kernels"));
+    // A CPU run recorded before noprop kept the kernels ran the default
+    // build's (`fma`): a note exactly when this build runs others.
+    let mut old: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    old.as_object_mut().unwrap().remove("cpu_gemm");
+    for r in old["resumes"].as_array_mut().unwrap() {
+        r.as_object_mut().unwrap().remove("cpu_gemm");
+    }
+    std::fs::write(&meta_path, old.to_string()).unwrap();
+    let out = resume(&["--epochs", "5"], &data);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).contains("this run trained with fma GEMM kernels"),
+        isa != "fma",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `noprop selftest` on the CPU: the CPU against itself, and candle's

@@ -36,8 +36,8 @@
 //! run on rayon's global thread pool.
 //!
 //! The `avx512` feature lets the `gemm` crate (and so candle's matmuls too)
-//! run AVX-512 micro-kernels where the CPU has them: about 1.4x faster
-//! training on such CPUs, at the price of results that differ from the
+//! run AVX-512 micro-kernels where the CPU has them: 1.2-1.7x faster
+//! training on an Intel Xeon, at the price of results that differ from the
 //! default build's in the last bits; [`gemm_isa`] tells which kernels run.
 //!
 //! What this crate does not do: strides other than 1, dilation, groups,
@@ -424,7 +424,9 @@ pub fn use_baseline_simd(on: bool) {
 /// The instruction set of the GEMM micro-kernels this build runs on this
 /// CPU, as the `gemm` crate (here and inside candle) chooses them at run
 /// time: `"avx512f"` (a build with this crate's `avx512` feature, on a CPU
-/// with AVX-512F), `"fma"` (AVX2 and FMA), `"neon"`, or `"scalar"`.
+/// with AVX-512F), `"fma"` (a CPU with FMA: gemm's AVX2+FMA kernels),
+/// `"neon"`, or `"scalar"`. It mirrors `init_gemm_fn` of gemm-common 0.19;
+/// re-check it when `gemm` is upgraded.
 ///
 /// A build gives bit-identical results for any thread count. Builds that
 /// run different micro-kernels do not: the AVX-512 kernels split a GEMM's
@@ -702,4 +704,27 @@ pub fn conv2d_flops(x_dims: [usize; 4], w_dims: [usize; 4], padding: usize) -> f
     let [cout, _, k, _] = w_dims;
     let out = |size: usize| (size + 2 * padding + 1).saturating_sub(k);
     2.0 * (batch * cout * cin * k * k) as f64 * (out(h) * out(w)) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels named are the ones gemm dispatches to: AVX-512 exactly
+    /// when the feature is on and the CPU has it (the CI step with
+    /// `--features avx512` prints which ran).
+    #[test]
+    fn gemm_isa_follows_the_feature_and_the_cpu() {
+        let isa = super::gemm_isa();
+        eprintln!("gemm kernels: {isa}");
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx512 = cfg!(feature = "avx512") && std::is_x86_feature_detected!("avx512f");
+            assert_eq!(isa == "avx512f", avx512, "{isa}");
+            if !avx512 {
+                let fma = std::is_x86_feature_detected!("fma");
+                assert_eq!(isa, if fma { "fma" } else { "scalar" });
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        assert!(["neon", "scalar"].contains(&isa), "{isa}");
+    }
 }

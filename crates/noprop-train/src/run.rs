@@ -341,19 +341,25 @@ impl RunDir {
     }
 
     /// The CPU GEMM kernels the run last trained with, as `meta.json`
-    /// records them (its newest resume's, else its start's); `None` for a
-    /// run on a GPU or one recorded before noprop kept them.
+    /// records them: the newest resume that names them, else the start. A
+    /// CPU run recorded before noprop kept them ran a build without the
+    /// `avx512` feature, whose kernels are `fma` on any CPU since 2013;
+    /// `None` for a run that never trained on the CPU.
     pub fn recorded_cpu_gemm(&self) -> Result<Option<String>, TrainError> {
         let meta = self.meta()?;
-        let newest = meta
-            .get("resumes")
-            .and_then(Value::as_array)
-            .and_then(|list| list.last())
-            .map_or(&meta, |last| last);
-        Ok(newest
-            .get("cpu_gemm")
-            .and_then(Value::as_str)
-            .map(str::to_owned))
+        let resumes = meta.get("resumes").and_then(Value::as_array);
+        let recorded = resumes
+            .into_iter()
+            .flatten()
+            .rev()
+            .chain(std::iter::once(&meta))
+            .find_map(|entry| entry.get("cpu_gemm").and_then(Value::as_str));
+        let before_the_field = || {
+            (meta.get("cpu_gemm").is_none()
+                && meta.get("device").and_then(Value::as_str) == Some("Cpu"))
+            .then_some("fma")
+        };
+        Ok(recorded.or_else(before_the_field).map(str::to_owned))
     }
 
     /// Appends one event to `metrics.jsonl`.
