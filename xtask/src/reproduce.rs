@@ -9,7 +9,7 @@
 //! reproduce.json                 the mode (full or quick), so the two never mix
 //! configs/<row>-seed<S>.toml     each run's effective config (a config file, edited)
 //! runs/<row>-seed<S>/            the run folders of `noprop train`
-//! log.jsonl                      one line per `noprop train` call: row, seed, exit, wall seconds
+//! log.jsonl                      one line per `noprop train` call: row, seed, exit, wall seconds, build
 //! table1.md, table1.csv          test/train accuracy, mean ± s.e., beside the paper's Table 1
 //! table2.md, table2.csv          peak training memory beside the paper's Table 2
 //! fig2-<row>.png                 prototype embeddings, initial above learned
@@ -564,7 +564,7 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
             log(
                 &out,
                 json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
-                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick}),
+                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick, "avx512": opts.avx512}),
             );
             if status.success() {
                 trained += 1;

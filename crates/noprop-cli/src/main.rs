@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use noprop_core::OdeSolver;
 use noprop_data::DatasetKind;
 use noprop_models::Kernels;
@@ -25,6 +25,31 @@ mod selftest;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The default configuration, embedded so that `noprop train` works anywhere.
+/// `noprop --version`: the version, the commit where known, the GEMM
+/// kernels this build runs on this CPU, and the cargo features built in.
+fn long_version() -> String {
+    let features: Vec<&str> = [
+        ("download", cfg!(feature = "download")),
+        ("cuda", cfg!(feature = "cuda")),
+        ("metal", cfg!(feature = "metal")),
+        ("avx512", cfg!(feature = "avx512")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    format!(
+        "{} (commit {}; CPU GEMM kernels: {}; features: {})",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("NOPROP_GIT_SHA").unwrap_or("unknown"),
+        noprop_kernels::gemm_isa(),
+        if features.is_empty() {
+            "none".to_string()
+        } else {
+            features.join(", ")
+        }
+    )
+}
+
 pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../../configs/mnist-dt-onehot.toml");
 const DEFAULT_CONFIG_NAME: &str = "mnist-dt-onehot";
 
@@ -271,7 +296,10 @@ fn keep_freed_memory() {
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    let cli = Cli::parse();
+    // Built once per process; clap takes a `&'static str` without its `string` feature.
+    let version: &'static str = Box::leak(long_version().into_boxed_str());
+    let cli = Cli::command().long_version(version).get_matches();
+    let cli = Cli::from_arg_matches(&cli).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("NOPROP_LOG")

@@ -450,7 +450,7 @@ pub(crate) fn run(args: SelftestArgs) -> Result<()> {
     if args.common.json {
         println!(
             "{}",
-            json!({"device": format!("{dev:?}"), "kernels": format!("{:?}", args.kernels).to_lowercase(), "checks": rows, "failed": failed})
+            json!({"device": format!("{dev:?}"), "kernels": format!("{:?}", args.kernels).to_lowercase(), "cpu_gemm": noprop_kernels::gemm_isa(), "checks": rows, "failed": failed})
         );
     }
     if failed > 0 {

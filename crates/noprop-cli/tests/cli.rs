@@ -592,6 +592,18 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(config["train"]["epochs"], 2);
 
+    assert_eq!(
+        meta["resumes"][0]["noprop_version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    // `noprop --version` names the kernels and features of this build.
+    let out = noprop().arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.contains(&format!("CPU GEMM kernels: {}", noprop_kernels::gemm_isa()))
+            && version.contains("features: download"),
+        "{version}"
+    );
     // The run so far as if trained by a build with other GEMM kernels.
     let isa = meta["cpu_gemm"].as_str().unwrap().to_string();
     assert_eq!(meta["resumes"][0]["cpu_gemm"], isa.as_str());
@@ -662,6 +674,7 @@ fn selftest_passes_on_the_cpu() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["failed"], 0);
         assert!(v["checks"].as_array().unwrap().len() >= 18);
+        assert_eq!(v["cpu_gemm"], noprop_kernels::gemm_isa());
     }
 }
 

@@ -316,8 +316,8 @@ impl RunDir {
     }
 
     /// Records a resume in `meta.json` (`resumes`: list of `{from_epoch,
-    /// command}`, with the changes accepted and the CPU's GEMM kernels
-    /// where there are any).
+    /// command, noprop_version, git_sha}`, with the changes accepted and the
+    /// CPU's GEMM kernels where there are any).
     pub fn record_resume(
         &self,
         from_epoch: usize,
@@ -326,7 +326,12 @@ impl RunDir {
         cpu_gemm: Option<&str>,
     ) -> Result<(), TrainError> {
         let mut meta = self.meta()?;
-        let mut entry = json!({"from_epoch": from_epoch, "command": command});
+        let mut entry = json!({
+            "from_epoch": from_epoch,
+            "command": command,
+            "noprop_version": env!("CARGO_PKG_VERSION"),
+            "git_sha": option_env!("NOPROP_GIT_SHA"),
+        });
         if !accepted_changes.is_empty() {
             entry["accepted_changes"] = json!(accepted_changes);
         }
