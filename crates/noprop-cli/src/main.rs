@@ -24,7 +24,6 @@ mod selftest;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The default configuration, embedded so that `noprop train` works anywhere.
 /// `noprop --version`: the version, the commit where known, the GEMM
 /// kernels this build runs on this CPU, and the cargo features built in.
 fn long_version() -> String {
@@ -50,6 +49,7 @@ fn long_version() -> String {
     )
 }
 
+/// The default configuration, embedded so that `noprop train` works anywhere.
 pub(crate) const DEFAULT_CONFIG: &str = include_str!("../../../configs/mnist-dt-onehot.toml");
 const DEFAULT_CONFIG_NAME: &str = "mnist-dt-onehot";
 
