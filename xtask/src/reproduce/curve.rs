@@ -362,14 +362,14 @@ pub fn run(args: &[String]) -> Result<()> {
         .map(|n| format!(" of {n}"))
         .unwrap_or_default();
     let evals = points.iter().filter(|p| p.eval.is_some()).count();
-    println!(
-        "curve: {} ({last}{of} epochs, {evals} evaluated) -> {}",
+    let mut report = format!(
+        "curve: {} ({last}{of} epochs, {evals} evaluated) -> {}\n",
         o.run.display(),
         out.display()
     );
     if let Some(e) = points.iter().rev().find_map(|p| p.eval.as_ref()) {
-        println!(
-            "latest evaluation: epoch {}, test {:.2}%{}{}",
+        report.push_str(&format!(
+            "latest evaluation: epoch {}, test {:.2}%{}{}\n",
             e.epoch,
             e.test_acc,
             e.test_acc_deterministic
@@ -378,9 +378,16 @@ pub fn run(args: &[String]) -> Result<()> {
             paper
                 .map(|(acc, ep)| format!(" (paper, {ep} epochs: {acc:.2}%)"))
                 .unwrap_or_default()
-        );
+        ));
     }
-    Ok(())
+    // The files are written; a reader that closed the pipe early
+    // (`| head -1`) is not an error.
+    match std::io::Write::write_all(&mut std::io::stdout().lock(), report.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write the summary to stdout")
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
