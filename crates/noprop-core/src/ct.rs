@@ -134,6 +134,19 @@ pub fn q_sample_ct_with<S: ContinuousSchedule + ?Sized>(
 ) -> Result<Tensor> {
     check_shape("q_sample_ct: u", u, &[None, None], "[B, d]")?;
     check_shape("q_sample_ct: t", t, &[Some(u.dim(0)?)], "[B]")?;
+    q_sample_ct_at_gamma(u, &sched.gamma(t)?, eps)
+}
+
+/// [`q_sample_ct_with`] given `gamma(t_i)` instead of the schedule and the
+/// times: for a training step that needs the gradient with respect to each
+/// example's `gamma(t_i)` (variance minimisation of the schedule, which
+/// splits the graph there), the noising itself being unchanged.
+///
+/// # Shapes
+/// `u`, `eps`: `[B, d]`, `gamma`: `[B]`; returns `[B, d]`.
+pub fn q_sample_ct_at_gamma(u: &Tensor, gamma: &Tensor, eps: &Tensor) -> Result<Tensor> {
+    check_shape("q_sample_ct: u", u, &[None, None], "[B, d]")?;
+    check_shape("q_sample_ct: gamma", gamma, &[Some(u.dim(0)?)], "[B]")?;
     if eps.dims() != u.dims() {
         return Err(CoreError::Shape {
             what: "q_sample_ct: eps",
@@ -141,7 +154,7 @@ pub fn q_sample_ct_with<S: ContinuousSchedule + ?Sized>(
             found: eps.dims().to_vec(),
         });
     }
-    let g = sched.gamma(t)?.to_dtype(u.dtype())?;
+    let g = gamma.to_dtype(u.dtype())?;
     let signal = softplus(&g)?.affine(-0.5, 0.0)?.exp()?.unsqueeze(1)?;
     let noise = softplus(&g.neg()?)?
         .affine(-0.5, 0.0)?

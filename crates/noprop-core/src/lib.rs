@@ -93,8 +93,9 @@ pub use continuous::{
     ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig,
 };
 pub use ct::{
-    ct_denoise_loss, ct_denoise_terms, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_with,
-    sample_ct_eq3, sample_ct_ode, sample_t, sample_t_stratified, ContinuousDenoiser, CtLoss,
+    ct_denoise_loss, ct_denoise_terms, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_at_gamma,
+    q_sample_ct_with, sample_ct_eq3, sample_ct_ode, sample_t, sample_t_stratified,
+    ContinuousDenoiser, CtLoss,
 };
 pub use error::{CoreError, Result, ScheduleError};
 pub use fm::{

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use noprop_core::{
-    cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct, sample_ct_eq3,
-    sample_ct_ode, ContinuousSchedule, Inference, LearnableSchedule, NoiseRng, Stream,
+    cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct,
+    q_sample_ct_at_gamma, sample_ct_eq3, sample_ct_ode, ContinuousSchedule, Inference,
+    LearnableSchedule, NoiseRng, Stream,
 };
 use noprop_data::Dataset;
 use noprop_models::{CtModel, Mode};
@@ -48,6 +49,86 @@ impl Ct {
     }
 }
 
+/// `gamma(t_i)` and `gamma'(t_i)` for a minibatch's times, computed from the
+/// schedule (`gamma`, `dgamma`: the graph into its parameters) and held as
+/// leaf variables of the same values for the rest of the step.
+struct SampledSchedule {
+    gamma: Var,
+    dgamma: Var,
+    gamma_graph: Tensor,
+    dgamma_graph: Tensor,
+}
+
+impl SampledSchedule {
+    fn at(sched: &LearnableSchedule, t: &Tensor) -> Result<Self, TrainError> {
+        let gamma_graph = sched.gamma(t)?;
+        let dgamma_graph = sched.gamma_derivative(t)?;
+        Ok(Self {
+            gamma: Var::from_tensor(&gamma_graph.detach())?,
+            dgamma: Var::from_tensor(&dgamma_graph.detach())?,
+            gamma_graph,
+            dgamma_graph,
+        })
+    }
+
+    /// `SNR'(t_i) = -gamma'(t_i) exp(-gamma(t_i))` from the leaves, as
+    /// [`ContinuousSchedule::snr_derivative`] computes it.
+    fn snr_derivative(&self) -> Result<Tensor, TrainError> {
+        Ok((self.dgamma.as_tensor().neg()? * self.gamma.as_tensor().neg()?.exp()?)?)
+    }
+
+    /// Completes `grads` (the loss's, which stop at the leaves) for the
+    /// schedule: the endpoints get the loss's gradient through the sampled
+    /// times added to what the cross-entropy and KL terms gave them, and the
+    /// interior gets the gradient of `mean_i L_i^2` instead, `L_i` being
+    /// the per-example denoising terms (`terms`, `[B]`, detached).
+    ///
+    /// With `g_i = dL/dgamma(t_i) = (1/B) dL_i/dgamma(t_i)` (and likewise
+    /// for gamma'), `d mean_i L_i^2 / dtheta = sum_i 2 L_i (g_i
+    /// dgamma(t_i)/dtheta + g'_i dgamma'(t_i)/dtheta)`: two backward passes
+    /// through the schedule's small network, none through the denoiser.
+    fn join(
+        self,
+        sched: &LearnableSchedule,
+        terms: &Tensor,
+        grads: &mut candle_core::backprop::GradStore,
+    ) -> Result<(), TrainError> {
+        let leaf_grad = |grads: &mut candle_core::backprop::GradStore, v: &Var| match grads
+            .remove(v.as_tensor())
+        {
+            Some(g) => Ok::<_, TrainError>(g),
+            None => Ok(v.as_tensor().zeros_like()?),
+        };
+        let g = leaf_grad(grads, &self.gamma)?;
+        let dg = leaf_grad(grads, &self.dgamma)?;
+        let through = |wg: &Tensor, wdg: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(((wg * &self.gamma_graph)?.sum_all()? + (wdg * &self.dgamma_graph)?.sum_all()?)?)
+        };
+        let loss = through(&g, &dg)?.backward()?;
+        let w = (terms * 2.0)?;
+        let variance = through(&(&g * &w)?, &(&dg * &w)?)?.backward()?;
+        for (name, var) in sched.vars() {
+            let v = var.as_tensor();
+            let interior = LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&name.as_str());
+            let add = if interior {
+                variance.get(v)
+            } else {
+                loss.get(v)
+            };
+            let add = match add {
+                Some(a) => a.clone(),
+                None => v.zeros_like()?,
+            };
+            let sum = match (interior, grads.remove(v)) {
+                (false, Some(before)) => (before + add)?,
+                _ => add,
+            };
+            grads.insert(v, sum);
+        }
+        Ok(())
+    }
+}
+
 impl Method for Ct {
     /// Group 0: the network, head and a learned embedding; group 1: the
     /// schedule, which gets no weight decay (it would pull `gamma0` and
@@ -70,7 +151,8 @@ impl Method for Ct {
     /// With `schedule_training = "variance"` the schedule's interior
     /// parameters ([`LearnableSchedule::INTERIOR_PARAMETER_NAMES`]) get the
     /// gradient of `mean_i L_i^2` over the per-example denoising terms `L_i`
-    /// (a second backward pass) instead of the loss's; everything else,
+    /// instead of the loss's ([`SampledSchedule::join`]: the extra backward
+    /// passes run through the schedule alone); everything else,
     /// the schedule's endpoints included, keeps the loss's gradient. The
     /// endpoints stay on the loss because they are what its expectation
     /// depends on: minimising `L_i^2` in them would only shrink the SNR range.
@@ -88,7 +170,21 @@ impl Method for Ct {
         let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
         let t = draw_times(s.t_sampling, b, dev, noise)?;
-        let z = q_sample_ct(sched, &u, &t, noise)?;
+        // Variance minimisation needs each example's gradient with respect
+        // to gamma(t_i) and gamma'(t_i), through which alone the schedule's
+        // interior reaches the loss: the graph is split there, at two leaf
+        // variables (`split`), and joined again below.
+        let split = match s.schedule_training {
+            ScheduleTraining::Gradient => None,
+            ScheduleTraining::Variance => Some(SampledSchedule::at(sched, &t)?),
+        };
+        let z = match &split {
+            None => q_sample_ct(sched, &u, &t, noise)?,
+            Some(p) => {
+                let eps = noise.randn(u.dims(), u.dtype(), dev)?;
+                q_sample_ct_at_gamma(&u, p.gamma.as_tensor(), &eps)?
+            }
+        };
         let logits = self
             .model
             .net()
@@ -97,7 +193,10 @@ impl Method for Ct {
         let ones = Tensor::ones(b, DType::F32, dev)?;
         let z1 = q_sample_ct(sched, &u, &ones, noise)?;
         let logp = class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?;
-        let snr_prime = sched.snr_derivative(&t)?;
+        let snr_prime = match &split {
+            None => sched.snr_derivative(&t)?,
+            Some(p) => p.snr_derivative()?,
+        };
         let abar0 = sched.alpha_bar(&Tensor::zeros(1, DType::F32, dev)?)?;
         let target = denoise_target(cfg, &u);
         let ce = cross_entropy(&logp, y)?;
@@ -105,18 +204,9 @@ impl Method for Ct {
         let denoise = ct_denoise_loss(&uhat, &target, &snr_prime, s.eta)?;
         let total = ((&ce + &kl)? + &denoise)?;
         let mut grads = total.backward()?;
-        if s.schedule_training == ScheduleTraining::Variance {
-            let terms = ct_denoise_terms(&uhat, &target, &snr_prime, s.eta)?;
-            let variance = terms.sqr()?.mean(0)?.backward()?;
-            for (name, var) in sched.vars() {
-                if LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&name.as_str()) {
-                    let g = match variance.get(var.as_tensor()) {
-                        Some(g) => g.clone(),
-                        None => var.as_tensor().zeros_like()?,
-                    };
-                    grads.insert(var.as_tensor(), g);
-                }
-            }
+        if let Some(p) = split {
+            let terms = ct_denoise_terms(&uhat, &target, &snr_prime, s.eta)?.detach();
+            p.join(sched, &terms, &mut grads)?;
         }
         let losses = [
             scalar(&total)?,
