@@ -1,10 +1,15 @@
-//! `noprop inspect embeddings`: class embeddings as images (the paper's Figure 2).
+//! `noprop inspect embeddings`: class embeddings as images (the paper's
+//! Figure 2); `noprop inspect schedule`: the noise schedule a checkpoint holds.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use noprop_train::{checkpoint::load_safetensors, RunDir};
+use noprop_core::{ContinuousSchedule, LearnableSchedule, NoiseRng};
+use noprop_train::checkpoint::{load_safetensors, ModelRecord};
+use noprop_train::config::MethodSettings;
+use noprop_train::RunDir;
+use serde_json::{json, Value};
 
 /// Renders `embed` `[m, C*H*W]` as a row of `m` tiles (one per class), pixels
 /// de-normalised with the data set's constants and clipped to [0, 1]; two
@@ -101,4 +106,138 @@ pub fn embeddings(run: &Path, out: &Path, scale: usize) -> Result<()> {
     enc.write_header()?.write_image_data(&rgb)?;
     std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(())
+}
+
+/// `noprop inspect schedule`: the noise schedule a checkpoint holds, on a
+/// grid of `points` times (NoProp-CT: the learned `gamma(t)`; NoProp-DT: the
+/// fixed `alpha_bar_t` of each block), with what decides inference: the
+/// noise left in the last latent and where the denoising loss's weight lies.
+pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
+    if !(2..=10_000).contains(&points) {
+        bail!("--points must lie in 2..=10000, got {points}");
+    }
+    let model = if target.is_dir() {
+        RunDir::open(target)?
+            .latest_model()?
+            .with_context(|| format!("{} has no checkpoint yet", target.display()))?
+    } else {
+        target.to_path_buf()
+    };
+    let (tensors, meta) = load_safetensors(&model, &Device::Cpu)?;
+    let record = ModelRecord::from_metadata(&model, &meta)?;
+    let cfg = record.config.clone().validate()?;
+    let report = match cfg.method() {
+        MethodSettings::Ct(s) => {
+            let sched = LearnableSchedule::new(
+                &s.schedule,
+                DType::F32,
+                &Device::Cpu,
+                &mut NoiseRng::new(0),
+            )?;
+            sched.load(&tensors)?;
+            let ts: Vec<f64> = (0..points)
+                .map(|i| i as f64 / (points - 1) as f64)
+                .collect();
+            let (gamma, dgamma) = sched.gamma_table(&ts)?;
+            let rows: Vec<Value> = ts
+                .iter()
+                .zip(gamma.iter().zip(&dgamma))
+                .map(|(&t, (&g, &dg))| {
+                    json!({"t": t, "gamma": g, "alpha_bar": sigmoid(-g),
+                           "snr_derivative": -dg * (-g).exp()})
+                })
+                .collect();
+            let (g_noisy, g_clean) = (gamma[0], gamma[points - 1]);
+            // The expected weight of the denoising term over t in [a, b] is
+            // SNR(b) - SNR(a); its share on t < 1/2 says how much of the
+            // loss falls where the class is still being decided.
+            let g_half = sched.gamma_at(0.5)?;
+            let share =
+                ((-g_half).exp() - (-g_noisy).exp()) / ((-g_clean).exp() - (-g_noisy).exp());
+            json!({
+                "method": "ct",
+                "gamma_at_0": g_noisy,
+                "gamma_at_1": g_clean,
+                "final_noise_std": sigmoid(g_clean).sqrt(),
+                "final_signal_scale": sigmoid(-g_clean).sqrt(),
+                "weight_share_below_half": share,
+                "points": rows,
+            })
+        }
+        MethodSettings::Dt(_) => {
+            let abar = record
+                .schedule
+                .clone()
+                .context("the checkpoint records no NoProp-DT schedule")?;
+            let last = *abar.last().context("the recorded schedule is empty")?;
+            let rows: Vec<Value> = abar
+                .iter()
+                .enumerate()
+                .map(|(t, &a)| json!({"t": t, "alpha_bar": a, "snr": a / (1.0 - a)}))
+                .collect();
+            json!({
+                "method": "dt",
+                "final_noise_std": (1.0 - last).sqrt(),
+                "final_signal_scale": last.sqrt(),
+                "points": rows,
+            })
+        }
+        _ => bail!(
+            "a {} run has no noise schedule (NoProp-DT and NoProp-CT runs have one)",
+            record.method.name()
+        ),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("{} (epoch {})", model.display(), record.epoch);
+    let num = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+    if report["method"] == "ct" {
+        println!(
+            "gamma(0) = {:.3} (noisy end), gamma(1) = {:.3} (clean end)",
+            num("gamma_at_0"),
+            num("gamma_at_1")
+        );
+        println!(
+            "share of the denoising loss's weight SNR'(t) on t < 0.5: {:.3}%",
+            100.0 * num("weight_share_below_half")
+        );
+    }
+    println!(
+        "last latent: {:.4} u_y + noise of std {:.4} per dimension",
+        num("final_signal_scale"),
+        num("final_noise_std")
+    );
+    let rows = report["points"].as_array().cloned().unwrap_or_default();
+    if report["method"] == "ct" {
+        println!(
+            "{:>8} {:>10} {:>10} {:>12}",
+            "t", "gamma", "alpha_bar", "SNR'(t)"
+        );
+        for r in &rows {
+            println!(
+                "{:>8.4} {:>10.4} {:>10.6} {:>12.5e}",
+                r["t"].as_f64().unwrap_or(f64::NAN),
+                r["gamma"].as_f64().unwrap_or(f64::NAN),
+                r["alpha_bar"].as_f64().unwrap_or(f64::NAN),
+                r["snr_derivative"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    } else {
+        println!("{:>8} {:>10} {:>12}", "block t", "alpha_bar", "SNR");
+        for r in &rows {
+            println!(
+                "{:>8} {:>10.6} {:>12.5e}",
+                r["t"].as_u64().unwrap_or(0),
+                r["alpha_bar"].as_f64().unwrap_or(f64::NAN),
+                r["snr"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
 }

@@ -261,6 +261,17 @@ enum InspectCommand {
         #[arg(long, default_value_t = 4)]
         scale: usize,
     },
+    /// Print the noise schedule of a NoProp-CT or NoProp-DT checkpoint: gamma(t) or alpha_bar_t, the noise left in the last latent, where the loss's weight lies.
+    Schedule {
+        /// A run folder (its newest checkpoint) or a model.safetensors file.
+        run: PathBuf,
+        /// Grid points over t in [0, 1] (NoProp-CT).
+        #[arg(long, default_value_t = 11)]
+        points: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -315,6 +326,9 @@ fn main() -> ExitCode {
         Command::Inspect {
             command: InspectCommand::Embeddings { run, png, scale },
         } => inspect::embeddings(&run, &png, scale),
+        Command::Inspect {
+            command: InspectCommand::Schedule { run, points, json },
+        } => inspect::schedule(&run, points, json),
         Command::Data { command } => data(command),
     };
     match result {

@@ -872,3 +872,123 @@ fn bench_times_every_method() {
         assert!(v["infer_steps"].as_u64().unwrap() >= 10, "{v}");
     }
 }
+
+/// `noprop inspect schedule` prints the schedule a checkpoint holds: for
+/// NoProp-CT the learned gamma(t), whose ends are the checkpoint's
+/// `schedule.gamma0` and `gamma0 + softplus(gamma_gap)`; for NoProp-DT the
+/// recorded alpha_bar_0..=T. A method without a schedule is refused.
+#[test]
+fn inspect_schedule_reads_the_checkpoint() {
+    let f = fixture(64);
+    let train = |name: &str, method: &str| -> PathBuf {
+        let cfg = f.root.join(format!("{name}.toml"));
+        write_config(&cfg, 1, "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("kind = \"dt\"\nblocks = 3\neta = 0.1\n", method);
+        std::fs::write(&cfg, text).unwrap();
+        let run = f.root.join(name);
+        let out = noprop()
+            .args(["train", "--config"])
+            .arg(&cfg)
+            .arg("--data")
+            .arg(f.root.join("mnist"))
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run
+    };
+    let inspect = |run: &Path, extra: &[&str]| {
+        noprop()
+            .args(["inspect", "schedule"])
+            .arg(run)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ct = train(
+        "ct",
+        "kind = \"ct\"\neta = 1.0\ntime_dim = 8\nsteps = 2\n[method.schedule]\nhidden = 4\ngamma0 = -3.0\ngamma1 = 3.0\n",
+    );
+    let out = inspect(&ct, &["--json", "--points", "5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = ct.join("checkpoints/epoch-0001/model.safetensors");
+    let tensor = |name: &str| -> f64 {
+        let bytes = checkpoint_tensors(&model)
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1;
+        f32::from_le_bytes(bytes[..4].try_into().unwrap()) as f64
+    };
+    let (g0, gap) = (tensor("schedule.gamma0"), tensor("schedule.gamma_gap"));
+    let g1 = g0 + gap.exp().ln_1p();
+    let at = |k: &str| v[k].as_f64().unwrap();
+    assert!((at("gamma_at_1") - g0).abs() < 1e-5, "{v}");
+    assert!((at("gamma_at_0") - g1).abs() < 1e-4, "{v}");
+    // One training epoch moves the endpoints, but not far from -3 and 3.
+    assert!(
+        g0 != -3.0 && (g0 + 3.0).abs() < 0.5 && (g1 - 3.0).abs() < 0.5,
+        "{g0} {g1}"
+    );
+    let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
+    assert!((at("final_noise_std") - sig(g0).sqrt()).abs() < 1e-6, "{v}");
+    let share = at("weight_share_below_half");
+    assert!(share > 0.0 && share < 0.5, "{v}");
+    let points = v["points"].as_array().unwrap();
+    assert_eq!(points.len(), 5);
+    for w in points.windows(2) {
+        assert!(w[1]["gamma"].as_f64() < w[0]["gamma"].as_f64(), "{v}");
+        assert!(
+            w[1]["alpha_bar"].as_f64() > w[0]["alpha_bar"].as_f64(),
+            "{v}"
+        );
+    }
+    let text = String::from_utf8(inspect(&ct, &[]).stdout).unwrap();
+    assert!(
+        text.contains("gamma(1) = ") && text.lines().count() == 5 + 11,
+        "{text}"
+    );
+    // The model file itself works as well as its run folder.
+    assert_eq!(
+        inspect(&model, &["--json", "--points", "5"]).stdout,
+        out.stdout
+    );
+
+    let dt = train("dt", "kind = \"dt\"\nblocks = 3\neta = 0.1\n");
+    let out = inspect(&dt, &["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let abar: Vec<f64> = v["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["alpha_bar"].as_f64().unwrap())
+        .collect();
+    assert_eq!(abar.len(), 4, "{v}");
+    assert!(
+        abar.windows(2).all(|w| w[1] > w[0]) && abar[0] < 1e-3,
+        "{v}"
+    );
+    assert!((v["final_noise_std"].as_f64().unwrap() - (1.0 - abar[3]).sqrt()).abs() < 1e-12);
+
+    let fm = train("fm", "kind = \"fm\"\ntime_dim = 8\nsteps = 2\n");
+    assert_one_line_error(&inspect(&fm, &[]), "no noise schedule");
+    assert_one_line_error(&inspect(&ct, &["--points", "1"]), "--points");
+    assert_one_line_error(&inspect(&f.root.join("none"), &[]), "none");
+}
