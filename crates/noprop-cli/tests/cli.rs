@@ -16,6 +16,27 @@ fn noprop() -> Command {
     c
 }
 
+/// `noprop train --config CFG --data DATA`, more arguments to follow.
+fn train_cmd(cfg: impl AsRef<std::ffi::OsStr>, data: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = noprop();
+    c.args(["train", "--config"])
+        .arg(cfg)
+        .arg("--data")
+        .arg(data);
+    c
+}
+
+/// Trains `cfg` on `data` into the run folder `run`, which must succeed.
+fn train_into(cfg: impl AsRef<std::ffi::OsStr>, data: impl AsRef<std::ffi::OsStr>, run: &Path) {
+    let out = train_cmd(cfg, data).arg("--out").arg(run).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        run.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Writes a tiny MNIST in the canonical IDX format.
 fn write_mnist(dir: &Path, train: usize, test: usize) {
     for (split, n) in [(Split::Train, train), (Split::Test, test)] {
@@ -112,11 +133,7 @@ fn train_writes_a_complete_run_folder_and_eval_reads_it() {
     let cfg = f.root.join("tiny.toml");
     write_config(&cfg, 2, "");
     let run = f.root.join("run");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(f.root.join("mnist"))
+    let out = train_cmd(&cfg, f.root.join("mnist"))
         .arg("--out")
         .arg(&run)
         .arg("--json")
@@ -193,13 +210,7 @@ fn bad_input_gives_a_one_line_error() {
     // An unknown field.
     let cfg = f.root.join("unknown.toml");
     write_config(&cfg, 1, "[extra]\nfoo = 1\n");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = train_cmd(&cfg, &data).output().unwrap();
     assert_one_line_error(&out, "unknown field");
     // T = 0 and a negative learning rate.
     for (from, to, needle) in [
@@ -210,13 +221,7 @@ fn bad_input_gives_a_one_line_error() {
         write_config(&cfg, 1, "");
         let text = std::fs::read_to_string(&cfg).unwrap().replace(from, to);
         std::fs::write(&cfg, text).unwrap();
-        let out = noprop()
-            .args(["train", "--config"])
-            .arg(&cfg)
-            .arg("--data")
-            .arg(&data)
-            .output()
-            .unwrap();
+        let out = train_cmd(&cfg, &data).output().unwrap();
         assert_one_line_error(&out, needle);
     }
     // A field of another method is an unknown field of this one, named.
@@ -226,24 +231,12 @@ fn bad_input_gives_a_one_line_error() {
         .unwrap()
         .replace("eta = 0.1", "eta = 0.1\nsigma = 0.2");
     std::fs::write(&cfg, text).unwrap();
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = train_cmd(&cfg, &data).output().unwrap();
     assert_one_line_error(&out, "unknown field `sigma`");
     // A config in the format before 0.2 says what moved where.
     let cfg = f.root.join("old.toml");
     std::fs::write(&cfg, "[data]\ndataset = \"mnist\"\n[model]\nmethod = \"dt\"\nblocks = 3\nembedding = \"one-hot\"\n[train]\nepochs = 1\nbatch_size = 16\nlr = 1e-3\nweight_decay = 0.0\neta = 0.1\n").unwrap();
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = train_cmd(&cfg, &data).output().unwrap();
     assert_one_line_error(&out, "model.method moved to method.kind");
     assert_one_line_error(&out, "train.eta moved to method.eta");
     // Training on no images is an error, not "everything".
@@ -316,13 +309,7 @@ fn bad_input_gives_a_one_line_error() {
     // Missing data.
     let cfg = f.root.join("ok.toml");
     write_config(&cfg, 1, "");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(f.root.join("nowhere"))
-        .output()
-        .unwrap();
+    let out = train_cmd(&cfg, f.root.join("nowhere")).output().unwrap();
     assert_one_line_error(&out, "nowhere");
     // Corrupt data: a truncated image file.
     let broken = f.root.join("broken");
@@ -330,13 +317,7 @@ fn bad_input_gives_a_one_line_error() {
     let img = broken.join("train-images-idx3-ubyte");
     let bytes = std::fs::read(&img).unwrap();
     std::fs::write(&img, &bytes[..bytes.len() - 100]).unwrap();
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&broken)
-        .output()
-        .unwrap();
+    let out = train_cmd(&cfg, &broken).output().unwrap();
     assert_one_line_error(&out, "train-images-idx3-ubyte");
     // An unreadable checkpoint.
     let bad = f.root.join("bad.safetensors");
@@ -366,27 +347,10 @@ fn a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result() {
     let data = f.root.join("mnist");
 
     let straight = f.root.join("straight");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&straight)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_into(&cfg, &data, &straight);
 
     let killed = f.root.join("killed");
-    let mut child = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
+    let mut child = train_cmd(&cfg, &data)
         .arg("--out")
         .arg(&killed)
         .stdout(Stdio::null())
@@ -540,20 +504,7 @@ fn resume_refuses_changed_config_or_data_unless_accepted() {
     write_config(&cfg, 1, "");
     let data = f.root.join("mnist");
     let run = f.root.join("run");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_into(&cfg, &data, &run);
     let resume = |extra: &[&str], data: &Path| {
         noprop()
             .args(["train", "--resume"])
@@ -686,11 +637,7 @@ fn a_second_process_on_a_run_folder_is_refused() {
     write_config(&cfg, 50, "");
     let data = f.root.join("mnist");
     let run = f.root.join("run");
-    let mut child = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
+    let mut child = train_cmd(&cfg, &data)
         .arg("--out")
         .arg(&run)
         .stdout(Stdio::null())
@@ -710,11 +657,7 @@ fn a_second_process_on_a_run_folder_is_refused() {
         .arg(&data)
         .output()
         .unwrap();
-    let fresh = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(&data)
+    let fresh = train_cmd(&cfg, &data)
         .arg("--out")
         .arg(&run)
         .output()
@@ -744,20 +687,7 @@ fn prototype_embeddings_render_as_png() {
         .replace("blocks = 3", "blocks = 1");
     std::fs::write(&cfg, text).unwrap();
     let run = f.root.join("run");
-    let out = noprop()
-        .args(["train", "--config"])
-        .arg(&cfg)
-        .arg("--data")
-        .arg(f.root.join("mnist"))
-        .arg("--out")
-        .arg(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    train_into(&cfg, f.root.join("mnist"), &run);
     assert!(run.join("embed-init.safetensors").is_file());
     let png = f.root.join("fig2.png");
     let out = noprop()
@@ -782,17 +712,7 @@ fn prototype_embeddings_render_as_png() {
     let onehot = f.root.join("onehot.toml");
     write_config(&onehot, 1, "");
     let run2 = f.root.join("run2");
-    assert!(noprop()
-        .args(["train", "--config"])
-        .arg(&onehot)
-        .arg("--data")
-        .arg(f.root.join("mnist"))
-        .arg("--out")
-        .arg(&run2)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    train_into(&onehot, f.root.join("mnist"), &run2);
     let out = noprop()
         .args(["inspect", "embeddings"])
         .arg(&run2)
@@ -888,20 +808,7 @@ fn inspect_schedule_reads_the_checkpoint() {
             .replace("kind = \"dt\"\nblocks = 3\neta = 0.1\n", method);
         std::fs::write(&cfg, text).unwrap();
         let run = f.root.join(name);
-        let out = noprop()
-            .args(["train", "--config"])
-            .arg(&cfg)
-            .arg("--data")
-            .arg(f.root.join("mnist"))
-            .arg("--out")
-            .arg(&run)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        train_into(&cfg, f.root.join("mnist"), &run);
         run
     };
     let inspect = |run: &Path, extra: &[&str]| {
