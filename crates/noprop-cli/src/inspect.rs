@@ -138,28 +138,26 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
             let ts: Vec<f64> = (0..points)
                 .map(|i| i as f64 / (points - 1) as f64)
                 .collect();
-            let (gamma, dgamma) = sched.gamma_table(&ts)?;
-            let rows: Vec<Value> = ts
+            let rows = ts
                 .iter()
-                .zip(gamma.iter().zip(&dgamma))
-                .map(|(&t, (&g, &dg))| {
-                    json!({"t": t, "gamma": g, "alpha_bar": sigmoid(-g),
-                           "snr_derivative": -dg * (-g).exp()})
+                .map(|&t| {
+                    Ok(json!({"t": t, "gamma": sched.gamma_at(t)?,
+                              "alpha_bar": sched.alpha_bar_at(t)?,
+                              "snr_derivative": sched.snr_derivative_at(t)?}))
                 })
-                .collect();
-            let (g_noisy, g_clean) = (gamma[0], gamma[points - 1]);
+                .collect::<Result<Vec<Value>>>()?;
             // The expected weight of the denoising term over t in [a, b] is
             // SNR(b) - SNR(a); its share on t < 1/2 says how much of the
             // loss falls where the class is still being decided.
-            let g_half = sched.gamma_at(0.5)?;
-            let share =
-                ((-g_half).exp() - (-g_noisy).exp()) / ((-g_clean).exp() - (-g_noisy).exp());
+            let snr = |t| sched.snr_at(t);
+            let share = (snr(0.5)? - snr(0.0)?) / (snr(1.0)? - snr(0.0)?);
+            let clean = sched.alpha_bar_at(1.0)?;
             json!({
                 "method": "ct",
-                "gamma_at_0": g_noisy,
-                "gamma_at_1": g_clean,
-                "final_noise_std": sigmoid(g_clean).sqrt(),
-                "final_signal_scale": sigmoid(-g_clean).sqrt(),
+                "gamma_at_0": sched.gamma_at(0.0)?,
+                "gamma_at_1": sched.gamma_at(1.0)?,
+                "final_noise_std": (1.0 - clean).sqrt(),
+                "final_signal_scale": clean.sqrt(),
                 "weight_share_below_half": share,
                 "points": rows,
             })
@@ -238,6 +236,3 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
