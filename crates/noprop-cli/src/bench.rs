@@ -507,7 +507,8 @@ fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> 
     let method = cfg.method().method().name();
     let infer_steps = cfg.method().inference_steps();
     let mut rng = NoiseRng::new(0);
-    let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
+    // At least one image per class, for prototype embeddings to start from.
+    let pool = synthetic((args.batch * 8).max(m), c, h, w, m, &mut rng);
     let mut trainer = build_trainer(cfg, dev.clone(), Some(&pool))?;
     let batches: Vec<(Tensor, Tensor)> = (0..8)
         .map(|i| minibatch(&pool, args.batch, i, dev))

@@ -235,4 +235,3 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
     }
     Ok(())
 }
-

@@ -762,7 +762,7 @@ fn prototype_embeddings_render_as_png() {
 }
 
 /// `noprop bench` times every method: a shipped CT, FM, back-prop and
-/// adjoint config each print one JSON line with a positive step time and
+/// adjoint config (and a CIFAR-100 prototype one) each print one JSON line with a positive step time and
 /// inference rate (synthetic inputs, so no data is needed).
 #[test]
 fn bench_times_every_method() {
@@ -772,6 +772,9 @@ fn bench_times_every_method() {
         ("mnist-fm-onehot.toml", "fm"),
         ("mnist-backprop-onehot.toml", "backprop"),
         ("mnist-adjoint-onehot.toml", "adjoint"),
+        // 100 classes, more than the 32 images of a 4-image batch's pool:
+        // every class still gets an image to build its prototype from.
+        ("cifar100-ct-prototype.toml", "ct"),
     ] {
         let out = noprop()
             .args(["bench", "--steps", "1", "--warmup", "0", "--batch", "4"])
