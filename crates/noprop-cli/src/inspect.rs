@@ -138,26 +138,27 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
             let ts: Vec<f64> = (0..points)
                 .map(|i| i as f64 / (points - 1) as f64)
                 .collect();
-            let rows = ts
+            let rows: Vec<Value> = sched
+                .points(&ts)?
                 .iter()
-                .map(|&t| {
-                    Ok(json!({"t": t, "gamma": sched.gamma_at(t)?,
-                              "alpha_bar": sched.alpha_bar_at(t)?,
-                              "snr_derivative": sched.snr_derivative_at(t)?}))
+                .map(|p| {
+                    json!({"t": p.t, "gamma": p.gamma, "alpha_bar": p.alpha_bar,
+                           "snr_derivative": p.snr_derivative})
                 })
-                .collect::<Result<Vec<Value>>>()?;
+                .collect();
             // The expected weight of the denoising term over t in [a, b] is
             // SNR(b) - SNR(a); its share on t < 1/2 says how much of the
             // loss falls where the class is still being decided.
-            let snr = |t| sched.snr_at(t);
-            let share = (snr(0.5)? - snr(0.0)?) / (snr(1.0)? - snr(0.0)?);
-            let clean = sched.alpha_bar_at(1.0)?;
+            let ends = sched.points(&[0.0, 0.5, 1.0])?;
+            let (noisy, half, clean) = (ends[0], ends[1], ends[2]);
+            let share = (half.snr - noisy.snr) / (clean.snr - noisy.snr);
+            let clean_abar = clean.alpha_bar;
             json!({
                 "method": "ct",
-                "gamma_at_0": sched.gamma_at(0.0)?,
-                "gamma_at_1": sched.gamma_at(1.0)?,
-                "final_noise_std": (1.0 - clean).sqrt(),
-                "final_signal_scale": clean.sqrt(),
+                "gamma_at_0": noisy.gamma,
+                "gamma_at_1": clean.gamma,
+                "final_noise_std": (1.0 - clean_abar).sqrt(),
+                "final_signal_scale": clean_abar.sqrt(),
                 "weight_share_below_half": share,
                 "points": rows,
             })

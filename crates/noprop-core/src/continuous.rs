@@ -56,6 +56,19 @@ pub trait ContinuousSchedule {
         Ok((g, dg))
     }
 
+    /// Every host quantity of the schedule at each of `ts`, from one
+    /// [`gamma_table`](Self::gamma_table) call: a learnable schedule copies
+    /// its parameters to the host once for the whole grid. Each value equals
+    /// what the matching `*_at` method returns for the same `t`.
+    fn points(&self, ts: &[f64]) -> Result<Vec<SchedulePoint>> {
+        let (g, dg) = self.gamma_table(ts)?;
+        Ok(ts
+            .iter()
+            .zip(g.into_iter().zip(dg))
+            .map(|(&t, (gamma, gamma_derivative))| SchedulePoint::new(t, gamma, gamma_derivative))
+            .collect())
+    }
+
     /// `alpha_bar(t) = sigmoid(-gamma(t))`, computed as `exp(-softplus(gamma))`
     /// so that it stays accurate (and its gradient finite) at both ends.
     fn alpha_bar(&self, t: &Tensor) -> Result<Tensor> {
@@ -93,8 +106,48 @@ pub trait ContinuousSchedule {
 
     /// `SNR'(t)` for one host value (`>= 0`).
     fn snr_derivative_at(&self, t: f64) -> Result<f64> {
-        Ok(-self.gamma_derivative_at(t)? * (-self.gamma_at(t)?).exp())
+        Ok(snr_derivative_f64(
+            self.gamma_derivative_at(t)?,
+            self.gamma_at(t)?,
+        ))
     }
+}
+
+/// A schedule's host quantities at one time `t`, from
+/// [`ContinuousSchedule::points`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulePoint {
+    /// The time, in `[0, 1]` (`0` noisy, `1` clean).
+    pub t: f64,
+    /// `gamma(t)`.
+    pub gamma: f64,
+    /// `gamma'(t)` (`<= 0`).
+    pub gamma_derivative: f64,
+    /// `alpha_bar(t) = sigmoid(-gamma(t))`.
+    pub alpha_bar: f64,
+    /// `SNR(t) = exp(-gamma(t))`.
+    pub snr: f64,
+    /// `SNR'(t) = -gamma'(t) exp(-gamma(t))` (`>= 0`).
+    pub snr_derivative: f64,
+}
+
+impl SchedulePoint {
+    /// The quantities that follow from `gamma(t)` and `gamma'(t)`.
+    pub fn new(t: f64, gamma: f64, gamma_derivative: f64) -> Self {
+        Self {
+            t,
+            gamma,
+            gamma_derivative,
+            alpha_bar: sigmoid_f64(-gamma),
+            snr: (-gamma).exp(),
+            snr_derivative: snr_derivative_f64(gamma_derivative, gamma),
+        }
+    }
+}
+
+/// `SNR' = -gamma' exp(-gamma)`, the one place the host formula lives.
+fn snr_derivative_f64(gamma_derivative: f64, gamma: f64) -> f64 {
+    -gamma_derivative * (-gamma).exp()
 }
 
 /// A fixed schedule with `gamma` linear in `t`:

@@ -90,7 +90,7 @@ mod stream;
 pub use adjoint::{adjoint_euler, odeint_euler, AdjointGradients};
 pub use class_probs::{radial_log_probs, ClassProbability};
 pub use continuous::{
-    ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig,
+    ContinuousSchedule, FixedLinearGamma, LearnableSchedule, LearnableScheduleConfig, SchedulePoint,
 };
 pub use ct::{
     ct_denoise_loss, ct_denoise_terms, ct_loss, kl_prior_tensor, q_sample_ct, q_sample_ct_at_gamma,

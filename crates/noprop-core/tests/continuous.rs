@@ -120,6 +120,38 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// `points` computes the whole grid from one `gamma_table` call; every
+    /// value must be bit-equal to the matching `*_at` method's.
+    #[test]
+    fn points_equal_the_per_time_methods(
+        seed in any::<u64>(),
+        hidden in 1usize..24,
+        scale in 0.1f64..3.0,
+        gamma0 in -12.0f64..2.0,
+        gap_raw in -1.0f64..20.0,
+    ) {
+        let ts = grid(37);
+        let learned = random_schedule(seed, hidden, scale, gamma0, gap_raw, DType::F32);
+        let fixed = FixedLinearGamma::new(gamma0, gamma0 + 1.0 + gap_raw.abs()).unwrap();
+        let scheds: [&dyn ContinuousSchedule; 2] = [&learned, &fixed];
+        for sched in scheds {
+            let points = sched.points(&ts).unwrap();
+            prop_assert_eq!(points.len(), ts.len());
+            for (p, &t) in points.iter().zip(&ts) {
+                prop_assert_eq!(p.t, t);
+                prop_assert_eq!(p.gamma, sched.gamma_at(t).unwrap());
+                prop_assert_eq!(p.gamma_derivative, sched.gamma_derivative_at(t).unwrap());
+                prop_assert_eq!(p.alpha_bar, sched.alpha_bar_at(t).unwrap());
+                prop_assert_eq!(p.snr, sched.snr_at(t).unwrap());
+                prop_assert_eq!(p.snr_derivative, sched.snr_derivative_at(t).unwrap());
+            }
+        }
+    }
+}
+
 #[test]
 fn fixed_linear_gamma_values() {
     let s = FixedLinearGamma::new(-5.0, 3.0).unwrap();
