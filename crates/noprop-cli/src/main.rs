@@ -318,6 +318,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(e) = noprop_kernels::check_simd_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),

@@ -74,7 +74,7 @@ impl ClassProbability {
                 let max = head_logits.max_keepdim(D::Minus1)?;
                 let num = head_logits.broadcast_sub(&max)?.exp()?;
                 let probs = num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?;
-                let ytilde = probs.matmul(&w_embed.to_dtype(probs.dtype())?)?;
+                let ytilde = noprop_kernels::matmul(&probs, &w_embed.to_dtype(probs.dtype())?)?;
                 radial_log_probs(&ytilde, w_embed, sigma)
             }
         }

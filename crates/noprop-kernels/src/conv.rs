@@ -184,27 +184,110 @@ pub(crate) unsafe fn matmul_strided<T: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
+    gemm_fixed_depth(
+        (m, n, k),
+        (dst, 1, dst_rs as isize),
         accumulate,
-        lhs.ptr,
-        lhs.cs as isize,
-        lhs.rs as isize,
-        rhs.ptr,
-        rhs.cs as isize,
-        rhs.rs as isize,
-        T::ONE,
-        T::ONE,
-        false,
-        false,
-        false,
+        (lhs.ptr, lhs.rs as isize, lhs.cs as isize),
+        (rhs.ptr, rhs.rs as isize, rhs.cs as isize),
         par,
     );
+}
+
+/// The longest stretch of the summed dimension that one `gemm` call sums in
+/// a single pass on every CPU.
+///
+/// The `gemm` crate splits the summed dimension `k` of a product into depth
+/// blocks and adds each block's partial sums onto the destination. Its
+/// block length comes from the L1 data cache it detects at run time: 512 on
+/// a 32 KiB 8-way cache (AMD Zen, most Intel cores), 1024 on a 48 KiB 12-way
+/// one (Intel Ice Lake and later servers), with the same operands. Different
+/// blocks sum in a different order, so the same product differed in its last
+/// bits from one CPU model to the next. A call whose `k` is at most this
+/// length is summed in one block whatever the cache (the crate never takes
+/// a block shorter than 512), so [`gemm_fixed_depth`] splits longer products
+/// itself, at positions that depend only on the shape.
+pub(crate) const GEMM_DEPTH: usize = 512;
+
+/// The depth blocks [`gemm_fixed_depth`] sums `k` in, as `(start, len)`:
+/// `k` itself up to [`GEMM_DEPTH`], else `ceil(k / GEMM_DEPTH)` blocks of
+/// equal length (the last one shorter by the remainder). A function of `k`
+/// alone; each block is summed in one pass by every code path of the
+/// `gemm` crate, and the blocks' sums are added onto the destination in
+/// order.
+pub(crate) fn depth_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
+    let len = k.div_ceil(k.div_ceil(GEMM_DEPTH)).max(1);
+    (0..k).step_by(len).map(move |s| (s, len.min(k - s)))
+}
+
+/// `dst = (accumulate ? dst : 0) + lhs · rhs` through the `gemm` crate, with
+/// the summed dimension cut into [`depth_blocks`] so that the sums, and so
+/// every bit of the result, depend on the shapes and strides only, not on
+/// the cache sizes of the CPU that runs it. Each operand is
+/// `(pointer, row stride, column stride)` in elements; `lhs` is `[m, k]`,
+/// `rhs` `[k, n]` and `dst` `[m, n]`.
+///
+/// # Safety
+/// The pointers and strides must describe in-bounds matrices, `dst` must be
+/// valid for writes (and for reads when accumulating), and nothing else may
+/// access `dst` meanwhile.
+pub(crate) unsafe fn gemm_fixed_depth<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_cs, dst_rs): (*mut T, isize, isize),
+    accumulate: bool,
+    (lhs, lhs_rs, lhs_cs): (*const T, isize, isize),
+    (rhs, rhs_rs, rhs_cs): (*const T, isize, isize),
+    par: Parallelism,
+) {
+    if k == 0 {
+        // The crate clears (or keeps) `dst` for an empty sum.
+        gemm::gemm(
+            m,
+            n,
+            0,
+            dst,
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs,
+            lhs_cs,
+            lhs_rs,
+            rhs,
+            rhs_cs,
+            rhs_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+        return;
+    }
+    for (start, len) in depth_blocks(k) {
+        let off = start as isize;
+        gemm::gemm(
+            m,
+            n,
+            len,
+            dst,
+            dst_cs,
+            dst_rs,
+            accumulate || start > 0,
+            lhs.offset(off * lhs_cs),
+            lhs_cs,
+            lhs_rs,
+            rhs.offset(off * rhs_rs),
+            rhs_cs,
+            rhs_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
 }
 
 /// How to spread `count` independent jobs over the rayon pool: one job per task

@@ -89,6 +89,9 @@ pub enum KernelError {
     /// A [`crate::Kernels`] name that is neither `fast` nor `stock`.
     #[error("unknown kernels {0:?}: expected \"fast\" or \"stock\"")]
     UnknownKernels(String),
+    /// A value of [`crate::SIMD_ENV`] other than `auto` or `baseline`.
+    #[error("unknown NOPROP_KERNELS_SIMD={0:?}: expected \"auto\" or \"baseline\"")]
+    UnknownSimd(String),
 }
 
 impl From<KernelError> for candle_core::Error {

@@ -265,6 +265,40 @@ pub fn linear_with(kernels: Kernels, x: &Tensor, w: &Tensor, b: &Tensor) -> Resu
     x.matmul(&w.t()?)?.broadcast_add(b)
 }
 
+/// The matrix product `a · b` of two 2-D tensors, on the fast kernels where
+/// they apply.
+///
+/// Use it instead of [`Tensor::matmul`] wherever the summed dimension can
+/// exceed 512 on the CPU (a wide embedding, a large batch in a weight
+/// gradient): candle's own CPU matmul goes through the `gemm` crate, which
+/// sums such products in blocks whose length it derives from the CPU's L1
+/// cache, so the same product differs in its last bits from one CPU model to
+/// another. Here the summed dimension is cut into blocks that depend on the
+/// shapes alone (at most 512 long, all equal but the last), so the result
+/// is the same on every CPU that runs the same `gemm` kernels; the gradient
+/// goes through this function too. Operands may be any strided views
+/// (transposes, narrows) and are not copied.
+///
+/// Tensors of other ranks, other dtypes, on other devices, or with
+/// [`Kernels::Stock`], go to [`Tensor::matmul`] (which reports bad shapes).
+///
+/// # Shapes
+/// - `a`: `[m, k]`
+/// - `b`: `[k, n]`
+/// - result: `[m, n]`
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_with(Kernels::Fast, a, b)
+}
+
+/// [`matmul`] on the chosen [`Kernels`].
+pub fn matmul_with(kernels: Kernels, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let two_d = a.rank() == 2 && b.rank() == 2;
+    if kernels.fast_for(&[a, b]) && two_d && a.dtype() == b.dtype() && a.dim(1)? == b.dim(0)? {
+        return a.apply_op2(b, ops::MatMulOp);
+    }
+    a.matmul(b)
+}
+
 /// Inverted dropout: each element is zeroed with probability `p` and
 /// otherwise multiplied by `1 / (1 - p)`, on the fast kernels where they
 /// apply. The mask depends only on `seed` and the element's position, so the
@@ -419,6 +453,30 @@ fn conv_impl(
 /// not affected.)
 pub fn use_baseline_simd(on: bool) {
     elem::BASELINE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The environment variable that makes a whole process run the baseline
+/// loops, as [`use_baseline_simd`]`(true)` does, when set to `baseline`:
+/// for checking, from outside a program, that its numbers do not depend on
+/// the instruction set. Read once, at the first kernel call; `auto` or
+/// unset means the default.
+pub const SIMD_ENV: &str = "NOPROP_KERNELS_SIMD";
+
+/// Whether [`SIMD_ENV`] asks for the baseline loops.
+fn baseline_forced() -> bool {
+    std::env::var_os(SIMD_ENV).is_some_and(|v| v == "baseline")
+}
+
+/// Checks the value of [`SIMD_ENV`]: unset, `auto` or `baseline`.
+pub fn check_simd_env() -> std::result::Result<(), KernelError> {
+    match std::env::var(SIMD_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Ok(v) if v == "auto" || v == "baseline" => Ok(()),
+        Ok(v) => Err(KernelError::UnknownSimd(v)),
+        Err(std::env::VarError::NotUnicode(v)) => {
+            Err(KernelError::UnknownSimd(v.to_string_lossy().into_owned()))
+        }
+    }
 }
 
 /// The instruction set of the GEMM micro-kernels this build runs on this

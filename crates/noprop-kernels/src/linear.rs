@@ -70,6 +70,33 @@ pub(crate) fn grad_x<T: Elem>(g: &LinearGeom, grad: &[T], w: &[T]) -> Vec<T> {
     }
 }
 
+/// `a · b` as a fresh row-major `[m, n]` vector, for strided operands: `a`
+/// is `[m, k]` and `b` `[k, n]`, each given as its first element and its
+/// (row, column) strides in elements.
+///
+/// # Safety
+/// Both operands must lie in bounds of live allocations for the strides
+/// given, and stay unchanged during the call.
+pub(crate) unsafe fn product<T: Elem>(
+    (m, n, k): (usize, usize, usize),
+    a: (*const T, usize, usize),
+    b: (*const T, usize, usize),
+) -> Vec<T> {
+    let mut out = Output::new(m * n);
+    // SAFETY: the GEMM writes all `m * n` elements without reading them.
+    unsafe {
+        matmul(
+            (m, n, k),
+            out.ptr().at(0),
+            false,
+            Mat::strided(a.0, a.1, a.2),
+            Mat::strided(b.0, b.1, b.2),
+            parallelism(m * n * k),
+        );
+        out.finish()
+    }
+}
+
 /// `gradᵀ · x`, the weight gradient `[out, inp]`.
 pub(crate) fn grad_w<T: Elem>(g: &LinearGeom, grad: &[T], x: &[T]) -> Vec<T> {
     let mut dw = Output::new(g.out * g.inp);

@@ -442,6 +442,82 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+const MATMUL: &str = "matmul";
+
+/// `a · b` for 2-D operands in any strided layout, as a binary custom op
+/// whose sums do not depend on the CPU model (see [`crate::matmul`]).
+pub(crate) struct MatMulOp;
+
+impl MatMulOp {
+    fn fwd<T: Elem>(
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k, n) = (al.dims()[0], al.dims()[1], bl.dims()[1]);
+        let operand = |s: &CpuStorage, l: &Layout| -> Result<(*const T, usize, usize)> {
+            let data = s.as_slice::<T>()?;
+            let (rows, cols) = (l.dims()[0], l.dims()[1]);
+            let (rs, cs) = (l.stride()[0], l.stride()[1]);
+            // The last element the strides reach must lie inside the storage.
+            let last = l.start_offset() + rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs;
+            if rows * cols > 0 && last >= data.len() {
+                return Err(KernelError::NotHostContiguous {
+                    op: MATMUL,
+                    arg: "operand",
+                }
+                .into());
+            }
+            Ok((data[l.start_offset().min(data.len())..].as_ptr(), rs, cs))
+        };
+        let (a, b) = (operand(a, al)?, operand(b, bl)?);
+        // SAFETY: both operands were checked to lie inside their storage.
+        let y = unsafe { crate::linear::product::<T>((m, n, k), a, b) };
+        Ok((T::to_cpu_storage_owned(y), Shape::from((m, n))))
+    }
+}
+
+impl CustomOp2 for MatMulOp {
+    fn name(&self) -> &'static str {
+        "noprop-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match a.dtype() {
+            DType::F32 => Self::fwd::<f32>(a, al, b, bl),
+            DType::F64 => Self::fwd::<f64>(a, al, b, bl),
+            dtype => Err(KernelError::UnsupportedDType { op: MATMUL, dtype }.into()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let da = if a.track_op() {
+            Some(crate::matmul(grad, &b.t()?)?)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            Some(crate::matmul(&a.t()?, grad)?)
+        } else {
+            None
+        };
+        Ok((da, db))
+    }
+}
+
 const STAGE: &str = "conv_stage";
 
 /// The fused `dropout(maxpool(relu(conv(x, w) + b)))` stage as a ternary

@@ -258,7 +258,7 @@ pub fn prototype_indices(
         // Squared distances |a|^2 + |b|^2 - 2 a.b; the median of squares orders like the median of distances.
         let d2 = sq
             .broadcast_add(&sq.t()?)?
-            .sub(&(x.matmul(&x.t()?)? * 2.0)?)?;
+            .sub(&(noprop_kernels::matmul(&x, &x.t()?)? * 2.0)?)?;
         let d2: Vec<Vec<f64>> = d2.to_vec2()?;
         let mut best = (f64::INFINITY, members[0]);
         for (r, row) in d2.into_iter().enumerate() {

@@ -359,5 +359,5 @@ pub fn softmax_embed(logits: &Tensor, w_embed: &Tensor) -> candle_core::Result<T
     let max = logits.max_keepdim(D::Minus1)?;
     let e = logits.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    p.matmul(w_embed)
+    noprop_kernels::matmul(&p, w_embed)
 }

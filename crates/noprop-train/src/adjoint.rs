@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{adjoint_euler, odeint_euler, Inference, NoiseRng, VelocityField};
 use noprop_data::Dataset;
+use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
 use crate::config::{AdjointSettings, Config};
@@ -74,8 +75,10 @@ impl Method for Adjoint {
         let p = net.project_features(&net.image_features(x, &mut Mode::Train(dropout))?)?;
         let p_in = Var::from_tensor(&p.detach())?;
         let f = |z: &Tensor, t: f64| -> candle_core::Result<Tensor> {
-            net.logits_projected(z, t, p_in.as_tensor(), &mut Mode::Eval)?
-                .matmul(embed)
+            matmul(
+                &net.logits_projected(z, t, p_in.as_tensor(), &mut Mode::Eval)?,
+                embed,
+            )
         };
         let z0 = noise.randn(&[b, embed.dim(1)?], DType::F32, x.device())?;
         let z1 = Var::from_tensor(&odeint_euler(f, &z0, steps)?)?;

@@ -4,6 +4,7 @@
 
 use candle_core::{Tensor, D};
 use noprop_core::{ContinuousDenoiser, VelocityField};
+use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
 /// The network with fixed image features `fx` (stacked for every run).
@@ -62,10 +63,16 @@ impl ContinuousDenoiser for Cached<'_> {
             .model
             .net()
             .logits_from_features(z, t, &self.fx, &mut Mode::Eval)?;
-        candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())
+        matmul(
+            &candle_nn::ops::softmax(&logits, D::Minus1)?,
+            self.model.embed(),
+        )
     }
     fn denoise_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
-        candle_nn::ops::softmax(&self.logits_at(z, t)?, D::Minus1)?.matmul(self.model.embed())
+        matmul(
+            &candle_nn::ops::softmax(&self.logits_at(z, t)?, D::Minus1)?,
+            self.model.embed(),
+        )
     }
 }
 
@@ -74,12 +81,13 @@ impl VelocityField for Cached<'_> {
         self.model.embed().dims().get(1).copied().unwrap_or(0)
     }
     fn velocity(&self, z: &Tensor, _x: &Tensor, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.model
+        let logits = self
+            .model
             .net()
-            .logits_from_features(z, t, &self.fx, &mut Mode::Eval)?
-            .matmul(self.model.embed())
+            .logits_from_features(z, t, &self.fx, &mut Mode::Eval)?;
+        matmul(&logits, self.model.embed())
     }
     fn velocity_at(&self, z: &Tensor, _x: &Tensor, t: f64) -> candle_core::Result<Tensor> {
-        self.logits_at(z, t)?.matmul(self.model.embed())
+        matmul(&self.logits_at(z, t)?, self.model.embed())
     }
 }

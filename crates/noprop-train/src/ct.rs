@@ -11,6 +11,7 @@ use noprop_core::{
     LearnableSchedule, NoiseRng, Stream,
 };
 use noprop_data::Dataset;
+use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
 use crate::config::{Config, CtSampler, CtSettings, ScheduleTraining};
@@ -189,7 +190,10 @@ impl Method for Ct {
             .model
             .net()
             .forward(&z, x, &t, &mut Mode::Train(dropout))?;
-        let uhat = candle_nn::ops::softmax(&logits, D::Minus1)?.matmul(self.model.embed())?;
+        let uhat = matmul(
+            &candle_nn::ops::softmax(&logits, D::Minus1)?,
+            self.model.embed(),
+        )?;
         let ones = Tensor::ones(b, DType::F32, dev)?;
         let z1 = q_sample_ct(sched, &u, &ones, noise)?;
         let logp = class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?;

@@ -9,6 +9,7 @@ use noprop_core::{
     fm_extrapolate, fm_interpolate, fm_loss, nearest_embedding, sample_fm, Inference, NoiseRng,
 };
 use noprop_data::Dataset;
+use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
 use crate::config::{Config, FmSettings};
@@ -69,7 +70,7 @@ impl Method for Fm {
             .model
             .net()
             .forward(&zt, x, &t, &mut Mode::Train(dropout))?;
-        let v = logits.matmul(self.model.embed())?;
+        let v = matmul(&logits, self.model.embed())?;
         let flow = fm_loss(&v, &z0, &denoise_target(cfg, &u))?;
         let (total, ce) = if self.model.embedding().var().is_some() {
             let z1 = fm_extrapolate(&zt, &v, &t)?;
