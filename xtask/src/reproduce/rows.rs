@@ -350,8 +350,8 @@ pub fn select(rows: &[Row], patterns: &[String]) -> Result<Vec<Row>> {
 
 /// The reduced settings of a `--quick` run, chosen so that the MNIST rows
 /// with one seed finish in about half an hour on two CPU cores (see
-/// README). Every value is written into the run's config, and the tables
-/// state them.
+/// docs/reproducing.md). Every value is written into the run's config, and
+/// the tables state them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quick {
     /// Epochs (the paper: 100 for DT, CT, FM and backprop on MNIST, 2 for adjoint).
