@@ -23,6 +23,10 @@
 //! - [`linear`]: `x wᵀ + b` as one GEMM forward and one GEMM per gradient
 //!   backward, each in its argument's layout (candle's transpose + matmul +
 //!   broadcast add accumulates a strided weight gradient).
+//! - [`matmul`]: `a · b` for 2-D tensors in any strided layout, with the
+//!   summed dimension cut into blocks fixed by the shapes (every GEMM of this
+//!   crate does the same), so that results do not depend on the cache sizes
+//!   the `gemm` crate detects on the CPU that runs it.
 //! - [`max_pool2x2`]: 2x2, stride-2 max-pooling whose gradient goes wholly to
 //!   the first maximum of each window; odd sizes drop the last row or column,
 //!   as PyTorch does.
