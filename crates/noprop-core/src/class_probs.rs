@@ -112,7 +112,7 @@ pub fn radial_log_probs(ytilde: &Tensor, w_embed: &Tensor, sigma: f64) -> Result
     )?;
     check_sigma(sigma)?;
     let w = w_embed.to_dtype(ytilde.dtype())?;
-    let cross = ytilde.matmul(&w.t()?)?; // [B, m]
+    let cross = noprop_kernels::matmul(ytilde, &w.t()?)?; // [B, m]
     let norms = w.sqr()?.sum(1)?; // [m]
     let scale = 1.0 / (2.0 * sigma * sigma);
     // -(||u||^2 - 2 y.u) / (2 sigma^2)

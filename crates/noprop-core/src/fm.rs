@@ -182,7 +182,7 @@ pub fn nearest_embedding(z: &Tensor, w_embed: &Tensor) -> Result<Tensor> {
         });
     }
     let w = w_embed.to_dtype(z.dtype())?;
-    let cross = z.matmul(&w.t()?)?; // [B, m]
+    let cross = noprop_kernels::matmul(z, &w.t()?)?; // [B, m]
     let norms = w.sqr()?.sum(1)?; // [m]
     let score = cross.affine(-2.0, 0.0)?.broadcast_add(&norms)?;
     Ok(score.argmin(1)?.to_dtype(DType::U32)?)

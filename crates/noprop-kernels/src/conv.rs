@@ -216,7 +216,7 @@ pub(crate) const GEMM_DEPTH: usize = 512;
 /// `gemm` crate, and the blocks' sums are added onto the destination in
 /// order.
 pub(crate) fn depth_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
-    let len = k.div_ceil(k.div_ceil(GEMM_DEPTH)).max(1);
+    let len = k.div_ceil(k.div_ceil(GEMM_DEPTH).max(1)).max(1);
     (0..k).step_by(len).map(move |s| (s, len.min(k - s)))
 }
 

@@ -89,6 +89,10 @@ pub enum KernelError {
     /// A [`crate::Kernels`] name that is neither `fast` nor `stock`.
     #[error("unknown kernels {0:?}: expected \"fast\" or \"stock\"")]
     UnknownKernels(String),
+    /// Operands of [`crate::matmul`]'s fast op that are not `[m, k]` and
+    /// `[k, n]`, or whose strides reach outside their storage.
+    #[error("matmul: expected a [m, k] and b [k, n] inside their storage, got {a:?} and {b:?}")]
+    MatMulShapes { a: Vec<usize>, b: Vec<usize> },
     /// A value of [`crate::SIMD_ENV`] other than `auto` or `baseline`.
     #[error("unknown NOPROP_KERNELS_SIMD={0:?}: expected \"auto\" or \"baseline\"")]
     UnknownSimd(String),

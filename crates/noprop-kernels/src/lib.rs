@@ -462,8 +462,10 @@ pub fn use_baseline_simd(on: bool) {
 /// The environment variable that makes a whole process run the baseline
 /// loops, as [`use_baseline_simd`]`(true)` does, when set to `baseline`:
 /// for checking, from outside a program, that its numbers do not depend on
-/// the instruction set. Read once, at the first kernel call; `auto` or
-/// unset means the default.
+/// which build of this crate's own loops runs (the `gemm` crate's choice
+/// of micro-kernels is not affected). Read once, at the first kernel call;
+/// `auto` or unset means the default, and any other value is treated as
+/// unset here ([`check_simd_env`] rejects it).
 pub const SIMD_ENV: &str = "NOPROP_KERNELS_SIMD";
 
 /// Whether [`SIMD_ENV`] asks for the baseline loops.

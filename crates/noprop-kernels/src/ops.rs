@@ -455,21 +455,33 @@ impl MatMulOp {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k, n) = (al.dims()[0], al.dims()[1], bl.dims()[1]);
+        let bad = || KernelError::MatMulShapes {
+            a: al.dims().to_vec(),
+            b: bl.dims().to_vec(),
+        };
+        let (&[m, k], &[k2, n]) = (al.dims(), bl.dims()) else {
+            return Err(bad().into());
+        };
+        if k != k2 {
+            return Err(bad().into());
+        }
         let operand = |s: &CpuStorage, l: &Layout| -> Result<(*const T, usize, usize)> {
             let data = s.as_slice::<T>()?;
             let (rows, cols) = (l.dims()[0], l.dims()[1]);
             let (rs, cs) = (l.stride()[0], l.stride()[1]);
-            // The last element the strides reach must lie inside the storage.
-            let last = l.start_offset() + rows.saturating_sub(1) * rs + cols.saturating_sub(1) * cs;
-            if rows * cols > 0 && last >= data.len() {
-                return Err(KernelError::NotHostContiguous {
-                    op: MATMUL,
-                    arg: "operand",
-                }
-                .into());
+            if rows == 0 || cols == 0 {
+                return Ok((data.as_ptr(), rs, cs));
             }
-            Ok((data[l.start_offset().min(data.len())..].as_ptr(), rs, cs))
+            // The last element the strides reach must lie inside the storage.
+            let last = (rows - 1)
+                .checked_mul(rs)
+                .zip((cols - 1).checked_mul(cs))
+                .and_then(|(r, c)| r.checked_add(c))
+                .and_then(|rc| rc.checked_add(l.start_offset()));
+            match last {
+                Some(last) if last < data.len() => Ok((data[l.start_offset()..].as_ptr(), rs, cs)),
+                _ => Err(bad().into()),
+            }
         };
         let (a, b) = (operand(a, al)?, operand(b, bl)?);
         // SAFETY: both operands were checked to lie inside their storage.

@@ -80,7 +80,11 @@ fn equals_candle_per_block_for_every_layout() -> Result<()> {
                     assert_eq!(bits(&got), bits(&want), "{m}x{k}x{n}, {an} · {bn}");
                 }
                 if k <= 512 {
-                    assert_eq!(bits(&got), bits(&a.matmul(b)?), "{m}x{k}x{n}, {an} · {bn}: candle");
+                    assert_eq!(
+                        bits(&got),
+                        bits(&a.matmul(b)?),
+                        "{m}x{k}x{n}, {an} · {bn}: candle"
+                    );
                 }
                 assert_close(&got, &matmul_with(Kernels::Stock, a, b)?, F32, "stock");
             }

@@ -154,7 +154,7 @@ impl CtNet {
     /// columns of `W1` applied once per solve instead of once per step.
     pub fn project_features(&self, fx: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.fc1.weight().narrow(1, 0, 256)?;
-        noprop_kernels::matmul(fx, &w.t()?)?.broadcast_add(self.fc1.bias())
+        noprop_kernels::matmul_with(self.cfg.kernels, fx, &w.t()?)?.broadcast_add(self.fc1.bias())
     }
 
     /// Logits `[B, m]` from `z` `[B, d]`, projected image features `p` (see
@@ -177,8 +177,8 @@ impl CtNet {
         .to_dtype(z.dtype())?;
         let ft = self.time_fc.forward_with(k, &te)?.relu()?;
         let w = self.fc1.weight();
-        let time_row = noprop_kernels::matmul(&ft, &w.narrow(1, 512, 256)?.t()?)?;
-        let h = (noprop_kernels::matmul(&fz, &w.narrow(1, 256, 256)?.t()?)? + p)?
+        let time_row = noprop_kernels::matmul_with(k, &ft, &w.narrow(1, 512, 256)?.t()?)?;
+        let h = (noprop_kernels::matmul_with(k, &fz, &w.narrow(1, 256, 256)?.t()?)? + p)?
             .broadcast_add(&time_row)?
             .relu()?;
         let h = self.fc2.forward_with(k, &h)?.relu()?;
