@@ -210,14 +210,16 @@ pub(crate) unsafe fn matmul_strided<T: Elem>(
 pub(crate) const GEMM_DEPTH: usize = 512;
 
 /// The depth blocks [`gemm_fixed_depth`] sums `k` in, as `(start, len)`:
-/// `k` itself up to [`GEMM_DEPTH`], else `ceil(k / GEMM_DEPTH)` blocks of
-/// equal length (the last one shorter by the remainder). A function of `k`
-/// alone; each block is summed in one pass by every code path of the
+/// `k` itself up to [`GEMM_DEPTH`] (one empty block for `k = 0`), else
+/// `ceil(k / GEMM_DEPTH)` blocks of equal length (the last one shorter by
+/// the remainder). A function of `k` alone; each block is summed in one pass by every code path of the
 /// `gemm` crate, and the blocks' sums are added onto the destination in
 /// order.
 pub(crate) fn depth_blocks(k: usize) -> impl Iterator<Item = (usize, usize)> {
     let len = k.div_ceil(k.div_ceil(GEMM_DEPTH).max(1)).max(1);
-    (0..k).step_by(len).map(move |s| (s, len.min(k - s)))
+    // An empty sum is one empty block: the crate then clears `dst` (or
+    // keeps it, when accumulating).
+    (0..k.max(1)).step_by(len).map(move |s| (s, len.min(k - s)))
 }
 
 /// `dst = (accumulate ? dst : 0) + lhs · rhs` through the `gemm` crate, with
@@ -239,31 +241,6 @@ pub(crate) unsafe fn gemm_fixed_depth<T: Elem>(
     (rhs, rhs_rs, rhs_cs): (*const T, isize, isize),
     par: Parallelism,
 ) {
-    if k == 0 {
-        // The crate clears (or keeps) `dst` for an empty sum.
-        gemm::gemm(
-            m,
-            n,
-            0,
-            dst,
-            dst_cs,
-            dst_rs,
-            accumulate,
-            lhs,
-            lhs_cs,
-            lhs_rs,
-            rhs,
-            rhs_cs,
-            rhs_rs,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        );
-        return;
-    }
     for (start, len) in depth_blocks(k) {
         let off = start as isize;
         gemm::gemm(
@@ -629,6 +606,32 @@ mod tests {
             let lhs: f64 = cols.iter().zip(&c).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
             assert!((lhs - rhs).abs() < 1e-12, "k={k} pad={pad}: {lhs} vs {rhs}");
+        }
+    }
+
+    /// The depth blocks tile `0..k` in order, none longer than
+    /// `GEMM_DEPTH`, all equal but the last, and as few as that allows.
+    #[test]
+    fn depth_blocks_tile_k() {
+        assert_eq!(super::depth_blocks(0).collect::<Vec<_>>(), vec![(0, 0)]);
+        assert_eq!(super::depth_blocks(512).collect::<Vec<_>>(), vec![(0, 512)]);
+        assert_eq!(
+            super::depth_blocks(784).collect::<Vec<_>>(),
+            vec![(0, 392), (392, 392)]
+        );
+        for k in (1..5000).chain([6272, 300_000, 1_000_003]) {
+            let blocks: Vec<_> = super::depth_blocks(k).collect();
+            assert_eq!(blocks.len(), k.div_ceil(super::GEMM_DEPTH), "k={k}");
+            let mut next = 0;
+            for (i, &(start, len)) in blocks.iter().enumerate() {
+                assert_eq!(start, next, "k={k}");
+                assert!(len >= 1 && len <= super::GEMM_DEPTH, "k={k}");
+                if i + 1 < blocks.len() {
+                    assert_eq!(len, blocks[0].1, "k={k}");
+                }
+                next += len;
+            }
+            assert_eq!(next, k, "k={k}");
         }
     }
 }
