@@ -465,9 +465,71 @@ fn toml_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
     anyhow::anyhow!("{}{}", at.unwrap_or_default(), e.message().trim())
 }
 
+/// A JSON value whose objects may not repeat a key: serde_json keeps the last
+/// of two equal keys without a word, while TOML refuses them, so a JSON
+/// config `"blocks": 2, "blocks": 3` would train 3 blocks.
+struct StrictJson(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        use serde_json::Value;
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StrictJson;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_bool<E: Error>(self, v: bool) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(Value::Bool(v)))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(v.into()))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(v.into()))
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(v.into()))
+            }
+            fn visit_str<E: Error>(self, v: &str) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(v.into()))
+            }
+            fn visit_unit<E: Error>(self) -> std::result::Result<StrictJson, E> {
+                Ok(StrictJson(Value::Null))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<StrictJson, A::Error> {
+                let mut items = vec![];
+                while let Some(StrictJson(v)) = a.next_element()? {
+                    items.push(v);
+                }
+                Ok(StrictJson(Value::Array(items)))
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<StrictJson, A::Error> {
+                let mut map = serde_json::Map::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    let StrictJson(v) = a.next_value()?;
+                    if map.insert(key.clone(), v).is_some() {
+                        return Err(A::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                }
+                Ok(StrictJson(Value::Object(map)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 pub(crate) fn parse_config_text(text: &str, json: bool) -> Result<RawConfig> {
     if json {
-        return Ok(RawConfig::from_json_value(serde_json::from_str(text)?)?);
+        let StrictJson(value) = serde_json::from_str(text)?;
+        return Ok(RawConfig::from_json_value(value)?);
     }
     // A TOML file is read as a value first, so that an old-style config gets
     // the list of moved fields, then as the schema, for errors with a line number.

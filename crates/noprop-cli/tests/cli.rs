@@ -233,6 +233,11 @@ fn bad_input_gives_a_one_line_error() {
     std::fs::write(&cfg, text).unwrap();
     let out = train_cmd(&cfg, &data).output().unwrap();
     assert_one_line_error(&out, "unknown field `sigma`");
+    // A JSON config that repeats a key is refused, as TOML refuses it.
+    let cfg = f.root.join("dup.json");
+    std::fs::write(&cfg, r#"{"data": {"dataset": "mnist"}, "method": {"kind": "dt", "blocks": 2, "blocks": 3}, "train": {"epochs": 1}}"#).unwrap();
+    let out = train_cmd(&cfg, &data).output().unwrap();
+    assert_one_line_error(&out, "duplicate key \"blocks\"");
     // A config in the format before 0.2 says what moved where.
     let cfg = f.root.join("old.toml");
     std::fs::write(&cfg, "[data]\ndataset = \"mnist\"\n[model]\nmethod = \"dt\"\nblocks = 3\nembedding = \"one-hot\"\n[train]\nepochs = 1\nbatch_size = 16\nlr = 1e-3\nweight_decay = 0.0\neta = 0.1\n").unwrap();
