@@ -23,7 +23,7 @@ use noprop_models::ops::{
     batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
     Kernels, WINOGRAD_MIN_CIN,
 };
-use noprop_train::{build_trainer, Config, DeviceData, Dt, Trainer};
+use noprop_train::{build_trainer, Config, DeviceData};
 use serde_json::{json, Value};
 
 use crate::{device, parse_config, parse_config_text, set_up_cpu, BenchArgs, DEFAULT_CONFIG};
@@ -365,15 +365,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The timed inference passes all `infer_batch` images at once.
     raw.eval.batch_size = args.infer_batch.max(1);
     let cfg = raw.validate()?;
-    let kernels = cfg.model().kernels;
+    let kernels = cfg.model.kernels;
     let shape = cfg.dataset().shape();
     let (c, h, w) = shape;
     let m = cfg.dataset().num_classes();
-    let Some(blocks) = cfg
-        .method()
-        .blocks()
-        .filter(|_| matches!(cfg.method(), noprop_train::config::MethodSettings::Dt(_)))
-    else {
+    let Some(blocks) = cfg.method.params().independent_blocks() else {
         return bench_method(&args, cfg, &dev, threads);
     };
 
@@ -384,7 +380,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
 
     // One block's Algorithm 1 step.
-    let mut trainer = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
+    let mut trainer = build_trainer(cfg.clone(), dev.clone(), None)?;
     let d = cfg.latent_dim();
     let mut rng = NoiseRng::new(0);
     let pool = synthetic(args.batch * 8, c, h, w, m, &mut rng);
@@ -403,7 +399,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     // The fused order: all blocks on one minibatch, per block.
     let mut fused_ms = None;
     if args.fused_steps > 0 {
-        let mut fused = Trainer::new(cfg.clone(), dev.clone(), Dt::new(&cfg, &dev, None)?)?;
+        let mut fused = build_trainer(cfg.clone(), dev.clone(), None)?;
         let mut streams: Vec<(NoiseRng, NoiseRng)> = (0..blocks as u64)
             .map(|b| (NoiseRng::new(10 + b), NoiseRng::new(100 + b)))
             .collect();
@@ -504,8 +500,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> Result<()> {
     let (c, h, w) = cfg.dataset().shape();
     let m = cfg.dataset().num_classes();
-    let method = cfg.method().method().name();
-    let infer_steps = cfg.method().inference_steps();
+    let method = cfg.method.kind();
+    let infer_steps = cfg.method.params().inference_steps();
     let mut rng = NoiseRng::new(0);
     // At least one image per class, for prototype embeddings to start from.
     let pool = synthetic((args.batch * 8).max(m), c, h, w, m, &mut rng);
@@ -533,7 +529,7 @@ fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> 
     let summary = json!({
         "impl": "noprop",
         "method": method,
-        "kernels": trainer.config().model().kernels.to_string(),
+        "kernels": trainer.config().model.kernels.to_string(),
         "device": format!("{:?}", args.common.device).to_lowercase(),
         "threads": threads,
         "batch": args.batch,

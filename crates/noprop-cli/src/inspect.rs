@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use noprop_core::{ContinuousSchedule, LearnableSchedule, NoiseRng};
 use noprop_train::checkpoint::{load_safetensors, ModelRecord};
-use noprop_train::config::MethodSettings;
+use noprop_train::config::RawMethod;
 use noprop_train::RunDir;
 use serde_json::{json, Value};
 
@@ -126,8 +126,8 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
     let (tensors, meta) = load_safetensors(&model, &Device::Cpu)?;
     let record = ModelRecord::from_metadata(&model, &meta)?;
     let cfg = record.config.clone().validate()?;
-    let report = match cfg.method() {
-        MethodSettings::Ct(s) => {
+    let report = match &cfg.method {
+        RawMethod::Ct(s) => {
             let sched = LearnableSchedule::new(
                 &s.schedule,
                 DType::F32,
@@ -163,7 +163,7 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
                 "points": rows,
             })
         }
-        MethodSettings::Dt(_) => {
+        RawMethod::Dt(_) => {
             let abar = record
                 .schedule
                 .clone()
@@ -181,9 +181,9 @@ pub fn schedule(target: &Path, points: usize, json: bool) -> Result<()> {
                 "points": rows,
             })
         }
-        _ => bail!(
+        RawMethod::Fm(_) | RawMethod::Backprop(_) | RawMethod::Adjoint(_) => bail!(
             "a {} run has no noise schedule (NoProp-DT and NoProp-CT runs have one)",
-            record.method.name()
+            cfg.method.kind()
         ),
     };
     if json {

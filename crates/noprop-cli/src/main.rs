@@ -647,8 +647,8 @@ fn train(args: TrainArgs) -> Result<()> {
                 .context("cannot restore the newest checkpoint")?;
             accepted.extend(changed);
             run.reconcile_metrics(epoch)?;
-            if trainer.config().train().epochs != epochs_before {
-                run.set_epochs(trainer.config().train().epochs)?;
+            if trainer.config().train.epochs != epochs_before {
+                run.set_epochs(trainer.config().train.epochs)?;
             }
             let cpu_gemm = dev.is_cpu().then(noprop_kernels::gemm_isa);
             if let (Some(before), Some(now)) = (run.recorded_cpu_gemm()?, cpu_gemm) {

@@ -17,6 +17,9 @@ use noprop_models::ops::{
     batch_norm1d_train_with, conv_stage_with, linear_with, ConvStage, Kernels,
 };
 use noprop_train::config::RawMethod;
+use noprop_train::{
+    adjoint::AdjointParams, backprop::BackpropParams, ct::CtParams, dt::DtParams, fm::FmParams,
+};
 use noprop_train::{build_trainer, DeviceData, Method, RawConfig};
 use serde_json::json;
 
@@ -184,18 +187,12 @@ fn method_step(dev: &Device, k: Kernels, method: RawMethod, infer: bool) -> Resu
     let trainer = build_trainer(cfg.clone(), dev.clone(), Some(&ds))?;
     let data = DeviceData::new(&ds, DType::F32, dev)?;
     let (x, y) = data.batch(&(0..16).collect::<Vec<_>>())?;
-    let lane = usize::from(matches!(
-        cfg.method(),
-        noprop_train::config::MethodSettings::Dt(_)
-    ));
-    let step = trainer.method().gradients(
-        &cfg,
-        lane,
-        &x,
-        &y,
-        &mut NoiseRng::new(24),
-        &mut NoiseRng::new(25),
-    )?;
+    // The first lane the method trains (block 1 for NoProp-DT, else 0).
+    let lane = trainer.method().epoch_plan()?[0].lanes[0];
+    let step =
+        trainer
+            .method()
+            .gradients(lane, &x, &y, &mut NoiseRng::new(24), &mut NoiseRng::new(25))?;
     let mut out = vec![Tensor::from_vec(
         step.losses.iter().map(|&l| l as f32).collect::<Vec<_>>(),
         4,
@@ -232,81 +229,39 @@ fn method_step(dev: &Device, k: Kernels, method: RawMethod, infer: bool) -> Resu
 }
 
 fn small_ct() -> RawMethod {
-    match RawConfig::paper_ct(DatasetKind::Mnist).method {
-        RawMethod::Ct {
-            eta,
-            time_dim,
-            time_scale,
-            schedule,
-            sampler,
-            t_sampling,
-            schedule_training,
-            ..
-        } => RawMethod::Ct {
-            eta,
-            time_dim,
-            time_scale,
-            schedule,
-            sampler,
-            steps: 20,
-            t_sampling,
-            schedule_training,
-        },
-        other => other,
-    }
+    RawMethod::Ct(CtParams {
+        steps: 20,
+        ..Default::default()
+    })
 }
 
 fn small_fm() -> RawMethod {
-    match RawConfig::paper_fm(DatasetKind::Mnist).method {
-        RawMethod::Fm {
-            sigma,
-            time_dim,
-            time_scale,
-            solver,
-            t_sampling,
-            ..
-        } => RawMethod::Fm {
-            sigma,
-            time_dim,
-            time_scale,
-            solver,
-            steps: 20,
-            t_sampling,
-        },
-        other => other,
-    }
+    RawMethod::Fm(FmParams {
+        steps: 20,
+        ..Default::default()
+    })
 }
 
 fn small_backprop() -> RawMethod {
-    RawMethod::Backprop {
+    RawMethod::Backprop(BackpropParams {
         blocks: 2,
         alpha_init: 0.5,
-    }
+    })
 }
 
 fn small_adjoint() -> RawMethod {
-    match RawConfig::paper_adjoint(DatasetKind::Mnist).method {
-        RawMethod::Adjoint {
-            time_dim,
-            time_scale,
-            ..
-        } => RawMethod::Adjoint {
-            time_dim,
-            time_scale,
-            train_steps: 10,
-            steps: 10,
-        },
-        other => other,
-    }
+    RawMethod::Adjoint(AdjointParams {
+        train_steps: 10,
+        steps: 10,
+        ..Default::default()
+    })
 }
 
 fn small_dt() -> RawMethod {
-    RawMethod::Dt {
+    RawMethod::Dt(DtParams {
         blocks: 2,
-        eta: 0.1,
-        order: Default::default(),
-        schedule: Default::default(),
-    }
+        ..Default::default()
+    })
 }
 
 fn cases() -> Vec<Case> {

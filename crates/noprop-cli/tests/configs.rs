@@ -5,7 +5,9 @@
 use candle_core::{DType, Device};
 use noprop_core::NoiseRng;
 use noprop_data::Dataset;
-use noprop_train::config::RawMethod;
+use noprop_train::config::{
+    AdjointParams, BackpropParams, CtParams, DtParams, FmParams, RawMethod,
+};
 use noprop_train::{build_trainer, fit, DeviceData, RawConfig, RunData, Silent};
 
 fn synthetic(n: usize, (c, h, w): (usize, usize, usize), classes: usize, seed: u64) -> Dataset {
@@ -48,13 +50,14 @@ fn every_config_validates_and_trains_a_few_steps() {
         cfg.train.epochs = 1;
         cfg.train.batch_size = n / 2;
         match &mut cfg.method {
-            RawMethod::Dt { blocks, .. } | RawMethod::Backprop { blocks, .. } => {
-                *blocks = (*blocks).min(2)
+            RawMethod::Dt(DtParams { blocks, .. })
+            | RawMethod::Backprop(BackpropParams { blocks, .. }) => *blocks = (*blocks).min(2),
+            RawMethod::Ct(CtParams { steps, .. }) | RawMethod::Fm(FmParams { steps, .. }) => {
+                *steps = 2
             }
-            RawMethod::Ct { steps, .. } | RawMethod::Fm { steps, .. } => *steps = 2,
-            RawMethod::Adjoint {
+            RawMethod::Adjoint(AdjointParams {
                 train_steps, steps, ..
-            } => (*train_steps, *steps) = (2, 2),
+            }) => (*train_steps, *steps) = (2, 2),
         }
         cfg.eval.runs = 1;
         cfg.eval.batch_size = 8;

@@ -7,32 +7,120 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{adjoint_euler, odeint_euler, Inference, NoiseRng, VelocityField};
-use noprop_data::Dataset;
+use noprop_data::{Dataset, DatasetKind};
 use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{AdjointSettings, Config};
-use crate::continuous::Cached;
-use crate::error::TrainError;
+use serde::{Deserialize, Serialize};
+
+use crate::continuous::{Cached, STEPS, TIME_DIM, TIME_SCALE};
+use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup};
 use crate::method::{
-    build_ct_model, class_log_probs, network_group, predicted_classes, scalar, settings,
-    DeterministicRun, Method, Predict, StepGrads,
+    build_ct_model, class_log_probs, network_group, no_such_sampler, predicted_classes, scalar,
+    DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
 };
+use crate::sections::{between, limits, CtSampler, OptimizerKind, TimeEmbedding};
 
 /// Names of the image path's variables in the network.
 const IMAGE_PATH: &str = "net.img.";
 
+/// `[method] kind = "adjoint"`: the adjoint baseline's parameters (Table 3's by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdjointParams {
+    /// Dimension of the sinusoidal time embedding.
+    pub time_dim: usize,
+    /// `t` is embedded as `time_scale * t`.
+    pub time_scale: f64,
+    /// Euler steps of the forward and adjoint solves in training (1000 in the paper).
+    pub train_steps: usize,
+    /// Euler steps at inference (1000 in the paper).
+    pub steps: usize,
+}
+
+impl Default for AdjointParams {
+    fn default() -> Self {
+        Self {
+            time_dim: TIME_DIM,
+            time_scale: TIME_SCALE,
+            train_steps: STEPS,
+            steps: STEPS,
+        }
+    }
+}
+
+impl MethodParams for AdjointParams {
+    /// 2 epochs on MNIST, 4 on CIFAR; AdamW.
+    fn paper_training(&self, dataset: DatasetKind) -> (usize, OptimizerKind) {
+        let epochs = if dataset == DatasetKind::Mnist { 2 } else { 4 };
+        (epochs, OptimizerKind::Adamw)
+    }
+    fn check(&self) -> Result<(), ConfigError> {
+        self.time().into_iter().try_for_each(|t| t.check())?;
+        between("method.train_steps", self.train_steps, 1, limits::STEPS)?;
+        between("method.steps", self.steps, 1, limits::STEPS).map(|_| ())
+    }
+    fn inference_steps(&self) -> usize {
+        self.steps
+    }
+    fn time(&self) -> Option<TimeEmbedding> {
+        Some(TimeEmbedding {
+            dim: self.time_dim,
+            scale: self.time_scale,
+        })
+    }
+    fn parameters(&self, shape: &NetShape) -> u128 {
+        shape.shared() + shape.ct_net(self.time_dim)
+    }
+    /// The adjoint baseline has no denoising or flow target to detach.
+    fn has_target(&self) -> bool {
+        false
+    }
+    fn set_inference(
+        &mut self,
+        steps: Option<usize>,
+        sampler: Option<CtSampler>,
+    ) -> Result<(), ConfigError> {
+        if let Some(s) = sampler.filter(|s| *s != CtSampler::Flow(noprop_core::OdeSolver::Euler)) {
+            return Err(no_such_sampler("the adjoint baseline", "euler", s));
+        }
+        self.steps = steps.unwrap_or(self.steps);
+        Ok(())
+    }
+    fn build(
+        &self,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Box<dyn Method>, TrainError> {
+        Ok(Box::new(Adjoint::new(self, setup, device, train)?))
+    }
+}
+
 /// The network, head and embedding of the adjoint baseline.
 pub struct Adjoint {
+    params: AdjointParams,
+    setup: Setup,
     model: CtModel,
 }
 
 impl Adjoint {
     /// A fresh model initialised from the config's seed.
-    pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
+    pub fn new(
+        params: &AdjointParams,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Self, TrainError> {
+        let time = TimeEmbedding {
+            dim: params.time_dim,
+            scale: params.time_scale,
+        };
         Ok(Self {
-            model: build_ct_model(cfg, settings::<AdjointSettings>(cfg)?.time, device, train)?,
+            params: params.clone(),
+            setup: setup.clone(),
+            model: build_ct_model(setup, time, device, train)?,
         })
     }
 
@@ -58,14 +146,13 @@ impl Method for Adjoint {
     /// and back-propagated through the image path once. Reported as `[ce, ce, 0, 0]`.
     fn gradients(
         &self,
-        cfg: &Config,
         _lane: usize,
         x: &Tensor,
         y: &Tensor,
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let steps = settings::<AdjointSettings>(cfg)?.train_steps;
+        let steps = self.params.train_steps;
         let b = x.dim(0)?;
         let net = self.model.net();
         let embed = self.model.embed();
@@ -82,7 +169,7 @@ impl Method for Adjoint {
         };
         let z0 = noise.randn(&[b, embed.dim(1)?], DType::F32, x.device())?;
         let z1 = Var::from_tensor(&odeint_euler(f, &z0, steps)?)?;
-        let logp = class_log_probs(cfg, &self.model.classify(z1.as_tensor())?, embed)?;
+        let logp = class_log_probs(&self.setup, &self.model.classify(z1.as_tensor())?, embed)?;
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let mut grads = ce.backward()?;
         let a1 = grads
@@ -129,8 +216,8 @@ impl Method for Adjoint {
     }
 
     /// Euler steps of the ODE from `z(0) ~ N(0, I)`; runs differ only in their draw of `z(0)`.
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let steps = settings::<AdjointSettings>(cfg)?.steps;
+    fn predictor(&self) -> Result<Predict<'_>, TrainError> {
+        let steps = self.params.steps;
         Ok(Box::new(
             move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
                 let (den, xs) = Cached::prepare(&self.model, x, modes.len())?;
@@ -140,13 +227,13 @@ impl Method for Adjoint {
                     x.device(),
                 )?;
                 let z1 = odeint_euler(|z, t| den.velocity_at(z, &xs, t), &z0, steps)?;
-                predicted_classes(cfg, &self.model.classify(&z1)?, self.model.embed())
+                predicted_classes(&self.setup, &self.model.classify(&z1)?, self.model.embed())
             },
         ))
     }
 
-    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
-        Ok(DeterministicRun::None)
+    fn deterministic_run(&self) -> DeterministicRun {
+        DeterministicRun::None
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -159,5 +246,9 @@ impl Method for Adjoint {
 
     fn embed(&self) -> &Tensor {
         self.model.embed()
+    }
+
+    fn params_mut(&mut self) -> &mut dyn MethodParams {
+        &mut self.params
     }
 }

@@ -12,22 +12,97 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
-use noprop_data::Dataset;
+use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{DtModel, Mode};
 
-use crate::config::{BackpropSettings, Config};
-use crate::error::TrainError;
+use serde::{Deserialize, Serialize};
+
+use crate::dt::DtParams;
+use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, predicted_classes, scalar, settings, stack_runs,
-    DeterministicRun, Method, Predict, StepGrads,
+    blocks_only, build_dt_model, class_log_probs, predicted_classes, scalar, stack_runs,
+    DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
 };
+use crate::sections::{between, limits, CtSampler, HeadInit, OptimizerKind};
+
+/// `[method] kind = "backprop"`: the back-propagation baseline's parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackpropParams {
+    /// Number of blocks `T`.
+    pub blocks: usize,
+    /// The initial `alpha_t = tanh(w_t)` of every block, in (-1, 1)
+    /// (the paper does not say).
+    pub alpha_init: f64,
+}
+
+impl Default for BackpropParams {
+    fn default() -> Self {
+        Self {
+            blocks: 10,
+            alpha_init: 0.5,
+        }
+    }
+}
+
+impl MethodParams for BackpropParams {
+    /// As NoProp-DT: 100 epochs on MNIST, 150 on CIFAR; AdamW.
+    fn paper_training(&self, dataset: DatasetKind) -> (usize, OptimizerKind) {
+        DtParams::default().paper_training(dataset)
+    }
+    fn check(&self) -> Result<(), ConfigError> {
+        between("method.blocks", self.blocks, 1, limits::BLOCKS)?;
+        if !(self.alpha_init.is_finite() && self.alpha_init.abs() < 1.0) {
+            return Err(ConfigError::invalid(
+                "method.alpha_init",
+                "lie in (-1, 1)",
+                self.alpha_init,
+            ));
+        }
+        Ok(())
+    }
+    fn blocks(&self) -> Option<usize> {
+        Some(self.blocks)
+    }
+    fn inference_steps(&self) -> usize {
+        self.blocks
+    }
+    /// The blocks and a `w_t` per block.
+    fn parameters(&self, shape: &NetShape) -> u128 {
+        shape.shared() + self.blocks as u128 * (shape.dt_block() + 1)
+    }
+    fn default_head_init(&self) -> HeadInit {
+        HeadInit::Embedding
+    }
+    /// The baseline has no denoising target to detach.
+    fn has_target(&self) -> bool {
+        false
+    }
+    fn set_inference(
+        &mut self,
+        steps: Option<usize>,
+        sampler: Option<CtSampler>,
+    ) -> Result<(), ConfigError> {
+        blocks_only(steps, sampler)
+    }
+    fn build(
+        &self,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Box<dyn Method>, TrainError> {
+        Ok(Box::new(Backprop::new(self, setup, device, train)?))
+    }
+}
 
 /// The checkpoint name of the `[T]` vector of `w_t`.
 pub const ALPHA_NAME: &str = "alpha.w";
 
 /// The chained model and its `w_t`.
 pub struct Backprop {
+    params: BackpropParams,
+    setup: Setup,
     model: DtModel,
     /// `w_t`, `alpha_t = tanh(w_t)`, `[T]`.
     alpha: Var,
@@ -35,13 +110,22 @@ pub struct Backprop {
 
 impl Backprop {
     /// A fresh model; prototype embeddings are initialised from `train`.
-    pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let s = settings::<BackpropSettings>(cfg)?;
+    pub fn new(
+        params: &BackpropParams,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Self, TrainError> {
         // build_dt_model aligns the head when `head_init = "embedding"` (the default here).
-        let model = build_dt_model(cfg, s.blocks, device, train)?;
-        let w0 = s.alpha_init.atanh() as f32;
-        let alpha = Var::from_tensor(&Tensor::full(w0, s.blocks, device)?)?;
-        Ok(Self { model, alpha })
+        let model = build_dt_model(setup, params.blocks, device, train)?;
+        let w0 = params.alpha_init.atanh() as f32;
+        let alpha = Var::from_tensor(&Tensor::full(w0, params.blocks, device)?)?;
+        Ok(Self {
+            params: params.clone(),
+            setup: setup.clone(),
+            model,
+            alpha,
+        })
     }
 
     /// The model (blocks, head, embedding).
@@ -86,7 +170,6 @@ impl Method for Backprop {
     /// The cross-entropy of a minibatch through the whole chain; reported as `[ce, ce, 0, 0]`.
     fn gradients(
         &self,
-        cfg: &Config,
         _lane: usize,
         x: &Tensor,
         y: &Tensor,
@@ -101,7 +184,7 @@ impl Method for Backprop {
             let uhat = self.model.denoise_mode(t, &z, x, &mut mode)?;
             z = chain(&z, &uhat, &alpha.narrow(0, t - 1, 1)?)?;
         }
-        let logp = class_log_probs(cfg, &self.model.classify(&z)?, self.model.embed())?;
+        let logp = class_log_probs(&self.setup, &self.model.classify(&z)?, self.model.embed())?;
         let ce = noprop_core::cross_entropy(&logp, y)?;
         let grads = ce.backward()?;
         let ce = scalar(&ce)?;
@@ -114,7 +197,7 @@ impl Method for Backprop {
 
     /// The chain from `z_0 ~ N(0, I)`; runs differ only in their draw of
     /// `z_0`, and each block's image features are computed once per batch.
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
+    fn predictor(&self) -> Result<Predict<'_>, TrainError> {
         let alpha = self.alpha.as_tensor().tanh()?;
         let d = self.model.config().block.latent_dim;
         Ok(Box::new(
@@ -127,14 +210,14 @@ impl Method for Backprop {
                     let uhat = self.model.denoise_from_features(t + 1, &z, &fx)?;
                     z = chain(&z, &uhat, &alpha.narrow(0, t, 1)?)?;
                 }
-                predicted_classes(cfg, &self.model.classify(&z)?, self.model.embed())
+                predicted_classes(&self.setup, &self.model.classify(&z)?, self.model.embed())
             },
         ))
     }
 
     /// The chain has no noise but `z_0`.
-    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
-        Ok(DeterministicRun::None)
+    fn deterministic_run(&self) -> DeterministicRun {
+        DeterministicRun::None
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -166,5 +249,9 @@ impl Method for Backprop {
 
     fn embed(&self) -> &Tensor {
         self.model.embed()
+    }
+
+    fn params_mut(&mut self) -> &mut dyn MethodParams {
+        &mut self.params
     }
 }

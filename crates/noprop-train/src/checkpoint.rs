@@ -26,7 +26,7 @@ use std::path::Path;
 use candle_core::{safetensors::Load, Device, Tensor};
 use serde_json::json;
 
-use crate::config::{Method, RawConfig};
+use crate::config::RawConfig;
 use crate::error::TrainError;
 
 /// The metadata format this version writes.
@@ -35,8 +35,6 @@ pub const FORMAT: &str = "noprop/2";
 /// What a model checkpoint's metadata says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRecord {
-    /// The method.
-    pub method: Method,
     /// Epochs trained.
     pub epoch: usize,
     /// Seconds spent in training steps (across resumes).
@@ -60,7 +58,7 @@ impl ModelRecord {
         };
         let mut m = HashMap::new();
         m.insert("format".into(), FORMAT.into());
-        m.insert("method".into(), self.method.name().into());
+        m.insert("method".into(), self.config.method.kind().into());
         m.insert("epoch".into(), self.epoch.to_string());
         m.insert("train_seconds".into(), format!("{:.3}", self.train_seconds));
         m.insert(
@@ -126,8 +124,14 @@ impl ModelRecord {
         let normalization = (channel("mean")?, channel("std")?);
         let seed_streams = serde_json::from_str(get("seed_streams")?)
             .map_err(|e| bad(format!("seed_streams in metadata: {e}")))?;
+        let method = get("method")?;
+        if method != config.method.kind() {
+            return Err(bad(format!(
+                "metadata names method {method:?} but its config is a {} config",
+                config.method.kind()
+            )));
+        }
         Ok(Self {
-            method: get("method")?.parse().map_err(bad)?,
             epoch,
             train_seconds,
             config,

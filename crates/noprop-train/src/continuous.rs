@@ -1,11 +1,19 @@
 //! What NoProp-CT, NoProp-FM and the adjoint baseline share at inference:
 //! the continuous-time network with its image features computed once per
-//! batch, as the samplers' denoiser and velocity field.
+//! batch, as the samplers' denoiser and velocity field; and their
+//! parameters' defaults.
 
 use candle_core::{Tensor, D};
 use noprop_core::{ContinuousDenoiser, VelocityField};
 use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
+
+/// The default dimension of the sinusoidal time embedding.
+pub(crate) const TIME_DIM: usize = 64;
+/// The default scale: `t` is embedded as `1000 t` (the paper does not say).
+pub(crate) const TIME_SCALE: f64 = 1000.0;
+/// The default number of integration steps (1000 in the paper).
+pub(crate) const STEPS: usize = 1000;
 
 /// The network with fixed image features `fx` (stacked for every run).
 pub struct Cached<'a> {

@@ -8,35 +8,169 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use noprop_core::{
     cross_entropy, ct_denoise_loss, ct_denoise_terms, kl_prior_tensor, q_sample_ct,
     q_sample_ct_at_gamma, sample_ct_eq3, sample_ct_ode, ContinuousSchedule, Inference,
-    LearnableSchedule, NoiseRng, Stream,
+    LearnableSchedule, LearnableScheduleConfig, NoiseRng, Stream,
 };
-use noprop_data::Dataset;
+use noprop_data::{Dataset, DatasetKind};
 use noprop_kernels::matmul;
 use noprop_models::{CtModel, Mode};
 
-use crate::config::{Config, CtSampler, CtSettings, ScheduleTraining};
-use crate::continuous::Cached;
-use crate::error::TrainError;
+use serde::{Deserialize, Serialize};
+
+use crate::continuous::{Cached, STEPS, TIME_DIM, TIME_SCALE};
+use crate::error::{ConfigError, TrainError};
 use crate::groups::ParamGroup;
 use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, predicted_classes,
-    scalar, settings, DeterministicRun, Method, Predict, StepGrads,
+    scalar, DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
 };
+use crate::sections::{
+    between, finite, limits, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling,
+};
+
+/// `[method] kind = "ct"`: NoProp-CT's parameters (Table 3's by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CtParams {
+    /// The denoising weight `eta`.
+    pub eta: f64,
+    /// Dimension of the sinusoidal time embedding.
+    pub time_dim: usize,
+    /// `t` is embedded as `time_scale * t` (not given by the paper).
+    pub time_scale: f64,
+    /// The learnable noise schedule (Appendix B).
+    pub schedule: LearnableScheduleConfig,
+    /// The integrator at inference: `eq3`, `euler` or `heun`.
+    #[serde(with = "crate::sections::by_name")]
+    pub sampler: CtSampler,
+    /// Integration steps from t = 0 to 1 at inference (1000 in the paper).
+    pub steps: usize,
+    /// How the training times `t_i` are drawn: `uniform` (the paper's,
+    /// default) or `stratified`.
+    pub t_sampling: TimeSampling,
+    /// How the learnable schedule is trained: `gradient` (the paper's,
+    /// default) or `variance`.
+    pub schedule_training: ScheduleTraining,
+}
+
+impl Default for CtParams {
+    fn default() -> Self {
+        Self {
+            eta: 1.0,
+            time_dim: TIME_DIM,
+            time_scale: TIME_SCALE,
+            schedule: LearnableScheduleConfig::default(),
+            sampler: CtSampler::Eq3,
+            steps: STEPS,
+            t_sampling: TimeSampling::Uniform,
+            schedule_training: ScheduleTraining::Gradient,
+        }
+    }
+}
+
+/// How NoProp-CT's learnable schedule is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleTraining {
+    /// The schedule's parameters get the gradient of the loss itself
+    /// (spec section 8: "update theta, theta_out, the schedule parameters
+    /// and W_embed together"): the literal reading, and the default.
+    #[default]
+    Gradient,
+    /// Variance minimisation (Kingma et al. 2021, Variational Diffusion
+    /// Models, section 5.3 and its appendix): the expected denoising loss
+    /// depends on the schedule only through its endpoints, so the interior
+    /// parameters (`schedule.b1`, `schedule.w1`, `schedule.w2`) get the
+    /// gradient of `mean_i L_i^2`, the squared per-example denoising terms,
+    /// which lowers the variance of the loss estimate; the endpoints
+    /// (`schedule.gamma0`, `schedule.gamma_gap`) and the network keep the
+    /// loss's own gradient. Costs a second backward pass per step.
+    Variance,
+}
+
+impl MethodParams for CtParams {
+    /// 100 epochs on MNIST, 500 on CIFAR-10, 1000 on CIFAR-100; Adam with
+    /// the decay as an L2 term.
+    fn paper_training(&self, dataset: DatasetKind) -> (usize, OptimizerKind) {
+        let epochs = match dataset {
+            DatasetKind::Mnist => 100,
+            DatasetKind::Cifar10 => 500,
+            DatasetKind::Cifar100 => 1000,
+        };
+        (epochs, OptimizerKind::Adam)
+    }
+    fn check(&self) -> Result<(), ConfigError> {
+        between(
+            "method.schedule.hidden",
+            self.schedule.hidden,
+            1,
+            usize::MAX,
+        )?;
+        finite("method.eta", self.eta, true)?;
+        self.time().into_iter().try_for_each(|t| t.check())?;
+        between("method.steps", self.steps, 1, limits::STEPS).map(|_| ())
+    }
+    fn inference_steps(&self) -> usize {
+        self.steps
+    }
+    fn time(&self) -> Option<TimeEmbedding> {
+        Some(TimeEmbedding {
+            dim: self.time_dim,
+            scale: self.time_scale,
+        })
+    }
+    /// The network and the learnable schedule: `b1`, `w1`, `w2` of its
+    /// hidden layer and two endpoints.
+    fn parameters(&self, shape: &NetShape) -> u128 {
+        shape.shared() + shape.ct_net(self.time_dim) + 3 * self.schedule.hidden as u128 + 2
+    }
+    fn set_inference(
+        &mut self,
+        steps: Option<usize>,
+        sampler: Option<CtSampler>,
+    ) -> Result<(), ConfigError> {
+        self.sampler = sampler.unwrap_or(self.sampler);
+        self.steps = steps.unwrap_or(self.steps);
+        Ok(())
+    }
+    fn build(
+        &self,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Box<dyn Method>, TrainError> {
+        Ok(Box::new(Ct::new(self, setup, device, train)?))
+    }
+}
 
 /// NoProp-CT's network, head, embedding and learnable schedule.
 pub struct Ct {
+    params: CtParams,
+    setup: Setup,
     model: CtModel,
     schedule: LearnableSchedule,
 }
 
 impl Ct {
     /// A fresh model and schedule initialised from the config's seed.
-    pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let s = settings::<CtSettings>(cfg)?;
-        let model = build_ct_model(cfg, s.time, device, train)?;
-        let mut rng = NoiseRng::derived(cfg.train().seed, &[Stream::ScheduleInit.id()]);
-        let schedule = LearnableSchedule::new(&s.schedule, DType::F32, device, &mut rng)?;
-        Ok(Self { model, schedule })
+    pub fn new(
+        params: &CtParams,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Self, TrainError> {
+        let time = TimeEmbedding {
+            dim: params.time_dim,
+            scale: params.time_scale,
+        };
+        let model = build_ct_model(setup, time, device, train)?;
+        let mut rng = NoiseRng::derived(setup.seed, &[Stream::ScheduleInit.id()]);
+        let schedule = LearnableSchedule::new(&params.schedule, DType::F32, device, &mut rng)?;
+        Ok(Self {
+            params: params.clone(),
+            setup: setup.clone(),
+            model,
+            schedule,
+        })
     }
 
     /// The model.
@@ -159,14 +293,13 @@ impl Method for Ct {
     /// depends on: minimising `L_i^2` in them would only shrink the SNR range.
     fn gradients(
         &self,
-        cfg: &Config,
         _lane: usize,
         x: &Tensor,
         y: &Tensor,
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let s = settings::<CtSettings>(cfg)?;
+        let s = &self.params;
         let (b, dev) = (x.dim(0)?, x.device());
         let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
@@ -196,13 +329,13 @@ impl Method for Ct {
         )?;
         let ones = Tensor::ones(b, DType::F32, dev)?;
         let z1 = q_sample_ct(sched, &u, &ones, noise)?;
-        let logp = class_log_probs(cfg, &self.model.classify(&z1)?, self.model.embed())?;
+        let logp = class_log_probs(&self.setup, &self.model.classify(&z1)?, self.model.embed())?;
         let snr_prime = match &split {
             None => sched.snr_derivative(&t)?,
             Some(p) => p.snr_derivative()?,
         };
         let abar0 = sched.alpha_bar(&Tensor::zeros(1, DType::F32, dev)?)?;
-        let target = denoise_target(cfg, &u);
+        let target = denoise_target(&self.setup, &u);
         let ce = cross_entropy(&logp, y)?;
         let kl = kl_prior_tensor(&u, &abar0)?;
         let denoise = ct_denoise_loss(&uhat, &target, &snr_prime, s.eta)?;
@@ -225,8 +358,8 @@ impl Method for Ct {
         })
     }
 
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let s = settings::<CtSettings>(cfg)?;
+    fn predictor(&self) -> Result<Predict<'_>, TrainError> {
+        let s = &self.params;
         Ok(Box::new(
             move |x: &Tensor, modes: &[Inference], rng: &mut NoiseRng| {
                 // The samplers read only the batch size and dtype from their `x`;
@@ -240,18 +373,18 @@ impl Method for Ct {
                         sample_ct_ode(&den, &self.schedule, &xs, s.steps, solver, rng)?
                     }
                 };
-                predicted_classes(cfg, &self.model.classify(&z1)?, self.model.embed())
+                predicted_classes(&self.setup, &self.model.classify(&z1)?, self.model.embed())
             },
         ))
     }
 
     /// Only the eq. 3 sampler has noise to switch off; the ODE samplers are
     /// deterministic given `z_0`.
-    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError> {
-        Ok(match settings::<CtSettings>(cfg)?.sampler {
+    fn deterministic_run(&self) -> DeterministicRun {
+        match self.params.sampler {
             CtSampler::Eq3 => DeterministicRun::Separate,
             CtSampler::Flow(_) => DeterministicRun::None,
-        })
+        }
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -270,5 +403,9 @@ impl Method for Ct {
 
     fn embed(&self) -> &Tensor {
         self.model.embed()
+    }
+
+    fn params_mut(&mut self) -> &mut dyn MethodParams {
+        &mut self.params
     }
 }

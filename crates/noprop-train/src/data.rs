@@ -156,14 +156,14 @@ impl RunData {
         device: &Device,
     ) -> Result<LoadedData, TrainError> {
         let kind = cfg.dataset();
-        let dir = noprop_data::resolve_data_dir(kind, dir.or(cfg.data().dir.as_deref()));
+        let dir = noprop_data::resolve_data_dir(kind, dir.or(cfg.data.dir.as_deref()));
         kind.ensure(&dir, download)?;
         let mut train = kind.load(&dir, Split::Train)?;
         let mut test = kind.load(&dir, Split::Test)?;
-        if let Some(n) = cfg.data().train_limit {
+        if let Some(n) = cfg.data.train_limit {
             train = train.take(n);
         }
-        if let Some(n) = cfg.data().test_limit {
+        if let Some(n) = cfg.data.test_limit {
             test = test.take(n);
         }
         // BatchNorm needs two examples in a minibatch; a smaller set would
@@ -184,7 +184,7 @@ impl RunData {
         }
         let train_dev = DeviceData::new(&train, DType::F32, device)?;
         let test = DeviceData::new(&test, DType::F32, device)?;
-        let subset = match cfg.eval().train_subset {
+        let subset = match cfg.eval.train_subset {
             0 => None,
             n => Some(train_dev.head(n)?),
         };

@@ -4,30 +4,138 @@
 use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
-use noprop_core::{cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, Inference, NoiseRng};
-use noprop_data::Dataset;
+use noprop_core::{
+    cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, DiscreteSchedule, Inference,
+    NoiseRng, ScheduleSpec,
+};
+use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{DtModel, Mode};
+use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DtSettings, TrainOrder};
-use crate::error::TrainError;
+use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
-    build_dt_model, class_log_probs, denoise_target, predicted_classes, scalar, settings,
-    stack_runs, DeterministicRun, Method, Pass, Predict, StepGrads,
+    blocks_only, build_dt_model, class_log_probs, denoise_target, predicted_classes, scalar,
+    stack_runs, DeterministicRun, Method, MethodParams, NetShape, Pass, Predict, Setup, StepGrads,
 };
+use crate::sections::{between, finite, limits, CtSampler, OptimizerKind};
+
+/// `[method] kind = "dt"`: NoProp-DT's parameters (Table 3's by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DtParams {
+    /// Number of blocks `T` (10 in the paper).
+    pub blocks: usize,
+    /// The denoising weight `eta` of eq. 61.
+    pub eta: f64,
+    /// The order in which blocks are trained.
+    pub order: TrainOrder,
+    /// The noise schedule (cosine by default).
+    pub schedule: ScheduleSpec,
+}
+
+impl Default for DtParams {
+    fn default() -> Self {
+        Self {
+            blocks: 10,
+            eta: 0.1,
+            order: TrainOrder::Sequential,
+            schedule: ScheduleSpec::default(),
+        }
+    }
+}
+
+/// How the blocks of NoProp-DT are visited during an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainOrder {
+    /// Algorithm 1: for t = 1..T, one full pass over the data for block t.
+    #[default]
+    Sequential,
+    /// One pass over the data per epoch that trains every block on each
+    /// minibatch (each on its own noisy `z_{t-1}`), the head after each
+    /// block: every parameter gets as many updates as in `Sequential`.
+    Fused,
+}
+
+impl DtParams {
+    /// The schedule `alpha_bar_0..=T` these parameters describe.
+    pub fn built_schedule(&self) -> Result<DiscreteSchedule, ConfigError> {
+        self.schedule
+            .build(self.blocks)
+            .map_err(|e| ConfigError::nested("method.schedule", e))
+    }
+}
+
+impl MethodParams for DtParams {
+    /// 100 epochs on MNIST, 150 on CIFAR; AdamW.
+    fn paper_training(&self, dataset: DatasetKind) -> (usize, OptimizerKind) {
+        let epochs = if dataset == DatasetKind::Mnist {
+            100
+        } else {
+            150
+        };
+        (epochs, OptimizerKind::Adamw)
+    }
+    fn check(&self) -> Result<(), ConfigError> {
+        between("method.blocks", self.blocks, 1, limits::BLOCKS)?;
+        finite("method.eta", self.eta, true)?;
+        self.built_schedule().map(|_| ())
+    }
+    fn blocks(&self) -> Option<usize> {
+        Some(self.blocks)
+    }
+    fn independent_blocks(&self) -> Option<usize> {
+        Some(self.blocks)
+    }
+    fn inference_steps(&self) -> usize {
+        self.blocks
+    }
+    fn parameters(&self, shape: &NetShape) -> u128 {
+        shape.shared() + self.blocks as u128 * shape.dt_block()
+    }
+    fn alpha_bars(&self) -> Option<Vec<f64>> {
+        self.built_schedule().ok().map(|s| s.alpha_bars().to_vec())
+    }
+    fn set_inference(
+        &mut self,
+        steps: Option<usize>,
+        sampler: Option<CtSampler>,
+    ) -> Result<(), ConfigError> {
+        blocks_only(steps, sampler)
+    }
+    fn build(
+        &self,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Box<dyn Method>, TrainError> {
+        Ok(Box::new(Dt::new(self, setup, device, train)?))
+    }
+}
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.
 pub struct Dt {
+    params: DtParams,
+    schedule: DiscreteSchedule,
+    setup: Setup,
     model: DtModel,
 }
 
 impl Dt {
     /// A fresh model initialised from the config's seed; prototype
     /// embeddings are initialised from `train`.
-    pub fn new(cfg: &Config, device: &Device, train: Option<&Dataset>) -> Result<Self, TrainError> {
-        let blocks = settings::<DtSettings>(cfg)?.schedule.blocks();
+    pub fn new(
+        params: &DtParams,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Self, TrainError> {
         Ok(Self {
-            model: build_dt_model(cfg, blocks, device, train)?,
+            params: params.clone(),
+            schedule: params.built_schedule()?,
+            setup: setup.clone(),
+            model: build_dt_model(setup, params.blocks, device, train)?,
         })
     }
 
@@ -60,9 +168,9 @@ impl Method for Dt {
 
     /// Sequential (Algorithm 1): a pass per block, keyed by the block.
     /// Fused: one pass keyed 0 that trains every block on each minibatch.
-    fn epoch_plan(&self, cfg: &Config) -> Result<Vec<Pass>, TrainError> {
+    fn epoch_plan(&self) -> Result<Vec<Pass>, TrainError> {
         let blocks = self.model.config().blocks;
-        Ok(match settings::<DtSettings>(cfg)?.order {
+        Ok(match self.params.order {
             TrainOrder::Sequential => (1..=blocks)
                 .map(|t| Pass {
                     key: t,
@@ -81,15 +189,13 @@ impl Method for Dt {
     /// detached when `target_grad = false`.
     fn gradients(
         &self,
-        cfg: &Config,
         t: usize,
         x: &Tensor,
         y: &Tensor,
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let s = settings::<DtSettings>(cfg)?;
-        let sched = &s.schedule;
+        let sched = &self.schedule;
         let u = self.model.embed().index_select(y, 0)?;
         let z_prev = q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
         let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
@@ -97,10 +203,18 @@ impl Method for Dt {
             .model
             .denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
         // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
-        let logp = class_log_probs(cfg, &self.model.classify(&z_last)?, self.model.embed())?;
+        let logp = class_log_probs(
+            &self.setup,
+            &self.model.classify(&z_last)?,
+            self.model.embed(),
+        )?;
         let ce = cross_entropy(&logp, y)?;
         let kl = kl_prior(&u, sched.alpha_bar(0)?)?;
-        let denoise = denoise_loss(&uhat, &denoise_target(cfg, &u), sched.dt_weight(t, s.eta)?)?;
+        let denoise = denoise_loss(
+            &uhat,
+            &denoise_target(&self.setup, &u),
+            sched.dt_weight(t, self.params.eta)?,
+        )?;
         let total = ((&ce + &kl)? + &denoise)?;
         let grads = total.backward()?;
         let losses = [
@@ -119,8 +233,8 @@ impl Method for Dt {
     /// The eq. 3 sampler from `z_0 ~ N(0, I)` through all `T` blocks, each
     /// folded for inference; the image path does not depend on `z`, so each
     /// block's image features are computed once per batch for all runs.
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        let sched = &settings::<DtSettings>(cfg)?.schedule;
+    fn predictor(&self) -> Result<Predict<'_>, TrainError> {
+        let sched = &self.schedule;
         let d = self.model.config().block.latent_dim;
         // Evaluation-mode BatchNorm folded into the Linear layers before it.
         let blocks = (1..=sched.blocks())
@@ -168,13 +282,13 @@ impl Method for Dt {
                     };
                     z = dt_step(sched, t, &uhat, &z, eps.as_ref())?;
                 }
-                predicted_classes(cfg, &self.model.classify(&z)?, self.model.embed())
+                predicted_classes(&self.setup, &self.model.classify(&z)?, self.model.embed())
             },
         ))
     }
 
-    fn deterministic_run(&self, _cfg: &Config) -> Result<DeterministicRun, TrainError> {
-        Ok(DeterministicRun::Stacked)
+    fn deterministic_run(&self) -> DeterministicRun {
+        DeterministicRun::Stacked
     }
 
     fn tensors(&self) -> BTreeMap<String, Tensor> {
@@ -187,5 +301,9 @@ impl Method for Dt {
 
     fn embed(&self) -> &Tensor {
         self.model.embed()
+    }
+
+    fn params_mut(&mut self) -> &mut dyn MethodParams {
+        &mut self.params
     }
 }

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-/// A configuration rule that was broken. Each variant names the field
-/// (dotted, as in the file) and the allowed range.
+/// A configuration rule that was broken; each message names the field
+/// (dotted, as in the file) and what it allows.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file does not match the schema (an unknown field, a wrong type).
@@ -19,25 +19,23 @@ pub enum ConfigError {
         /// `(old, new)` for each moved field the file uses.
         moved: Vec<(&'static str, &'static str)>,
     },
-    /// A count below its minimum.
-    #[error("invalid config: {field} must be at least {min}, got {found}")]
-    TooSmall {
-        /// The field.
+    /// A value outside what its field allows.
+    #[error("invalid config: {field} must {rule}, got {found}")]
+    Invalid {
+        /// The field, dotted.
         field: &'static str,
-        /// The smallest allowed value.
-        min: usize,
+        /// What it allows, e.g. `be at least 1` or `lie in [0, 1)`.
+        rule: String,
         /// The value given.
-        found: usize,
+        found: String,
     },
-    /// A size above the limit that keeps allocations bounded.
-    #[error("invalid config: {field} must be at most {max}, got {found}")]
-    TooLarge {
-        /// The field.
+    /// A value a library check refused, with its reason.
+    #[error("invalid config: {field}: {reason}")]
+    Nested {
+        /// The field, dotted.
         field: &'static str,
-        /// The largest allowed value.
-        max: usize,
-        /// The value given.
-        found: usize,
+        /// Why.
+        reason: String,
     },
     /// The model would not fit in memory.
     #[error("invalid config: the model would have {parameters} parameters, more than the {max} allowed (fewer method.blocks or a smaller model.embedding.dim)")]
@@ -47,107 +45,26 @@ pub enum ConfigError {
         /// The limit.
         max: u128,
     },
-    /// A number that must be finite and positive.
-    #[error("invalid config: {field} must be a finite number > 0, got {found}")]
-    NotPositive {
-        /// The field.
-        field: &'static str,
-        /// The value given.
-        found: f64,
-    },
-    /// A number that must be finite and not negative.
-    #[error("invalid config: {field} must be a finite number >= 0, got {found}")]
-    Negative {
-        /// The field.
-        field: &'static str,
-        /// The value given.
-        found: f64,
-    },
-    /// A number outside an interval.
-    #[error("invalid config: {field} must lie in {range}, got {found}")]
-    OutOfRange {
-        /// The field.
-        field: &'static str,
-        /// The interval, e.g. `[0, 1)`.
-        range: &'static str,
-        /// The value given.
-        found: f64,
-    },
-    /// The time embedding's dimension must be even (sine and cosine pairs).
-    #[error("invalid config: method.time_dim must be even and positive, got {found}")]
-    OddTimeDim {
-        /// The value given.
-        found: usize,
-    },
-    /// The class probabilities' parameters are invalid.
-    #[error("invalid config: model.class_probability: {source}")]
-    ClassProbability {
-        /// Why.
-        source: noprop_core::CoreError,
-    },
-    /// The noise schedule is invalid.
-    #[error("invalid config: method.schedule: {source}")]
-    Schedule {
-        /// Why.
-        source: noprop_core::ScheduleError,
-    },
-    /// An orthogonal embedding needs at least as many dimensions as classes.
-    #[error("invalid config: model.embedding.init = \"orthogonal\" needs d >= m, got d = {dim} < {classes}")]
-    OrthogonalTooNarrow {
-        /// `d`.
-        dim: usize,
-        /// `m`.
-        classes: usize,
-    },
-    /// A prototype initialisation needs `d = C*H*W`.
-    #[error("invalid config: model.embedding.init = \"prototype\" needs d = C*H*W = {image}, got d = {dim}")]
-    PrototypeNotImageSized {
-        /// `d`.
-        dim: usize,
-        /// `C*H*W`.
-        image: usize,
-    },
-    /// The Figure-6 networks pool twice by 2.
-    #[error("invalid config: data.dataset {dataset} has {height}x{width} images; the networks need both a multiple of 4")]
-    ImageSize {
-        /// The data set.
-        dataset: &'static str,
-        /// `H`.
-        height: usize,
-        /// `W`.
-        width: usize,
-    },
-    /// An inference integrator that the method cannot use.
-    #[error("invalid config: {method} integrates with {allowed}, not {found}")]
-    Sampler {
-        /// The method.
-        method: &'static str,
-        /// The integrators it can use.
-        allowed: &'static str,
-        /// The one asked for.
-        found: String,
-    },
 }
 
 impl ConfigError {
-    /// The dotted field the rule is about (`""` for schema errors, which
-    /// name it in their message).
-    pub fn field(&self) -> &'static str {
-        match self {
-            ConfigError::Schema { .. } | ConfigError::OldStyle { .. } => "",
-            ConfigError::TooSmall { field, .. }
-            | ConfigError::TooLarge { field, .. }
-            | ConfigError::NotPositive { field, .. }
-            | ConfigError::Negative { field, .. }
-            | ConfigError::OutOfRange { field, .. } => field,
-            ConfigError::OddTimeDim { .. } => "method.time_dim",
-            ConfigError::ClassProbability { .. } => "model.class_probability",
-            ConfigError::Schedule { .. } => "method.schedule",
-            ConfigError::OrthogonalTooNarrow { .. }
-            | ConfigError::PrototypeNotImageSized { .. } => "model.embedding.init",
-            ConfigError::ImageSize { .. } => "data.dataset",
-            ConfigError::ModelTooLarge { .. } => "method.blocks",
-            ConfigError::Sampler { .. } => "method.sampler",
+    /// `field` must `rule` (e.g. "be at least 1"), and `found` does not.
+    pub fn invalid(
+        field: &'static str,
+        rule: impl Into<String>,
+        found: impl std::fmt::Display,
+    ) -> Self {
+        ConfigError::Invalid {
+            field,
+            rule: rule.into(),
+            found: found.to_string(),
+        }
+    }
+    /// `field` was refused by a check that gives its own reason.
+    pub fn nested(field: &'static str, reason: impl std::fmt::Display) -> Self {
+        ConfigError::Nested {
+            field,
+            reason: reason.to_string(),
         }
     }
 }
@@ -199,14 +116,6 @@ pub enum TrainError {
     Resume {
         /// Why.
         reason: String,
-    },
-    /// A method was handed another method's configuration.
-    #[error("a {model} model cannot run a {config} configuration")]
-    MethodMismatch {
-        /// The model's method.
-        model: &'static str,
-        /// The configuration's method.
-        config: &'static str,
     },
     /// Training produced a non-finite value in a tensor the checkpoint would hold.
     #[error("training diverged in epoch {epoch}: {tensor} holds {count} non-finite values (the last good checkpoint is kept)")]

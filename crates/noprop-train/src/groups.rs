@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::config::{OptimizerKind, TrainSettings};
+use crate::config::{OptimizerKind, RawTrain};
 use crate::error::TrainError;
 use crate::optim::{AdamW, AdamWParams};
 
@@ -42,7 +42,7 @@ impl Optimizers {
     /// [`EMBED`] learns at `embedding_lr` when that is set.
     pub fn new(
         groups: Vec<ParamGroup>,
-        train: &TrainSettings,
+        train: &RawTrain,
         embedding_lr: Option<f64>,
     ) -> Result<Self, TrainError> {
         let adam = train.optimizer == OptimizerKind::Adam;

@@ -13,7 +13,7 @@
 //! let mut raw = RawConfig::paper_dt(DatasetKind::Mnist);
 //! raw.train.epochs = 1;
 //! let cfg = raw.validate()?;
-//! assert_eq!(cfg.method().blocks(), Some(10));
+//! assert_eq!(cfg.method.params().blocks(), Some(10));
 //! let trainer = build_trainer(cfg, candle_core::Device::Cpu, None)?;
 //! assert!(trainer.named_tensors().contains_key("blocks.10.fuse.out.weight"));
 //! # Ok::<(), noprop_train::TrainError>(())
@@ -34,8 +34,8 @@ pub mod memory;
 pub mod method;
 pub mod observer;
 pub mod optim;
-mod raw;
 pub mod run;
+mod sections;
 pub mod trainer;
 
 pub use adjoint::Adjoint;
@@ -46,7 +46,7 @@ pub use data::{DataIdentity, DeviceData, LoadedData, RunData};
 pub use dt::Dt;
 pub use error::{ConfigError, TrainError};
 pub use fm::Fm;
-pub use method::Method;
+pub use method::{Method, MethodParams, Setup};
 pub use observer::{EvalReport, Event, Observer, PassMetrics, Silent};
 pub use run::{fit, RunDir, RunMeta};
 pub use trainer::{build_trainer, load_for_eval, CheckpointData, Trainer};

@@ -4,22 +4,25 @@
 //! skeleton owns everything the methods share: the configuration, device,
 //! clock, optimizers, the epoch and evaluation loops, checkpoints and resume.
 //!
-//! This module also builds what several methods share (the class embedding,
-//! the DT and CT models). It imports nothing above it.
+//! Each method also owns its typed parameters, the `[method]` table of a
+//! config ([`MethodParams`]). This module builds what several methods share
+//! (the class embedding, the DT and CT models). It imports nothing above it.
 
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use noprop_core::{Inference, NoiseRng, Stream};
-use noprop_data::Dataset;
+use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{
     ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind,
 };
 
-use crate::config::{Config, EmbeddingInit, HeadInit, MethodSpecific, TimeEmbedding, TimeSampling};
-use crate::error::TrainError;
+use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup, EMBED};
+use crate::sections::{
+    CtSampler, EmbeddingInit, HeadInit, OptimizerKind, RawModel, TimeEmbedding, TimeSampling,
+};
 
 /// One pass over the data within an epoch: its minibatch order is keyed by
 /// `key`, and each minibatch trains every lane in `lanes` in turn (a lane is
@@ -65,7 +68,7 @@ pub trait Method {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError>;
     /// The passes of one epoch; by default one pass with one lane (a single
     /// network stepped on every minibatch).
-    fn epoch_plan(&self, _cfg: &Config) -> Result<Vec<Pass>, TrainError> {
+    fn epoch_plan(&self) -> Result<Vec<Pass>, TrainError> {
         Ok(vec![Pass {
             key: 0,
             lanes: vec![0],
@@ -74,7 +77,6 @@ pub trait Method {
     /// The loss of lane `lane` on a minibatch and its gradients.
     fn gradients(
         &self,
-        cfg: &Config,
         lane: usize,
         x: &Tensor,
         y: &Tensor,
@@ -82,40 +84,42 @@ pub trait Method {
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError>;
     /// A predictor for evaluation, with whatever it precomputes once.
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError>;
+    fn predictor(&self) -> Result<Predict<'_>, TrainError>;
     /// How the deterministic run is made.
-    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError>;
+    fn deterministic_run(&self) -> DeterministicRun;
     /// The model's tensors under their checkpoint names.
     fn tensors(&self) -> BTreeMap<String, Tensor>;
     /// Loads tensors saved by [`Self::tensors`].
     fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<(), TrainError>;
     /// The class embedding `W_embed` `[m, d]`.
     fn embed(&self) -> &Tensor;
+    /// The method's own parameters, to change its inference settings
+    /// ([`MethodParams::set_inference`]).
+    fn params_mut(&mut self) -> &mut dyn MethodParams;
 }
 
 impl Method for Box<dyn Method> {
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
         (**self).param_groups()
     }
-    fn epoch_plan(&self, cfg: &Config) -> Result<Vec<Pass>, TrainError> {
-        (**self).epoch_plan(cfg)
+    fn epoch_plan(&self) -> Result<Vec<Pass>, TrainError> {
+        (**self).epoch_plan()
     }
     fn gradients(
         &self,
-        cfg: &Config,
         lane: usize,
         x: &Tensor,
         y: &Tensor,
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        (**self).gradients(cfg, lane, x, y, noise, dropout)
+        (**self).gradients(lane, x, y, noise, dropout)
     }
-    fn predictor<'a>(&'a self, cfg: &'a Config) -> Result<Predict<'a>, TrainError> {
-        (**self).predictor(cfg)
+    fn predictor(&self) -> Result<Predict<'_>, TrainError> {
+        (**self).predictor()
     }
-    fn deterministic_run(&self, cfg: &Config) -> Result<DeterministicRun, TrainError> {
-        (**self).deterministic_run(cfg)
+    fn deterministic_run(&self) -> DeterministicRun {
+        (**self).deterministic_run()
     }
     fn tensors(&self) -> BTreeMap<String, Tensor> {
         (**self).tensors()
@@ -126,33 +130,215 @@ impl Method for Box<dyn Method> {
     fn embed(&self) -> &Tensor {
         (**self).embed()
     }
+    fn params_mut(&mut self) -> &mut dyn MethodParams {
+        (**self).params_mut()
+    }
 }
 
-/// A method's own settings in `cfg`; an error if `cfg` is another method's.
-pub fn settings<S: MethodSpecific>(cfg: &Config) -> Result<&S, TrainError> {
-    S::of(cfg.method()).ok_or_else(|| TrainError::MethodMismatch {
-        model: S::METHOD.name(),
-        config: cfg.method().method().name(),
-    })
+/// A method's own parameters: what the `[method]` table deserialises into
+/// (with `kind` naming the method in [`RawMethod`](crate::config::RawMethod)'s
+/// registry), checked in place, and what the rest of the crate asks of a
+/// method before it is built.
+pub trait MethodParams: std::fmt::Debug {
+    /// Checks the method's own fields, naming each (`method.<field>`).
+    fn check(&self) -> Result<(), ConfigError>;
+    /// The number of discrete blocks `T`, or `None` for one continuous-time network.
+    fn blocks(&self) -> Option<usize> {
+        None
+    }
+    /// `T` when the blocks learn independently (NoProp-DT), so that each can
+    /// be trained, timed or placed on its own; `None` otherwise.
+    fn independent_blocks(&self) -> Option<usize> {
+        None
+    }
+    /// Table 3's epochs and optimizer family for this method on `dataset`.
+    fn paper_training(&self, dataset: DatasetKind) -> (usize, OptimizerKind);
+    /// Network evaluations of one inference run: `T` blocks, or the solver's steps.
+    fn inference_steps(&self) -> usize;
+    /// The time embedding of the continuous-time network, if the method has one.
+    fn time(&self) -> Option<TimeEmbedding> {
+        None
+    }
+    /// The trainable parameters of the networks for `shape` (BatchNorm
+    /// statistics included), without building anything.
+    fn parameters(&self, shape: &NetShape) -> u128;
+    /// How `f_out` starts when the config does not say.
+    fn default_head_init(&self) -> HeadInit {
+        HeadInit::Uniform
+    }
+    /// Whether the loss has a denoising or flow target (so that
+    /// `model.embedding.target_grad` applies).
+    fn has_target(&self) -> bool {
+        true
+    }
+    /// NoProp-DT's `alpha_bar_0..=T`, recorded in checkpoints.
+    fn alpha_bars(&self) -> Option<Vec<f64>> {
+        None
+    }
+    /// Changes the inference integrator and its steps (`noprop eval
+    /// --sampler/--steps`); an error where the method has no such choice.
+    fn set_inference(
+        &mut self,
+        steps: Option<usize>,
+        sampler: Option<CtSampler>,
+    ) -> Result<(), ConfigError>;
+    /// The method with a fresh model; prototype embeddings are initialised
+    /// from `train` (zeros when `None`, for weights that will be loaded).
+    fn build(
+        &self,
+        setup: &Setup,
+        device: &Device,
+        train: Option<&Dataset>,
+    ) -> Result<Box<dyn Method>, TrainError>;
+}
+
+/// The error for `--sampler`/`--steps` on a method without that choice.
+pub fn no_such_sampler(method: &str, allowed: &str, found: impl std::fmt::Display) -> ConfigError {
+    ConfigError::invalid(
+        "method.sampler",
+        format!("be {allowed} for {method}"),
+        found,
+    )
+}
+
+/// [`MethodParams::set_inference`] of a discrete-time model, which
+/// integrates with its own blocks: only "no change" is accepted.
+pub fn blocks_only(steps: Option<usize>, sampler: Option<CtSampler>) -> Result<(), ConfigError> {
+    match (steps, sampler) {
+        (_, Some(s)) => Err(no_such_sampler(
+            "a discrete-time model",
+            "its own blocks (no --sampler)",
+            s,
+        )),
+        (Some(n), None) => Err(ConfigError::invalid(
+            "method.steps",
+            "be its own blocks (no --steps)",
+            n,
+        )),
+        (None, None) => Ok(()),
+    }
+}
+
+/// What every method reads from a checked config besides its own
+/// parameters: the data set, `[model]` (with its defaults filled in) and the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setup {
+    /// The data set, which fixes the image shape and the classes.
+    pub dataset: DatasetKind,
+    /// `[model]`.
+    pub model: RawModel,
+    /// The root seed.
+    pub seed: u64,
+}
+
+impl Setup {
+    /// The latent dimension `d` of `W_embed`.
+    pub fn latent_dim(&self) -> usize {
+        let (c, h, w) = self.dataset.shape();
+        self.model
+            .embedding
+            .kind()
+            .latent_dim(self.dataset.num_classes(), c * h * w)
+    }
+    /// The shapes the networks are built for.
+    pub fn net_shape(&self) -> NetShape {
+        let (c, h, w) = self.dataset.shape();
+        NetShape {
+            channels: c,
+            height: h,
+            width: w,
+            latent_dim: self.latent_dim(),
+            classes: self.dataset.num_classes(),
+        }
+    }
+}
+
+/// The shapes that fix the Figure-6 networks' sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetShape {
+    /// Image channels `C`.
+    pub channels: usize,
+    /// Image height `H`.
+    pub height: usize,
+    /// Image width `W`.
+    pub width: usize,
+    /// The latent dimension `d`.
+    pub latent_dim: usize,
+    /// Classes `m`.
+    pub classes: usize,
+}
+
+impl NetShape {
+    fn linear(i: u128, o: u128) -> u128 {
+        i * o + o
+    }
+    fn image_path(&self) -> u128 {
+        let (c, h, w) = (
+            self.channels as u128,
+            self.height as u128,
+            self.width as u128,
+        );
+        let l = Self::linear;
+        l(9 * c, 32) + l(9 * 32, 64) + l(9 * 64, 128) + l(128 * (h / 4) * (w / 4), 256) + 4 * 256
+    }
+    fn prototype(&self) -> bool {
+        self.latent_dim == self.channels * self.height * self.width
+    }
+    /// `W_embed` and the head `f_out`.
+    pub fn shared(&self) -> u128 {
+        let (d, m) = (self.latent_dim as u128, self.classes as u128);
+        Self::linear(d, m) + m * d
+    }
+    /// One NoProp-DT block (Figure 6, left).
+    pub fn dt_block(&self) -> u128 {
+        let l = Self::linear;
+        let label = if self.prototype() {
+            self.image_path()
+        } else {
+            l(self.latent_dim as u128, 256) + 2 * l(256, 256) + 3 * 4 * 256
+        };
+        self.image_path()
+            + label
+            + l(512, 256)
+            + l(256, 128)
+            + 4 * (256 + 128)
+            + l(128, self.classes as u128)
+    }
+    /// The continuous-time network (Figure 6, right), whose image path ends
+    /// in a ReLU, not a BatchNorm.
+    pub fn ct_net(&self, time_dim: usize) -> u128 {
+        let l = Self::linear;
+        let image = self.image_path() - 4 * 256;
+        image
+            + if self.prototype() {
+                image
+            } else {
+                l(self.latent_dim as u128, 256)
+            }
+            + l(time_dim as u128, 256)
+            + l(768, 256)
+            + l(256, 128)
+            + l(128, self.classes as u128)
+    }
 }
 
 /// `log p(y | z)` `[B, m]` from the head's logits under the configured class probabilities.
 pub fn class_log_probs(
-    cfg: &Config,
+    setup: &Setup,
     logits: &Tensor,
     w_embed: &Tensor,
 ) -> Result<Tensor, TrainError> {
-    Ok(cfg.model().class_probability.log_probs(logits, w_embed)?)
+    Ok(setup.model.class_probability.log_probs(logits, w_embed)?)
 }
 
 /// The predicted classes of a batch: the argmax of `log p(y | z)` under the
 /// configured class probabilities, from the head's `logits` `[B, m]`.
 pub fn predicted_classes(
-    cfg: &Config,
+    setup: &Setup,
     logits: &Tensor,
     w_embed: &Tensor,
 ) -> Result<Vec<u32>, TrainError> {
-    Ok(class_log_probs(cfg, logits, w_embed)?
+    Ok(class_log_probs(setup, logits, w_embed)?
         .argmax(candle_core::D::Minus1)?
         .to_vec1()?)
 }
@@ -174,16 +360,16 @@ pub fn scalar(t: &Tensor) -> Result<f64, TrainError> {
 /// The class embedding a config asks for; prototypes are initialised from
 /// `train` (zeros when it is `None`, for weights that will be loaded).
 pub fn build_embedding(
-    cfg: &Config,
+    setup: &Setup,
     train: Option<&Dataset>,
     device: &Device,
 ) -> Result<ClassEmbedding, TrainError> {
-    let m = cfg.dataset().num_classes();
-    let d = cfg.latent_dim();
-    let init = match cfg.model().embedding_init {
+    let m = setup.dataset.num_classes();
+    let d = setup.latent_dim();
+    let init = match setup.model.embedding.init() {
         None => return Ok(ClassEmbedding::one_hot(m, DType::F32, device)?),
         Some(init @ (EmbeddingInit::Orthogonal | EmbeddingInit::Normal)) => {
-            let mut rng = NoiseRng::derived(cfg.train().seed, &[Stream::Init.id(), u64::MAX]);
+            let mut rng = NoiseRng::derived(setup.seed, &[Stream::Init.id(), u64::MAX]);
             noprop_models::random_init(
                 m,
                 d,
@@ -205,22 +391,25 @@ pub fn build_embedding(
             None => Tensor::zeros((m, d), DType::F32, device)?,
         },
     };
-    Ok(ClassEmbedding::trainable(cfg.model().embedding, &init)?)
+    Ok(ClassEmbedding::trainable(
+        setup.model.embedding.kind(),
+        &init,
+    )?)
 }
 
 /// Whether a freshly built model should align `f_out` with `W_embed`
 /// (`[model] head_init = "embedding"`). A prototype embedding built without
 /// training data is all zeros, a placeholder for weights that will be
 /// loaded (head included), so it is left alone: its dual basis does not exist.
-pub fn aligns_head(cfg: &Config, train: Option<&Dataset>) -> bool {
-    cfg.model().head_init == HeadInit::Embedding
-        && (train.is_some() || cfg.model().embedding_init != Some(EmbeddingInit::Prototype))
+pub fn aligns_head(setup: &Setup, train: Option<&Dataset>) -> bool {
+    setup.model.head_init == Some(HeadInit::Embedding)
+        && (train.is_some() || setup.model.embedding.init() != Some(EmbeddingInit::Prototype))
 }
 
 /// The denoising or flow target `u_y` `[B, d]`: `u` itself, or `u`
 /// detached from `W_embed` when `[model.embedding] target_grad = false`.
-pub fn denoise_target(cfg: &Config, u: &Tensor) -> Tensor {
-    if cfg.model().embedding_target_grad {
+pub fn denoise_target(setup: &Setup, u: &Tensor) -> Tensor {
+    if setup.model.embedding.target_grad() {
         u.clone()
     } else {
         u.detach()
@@ -246,23 +435,23 @@ pub fn draw_times(
 /// baseline), initialised from the config's seed, the head aligned with the
 /// embedding when `head_init = "embedding"`.
 pub fn build_dt_model(
-    cfg: &Config,
+    setup: &Setup,
     blocks: usize,
     device: &Device,
     train: Option<&Dataset>,
 ) -> Result<DtModel, TrainError> {
-    let (c, h, w) = cfg.dataset().shape();
-    let embedding: EmbeddingKind = cfg.model().embedding;
+    let (c, h, w) = setup.dataset.shape();
+    let embedding: EmbeddingKind = setup.model.embedding.kind();
     let block = DtBlockConfig {
         in_channels: c,
         height: h,
         width: w,
-        latent_dim: cfg.latent_dim(),
-        classes: cfg.dataset().num_classes(),
-        dropout: cfg.model().dropout,
-        kernels: cfg.model().kernels,
+        latent_dim: setup.latent_dim(),
+        classes: setup.dataset.num_classes(),
+        dropout: setup.model.dropout,
+        kernels: setup.model.kernels,
     };
-    let embed = build_embedding(cfg, train, device)?;
+    let embed = build_embedding(setup, train, device)?;
     let model = DtModel::new(
         DtModelConfig {
             block,
@@ -270,11 +459,11 @@ pub fn build_dt_model(
             embedding,
         },
         embed,
-        cfg.train().seed,
+        setup.seed,
         DType::F32,
         device,
     )?;
-    if aligns_head(cfg, train) {
+    if aligns_head(setup, train) {
         model.align_head()?;
     }
     Ok(model)
@@ -295,26 +484,26 @@ pub fn network_group(model: &CtModel) -> Result<ParamGroup, TrainError> {
 /// and the adjoint baseline, the head aligned with the embedding when
 /// `head_init = "embedding"`.
 pub fn build_ct_model(
-    cfg: &Config,
+    setup: &Setup,
     time: TimeEmbedding,
     device: &Device,
     train: Option<&Dataset>,
 ) -> Result<CtModel, TrainError> {
-    let (c, h, w) = cfg.dataset().shape();
+    let (c, h, w) = setup.dataset.shape();
     let net = CtNetConfig {
         in_channels: c,
         height: h,
         width: w,
-        latent_dim: cfg.latent_dim(),
-        classes: cfg.dataset().num_classes(),
-        dropout: cfg.model().dropout,
+        latent_dim: setup.latent_dim(),
+        classes: setup.dataset.num_classes(),
+        dropout: setup.model.dropout,
         time_dim: time.dim,
         time_scale: time.scale,
-        kernels: cfg.model().kernels,
+        kernels: setup.model.kernels,
     };
-    let embed = build_embedding(cfg, train, device)?;
-    let model = CtModel::new(net, embed, cfg.train().seed, DType::F32, device)?;
-    if aligns_head(cfg, train) {
+    let embed = build_embedding(setup, train, device)?;
+    let model = CtModel::new(net, embed, setup.seed, DType::F32, device)?;
+    if aligns_head(setup, train) {
         model.align_head()?;
     }
     Ok(model)

@@ -75,7 +75,7 @@ impl RunMeta {
             git_sha: option_env!("NOPROP_GIT_SHA"),
             device: format!("{:?}", trainer.device()),
             threads,
-            seed: trainer.config().train().seed,
+            seed: trainer.config().train.seed,
             seed_streams: Stream::ALL.iter().map(|s| (s.name(), s.id())).collect(),
             command,
             parameters,
@@ -165,8 +165,9 @@ impl RunDir {
         })?;
         let initial = trainer
             .config()
-            .model()
+            .model
             .embedding
+            .kind()
             .is_learned()
             .then(|| trainer.method().embed().clone());
         Self::create_inner(root, trainer.config(), &meta, initial)
@@ -229,7 +230,7 @@ impl RunDir {
         };
         run.write_json("meta.json", meta)?;
         fs::write(run.metrics_path(), b"").map_err(io_err(&run.metrics_path()))?;
-        let raw = serde_json::to_value(config.to_raw()).map_err(|e| TrainError::Json {
+        let raw = serde_json::to_value(config.raw()).map_err(|e| TrainError::Json {
             path: root.join("config.json"),
             reason: e.to_string(),
         })?;
@@ -718,11 +719,11 @@ pub fn fit<M: Method>(
     observer: &mut dyn Observer,
 ) -> Result<Option<EvalReport>, TrainError> {
     let cfg = trainer.config().clone();
-    let epochs = cfg.train().epochs;
-    let batches = data.train.len().div_ceil(cfg.train().batch_size);
+    let epochs = cfg.train.epochs;
+    let batches = data.train.len().div_ceil(cfg.train.batch_size);
     let passes = trainer
         .method()
-        .epoch_plan(&cfg)?
+        .epoch_plan()?
         .iter()
         .map(|p| p.lanes.len())
         .sum();
@@ -754,7 +755,7 @@ pub fn fit<M: Method>(
             .map(|p| event("pass", p, &[]))
             .collect::<Result<Vec<_>, _>>()?;
         let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
-        if epoch.is_multiple_of(cfg.eval().every) || epoch == epochs {
+        if epoch.is_multiple_of(cfg.eval.every) || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
             observer.on_event(&Event::EvalEnd(&report));
@@ -777,7 +778,7 @@ pub fn fit<M: Method>(
                 "train_peak_device_bytes": train_peak_device,
                 "checkpoint": rel,
             }));
-            let path = run.commit_epoch(trainer, cfg.keep_last(), &events)?;
+            let path = run.commit_epoch(trainer, cfg.checkpoint.keep_last, &events)?;
             observer.on_event(&Event::Checkpoint { epoch, path: &path });
         }
     }

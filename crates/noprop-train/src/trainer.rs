@@ -10,15 +10,10 @@ use candle_core::{Device, Tensor};
 use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::Dataset;
 
-use crate::adjoint::Adjoint;
-use crate::backprop::Backprop;
 use crate::checkpoint::{first_non_finite, load_safetensors, ModelRecord, OptimizerRecord};
-use crate::config::{Config, InferenceChange, MethodSettings, RawConfig};
-use crate::ct::Ct;
+use crate::config::{Config, InferenceChange, RawConfig};
 use crate::data::DeviceData;
-use crate::dt::Dt;
 use crate::error::TrainError;
-use crate::fm::Fm;
 use crate::groups::Optimizers;
 use crate::method::{DeterministicRun, Method};
 use crate::observer::{EvalReport, Event, Observer, PassMetrics};
@@ -56,13 +51,7 @@ pub fn build_trainer(
     device: Device,
     train: Option<&Dataset>,
 ) -> Result<Trainer, TrainError> {
-    let method: Box<dyn Method> = match cfg.method() {
-        MethodSettings::Dt(_) => Box::new(Dt::new(&cfg, &device, train)?),
-        MethodSettings::Ct(_) => Box::new(Ct::new(&cfg, &device, train)?),
-        MethodSettings::Fm(_) => Box::new(Fm::new(&cfg, &device, train)?),
-        MethodSettings::Backprop(_) => Box::new(Backprop::new(&cfg, &device, train)?),
-        MethodSettings::Adjoint(_) => Box::new(Adjoint::new(&cfg, &device, train)?),
-    };
+    let method = cfg.method.params().build(&cfg.setup(), &device, train)?;
     Trainer::new(cfg, device, method)
 }
 
@@ -91,11 +80,7 @@ fn mean_se(runs: &[f64]) -> (f64, f64) {
 impl<M: Method> Trainer<M> {
     /// A trainer around `method`, whose model was built from `cfg`.
     pub fn new(cfg: Config, device: Device, method: M) -> Result<Self, TrainError> {
-        let optims = Optimizers::new(
-            method.param_groups()?,
-            cfg.train(),
-            cfg.model().embedding_lr,
-        )?;
+        let optims = Optimizers::new(method.param_groups()?, &cfg.train, cfg.model.embedding.lr())?;
         Ok(Self {
             cfg,
             device,
@@ -145,9 +130,7 @@ impl<M: Method> Trainer<M> {
         noise: &mut NoiseRng,
         dropout: &mut NoiseRng,
     ) -> Result<[f64; 4], TrainError> {
-        let mut step = self
-            .method
-            .gradients(&self.cfg, lane, x, y, noise, dropout)?;
+        let mut step = self.method.gradients(lane, x, y, noise, dropout)?;
         if let Some(used) = crate::memory::device_bytes_in_use(&self.device) {
             self.peak_device_bytes = Some(self.peak_device_bytes.map_or(used, |p| p.max(used)));
         }
@@ -169,9 +152,9 @@ impl<M: Method> Trainer<M> {
         observer: &mut dyn Observer,
     ) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
-        let (seed, batch) = (self.cfg.train().seed, self.cfg.train().batch_size);
+        let (seed, batch) = (self.cfg.train.seed, self.cfg.train.batch_size);
         let mut out = Vec::new();
-        for pass in self.method.epoch_plan(&self.cfg)? {
+        for pass in self.method.epoch_plan()? {
             observer.on_event(&Event::PassStart {
                 epoch,
                 block: pass.key,
@@ -264,11 +247,11 @@ impl<M: Method> Trainer<M> {
         modes: &[Inference],
         rng: &mut NoiseRng,
     ) -> Result<Vec<f64>, TrainError> {
-        let predict = self.method.predictor(&self.cfg)?;
+        let predict = self.method.predictor()?;
         let runs = modes.len();
         let n = data.len();
         let mut correct = vec![0usize; runs];
-        let per_batch = (self.cfg.eval().batch_size / runs.max(1)).max(1);
+        let per_batch = (self.cfg.eval.batch_size / runs.max(1)).max(1);
         let mut start = 0;
         while start < n {
             let b = per_batch.min(n - start);
@@ -300,12 +283,12 @@ impl<M: Method> Trainer<M> {
         epoch: usize,
     ) -> Result<EvalReport, TrainError> {
         let start = Instant::now();
-        let ev = self.cfg.eval();
-        let seed = self.cfg.train().seed;
+        let ev = &self.cfg.eval;
+        let seed = self.cfg.train.seed;
         let stream = |k: u64| NoiseRng::derived(seed, &[Stream::Eval.id(), epoch as u64, k]);
         let stochastic = vec![Inference::Stochastic; ev.runs];
         let det_run = if ev.deterministic {
-            self.method.deterministic_run(&self.cfg)?
+            self.method.deterministic_run()
         } else {
             DeterministicRun::None
         };
@@ -353,16 +336,11 @@ impl<M: Method> Trainer<M> {
     /// What the model checkpoint's metadata says now.
     pub fn record(&self) -> ModelRecord {
         let norm = self.cfg.dataset().normalization();
-        let schedule = match self.cfg.method() {
-            MethodSettings::Dt(s) => Some(s.schedule.alpha_bars().to_vec()),
-            _ => None,
-        };
         ModelRecord {
-            method: self.cfg.method().method(),
             epoch: self.epochs_done,
             train_seconds: self.train_seconds,
-            config: self.cfg.to_raw(),
-            schedule,
+            config: self.cfg.raw().clone(),
+            schedule: self.cfg.method.params().alpha_bars(),
             normalization: (norm.mean, norm.std),
             seed_streams: Stream::ALL
                 .iter()
@@ -424,11 +402,15 @@ impl<M: Method> Trainer<M> {
     /// Changes the inference settings (the model is unchanged).
     pub fn change_inference(&mut self, change: InferenceChange) -> Result<(), TrainError> {
         self.cfg = self.cfg.with_inference(change)?;
+        // The same change, already checked, to the parameters the method holds.
+        self.method
+            .params_mut()
+            .set_inference(change.steps, change.sampler)?;
         Ok(())
     }
 
     /// The configuration as a file would say it.
     pub fn raw_config(&self) -> RawConfig {
-        self.cfg.to_raw()
+        self.cfg.raw().clone()
     }
 }

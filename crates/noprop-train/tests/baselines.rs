@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use noprop_core::NoiseRng;
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{Kernels, Mode};
-use noprop_train::config::{HeadInit, RawEmbedding, RawMethod};
+use noprop_train::config::{AdjointParams, BackpropParams, HeadInit, RawEmbedding, RawMethod};
 use noprop_train::{
     build_trainer, fit, Adjoint, Backprop, DeviceData, Method, RawConfig, RunData, RunDir, Silent,
     Trainer,
@@ -54,9 +54,9 @@ fn small(mut cfg: RawConfig, epochs: usize) -> RawConfig {
     cfg.eval.train_subset = 16;
     // Eight Euler steps in training and at inference (the adjoint baseline;
     // the back-propagation chain has no steps to set).
-    if let RawMethod::Adjoint {
+    if let RawMethod::Adjoint(AdjointParams {
         train_steps, steps, ..
-    } = &mut cfg.method
+    }) = &mut cfg.method
     {
         *train_steps = 8;
         *steps = 8;
@@ -68,7 +68,7 @@ fn small(mut cfg: RawConfig, epochs: usize) -> RawConfig {
 /// Sets `T` of a back-propagation config.
 fn set_blocks(cfg: &mut RawConfig, t: usize) {
     match &mut cfg.method {
-        RawMethod::Backprop { blocks, .. } => *blocks = t,
+        RawMethod::Backprop(BackpropParams { blocks, .. }) => *blocks = t,
         other => panic!("not backprop: {other:?}"),
     }
 }
@@ -76,7 +76,10 @@ fn set_blocks(cfg: &mut RawConfig, t: usize) {
 /// A back-propagation trainer for `raw`.
 fn backprop_trainer(raw: RawConfig, dev: &Device, train: Option<&Dataset>) -> Trainer<Backprop> {
     let cfg = raw.validate().unwrap();
-    let method = Backprop::new(&cfg, dev, train).unwrap();
+    let RawMethod::Backprop(p) = &cfg.method else {
+        panic!("not backprop")
+    };
+    let method = Backprop::new(p, &cfg.setup(), dev, train).unwrap();
     Trainer::new(cfg, dev.clone(), method).unwrap()
 }
 
@@ -168,8 +171,8 @@ fn backprop_head_starts_aligned_with_the_embedding() {
         set_blocks(&mut cfg, 1);
         cfg.model.embedding = embedding.clone();
         assert_eq!(
-            cfg.clone().validate().unwrap().model().head_init,
-            HeadInit::Embedding
+            cfg.clone().validate().unwrap().model.head_init,
+            Some(HeadInit::Embedding)
         );
         let t = backprop_trainer(cfg.clone(), &dev, Some(&train));
         let u = t.method().model().embed().clone();
@@ -201,9 +204,9 @@ fn backprop_head_starts_aligned_with_the_embedding() {
         RawConfig::paper_dt(DatasetKind::Mnist)
             .validate()
             .unwrap()
-            .model()
+            .model
             .head_init,
-        HeadInit::Uniform
+        Some(HeadInit::Uniform)
     );
 }
 
@@ -214,22 +217,18 @@ fn adjoint_gradients_match_backprop_through_the_solver() {
     let mut errs = Vec::new();
     for steps in [10, 40] {
         let mut cfg = small(RawConfig::paper_adjoint(DatasetKind::Mnist), 1);
-        if let RawMethod::Adjoint { train_steps, .. } = &mut cfg.method {
+        if let RawMethod::Adjoint(AdjointParams { train_steps, .. }) = &mut cfg.method {
             *train_steps = steps;
         }
         cfg.model.kernels = Kernels::Stock;
         cfg.train.weight_decay = 0.0;
         let cfg = cfg.validate().unwrap();
-        let t = Adjoint::new(&cfg, &dev, None).unwrap();
+        let RawMethod::Adjoint(p) = &cfg.method else {
+            panic!("not adjoint")
+        };
+        let t = Adjoint::new(p, &cfg.setup(), &dev, None).unwrap();
         let step = t
-            .gradients(
-                &cfg,
-                0,
-                &x,
-                &y,
-                &mut NoiseRng::new(11),
-                &mut NoiseRng::new(12),
-            )
+            .gradients(0, &x, &y, &mut NoiseRng::new(11), &mut NoiseRng::new(12))
             .unwrap();
         let (loss_adj, adj) = (step.losses[0], step.grads);
 
@@ -306,7 +305,7 @@ fn baselines_learn_and_resume_exactly() {
     let mut adj = small(RawConfig::paper_adjoint(DatasetKind::Mnist), 2);
     adj.train.lr = 3e-3;
     for cfg in [bp, adj] {
-        let method = cfg.clone().validate().unwrap().method().method();
+        let method = cfg.clone().validate().unwrap().method.kind();
         let tmp = tempfile::tempdir().unwrap();
         let mut a = build_trainer(cfg.clone().validate().unwrap(), dev.clone(), None).unwrap();
         let chance = a.evaluate(&data.test, None, 0).unwrap().test_acc;
@@ -373,14 +372,7 @@ fn backprop_gradients_are_the_same_with_fast_and_stock_kernels() {
         let t = backprop_trainer(cfg, &dev, None);
         let step = t
             .method()
-            .gradients(
-                t.config(),
-                0,
-                &x,
-                &y,
-                &mut NoiseRng::new(4),
-                &mut NoiseRng::new(5),
-            )
+            .gradients(0, &x, &y, &mut NoiseRng::new(4), &mut NoiseRng::new(5))
             .unwrap();
         let (loss, g) = (step.losses[0], step.grads);
         let named: BTreeMap<String, Tensor> = t

@@ -72,6 +72,135 @@ fn hostile_number() -> impl Strategy<Value = serde_json::Value> {
     ]
 }
 
+/// A count: mostly in `lo..=hi`, sometimes 0, 1 or far too large.
+fn count(lo: u64, hi: u64) -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        16 => (lo..=hi).prop_map(serde_json::Value::from),
+        1 => Just(serde_json::Value::from(0)),
+        1 => Just(serde_json::Value::from(1)),
+        1 => Just(serde_json::Value::from(u64::MAX)),
+    ]
+}
+
+/// A real number: mostly in `lo..hi`, sometimes negative, zero or huge.
+fn real(lo: f64, hi: f64) -> impl Strategy<Value = serde_json::Value> {
+    prop_oneof![
+        16 => (lo..hi).prop_map(serde_json::Value::from),
+        1 => Just(serde_json::Value::from(-1.0)),
+        1 => Just(serde_json::Value::from(0.0)),
+        1 => Just(serde_json::Value::from(1e300)),
+    ]
+}
+
+/// A config built field by field, every method and embedding, values
+/// mostly plausible and sometimes out of range, sometimes with a key that
+/// does not belong: it reaches `validate` and exercises its rules.
+fn structured_config() -> impl Strategy<Value = serde_json::Value> {
+    let method = prop_oneof![
+        (count(1, 12), real(0.0, 2.0), prop::bool::ANY).prop_map(|(b, eta, fused)| serde_json::json!({
+            "kind": "dt", "blocks": b, "eta": eta, "order": if fused { "fused" } else { "sequential" }})),
+        (real(0.0, 2.0), count(2, 128), count(1, 2000), prop::sample::select(vec!["eq3", "euler", "heun"]))
+            .prop_map(|(eta, td, steps, sampler)| serde_json::json!({
+                "kind": "ct", "eta": eta, "time_dim": td, "steps": steps, "sampler": sampler})),
+        (real(0.0, 1.0), count(2, 128), count(1, 2000)).prop_map(|(sigma, td, steps)| serde_json::json!({
+            "kind": "fm", "sigma": sigma, "time_dim": td, "steps": steps})),
+        (count(1, 12), real(-1.0, 1.0)).prop_map(|(b, a)| serde_json::json!({
+            "kind": "backprop", "blocks": b, "alpha_init": a})),
+        (count(1, 100), count(1, 100)).prop_map(|(t, s)| serde_json::json!({
+            "kind": "adjoint", "train_steps": t, "steps": s})),
+    ];
+    let embedding = prop_oneof![
+        Just(serde_json::json!({"kind": "one-hot"})),
+        (
+            count(1, 4096),
+            prop::option::of(real(0.0, 1e-2)),
+            prop::bool::ANY
+        )
+            .prop_map(|(dim, lr, tg)| {
+                let mut e = serde_json::json!({"kind": "learned", "dim": dim, "target_grad": tg});
+                if let Some(lr) = lr {
+                    e["lr"] = lr;
+                }
+                e
+            }),
+        Just(serde_json::json!({"kind": "prototype"})),
+    ];
+    let dataset = prop::sample::select(vec!["mnist", "cifar10", "cifar100"]);
+    let stray = prop::option::weighted(
+        0.1,
+        prop::sample::select(vec!["data", "model", "method", "train", "eval"]),
+    );
+    (
+        method,
+        embedding,
+        dataset,
+        real(0.0, 0.9),
+        count(2, 512),
+        real(1e-5, 1e-1),
+        count(1, 1000),
+        count(1, 2000),
+        stray,
+    )
+        .prop_map(
+            |(method, embedding, dataset, dropout, batch, lr, runs, eval_batch, stray)| {
+                let mut v = serde_json::json!({
+                    "data": {"dataset": dataset},
+                    "model": {"embedding": embedding, "dropout": dropout},
+                    "method": method,
+                    "train": {"epochs": 1, "batch_size": batch, "lr": lr, "weight_decay": 1e-3},
+                    "eval": {"runs": runs, "batch_size": eval_batch},
+                });
+                if let Some(section) = stray {
+                    v[section]["not_a_field"] = serde_json::json!(1);
+                }
+                v
+            },
+        )
+}
+
+/// Structured configs reach `validate` (most parse), both outcomes occur,
+/// every refusal is one line, and what validates stays within the limits
+/// and reads back from its own `config.json` form as the same config.
+#[test]
+fn structured_configs_reach_validation_and_round_trip() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = structured_config();
+    let (mut parsed, mut valid, n) = (0, 0, 4 * cases() as usize);
+    for _ in 0..n {
+        let v = strategy.new_tree(&mut runner).unwrap().current();
+        let raw = match RawConfig::from_json_value(v) {
+            Ok(raw) => raw,
+            Err(e) => {
+                assert!(!e.to_string().contains('\n'), "{e}");
+                continue;
+            }
+        };
+        parsed += 1;
+        match raw.validate() {
+            Ok(cfg) => {
+                valid += 1;
+                assert!(cfg.parameters() <= noprop_train::config::limits::PARAMETERS);
+                let json = serde_json::to_value(cfg.raw()).unwrap();
+                let again = RawConfig::from_json_value(json)
+                    .unwrap()
+                    .validate()
+                    .unwrap();
+                assert_eq!(again, cfg);
+            }
+            Err(e) => assert!(!e.to_string().contains('\n'), "{e}"),
+        }
+    }
+    assert!(
+        parsed * 4 >= n * 3,
+        "only {parsed} of {n} structured configs parsed"
+    );
+    assert!(
+        valid * 5 >= n && valid < n,
+        "{valid} of {n} validated: both outcomes must occur"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
@@ -204,7 +333,7 @@ fn the_parameter_budget_counts_the_real_model() {
             counted,
             real as u128,
             "{:?}",
-            trainer.config().method().method()
+            trainer.config().method.kind()
         );
     }
 }

@@ -3,6 +3,8 @@
 //! rejected where it does not apply, and changes what it should (and only
 //! that) when set to the other value.
 
+use std::collections::BTreeMap;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use noprop_core::{
@@ -11,9 +13,22 @@ use noprop_core::{
 };
 use noprop_data::DatasetKind;
 use noprop_models::Mode;
-use noprop_train::config::{HeadInit, RawEmbedding, RawMethod, ScheduleTraining, TimeSampling};
+use noprop_train::config::{
+    CtParams, DtParams, FmParams, HeadInit, RawEmbedding, RawMethod, ScheduleTraining, TimeSampling,
+};
 use noprop_train::method::{draw_times, Method};
 use noprop_train::{Config, Ct, Dt, Fm, RawConfig};
+
+/// The method `$m` built from a checked config of that method.
+macro_rules! typed {
+    ($m:ident, $cfg:expr, $dev:expr, $train:expr) => {{
+        let cfg: &noprop_train::Config = $cfg;
+        let RawMethod::$m(p) = &cfg.method else {
+            panic!("not a {} config", stringify!($m))
+        };
+        $m::new(p, &cfg.setup(), $dev, $train)
+    }};
+}
 
 const B: usize = 8;
 
@@ -32,23 +47,23 @@ fn small(mut raw: RawConfig) -> RawConfig {
     raw.model.embedding = learned(12);
     raw.train.batch_size = B;
     match &mut raw.method {
-        RawMethod::Ct {
+        RawMethod::Ct(CtParams {
             time_dim,
             schedule,
             steps,
             ..
-        } => {
+        }) => {
             *time_dim = 8;
             schedule.hidden = 4;
             *steps = 2;
         }
-        RawMethod::Fm {
+        RawMethod::Fm(FmParams {
             time_dim, steps, ..
-        } => {
+        }) => {
             *time_dim = 8;
             *steps = 2;
         }
-        RawMethod::Dt { blocks, .. } => *blocks = 2,
+        RawMethod::Dt(DtParams { blocks, .. }) => *blocks = 2,
         _ => {}
     }
     raw
@@ -100,18 +115,20 @@ fn named_vars(m: &dyn Method) -> Vec<(String, Var)> {
 }
 
 /// One step's gradients from fixed noise and dropout streams.
-fn grads(m: &dyn Method, cfg: &Config, lane: usize) -> GradStore {
+fn step_grads(m: &dyn Method, lane: usize) -> GradStore {
     let (x, y) = minibatch(&Device::Cpu);
-    m.gradients(
-        cfg,
-        lane,
-        &x,
-        &y,
-        &mut NoiseRng::new(5),
-        &mut NoiseRng::new(6),
-    )
-    .unwrap()
-    .grads
+    m.gradients(lane, &x, &y, &mut NoiseRng::new(5), &mut NoiseRng::new(6))
+        .unwrap()
+        .grads
+}
+
+/// One step's gradients (as [`step_grads`]) by variable name.
+fn grads(m: &dyn Method, lane: usize) -> BTreeMap<String, Vec<f32>> {
+    let g = step_grads(m, lane);
+    named_vars(m)
+        .into_iter()
+        .filter_map(|(name, var)| grad_of(&g, &var).map(|v| (name, v)))
+        .collect()
 }
 
 #[test]
@@ -136,20 +153,22 @@ fn defaults_are_the_literal_reading_and_round_trip() {
             .unwrap()
             .validate()
             .unwrap();
-        assert!(cfg.model().embedding_target_grad);
-        let back = cfg.to_raw();
+        assert!(cfg.model.embedding.target_grad());
+        let back = cfg.raw().clone();
         match &back.method {
-            RawMethod::Ct {
+            RawMethod::Ct(CtParams {
                 t_sampling,
                 schedule_training,
                 ..
-            } => {
+            }) => {
                 assert_eq!(
                     (*t_sampling, *schedule_training),
                     (TimeSampling::Uniform, ScheduleTraining::Gradient)
                 );
             }
-            RawMethod::Fm { t_sampling, .. } => assert_eq!(*t_sampling, TimeSampling::Uniform),
+            RawMethod::Fm(FmParams { t_sampling, .. }) => {
+                assert_eq!(*t_sampling, TimeSampling::Uniform)
+            }
             _ => {}
         }
         // to_raw writes every field, so config.json names them.
@@ -159,27 +178,27 @@ fn defaults_are_the_literal_reading_and_round_trip() {
             serde_json::json!(true)
         );
         // (Compared as files: a DT schedule's unused coefficients are NaN.)
-        assert_eq!(back.clone().validate().unwrap().to_raw(), back);
+        assert_eq!(back.clone().validate().unwrap().raw().clone(), back);
 
         // The other values round-trip too.
         set_target_grad(&mut raw, false);
         match &mut raw.method {
-            RawMethod::Ct {
+            RawMethod::Ct(CtParams {
                 t_sampling,
                 schedule_training,
                 ..
-            } => {
+            }) => {
                 *t_sampling = TimeSampling::Stratified;
                 *schedule_training = ScheduleTraining::Variance;
             }
-            RawMethod::Fm { t_sampling, .. } => *t_sampling = TimeSampling::Stratified,
+            RawMethod::Fm(FmParams { t_sampling, .. }) => *t_sampling = TimeSampling::Stratified,
             _ => {}
         }
         raw.model.head_init = Some(HeadInit::Embedding);
         let cfg = raw.clone().validate().unwrap();
-        assert!(!cfg.model().embedding_target_grad);
-        let back = cfg.to_raw();
-        assert_eq!(back.clone().validate().unwrap().to_raw(), back);
+        assert!(!cfg.model.embedding.target_grad());
+        let back = cfg.raw().clone();
+        assert_eq!(back.clone().validate().unwrap().raw().clone(), back);
         let text = serde_json::to_string(&back).unwrap();
         assert_eq!(
             RawConfig::from_json_value(serde_json::from_str(&text).unwrap()).unwrap(),
@@ -237,35 +256,35 @@ fn head_init_embedding_aligns_the_head_of_every_method() {
         let mut raw = small(raw);
         // The default stays uniform: the head is not aligned.
         let cfg = raw.clone().validate().unwrap();
-        assert_eq!(cfg.model().head_init, HeadInit::Uniform);
+        assert_eq!(cfg.model.head_init, Some(HeadInit::Uniform));
         raw.model.head_init = Some(HeadInit::Embedding);
         let cfg = raw.validate().unwrap();
-        let (aligned, default_head): (Tensor, Tensor) = match cfg.method().method().name() {
+        let (aligned, default_head): (Tensor, Tensor) = match cfg.method.kind() {
             "ct" => {
-                let m = Ct::new(&cfg, &dev, None).unwrap();
-                let mut r = cfg.to_raw();
+                let m = typed!(Ct, &cfg, &dev, None).unwrap();
+                let mut r = cfg.raw().clone();
                 r.model.head_init = Some(HeadInit::Uniform);
-                let plain = Ct::new(&r.validate().unwrap(), &dev, None).unwrap();
+                let plain = typed!(Ct, &r.validate().unwrap(), &dev, None).unwrap();
                 (
                     m.model().classify(m.model().embed()).unwrap(),
                     plain.model().classify(plain.model().embed()).unwrap(),
                 )
             }
             "fm" => {
-                let m = Fm::new(&cfg, &dev, None).unwrap();
-                let mut r = cfg.to_raw();
+                let m = typed!(Fm, &cfg, &dev, None).unwrap();
+                let mut r = cfg.raw().clone();
                 r.model.head_init = Some(HeadInit::Uniform);
-                let plain = Fm::new(&r.validate().unwrap(), &dev, None).unwrap();
+                let plain = typed!(Fm, &r.validate().unwrap(), &dev, None).unwrap();
                 (
                     m.model().classify(m.model().embed()).unwrap(),
                     plain.model().classify(plain.model().embed()).unwrap(),
                 )
             }
             _ => {
-                let m = Dt::new(&cfg, &dev, None).unwrap();
-                let mut r = cfg.to_raw();
+                let m = typed!(Dt, &cfg, &dev, None).unwrap();
+                let mut r = cfg.raw().clone();
                 r.model.head_init = Some(HeadInit::Uniform);
-                let plain = Dt::new(&r.validate().unwrap(), &dev, None).unwrap();
+                let plain = typed!(Dt, &r.validate().unwrap(), &dev, None).unwrap();
                 (
                     m.model().classify(m.model().embed()).unwrap(),
                     plain.model().classify(plain.model().embed()).unwrap(),
@@ -275,7 +294,7 @@ fn head_init_embedding_aligns_the_head_of_every_method() {
         assert!(
             ranks_first(aligned.clone()),
             "{}: {aligned}",
-            cfg.method().method().name()
+            cfg.method.kind()
         );
         // softmax(f_out(u_y)) gives y probability ~0.9 (the gain ln(9 (m - 1))).
         let p: Vec<Vec<f32>> = candle_nn::ops::softmax(&aligned, D::Minus1)
@@ -291,7 +310,7 @@ fn head_init_embedding_aligns_the_head_of_every_method() {
         assert!(
             !ranks_first(default_head),
             "{}: a uniform head ranks every class first by chance",
-            cfg.method().method().name()
+            cfg.method.kind()
         );
     }
 }
@@ -334,29 +353,21 @@ fn stratified_sampling_changes_the_ct_and_fm_steps() {
         let raw = small(raw);
         let mut strat = raw.clone();
         match &mut strat.method {
-            RawMethod::Ct { t_sampling, .. } | RawMethod::Fm { t_sampling, .. } => {
-                *t_sampling = TimeSampling::Stratified
-            }
+            RawMethod::Ct(CtParams { t_sampling, .. })
+            | RawMethod::Fm(FmParams { t_sampling, .. }) => *t_sampling = TimeSampling::Stratified,
             _ => unreachable!(),
         }
         let loss = |raw: RawConfig| -> f64 {
             let cfg = raw.validate().unwrap();
-            let m: Box<dyn Method> = if cfg.method().method().name() == "ct" {
-                Box::new(Ct::new(&cfg, &dev, None).unwrap())
+            let m: Box<dyn Method> = if cfg.method.kind() == "ct" {
+                Box::new(typed!(Ct, &cfg, &dev, None).unwrap())
             } else {
-                Box::new(Fm::new(&cfg, &dev, None).unwrap())
+                Box::new(typed!(Fm, &cfg, &dev, None).unwrap())
             };
             let (x, y) = minibatch(&dev);
-            m.gradients(
-                &cfg,
-                0,
-                &x,
-                &y,
-                &mut NoiseRng::new(5),
-                &mut NoiseRng::new(6),
-            )
-            .unwrap()
-            .losses[3]
+            m.gradients(0, &x, &y, &mut NoiseRng::new(5), &mut NoiseRng::new(6))
+                .unwrap()
+                .losses[3]
         };
         assert_ne!(loss(raw.clone()), loss(strat));
         assert_eq!(loss(raw.clone()), loss(raw));
@@ -375,20 +386,20 @@ fn target_grad_false_removes_exactly_the_target_path_dt() {
     set_target_grad(&mut off, false);
     let (cfg_on, cfg_off) = (raw.validate().unwrap(), off.validate().unwrap());
     let t = 2;
-    let m = Dt::new(&cfg_on, &dev, None).unwrap();
-    let (g_on, g_off) = (grads(&m, &cfg_on, t), grads(&m, &cfg_off, t));
-    let vars = named_vars(&m);
-    let embed = &vars.iter().find(|(n, _)| n == "embed").unwrap().1;
-    for (name, var) in &vars {
+    // Two models of the same initial weights, one per setting.
+    let m = typed!(Dt, &cfg_on, &dev, None).unwrap();
+    let m_off = typed!(Dt, &cfg_off, &dev, None).unwrap();
+    let (g_on, g_off) = (grads(&m, t), grads(&m_off, t));
+    for name in g_on.keys().chain(g_off.keys()) {
         if name != "embed" {
-            assert_eq!(grad_of(&g_on, var), grad_of(&g_off, var), "{name}");
+            assert_eq!(g_on.get(name), g_off.get(name), "{name}");
         }
     }
     // The same forward pass as Dt::gradients, from the same streams.
     let (x, y) = minibatch(&dev);
     let (mut noise, mut dropout) = (NoiseRng::new(5), NoiseRng::new(6));
-    let sched = match cfg_on.method() {
-        noprop_train::config::MethodSettings::Dt(s) => s.schedule.clone(),
+    let sched = match &cfg_on.method {
+        RawMethod::Dt(p) => p.built_schedule().unwrap(),
         _ => unreachable!(),
     };
     let u = m.model().embed().index_select(&y, 0).unwrap();
@@ -403,11 +414,10 @@ fn target_grad_false_removes_exactly_the_target_path_dt() {
         .unwrap()
         .backward()
         .unwrap();
+    let vars = named_vars(&m);
+    let embed = &vars.iter().find(|(n, _)| n == "embed").unwrap().1;
     let expected = grad_of(&target_path, embed).unwrap();
-    let (on, off) = (
-        grad_of(&g_on, embed).unwrap(),
-        grad_of(&g_off, embed).unwrap(),
-    );
+    let (on, off) = (g_on["embed"].clone(), g_off["embed"].clone());
     let diff: Vec<f32> = on.iter().zip(&off).map(|(a, b)| a - b).collect();
     let scale = expected.iter().fold(0f32, |a, v| a.max(v.abs()));
     assert!(scale > 1e-6, "the target path must carry a gradient");
@@ -442,28 +452,29 @@ fn target_grad_false_changes_only_the_embedding_gradient_ct_fm() {
         let mut off = raw.clone();
         set_target_grad(&mut off, false);
         let (cfg_on, cfg_off) = (raw.validate().unwrap(), off.validate().unwrap());
-        let m: Box<dyn Method> = if cfg_on.method().method().name() == "ct" {
-            Box::new(Ct::new(&cfg_on, &dev, None).unwrap())
-        } else {
-            Box::new(Fm::new(&cfg_on, &dev, None).unwrap())
+        // Two models of the same initial weights, one per setting.
+        let build = |cfg: &Config| -> Box<dyn Method> {
+            if cfg.method.kind() == "ct" {
+                Box::new(typed!(Ct, cfg, &dev, None).unwrap())
+            } else {
+                Box::new(typed!(Fm, cfg, &dev, None).unwrap())
+            }
         };
-        let (g_on, g_off) = (grads(&*m, &cfg_on, 0), grads(&*m, &cfg_off, 0));
-        for (name, var) in named_vars(&*m) {
-            let (a, b) = (
-                grad_of(&g_on, &var).unwrap(),
-                grad_of(&g_off, &var).unwrap(),
-            );
+        let (g_on, g_off) = (grads(&*build(&cfg_on), 0), grads(&*build(&cfg_off), 0));
+        assert_eq!(g_on.len(), g_off.len());
+        for (name, a) in &g_on {
+            let (a, b) = (a.clone(), g_off[name].clone());
             if name == "embed" {
                 assert!(
                     max_abs_diff(&a, &b) > 1e-6,
                     "{}: embed",
-                    cfg_on.method().method().name()
+                    cfg_on.method.kind()
                 );
             } else {
                 assert!(
                     max_abs_diff(&a, &b) <= 1e-6 * a.iter().fold(1f32, |m, v| m.max(v.abs())),
                     "{}: {name}",
-                    cfg_on.method().method().name()
+                    cfg_on.method.kind()
                 );
             }
         }
@@ -478,15 +489,15 @@ fn target_grad_false_changes_only_the_embedding_gradient_ct_fm() {
 fn variance_gradient_is_that_of_the_mean_squared_terms() {
     let dev = Device::Cpu;
     let mut raw = small(RawConfig::paper_ct(DatasetKind::Mnist));
-    if let RawMethod::Ct {
+    if let RawMethod::Ct(CtParams {
         schedule_training, ..
-    } = &mut raw.method
+    }) = &mut raw.method
     {
         *schedule_training = ScheduleTraining::Variance;
     }
     let cfg = raw.validate().unwrap();
-    let m = Ct::new(&cfg, &dev, None).unwrap();
-    let got = grads(&m, &cfg, 0);
+    let m = typed!(Ct, &cfg, &dev, None).unwrap();
+    let got = step_grads(&m, 0);
 
     // The same step written out on one graph, with the same streams.
     let (x, y) = minibatch(&dev);
@@ -534,20 +545,20 @@ fn variance_training_changes_only_the_schedule_interior() {
     let dev = Device::Cpu;
     let raw = small(RawConfig::paper_ct(DatasetKind::Mnist));
     let mut var_raw = raw.clone();
-    if let RawMethod::Ct {
+    if let RawMethod::Ct(CtParams {
         schedule_training, ..
-    } = &mut var_raw.method
+    }) = &mut var_raw.method
     {
         *schedule_training = ScheduleTraining::Variance;
     }
     let (cfg_plain, cfg_var) = (raw.validate().unwrap(), var_raw.validate().unwrap());
-    let m = Ct::new(&cfg_plain, &dev, None).unwrap();
-    let (g_plain, g_var) = (grads(&m, &cfg_plain, 0), grads(&m, &cfg_var, 0));
-    for (name, var) in named_vars(&m) {
-        let (a, b) = (
-            grad_of(&g_plain, &var).unwrap(),
-            grad_of(&g_var, &var).unwrap(),
-        );
+    // Two models of the same initial weights, one per setting.
+    let m = typed!(Ct, &cfg_plain, &dev, None).unwrap();
+    let m_var = typed!(Ct, &cfg_var, &dev, None).unwrap();
+    let (g_plain, g_var) = (grads(&m, 0), grads(&m_var, 0));
+    assert_eq!(g_plain.len(), g_var.len());
+    for (name, a) in &g_plain {
+        let (a, b) = (a.clone(), g_var[name].clone());
         if LearnableSchedule::INTERIOR_PARAMETER_NAMES.contains(&name.as_str()) {
             assert!(
                 max_abs_diff(&a, &b) > 1e-6 * a.iter().fold(1e-12f32, |m, v| m.max(v.abs())),
@@ -576,7 +587,7 @@ fn variance_training_changes_only_the_schedule_interior() {
             .collect()
     };
     let run = |cfg: &Config| -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-        let ct = Ct::new(cfg, &dev, None).unwrap();
+        let ct = typed!(Ct, cfg, &dev, None).unwrap();
         let before = interior(&ct);
         let mut trainer = noprop_train::Trainer::new(cfg.clone(), dev.clone(), ct).unwrap();
         let (x, y) = minibatch(&dev);

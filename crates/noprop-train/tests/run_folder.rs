@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use noprop_core::NoiseRng;
 use noprop_data::{Dataset, DatasetKind};
-use noprop_train::config::RawMethod;
+use noprop_train::config::{DtParams, RawMethod};
 use noprop_train::{
     build_trainer, checkpoint, fit, DeviceData, RawConfig, RunData, RunDir, RunMeta, Silent,
     TrainError, Trainer,
@@ -32,7 +32,7 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 
 fn config(epochs: usize) -> RawConfig {
     let mut c = RawConfig::paper_dt(DatasetKind::Mnist);
-    if let RawMethod::Dt { blocks, .. } = &mut c.method {
+    if let RawMethod::Dt(DtParams { blocks, .. }) = &mut c.method {
         *blocks = 2;
     }
     c.train.epochs = epochs;

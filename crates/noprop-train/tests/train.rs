@@ -7,8 +7,21 @@ use candle_core::{DType, Device, Tensor};
 use noprop_core::{dt_loss, q_sample, NoiseRng, Stream};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::Mode;
-use noprop_train::config::{MethodSettings, RawEmbedding, RawMethod, TrainOrder};
+use noprop_train::config::{
+    BackpropParams, CtParams, DtParams, FmParams, RawEmbedding, RawMethod, TrainOrder,
+};
 use noprop_train::{checkpoint, fit, DeviceData, Dt, RawConfig, RunData, RunDir, Silent, Trainer};
+
+/// The method `$m` built from a checked config of that method.
+macro_rules! typed {
+    ($m:ident, $cfg:expr, $dev:expr, $train:expr) => {{
+        let cfg: &noprop_train::Config = $cfg;
+        let RawMethod::$m(p) = &cfg.method else {
+            panic!("not a {} config", stringify!($m))
+        };
+        $m::new(p, &cfg.setup(), $dev, $train)
+    }};
+}
 
 /// A synthetic MNIST-shaped set where the class sets the brightness of one
 /// image row band, so a few steps are enough to learn something.
@@ -50,7 +63,8 @@ fn tiny_config(epochs: usize) -> RawConfig {
 /// Sets `T` of a NoProp-DT or back-propagation config.
 fn set_blocks(cfg: &mut RawConfig, t: usize) {
     match &mut cfg.method {
-        RawMethod::Dt { blocks, .. } | RawMethod::Backprop { blocks, .. } => *blocks = t,
+        RawMethod::Dt(DtParams { blocks, .. })
+        | RawMethod::Backprop(BackpropParams { blocks, .. }) => *blocks = t,
         other => panic!("no blocks in {other:?}"),
     }
 }
@@ -58,7 +72,7 @@ fn set_blocks(cfg: &mut RawConfig, t: usize) {
 /// A NoProp-DT trainer for `raw`.
 fn dt_trainer(raw: RawConfig, dev: &Device) -> Trainer<Dt> {
     let cfg = raw.validate().unwrap();
-    let method = Dt::new(&cfg, dev, None).unwrap();
+    let method = typed!(Dt, &cfg, dev, None).unwrap();
     Trainer::new(cfg, dev.clone(), method).unwrap()
 }
 
@@ -88,8 +102,8 @@ fn gradients_never_cross_blocks() {
     let dev = Device::Cpu;
     let trainer = dt_trainer(tiny_config(1), &dev);
     let model = trainer.method().model();
-    let sched = match trainer.config().method() {
-        MethodSettings::Dt(s) => s.schedule.clone(),
+    let sched = match &trainer.config().method {
+        RawMethod::Dt(p) => p.built_schedule().unwrap(),
         other => panic!("not a DT config: {other:?}"),
     };
     let ds = synthetic(8, 3);
@@ -241,10 +255,13 @@ fn checkpoint_round_trip_with_metadata() {
     assert_eq!(meta["method"], "dt");
     assert_eq!(meta["epoch"], "1");
     let record = checkpoint::ModelRecord::from_metadata(&path, &meta).unwrap();
-    assert_eq!(record.method, noprop_train::config::Method::Dt);
+    assert_eq!(record.config.method.kind(), "dt");
     assert_eq!(record.epoch, 1);
     // The written config has every default resolved.
-    assert_eq!(record.config, tiny_config(1).validate().unwrap().to_raw());
+    assert_eq!(
+        record.config,
+        tiny_config(1).validate().unwrap().raw().clone()
+    );
     assert_same_tensors(&tensors, &a.method().model().named_tensors());
     let b = noprop_train::load_for_eval(&path, &dev).unwrap();
     assert_same_tensors(&b.named_tensors(), &a.method().model().named_tensors());
@@ -285,13 +302,23 @@ fn training_learns_the_synthetic_task() {
 #[test]
 fn invalid_configs_are_rejected() {
     use noprop_train::config::EmbeddingInit;
-    let field = |c: RawConfig| c.validate().err().map(|e| e.field());
+    // The field an error names: "invalid config: <field> must ..." or "<field>: ...".
+    let field = |c: RawConfig| {
+        c.validate().err().map(|e| {
+            let msg = e.to_string();
+            let rest = msg.trim_start_matches("invalid config: ");
+            rest.split([' ', ':'])
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+    };
     let mut c = tiny_config(1);
     set_blocks(&mut c, 0);
-    assert_eq!(field(c), Some("method.blocks"));
+    assert_eq!(field(c).as_deref(), Some("method.blocks"));
     let mut c = tiny_config(1);
     c.train.lr = -1e-3;
-    assert_eq!(field(c), Some("train.lr"));
+    assert_eq!(field(c).as_deref(), Some("train.lr"));
     let json = serde_json::to_value(tiny_config(1)).unwrap();
     assert!(serde_json::from_value::<RawConfig>(json.clone()).is_ok());
     // Unknown kernels are rejected when the file is read.
@@ -303,14 +330,14 @@ fn invalid_configs_are_rejected() {
     );
     let mut c = tiny_config(1);
     match &mut c.method {
-        RawMethod::Dt { schedule, .. } => {
+        RawMethod::Dt(DtParams { schedule, .. }) => {
             *schedule = noprop_core::ScheduleSpec::Explicit {
                 alpha_bar: vec![0.0, 0.5, 0.4, 0.9],
             }
         }
         other => panic!("not DT: {other:?}"),
     }
-    assert_eq!(field(c), Some("method.schedule"));
+    assert_eq!(field(c).as_deref(), Some("method.schedule"));
     let mut c = tiny_config(1);
     c.model.embedding = RawEmbedding::Learned {
         dim: 20,
@@ -319,7 +346,7 @@ fn invalid_configs_are_rejected() {
         target_grad: true,
     };
     assert_eq!(
-        field(c.clone()),
+        field(c.clone()).as_deref(),
         Some("model.embedding.init"),
         "prototype needs d = C*H*W"
     );
@@ -338,7 +365,7 @@ fn invalid_configs_are_rejected() {
         target_grad: true,
     };
     assert_eq!(
-        field(c),
+        field(c).as_deref(),
         Some("model.embedding.init"),
         "orthogonal needs d >= m"
     );
@@ -356,14 +383,14 @@ fn invalid_configs_are_rejected() {
         lr: Some(-1e-4),
         target_grad: true,
     };
-    assert_eq!(field(c), Some("model.embedding.lr"));
+    assert_eq!(field(c).as_deref(), Some("model.embedding.lr"));
     // alpha_init is the back-propagation baseline's.
     let mut c = tiny_config(1);
-    c.method = RawMethod::Backprop {
+    c.method = RawMethod::Backprop(BackpropParams {
         blocks: 3,
         alpha_init: 1.0,
-    };
-    assert_eq!(field(c), Some("method.alpha_init"));
+    });
+    assert_eq!(field(c).as_deref(), Some("method.alpha_init"));
     let mut bad = json.clone();
     bad["train"]["learning_rate"] = serde_json::json!(0.1);
     assert!(serde_json::from_value::<RawConfig>(bad).is_err());
@@ -395,7 +422,9 @@ fn continuous_methods_checkpoint_and_resume_exactly() {
         cfg.train.batch_size = 16;
         cfg.eval.runs = 2;
         match &mut cfg.method {
-            RawMethod::Ct { steps, .. } | RawMethod::Fm { steps, .. } => *steps = 5,
+            RawMethod::Ct(CtParams { steps, .. }) | RawMethod::Fm(FmParams { steps, .. }) => {
+                *steps = 5
+            }
             other => panic!("not continuous: {other:?}"),
         }
         cfg.eval.batch_size = 40;
@@ -431,7 +460,7 @@ fn continuous_methods_checkpoint_and_resume_exactly() {
 fn fused_config(epochs: usize) -> RawConfig {
     let mut cfg = tiny_config(epochs);
     match &mut cfg.method {
-        RawMethod::Dt { order, .. } => *order = TrainOrder::Fused,
+        RawMethod::Dt(DtParams { order, .. }) => *order = TrainOrder::Fused,
         other => panic!("not DT: {other:?}"),
     }
     cfg
@@ -456,7 +485,7 @@ fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     // The same epoch by hand: the fused pass's minibatch order (epoch 1,
     // pass key 0) and each block's (epoch 1, block) noise and dropout streams.
     let cfg = seq.config().clone();
-    let seed = cfg.train().seed;
+    let seed = cfg.train.seed;
     let streams = |t: u64| {
         (
             NoiseRng::derived(seed, &[Stream::Noise.id(), 1, t]),
@@ -466,7 +495,7 @@ fn fused_epoch_is_each_blocks_sequential_step_on_each_minibatch() {
     let mut rngs: Vec<_> = (1..=3).map(streams).collect();
     let batcher = noprop_data::Batcher::new(
         d.train.len(),
-        cfg.train().batch_size,
+        cfg.train.batch_size,
         noprop_core::sub_seed(seed, &[Stream::Shuffle.id()]),
         noprop_data::pass_stream(1, 0),
     )
@@ -592,7 +621,7 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
         (
             "ct",
             match paper(RawConfig::paper_ct(DatasetKind::Mnist)) {
-                RawMethod::Ct {
+                RawMethod::Ct(CtParams {
                     time_dim,
                     time_scale,
                     schedule,
@@ -601,7 +630,7 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
                     t_sampling,
                     schedule_training,
                     ..
-                } => RawMethod::Ct {
+                }) => RawMethod::Ct(CtParams {
                     eta: 0.1,
                     time_dim,
                     time_scale,
@@ -610,7 +639,7 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
                     steps,
                     t_sampling,
                     schedule_training,
-                },
+                }),
                 other => panic!("{other:?}"),
             },
         ),
@@ -618,10 +647,10 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
         ("fm", paper(RawConfig::paper_fm(DatasetKind::Mnist))),
         (
             "backprop",
-            RawMethod::Backprop {
+            RawMethod::Backprop(BackpropParams {
                 blocks: 3,
                 alpha_init: 0.5,
-            },
+            }),
         ),
     ];
     for (method, settings) in methods {
