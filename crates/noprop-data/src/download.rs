@@ -57,49 +57,10 @@ fn idx_table(layout: &crate::catalog::IdxLayout) -> Vec<(&'static str, &'static 
     layout.files.iter().map(|f| (f.stem, f.sha256)).collect()
 }
 
-/// Downloads the four MNIST files from `base_url` (a folder URL such as
-/// [`MNIST_BASE_URL`]) into `dest`, as `<name>.gz`.
-///
-/// A file already in `dest`, raw or `.gz`, is verified instead of
-/// downloaded. Every file is checked against [`MNIST_SHA256`].
-pub fn download_mnist(dest: &Path, base_url: &str) -> Result<(), DataError> {
-    fetch_mnist(dest, base_url, &MNIST_SHA256)
-}
-
-/// Downloads the CIFAR-10 archive from `url` (normally [`CIFAR10_URL`]),
-/// checks its MD5 against [`CIFAR10_MD5`], and unpacks its
-/// `cifar-10-batches-bin/` folder into `dest`.
-///
-/// When that folder is already complete, its files are only checked to have
-/// the official sizes (CIFAR publishes no checksum for them). An archive already
-/// in `dest` is verified and unpacked instead of downloaded, and kept; a
-/// downloaded one is deleted once unpacked, since the loader reads the
-/// unpacked files faster.
-pub fn download_cifar10(dest: &Path, url: &str) -> Result<(), DataError> {
-    fetch_cifar(
-        dest,
-        url,
-        DatasetKind::Cifar10.spec(),
-        &CIFAR10_LAYOUT,
-        CIFAR10_MD5,
-    )
-}
-
-/// Downloads the CIFAR-100 archive from `url` (normally [`CIFAR100_URL`]),
-/// checks its MD5 against [`CIFAR100_MD5`], and unpacks its
-/// `cifar-100-binary/` folder into `dest`, as [`download_cifar10`] does.
-pub fn download_cifar100(dest: &Path, url: &str) -> Result<(), DataError> {
-    fetch_cifar(
-        dest,
-        url,
-        DatasetKind::Cifar100.spec(),
-        &CIFAR100_LAYOUT,
-        CIFAR100_MD5,
-    )
-}
-
-/// [`download_mnist`] with the expected checksums as a parameter, so that
-/// tests can serve small files of their own.
+/// Fetches the MNIST files from `base_url` into `dest` (as `<name>.gz`),
+/// verifying each against `table`; a file already there, raw or `.gz`, is
+/// verified instead of downloaded. The table is a parameter so that tests
+/// can serve small files of their own.
 fn fetch_mnist(dest: &Path, base_url: &str, table: &[(&str, &str)]) -> Result<(), DataError> {
     create_dir(dest)?;
     for &(name, expected) in table {

@@ -122,14 +122,6 @@ fn fetch(kind: DatasetKind, dir: &Path, missing: &[String]) -> Result<(), DataEr
     })
 }
 
-/// Makes sure the MNIST files are in `dir`, downloading them from the
-/// default mirror when they are missing and `download` is true.
-///
-/// The same as [`DatasetKind::Mnist.ensure(dir, download)`](DatasetKind::ensure).
-pub fn ensure_mnist(dir: &Path, download: bool) -> Result<(), DataError> {
-    DatasetKind::Mnist.ensure(dir, download)
-}
-
 /// Decides which folder a data set is read from.
 ///
 /// In order of precedence:

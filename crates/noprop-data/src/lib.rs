@@ -96,7 +96,7 @@ pub use cifar::{load_cifar10, load_cifar100};
 pub use dataset::Dataset;
 pub use error::DataError;
 pub use files::MAX_FILE_LEN;
-pub use kind::{ensure_mnist, resolve_data_dir, DATA_ENV};
+pub use kind::{resolve_data_dir, DATA_ENV};
 pub use mnist::load_mnist;
 pub use normalization::Normalization;
 pub use split::Split;

@@ -10,7 +10,7 @@ use crate::ct_net::{ct_net, CtNet, CtNetConfig};
 use crate::embedding::ClassEmbedding;
 use crate::init::seeded_var_builder;
 use crate::layers::{linear, Linear};
-use crate::model::{load_embedding, STREAM_INIT};
+use crate::model::{load_all, STREAM_INIT};
 use crate::ModelError;
 
 /// The network (`net.*`), the head (`head.*`) and the embedding (`embed`).
@@ -103,28 +103,9 @@ impl CtModel {
         out
     }
 
-    /// Overwrites every parameter with the tensor of the same name; names
-    /// outside the model (for example a learnable schedule's) are ignored here.
+    /// Overwrites every parameter with the tensor of the same name. Every
+    /// name must be present with the right shape; extra names are an error too.
     pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
-        for vm in [&self.net_vars, &self.head_vars] {
-            let data = vm
-                .data()
-                .lock()
-                .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
-            for (name, var) in data.iter() {
-                let src = tensors
-                    .get(name)
-                    .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
-                if src.dims() != var.dims() {
-                    return Err(ModelError::ShapeMismatch {
-                        name: name.clone(),
-                        expected: var.dims().to_vec(),
-                        found: src.dims().to_vec(),
-                    });
-                }
-                var.set(&src.to_dtype(var.dtype())?.to_device(var.device())?)?;
-            }
-        }
-        load_embedding(&self.embed, tensors)
+        load_all(&[&self.net_vars, &self.head_vars], &self.embed, tensors)
     }
 }

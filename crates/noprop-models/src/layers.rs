@@ -6,7 +6,7 @@ use candle_core::{Module, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 use noprop_core::NoiseRng;
 
-use crate::ops::{self, Kernels};
+use crate::ops::Kernels;
 
 /// Whether a forward pass trains (dropout on, BatchNorm on batch statistics)
 /// or evaluates (dropout off, BatchNorm on running statistics).
@@ -144,18 +144,6 @@ impl Conv2d {
             bias: self.bias.detach(),
             ..*self
         }
-    }
-
-    /// `relu(conv(x) + b)`, fused where the kernels allow.
-    pub fn forward_relu(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
-        ops::conv2d_relu(
-            kernels,
-            x,
-            &self.weight,
-            &self.bias,
-            self.padding,
-            self.input_grad,
-        )
     }
 
     /// `dropout(maxpool2x2(relu(conv(x) + b)))` (the pooling when `pool`),

@@ -171,43 +171,8 @@ impl DtModel {
     /// Overwrites every parameter and buffer with the tensor of the same name.
     /// Every name must be present with the right shape; extra names are an error too.
     pub fn load_tensors(&self, tensors: &BTreeMap<String, Tensor>) -> Result<(), ModelError> {
-        let mut seen = 0usize;
-        for vm in self
-            .block_vars
-            .iter()
-            .chain(std::iter::once(&self.head_vars))
-        {
-            let data = vm
-                .data()
-                .lock()
-                .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
-            for (name, var) in data.iter() {
-                let src = tensors
-                    .get(name)
-                    .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
-                if src.dims() != var.dims() {
-                    return Err(ModelError::ShapeMismatch {
-                        name: name.clone(),
-                        expected: var.dims().to_vec(),
-                        found: src.dims().to_vec(),
-                    });
-                }
-                var.set(&src.to_dtype(var.dtype())?.to_device(var.device())?)?;
-                seen += 1;
-            }
-        }
-        load_embedding(&self.embed, tensors)?;
-        seen += 1;
-        if seen != tensors.len() {
-            let known = self.named_tensors();
-            let extra = tensors
-                .keys()
-                .find(|k| !known.contains_key(*k))
-                .cloned()
-                .unwrap_or_default();
-            return Err(ModelError::UnexpectedTensor { name: extra });
-        }
-        Ok(())
+        let maps: Vec<&VarMap> = self.block_vars.iter().chain([&self.head_vars]).collect();
+        load_all(&maps, &self.embed, tensors)
     }
 
     /// The number of trainable scalars in one block.
@@ -245,8 +210,46 @@ impl DtModel {
     }
 }
 
+/// Overwrites every variable of `maps` and the embedding with the tensor
+/// of the same name: every name must be present with the right shape, and a
+/// name that is neither is an error too. What both models load through.
+pub(crate) fn load_all(
+    maps: &[&VarMap],
+    embed: &ClassEmbedding,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    let mut known = std::collections::BTreeSet::from(["embed".to_string()]);
+    for vm in maps {
+        let data = vm
+            .data()
+            .lock()
+            .map_err(|_| ModelError::Config("VarMap poisoned".into()))?;
+        for (name, var) in data.iter() {
+            let src = tensors
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor { name: name.clone() })?;
+            if src.dims() != var.dims() {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.clone(),
+                    expected: var.dims().to_vec(),
+                    found: src.dims().to_vec(),
+                });
+            }
+            var.set(&src.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            known.insert(name.clone());
+        }
+    }
+    load_embedding(embed, tensors)?;
+    match tensors.keys().find(|k| !known.contains(*k)) {
+        Some(extra) => Err(ModelError::UnexpectedTensor {
+            name: extra.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Loads `embed` into a learned embedding, or checks that a fixed one matches.
-pub(crate) fn load_embedding(
+fn load_embedding(
     embed: &ClassEmbedding,
     tensors: &BTreeMap<String, Tensor>,
 ) -> Result<(), ModelError> {

@@ -57,18 +57,14 @@ impl MethodParams for AdjointParams {
         (epochs, OptimizerKind::Adamw)
     }
     fn check(&self) -> Result<(), ConfigError> {
-        self.time().into_iter().try_for_each(|t| t.check())?;
         between("method.train_steps", self.train_steps, 1, limits::STEPS)?;
-        between("method.steps", self.steps, 1, limits::STEPS).map(|_| ())
+        Ok(())
     }
     fn inference_steps(&self) -> usize {
         self.steps
     }
     fn time(&self) -> Option<TimeEmbedding> {
-        Some(TimeEmbedding {
-            dim: self.time_dim,
-            scale: self.time_scale,
-        })
+        Some(TimeEmbedding::new(self.time_dim, self.time_scale))
     }
     fn parameters(&self, shape: &NetShape) -> u128 {
         shape.shared() + shape.ct_net(self.time_dim)
@@ -88,14 +84,6 @@ impl MethodParams for AdjointParams {
         self.steps = steps.unwrap_or(self.steps);
         Ok(())
     }
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError> {
-        Ok(Box::new(Adjoint::new(self, setup, device, train)?))
-    }
 }
 
 /// The network, head and embedding of the adjoint baseline.
@@ -113,10 +101,7 @@ impl Adjoint {
         device: &Device,
         train: Option<&Dataset>,
     ) -> Result<Self, TrainError> {
-        let time = TimeEmbedding {
-            dim: params.time_dim,
-            scale: params.time_scale,
-        };
+        let time = TimeEmbedding::new(params.time_dim, params.time_scale);
         Ok(Self {
             params: params.clone(),
             setup: setup.clone(),

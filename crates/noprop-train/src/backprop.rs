@@ -86,14 +86,6 @@ impl MethodParams for BackpropParams {
     ) -> Result<(), ConfigError> {
         blocks_only(steps, sampler)
     }
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError> {
-        Ok(Box::new(Backprop::new(self, setup, device, train)?))
-    }
 }
 
 /// The checkpoint name of the `[T]` vector of `w_t`.

@@ -34,16 +34,19 @@
 
 use std::ops::Deref;
 
-use noprop_data::DatasetKind;
+use candle_core::Device;
+use noprop_data::{Dataset, DatasetKind};
 use serde::{Deserialize, Serialize};
 
 pub use crate::adjoint::AdjointParams;
 pub use crate::backprop::BackpropParams;
 pub use crate::ct::CtParams;
 pub use crate::dt::DtParams;
-use crate::error::ConfigError;
+use crate::error::{ConfigError, TrainError};
 pub use crate::fm::FmParams;
+use crate::method::Method;
 pub use crate::method::{MethodParams, Setup};
+use crate::sections::between;
 pub use crate::sections::{
     limits, CtSampler, EmbeddingInit, HeadInit, OptimizerKind, RawCheckpoint, RawData,
     RawEmbedding, RawEval, RawModel, RawTrain, TimeEmbedding, TimeSampling,
@@ -72,11 +75,13 @@ pub struct RawConfig {
 }
 
 /// The registry of methods: each line is a variant of [`RawMethod`], its
-/// parameters' type (in the method's own module) and its `kind` name.
+/// parameters' type and its method's type (both in the method's own
+/// module, the method built by `new(params, setup, device, train)`) and its
+/// `kind` name.
 /// Adding a method is one module and one line here; every `match` over
 /// methods elsewhere is exhaustive, so the compiler lists what else to decide.
 macro_rules! registry {
-    ($($(#[$doc:meta])* $variant:ident($params:ty) = $kind:literal,)*) => {
+    ($($(#[$doc:meta])* $variant:ident($params:ty) => $method:ty = $kind:literal,)*) => {
         /// `[method]`: the training method, tagged by `kind`, with its own parameters.
         #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         #[serde(tag = "kind")]
@@ -100,21 +105,26 @@ macro_rules! registry {
             pub fn params_mut(&mut self) -> &mut dyn MethodParams {
                 match self { $(RawMethod::$variant(p) => p,)* }
             }
+            /// The method with a fresh model; prototype embeddings are initialised
+            /// from `train` (zeros when `None`, for weights that will be loaded).
+            pub fn build(&self, setup: &Setup, device: &Device, train: Option<&Dataset>) -> Result<Box<dyn Method>, TrainError> {
+                Ok(match self { $(RawMethod::$variant(p) => Box::new(<$method>::new(p, setup, device, train)?),)* })
+            }
         }
     };
 }
 
 registry! {
     /// NoProp-DT, Algorithm 1.
-    Dt(DtParams) = "dt",
+    Dt(DtParams) => crate::dt::Dt = "dt",
     /// NoProp-CT, Algorithm 2.
-    Ct(CtParams) = "ct",
+    Ct(CtParams) => crate::ct::Ct = "ct",
     /// NoProp-FM, Algorithm 3.
-    Fm(FmParams) = "fm",
+    Fm(FmParams) => crate::fm::Fm = "fm",
     /// Baseline: the DT blocks chained by eq. 17-19, trained end to end by back-propagation.
-    Backprop(BackpropParams) = "backprop",
+    Backprop(BackpropParams) => crate::backprop::Backprop = "backprop",
     /// Baseline: a neural ODE on the continuous-time network, gradients by the adjoint method.
-    Adjoint(AdjointParams) = "adjoint",
+    Adjoint(AdjointParams) => crate::adjoint::Adjoint = "adjoint",
 }
 
 impl RawConfig {
@@ -188,6 +198,10 @@ impl RawConfig {
         self.model.check(dataset)?;
         let params = self.method.params();
         params.check()?;
+        if let Some(time) = params.time() {
+            time.check()?;
+        }
+        between("method.steps", params.inference_steps(), 1, limits::STEPS)?;
         // The baselines have no denoising or flow target to detach; a
         // `target_grad = false` there would be silently ignored.
         if !self.model.embedding.target_grad() && !params.has_target() {

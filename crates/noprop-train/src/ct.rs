@@ -23,9 +23,7 @@ use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, predicted_classes,
     scalar, DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
 };
-use crate::sections::{
-    between, finite, limits, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling,
-};
+use crate::sections::{between, finite, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling};
 
 /// `[method] kind = "ct"`: NoProp-CT's parameters (Table 3's by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,17 +104,13 @@ impl MethodParams for CtParams {
             usize::MAX,
         )?;
         finite("method.eta", self.eta, true)?;
-        self.time().into_iter().try_for_each(|t| t.check())?;
-        between("method.steps", self.steps, 1, limits::STEPS).map(|_| ())
+        Ok(())
     }
     fn inference_steps(&self) -> usize {
         self.steps
     }
     fn time(&self) -> Option<TimeEmbedding> {
-        Some(TimeEmbedding {
-            dim: self.time_dim,
-            scale: self.time_scale,
-        })
+        Some(TimeEmbedding::new(self.time_dim, self.time_scale))
     }
     /// The network and the learnable schedule: `b1`, `w1`, `w2` of its
     /// hidden layer and two endpoints.
@@ -131,14 +125,6 @@ impl MethodParams for CtParams {
         self.sampler = sampler.unwrap_or(self.sampler);
         self.steps = steps.unwrap_or(self.steps);
         Ok(())
-    }
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError> {
-        Ok(Box::new(Ct::new(self, setup, device, train)?))
     }
 }
 
@@ -158,10 +144,7 @@ impl Ct {
         device: &Device,
         train: Option<&Dataset>,
     ) -> Result<Self, TrainError> {
-        let time = TimeEmbedding {
-            dim: params.time_dim,
-            scale: params.time_scale,
-        };
+        let time = TimeEmbedding::new(params.time_dim, params.time_scale);
         let model = build_ct_model(setup, time, device, train)?;
         let mut rng = NoiseRng::derived(setup.seed, &[Stream::ScheduleInit.id()]);
         let schedule = LearnableSchedule::new(&params.schedule, DType::F32, device, &mut rng)?;
@@ -395,9 +378,15 @@ impl Method for Ct {
         tensors
     }
 
+    /// The schedule's tensors (`schedule.*`) to the schedule, the rest to
+    /// the model, which refuses a name it does not know.
     fn load_tensors(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<(), TrainError> {
-        self.model.load_tensors(tensors)?;
-        self.schedule.load(tensors)?;
+        let (schedule, model): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .partition(|(k, _)| k.starts_with("schedule."));
+        self.model.load_tensors(&model)?;
+        self.schedule.load(&schedule)?;
         Ok(())
     }
 

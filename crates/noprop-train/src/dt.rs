@@ -104,14 +104,6 @@ impl MethodParams for DtParams {
     ) -> Result<(), ConfigError> {
         blocks_only(steps, sampler)
     }
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError> {
-        Ok(Box::new(Dt::new(self, setup, device, train)?))
-    }
 }
 
 /// NoProp-DT's model: `T` blocks, the head and `W_embed`.

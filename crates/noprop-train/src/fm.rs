@@ -23,9 +23,7 @@ use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, no_such_sampler,
     scalar, DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
 };
-use crate::sections::{
-    between, finite, limits, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling,
-};
+use crate::sections::{finite, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling};
 
 /// `[method] kind = "fm"`: NoProp-FM's parameters (Table 3's by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,17 +64,13 @@ impl MethodParams for FmParams {
     }
     fn check(&self) -> Result<(), ConfigError> {
         finite("method.sigma", self.sigma, true)?;
-        self.time().into_iter().try_for_each(|t| t.check())?;
-        between("method.steps", self.steps, 1, limits::STEPS).map(|_| ())
+        Ok(())
     }
     fn inference_steps(&self) -> usize {
         self.steps
     }
     fn time(&self) -> Option<TimeEmbedding> {
-        Some(TimeEmbedding {
-            dim: self.time_dim,
-            scale: self.time_scale,
-        })
+        Some(TimeEmbedding::new(self.time_dim, self.time_scale))
     }
     fn parameters(&self, shape: &NetShape) -> u128 {
         shape.shared() + shape.ct_net(self.time_dim)
@@ -96,14 +90,6 @@ impl MethodParams for FmParams {
         self.steps = steps.unwrap_or(self.steps);
         Ok(())
     }
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError> {
-        Ok(Box::new(Fm::new(self, setup, device, train)?))
-    }
 }
 
 /// NoProp-FM's network, head and embedding.
@@ -121,10 +107,7 @@ impl Fm {
         device: &Device,
         train: Option<&Dataset>,
     ) -> Result<Self, TrainError> {
-        let time = TimeEmbedding {
-            dim: params.time_dim,
-            scale: params.time_scale,
-        };
+        let time = TimeEmbedding::new(params.time_dim, params.time_scale);
         Ok(Self {
             params: params.clone(),
             setup: setup.clone(),

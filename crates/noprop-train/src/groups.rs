@@ -38,12 +38,13 @@ pub struct Optimizers {
 }
 
 impl Optimizers {
-    /// An optimizer per group, as `train` configures them; a variable named
-    /// [`EMBED`] learns at `embedding_lr` when that is set.
+    /// An optimizer per group, as `train` configures them; with
+    /// `own_rate = Some((w, lr))` the variable that is the tensor `w` (a
+    /// learned `W_embed`) learns at `lr`.
     pub fn new(
         groups: Vec<ParamGroup>,
         train: &RawTrain,
-        embedding_lr: Option<f64>,
+        own_rate: Option<(&Tensor, f64)>,
     ) -> Result<Self, TrainError> {
         let adam = train.optimizer == OptimizerKind::Adam;
         let groups = groups
@@ -61,8 +62,8 @@ impl Optimizers {
                     vec![]
                 };
                 let mut opt = AdamW::new(g.vars, AdamWParams::new(train.lr, decoupled))?;
-                if let Some(lr) = embedding_lr {
-                    opt.set_lr(EMBED, lr);
+                if let Some((var, lr)) = own_rate {
+                    opt.set_lr_of(var, lr);
                 }
                 Ok(Group { opt, l2 })
             })

@@ -140,7 +140,9 @@ impl Method for Box<dyn Method> {
 /// registry), checked in place, and what the rest of the crate asks of a
 /// method before it is built.
 pub trait MethodParams: std::fmt::Debug {
-    /// Checks the method's own fields, naming each (`method.<field>`).
+    /// Checks the method's own fields, naming each (`method.<field>`); the
+    /// time embedding and the inference steps are checked for every method
+    /// by [`RawConfig::validate`](crate::RawConfig::validate).
     fn check(&self) -> Result<(), ConfigError>;
     /// The number of discrete blocks `T`, or `None` for one continuous-time network.
     fn blocks(&self) -> Option<usize> {
@@ -182,14 +184,6 @@ pub trait MethodParams: std::fmt::Debug {
         steps: Option<usize>,
         sampler: Option<CtSampler>,
     ) -> Result<(), ConfigError>;
-    /// The method with a fresh model; prototype embeddings are initialised
-    /// from `train` (zeros when `None`, for weights that will be loaded).
-    fn build(
-        &self,
-        setup: &Setup,
-        device: &Device,
-        train: Option<&Dataset>,
-    ) -> Result<Box<dyn Method>, TrainError>;
 }
 
 /// The error for `--sampler`/`--steps` on a method without that choice.

@@ -129,9 +129,19 @@ impl AdamW {
     /// scales with it, as in a PyTorch parameter group; 0 freezes it).
     /// Returns whether the optimizer holds a parameter of that name.
     pub fn set_lr(&mut self, name: &str, lr: f64) -> bool {
+        self.set_lr_where(|s| s.name == name, lr)
+    }
+
+    /// As [`Self::set_lr`], for the parameter that is `var` itself (the same
+    /// tensor, whatever its name). Returns whether the optimizer holds it.
+    pub fn set_lr_of(&mut self, var: &Tensor, lr: f64) -> bool {
+        self.set_lr_where(|s| s.var.as_tensor().id() == var.id(), lr)
+    }
+
+    fn set_lr_where(&mut self, is: impl Fn(&Slot) -> bool, lr: f64) -> bool {
         self.slots
             .iter_mut()
-            .filter(|s| s.name == name)
+            .filter(|s| is(s))
             .map(|s| s.lr = Some(lr))
             .count()
             > 0

@@ -432,6 +432,10 @@ pub struct TimeEmbedding {
 }
 
 impl TimeEmbedding {
+    /// `t` embedded as `scale * t` in `dim` sine and cosine features.
+    pub fn new(dim: usize, scale: f64) -> Self {
+        Self { dim, scale }
+    }
     /// Checks `method.time_dim` (even, within the limit) and `method.time_scale` (> 0).
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.dim == 0 || !self.dim.is_multiple_of(2) {

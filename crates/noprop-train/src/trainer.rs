@@ -51,7 +51,7 @@ pub fn build_trainer(
     device: Device,
     train: Option<&Dataset>,
 ) -> Result<Trainer, TrainError> {
-    let method = cfg.method.params().build(&cfg.setup(), &device, train)?;
+    let method = cfg.method.build(&cfg.setup(), &device, train)?;
     Trainer::new(cfg, device, method)
 }
 
@@ -80,7 +80,8 @@ fn mean_se(runs: &[f64]) -> (f64, f64) {
 impl<M: Method> Trainer<M> {
     /// A trainer around `method`, whose model was built from `cfg`.
     pub fn new(cfg: Config, device: Device, method: M) -> Result<Self, TrainError> {
-        let optims = Optimizers::new(method.param_groups()?, &cfg.train, cfg.model.embedding.lr())?;
+        let own_rate = cfg.model.embedding.lr().map(|lr| (method.embed(), lr));
+        let optims = Optimizers::new(method.param_groups()?, &cfg.train, own_rate)?;
         Ok(Self {
             cfg,
             device,

@@ -19,16 +19,8 @@ use noprop_train::config::{
 use noprop_train::method::{draw_times, Method};
 use noprop_train::{Config, Ct, Dt, Fm, RawConfig};
 
-/// The method `$m` built from a checked config of that method.
-macro_rules! typed {
-    ($m:ident, $cfg:expr, $dev:expr, $train:expr) => {{
-        let cfg: &noprop_train::Config = $cfg;
-        let RawMethod::$m(p) = &cfg.method else {
-            panic!("not a {} config", stringify!($m))
-        };
-        $m::new(p, &cfg.setup(), $dev, $train)
-    }};
-}
+#[macro_use]
+mod common;
 
 const B: usize = 8;
 

@@ -12,16 +12,8 @@ use noprop_train::config::{
 };
 use noprop_train::{checkpoint, fit, DeviceData, Dt, RawConfig, RunData, RunDir, Silent, Trainer};
 
-/// The method `$m` built from a checked config of that method.
-macro_rules! typed {
-    ($m:ident, $cfg:expr, $dev:expr, $train:expr) => {{
-        let cfg: &noprop_train::Config = $cfg;
-        let RawMethod::$m(p) = &cfg.method else {
-            panic!("not a {} config", stringify!($m))
-        };
-        $m::new(p, &cfg.setup(), $dev, $train)
-    }};
-}
+#[macro_use]
+mod common;
 
 /// A synthetic MNIST-shaped set where the class sets the brightness of one
 /// image row band, so a few steps are enough to learn something.
