@@ -23,6 +23,7 @@ use noprop_models::ops::{
     batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
     Kernels, WINOGRAD_MIN_CIN,
 };
+use noprop_models::{BlockFlops, NetShape, FIGURE6};
 use noprop_train::{build_trainer, Config, DeviceData};
 use serde_json::{json, Value};
 
@@ -182,13 +183,14 @@ fn op_timings(
         Kernels::Fast => "im2col",
     };
     // The three convolution stages of the image path: (cin, cout, size, pool, input gradient).
+    let ([c1, c2, c3], f) = (FIGURE6.conv, FIGURE6.features);
     let stages = [
-        ("conv1+relu+pool+dropout", c, 32, (h, w), true, false),
-        ("conv2+relu+dropout", 32, 64, (h / 2, w / 2), false, true),
+        ("conv1+relu+pool+dropout", c, c1, (h, w), true, false),
+        ("conv2+relu+dropout", c1, c2, (h / 2, w / 2), false, true),
         (
             "conv3+relu+pool+dropout",
-            64,
-            128,
+            c2,
+            c3,
             (h / 2, w / 2),
             true,
             true,
@@ -224,12 +226,12 @@ fn op_timings(
             flop: Some((f, if input_grad { 2.0 * f } else { f })),
         });
     }
-    let flat = 128 * (h / 4) * (w / 4);
+    let flat = FIGURE6.image_flat(h, w);
     let x = var(&mut rng, &[batch, flat], 1.0, dev)?;
-    let wv = var(&mut rng, &[256, flat], (1.0 / flat as f32).sqrt(), dev)?;
-    let b = var(&mut rng, &[256], 0.1, dev)?;
+    let wv = var(&mut rng, &[f, flat], (1.0 / flat as f32).sqrt(), dev)?;
+    let b = var(&mut rng, &[f], 0.1, dev)?;
     let (fwd, bwd) = time_op(dev, reps, || linear_with(kernels, &x, &wv, &b))?;
-    let f = 2.0 * (batch * flat * 256) as f64;
+    let flop = 2.0 * (batch * flat * f) as f64;
     let gemm = if kernels == Kernels::Fast {
         "gemm"
     } else {
@@ -237,21 +239,21 @@ fn op_timings(
     };
     out.push(OpTimes {
         name: "linear",
-        shape: format!("[{batch}, {flat}] -> 256"),
+        shape: format!("[{batch}, {flat}] -> {f}"),
         algo: gemm,
         fwd,
         bwd,
-        flop: Some((f, 2.0 * f)),
+        flop: Some((flop, 2.0 * flop)),
     });
-    let x = var(&mut rng, &[batch, 256], 1.0, dev)?;
-    let g = var(&mut rng, &[256], 1.0, dev)?;
-    let b = var(&mut rng, &[256], 0.1, dev)?;
+    let x = var(&mut rng, &[batch, f], 1.0, dev)?;
+    let g = var(&mut rng, &[f], 1.0, dev)?;
+    let b = var(&mut rng, &[f], 0.1, dev)?;
     let (fwd, bwd) = time_op(dev, reps, || {
         Ok(batch_norm1d_train_with(kernels, &x, &g, &b, 1e-5)?.y)
     })?;
     out.push(OpTimes {
         name: "batch_norm1d (train)",
-        shape: format!("[{batch}, 256]"),
+        shape: format!("[{batch}, {f}]"),
         algo: if kernels == Kernels::Fast {
             "fused"
         } else {
@@ -264,49 +266,22 @@ fn op_timings(
     Ok(out)
 }
 
-/// Direct-method forward FLOPs per image of the Figure-6 block's parts, the
-/// one count behind [`block_step_flop`] and [`dt_shared_fraction`].
-struct BlockFlop {
-    /// The image path's first convolution (no input gradient in training).
-    conv1: f64,
-    /// The image path's other two convolutions and its Linear to 256.
-    image_rest: f64,
-    /// The label path: an MLP from `d`, or a second image path when `d = C*H*W`.
-    label: f64,
-    /// The fuse layers, down to the `m` logits.
-    fuse: f64,
-    /// `softmax(logits) W_embed`, at inference only.
-    embed: f64,
-}
-
-impl BlockFlop {
-    fn new((c, h, w): (usize, usize, usize), d: usize, m: usize) -> Self {
-        let (h2, w2) = (h / 2, w / 2);
-        let conv1 = conv2d_flops([1, c, h, w], [32, c, 3, 3], 1);
-        let lin = |i: usize, o: usize| 2.0 * (i * o) as f64;
-        let image_rest = conv2d_flops([1, 32, h2, w2], [64, 32, 3, 3], 1)
-            + conv2d_flops([1, 64, h2, w2], [128, 64, 3, 3], 1)
-            + lin(128 * (h / 4) * (w / 4), 256);
-        let label = if d == c * h * w {
-            conv1 + image_rest
-        } else {
-            lin(d, 256) + 2.0 * lin(256, 256)
-        };
-        Self {
-            conv1,
-            image_rest,
-            label,
-            fuse: lin(512, 256) + lin(256, 128) + lin(128, m),
-            embed: lin(m, d),
-        }
-    }
+/// The Figure-6 block's forward FLOPs per image for these shapes.
+fn block_flops((c, h, w): (usize, usize, usize), d: usize, m: usize) -> BlockFlops {
+    FIGURE6.dt_block_flops(&NetShape {
+        channels: c,
+        height: h,
+        width: w,
+        latent_dim: d,
+        classes: m,
+    })
 }
 
 /// Direct-method FLOPs of one training step of one Figure-6 block: the
 /// forward pass, and a backward pass costing twice the forward except for
 /// the first convolution (no input gradient).
 fn block_step_flop(batch: usize, shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
-    let f = BlockFlop::new(shape, d, m);
+    let f = block_flops(shape, d, m);
     let fwd = f.conv1 + f.image_rest + f.label + f.fuse;
     batch as f64 * (fwd + f.conv1 + 2.0 * (f.image_rest + f.label + f.fuse))
 }
@@ -324,7 +299,7 @@ fn block_step_flop(batch: usize, shape: (usize, usize, usize), d: usize, m: usiz
 /// (measured; the FLOP split says 1.07). `cargo xtask reproduce --plan`
 /// reads it from the JSON summary to estimate evaluation times.
 fn dt_shared_fraction(shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
-    let f = BlockFlop::new(shape, d, m);
+    let f = block_flops(shape, d, m);
     let image = f.conv1 + f.image_rest;
     image / (image + f.label + f.fuse + f.embed)
 }

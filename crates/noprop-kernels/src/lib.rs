@@ -5,16 +5,29 @@
 //! a CPU: its conv2d is a slow direct loop for the input gradient and a
 //! batch-sized convolution for the weight gradient, and its `max_pool2d`
 //! backward divides the gradient among a window's four cells, so a window with
-//! one maximum passes on only a quarter of it. This crate replaces both:
+//! one maximum passes on only a quarter of it. What the Figure-6 networks run
+//! on here:
 //!
-//! - [`conv2d`] and [`conv2d_relu`]: stride-1, square-kernel convolution with
-//!   any padding, computed as im2col plus one GEMM per image (the `gemm`
-//!   crate), parallel over the batch with rayon. The backward pass produces
-//!   the weight gradient as per-thread GEMM partials that are summed in a fixed
-//!   order, the bias gradient as a sum, and the input gradient as
-//!   `col2im(wᵀ · grad)`, skipped when the caller says the input is data.
-//!   [`conv2d_relu`] fuses bias and ReLU into the GEMM's epilogue and takes
-//!   the ReLU mask from its own output.
+//! - [`conv_stage`]: one fused stage `dropout(maxpool2x2(relu(conv(x) + b)))`
+//!   (pooling and dropout optional), forward and backward, that keeps the
+//!   full-resolution convolution output out of candle's graph: the forward
+//!   pass pools while the output is in cache and keeps one byte per window
+//!   (its winner), from which the backward pass rebuilds the gradient. The
+//!   convolution inside is chosen per stage ([`ConvAlgo`]): Winograd
+//!   F(2x2, 3x3) for 3x3 kernels over even sizes with at least
+//!   [`WINOGRAD_MIN_CIN`] input channels (2.25 times fewer multiply-adds,
+//!   for both gradients too); a direct convolution vectorized over output
+//!   channels for the first layer's one or three input channels, where a
+//!   GEMM's reduction would be too short; im2col and one GEMM per image
+//!   otherwise. Work is split into fixed chunks of images whose partial
+//!   weight gradients are summed in chunk order, so results do not depend
+//!   on the thread count, and each chunk runs an AVX2+FMA build of its code
+//!   where the CPU has it.
+//! - [`conv2d`] and [`conv2d_relu`]: the convolution alone (stride 1, square
+//!   kernel, any padding), im2col plus one GEMM per image, for shapes the
+//!   stage does not take.
+//! - [`batch_norm1d_train`]: training-mode BatchNorm over `[B, C]` in one
+//!   pass forward and one backward.
 //! - [`dropout`]: inverted dropout whose keep mask is a pure function of a
 //!   seed and each element's index (a counter-based SplitMix64 stream), so it
 //!   is drawn in parallel, identically for any thread count, and redrawn in
@@ -23,13 +36,14 @@
 //! - [`linear`]: `x wᵀ + b` as one GEMM forward and one GEMM per gradient
 //!   backward, each in its argument's layout (candle's transpose + matmul +
 //!   broadcast add accumulates a strided weight gradient).
-//! - [`matmul`]: `a · b` for 2-D tensors in any strided layout, with the
-//!   summed dimension cut into blocks fixed by the shapes (every GEMM of this
-//!   crate does the same), so that results do not depend on the cache sizes
-//!   the `gemm` crate detects on the CPU that runs it.
+//! - [`matmul`]: `a · b` for 2-D tensors in any strided layout.
 //! - [`max_pool2x2`]: 2x2, stride-2 max-pooling whose gradient goes wholly to
 //!   the first maximum of each window; odd sizes drop the last row or column,
 //!   as PyTorch does.
+//!
+//! Every GEMM of this crate (the `gemm` crate's) cuts its summed dimension
+//! into blocks fixed by the shapes, so that results do not depend on the
+//! cache sizes the `gemm` crate detects on the CPU that runs it.
 //!
 //! Every function also takes a [`Kernels`] choice (the `_with` variants). The
 //! fast kernels run on `f32` and `f64` tensors on the CPU, copying strided

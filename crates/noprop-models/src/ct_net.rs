@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::figure6::FIGURE6;
 use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
 use crate::layers::{linear, Linear, Mode};
 use crate::ops::Kernels;
@@ -81,20 +82,21 @@ pub fn ct_net(cfg: CtNetConfig, vb: VarBuilder) -> candle_core::Result<CtNet> {
             cfg.time_dim
         );
     }
+    let (f, hidden) = (FIGURE6.features, FIGURE6.fuse_hidden);
     let image = image_path(cfg.image(false), vb.pp("img"))?;
     let label = if cfg.prototype() {
         CtLabel::Image(image_path(cfg.image(true), vb.pp("label"))?)
     } else {
-        CtLabel::Linear(linear(cfg.latent_dim, 256, vb.pp("label").pp("fc"))?)
+        CtLabel::Linear(linear(cfg.latent_dim, f, vb.pp("label").pp("fc"))?)
     };
     let fuse = vb.pp("fuse");
     Ok(CtNet {
         image,
         label,
-        time_fc: linear(cfg.time_dim, 256, vb.pp("time").pp("fc"))?,
-        fc1: linear(768, 256, fuse.pp("fc1"))?,
-        fc2: linear(256, 128, fuse.pp("fc2"))?,
-        out: linear(128, cfg.classes, fuse.pp("out"))?,
+        time_fc: linear(cfg.time_dim, f, vb.pp("time").pp("fc"))?,
+        fc1: linear(3 * f, f, fuse.pp("fc1"))?,
+        fc2: linear(f, hidden, fuse.pp("fc2"))?,
+        out: linear(hidden, cfg.classes, fuse.pp("out"))?,
         cfg,
     })
 }
@@ -153,7 +155,7 @@ impl CtNet {
     /// [`CtNet::logits_from_features`] for a fixed `fx`, with the image
     /// columns of `W1` applied once per solve instead of once per step.
     pub fn project_features(&self, fx: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.fc1.weight().narrow(1, 0, 256)?;
+        let w = self.fc1.weight().narrow(1, 0, FIGURE6.features)?;
         noprop_kernels::matmul_with(self.cfg.kernels, fx, &w.t()?)?.broadcast_add(self.fc1.bias())
     }
 
@@ -176,9 +178,10 @@ impl CtNet {
         )?
         .to_dtype(z.dtype())?;
         let ft = self.time_fc.forward_with(k, &te)?.relu()?;
-        let w = self.fc1.weight();
-        let time_row = noprop_kernels::matmul_with(k, &ft, &w.narrow(1, 512, 256)?.t()?)?;
-        let h = (noprop_kernels::matmul_with(k, &fz, &w.narrow(1, 256, 256)?.t()?)? + p)?
+        // `W1`'s columns: image features, then label, then time.
+        let (w, f) = (self.fc1.weight(), FIGURE6.features);
+        let time_row = noprop_kernels::matmul_with(k, &ft, &w.narrow(1, 2 * f, f)?.t()?)?;
+        let h = (noprop_kernels::matmul_with(k, &fz, &w.narrow(1, f, f)?.t()?)? + p)?
             .broadcast_add(&time_row)?
             .relu()?;
         let h = self.fc2.forward_with(k, &h)?.relu()?;

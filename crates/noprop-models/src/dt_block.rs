@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use crate::figure6::FIGURE6;
 use crate::image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
 use crate::layers::{linear, norm_linear, softmax_embed, Linear, Mode, NormLinear};
 use crate::ops::Kernels;
@@ -85,23 +86,24 @@ pub struct DtBlock {
 pub fn dt_block(cfg: DtBlockConfig, vb: VarBuilder) -> candle_core::Result<DtBlock> {
     let lab = vb.pp("label");
     let fuse = vb.pp("fuse");
+    let (f, hidden) = (FIGURE6.features, FIGURE6.fuse_hidden);
     // Construction order fixes the order of the seeded initialisation.
     let image = image_path(cfg.image(false), vb.pp("img"))?;
     let label = if cfg.prototype() {
         LabelPath::Image(image_path(cfg.image(true), lab)?)
     } else {
         LabelPath::Mlp {
-            fc1: norm_linear(cfg.latent_dim, 256, lab.pp("fc1"), Some(lab.pp("bn1")))?,
-            fc2: norm_linear(256, 256, lab.pp("fc2"), Some(lab.pp("bn2")))?,
-            fc3: norm_linear(256, 256, lab.pp("fc3"), Some(lab.pp("bn3")))?,
+            fc1: norm_linear(cfg.latent_dim, f, lab.pp("fc1"), Some(lab.pp("bn1")))?,
+            fc2: norm_linear(f, f, lab.pp("fc2"), Some(lab.pp("bn2")))?,
+            fc3: norm_linear(f, f, lab.pp("fc3"), Some(lab.pp("bn3")))?,
         }
     };
     Ok(DtBlock {
         image,
         label,
-        fuse1: norm_linear(512, 256, fuse.pp("fc1"), Some(fuse.pp("bn1")))?,
-        fuse2: norm_linear(256, 128, fuse.pp("fc2"), Some(fuse.pp("bn2")))?,
-        fuse_out: linear(128, cfg.classes, fuse.pp("out"))?,
+        fuse1: norm_linear(2 * f, f, fuse.pp("fc1"), Some(fuse.pp("bn1")))?,
+        fuse2: norm_linear(f, hidden, fuse.pp("fc2"), Some(fuse.pp("bn2")))?,
+        fuse_out: linear(hidden, cfg.classes, fuse.pp("out"))?,
         cfg,
     })
 }

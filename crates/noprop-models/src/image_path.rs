@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 
+use crate::figure6::FIGURE6;
 use crate::layers::{conv2d, norm_linear, Conv2d, Mode, NormLinear};
 use crate::ops::Kernels;
 
@@ -62,13 +63,14 @@ pub fn image_path(cfg: ImagePathConfig, vb: VarBuilder) -> candle_core::Result<I
             cfg.width
         );
     }
-    let flat = 128 * (cfg.height / 4) * (cfg.width / 4);
+    let [c1, c2, c3] = FIGURE6.conv;
+    let flat = FIGURE6.image_flat(cfg.height, cfg.width);
     // Construction order fixes the order of the seeded initialisation.
-    let conv1 = conv2d(cfg.channels, 32, 3, 1, cfg.input_grad, vb.pp("conv1"))?;
-    let conv2 = conv2d(32, 64, 3, 1, true, vb.pp("conv2"))?;
-    let conv3 = conv2d(64, 128, 3, 1, true, vb.pp("conv3"))?;
+    let conv1 = conv2d(cfg.channels, c1, 3, 1, cfg.input_grad, vb.pp("conv1"))?;
+    let conv2 = conv2d(c1, c2, 3, 1, true, vb.pp("conv2"))?;
+    let conv3 = conv2d(c2, c3, 3, 1, true, vb.pp("conv3"))?;
     let bn = (cfg.tail == ImageTail::BatchNorm).then(|| vb.pp("bn"));
-    let fc = norm_linear(flat, 256, vb.pp("fc"), bn)?;
+    let fc = norm_linear(flat, FIGURE6.features, vb.pp("fc"), bn)?;
     Ok(ImagePath {
         conv1,
         conv2,

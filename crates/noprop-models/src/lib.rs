@@ -26,6 +26,7 @@ mod ct_model;
 mod ct_net;
 mod dt_block;
 mod embedding;
+mod figure6;
 mod image_path;
 mod init;
 pub mod layers;
@@ -38,6 +39,7 @@ pub use dt_block::{dt_block, DtBlock, DtBlockConfig, FoldedDtBlock};
 pub use embedding::{
     align_head, dual_basis, prototype_indices, random_init, ClassEmbedding, EmbeddingKind,
 };
+pub use figure6::{BlockFlops, Figure6, NetShape, FIGURE6};
 pub use image_path::{image_path, ImagePath, ImagePathConfig, ImageTail};
 pub use init::seeded_var_builder;
 pub use layers::Mode;

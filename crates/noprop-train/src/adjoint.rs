@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{adjoint_euler, odeint_euler, Inference, NoiseRng, VelocityField};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_kernels::matmul;
-use noprop_models::{CtModel, Mode};
+use noprop_models::{CtModel, Mode, NetShape, FIGURE6};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +18,7 @@ use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup};
 use crate::method::{
     build_ct_model, class_log_probs, network_group, no_such_sampler, predicted_classes, scalar,
-    DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
+    DeterministicRun, Method, MethodParams, Predict, Setup, StepGrads,
 };
 use crate::sections::{between, limits, CtSampler, OptimizerKind, TimeEmbedding};
 
@@ -67,7 +67,7 @@ impl MethodParams for AdjointParams {
         Some(TimeEmbedding::new(self.time_dim, self.time_scale))
     }
     fn parameters(&self, shape: &NetShape) -> u128 {
-        shape.shared() + shape.ct_net(self.time_dim)
+        FIGURE6.shared_parameters(shape) + FIGURE6.ct_net_parameters(shape, self.time_dim)
     }
     /// The adjoint baseline has no denoising or flow target to detach.
     fn has_target(&self) -> bool {

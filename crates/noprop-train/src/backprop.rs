@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
 use noprop_data::{Dataset, DatasetKind};
-use noprop_models::{DtModel, Mode};
+use noprop_models::{DtModel, Mode, NetShape, FIGURE6};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +22,7 @@ use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
     blocks_only, build_dt_model, class_log_probs, predicted_classes, scalar, stack_runs,
-    DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
+    DeterministicRun, Method, MethodParams, Predict, Setup, StepGrads,
 };
 use crate::sections::{between, limits, CtSampler, HeadInit, OptimizerKind};
 
@@ -70,7 +70,8 @@ impl MethodParams for BackpropParams {
     }
     /// The blocks and a `w_t` per block.
     fn parameters(&self, shape: &NetShape) -> u128 {
-        shape.shared() + self.blocks as u128 * (shape.dt_block() + 1)
+        FIGURE6.shared_parameters(shape)
+            + self.blocks as u128 * (FIGURE6.dt_block_parameters(shape) + 1)
     }
     fn default_head_init(&self) -> HeadInit {
         HeadInit::Embedding

@@ -12,7 +12,7 @@ use noprop_core::{
 };
 use noprop_data::{Dataset, DatasetKind};
 use noprop_kernels::matmul;
-use noprop_models::{CtModel, Mode};
+use noprop_models::{CtModel, Mode, NetShape, FIGURE6};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ use crate::error::{ConfigError, TrainError};
 use crate::groups::ParamGroup;
 use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, predicted_classes,
-    scalar, DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
+    scalar, DeterministicRun, Method, MethodParams, Predict, Setup, StepGrads,
 };
 use crate::sections::{between, finite, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling};
 
@@ -115,7 +115,10 @@ impl MethodParams for CtParams {
     /// The network and the learnable schedule: `b1`, `w1`, `w2` of its
     /// hidden layer and two endpoints.
     fn parameters(&self, shape: &NetShape) -> u128 {
-        shape.shared() + shape.ct_net(self.time_dim) + 3 * self.schedule.hidden as u128 + 2
+        FIGURE6.shared_parameters(shape)
+            + FIGURE6.ct_net_parameters(shape, self.time_dim)
+            + 3 * self.schedule.hidden as u128
+            + 2
     }
     fn set_inference(
         &mut self,

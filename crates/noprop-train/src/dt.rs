@@ -9,14 +9,14 @@ use noprop_core::{
     NoiseRng, ScheduleSpec,
 };
 use noprop_data::{Dataset, DatasetKind};
-use noprop_models::{DtModel, Mode};
+use noprop_models::{DtModel, Mode, NetShape, FIGURE6};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, TrainError};
 use crate::groups::{trainable, ParamGroup, EMBED};
 use crate::method::{
     blocks_only, build_dt_model, class_log_probs, denoise_target, predicted_classes, scalar,
-    stack_runs, DeterministicRun, Method, MethodParams, NetShape, Pass, Predict, Setup, StepGrads,
+    stack_runs, DeterministicRun, Method, MethodParams, Pass, Predict, Setup, StepGrads,
 };
 use crate::sections::{between, finite, limits, CtSampler, OptimizerKind};
 
@@ -92,7 +92,7 @@ impl MethodParams for DtParams {
         self.blocks
     }
     fn parameters(&self, shape: &NetShape) -> u128 {
-        shape.shared() + self.blocks as u128 * shape.dt_block()
+        FIGURE6.shared_parameters(shape) + self.blocks as u128 * FIGURE6.dt_block_parameters(shape)
     }
     fn alpha_bars(&self) -> Option<Vec<f64>> {
         self.built_schedule().ok().map(|s| s.alpha_bars().to_vec())

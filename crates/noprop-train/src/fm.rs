@@ -11,7 +11,7 @@ use noprop_core::{
 };
 use noprop_data::{Dataset, DatasetKind};
 use noprop_kernels::matmul;
-use noprop_models::{CtModel, Mode};
+use noprop_models::{CtModel, Mode, NetShape, FIGURE6};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ use crate::error::{ConfigError, TrainError};
 use crate::groups::ParamGroup;
 use crate::method::{
     build_ct_model, class_log_probs, denoise_target, draw_times, network_group, no_such_sampler,
-    scalar, DeterministicRun, Method, MethodParams, NetShape, Predict, Setup, StepGrads,
+    scalar, DeterministicRun, Method, MethodParams, Predict, Setup, StepGrads,
 };
 use crate::sections::{finite, CtSampler, OptimizerKind, TimeEmbedding, TimeSampling};
 
@@ -73,7 +73,7 @@ impl MethodParams for FmParams {
         Some(TimeEmbedding::new(self.time_dim, self.time_scale))
     }
     fn parameters(&self, shape: &NetShape) -> u128 {
-        shape.shared() + shape.ct_net(self.time_dim)
+        FIGURE6.shared_parameters(shape) + FIGURE6.ct_net_parameters(shape, self.time_dim)
     }
     fn set_inference(
         &mut self,

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
-use crate::config::{OptimizerKind, RawTrain};
 use crate::error::TrainError;
 use crate::optim::{AdamW, AdamWParams};
+use crate::sections::{OptimizerKind, RawTrain};
 
 /// The name of a learned `W_embed` in every optimizer and checkpoint.
 pub const EMBED: &str = "embed";

@@ -16,6 +16,7 @@ use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{
     ClassEmbedding, CtModel, CtNetConfig, DtBlockConfig, DtModel, DtModelConfig, EmbeddingKind,
+    NetShape,
 };
 
 use crate::error::{ConfigError, TrainError};
@@ -244,75 +245,6 @@ impl Setup {
             latent_dim: self.latent_dim(),
             classes: self.dataset.num_classes(),
         }
-    }
-}
-
-/// The shapes that fix the Figure-6 networks' sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetShape {
-    /// Image channels `C`.
-    pub channels: usize,
-    /// Image height `H`.
-    pub height: usize,
-    /// Image width `W`.
-    pub width: usize,
-    /// The latent dimension `d`.
-    pub latent_dim: usize,
-    /// Classes `m`.
-    pub classes: usize,
-}
-
-impl NetShape {
-    fn linear(i: u128, o: u128) -> u128 {
-        i * o + o
-    }
-    fn image_path(&self) -> u128 {
-        let (c, h, w) = (
-            self.channels as u128,
-            self.height as u128,
-            self.width as u128,
-        );
-        let l = Self::linear;
-        l(9 * c, 32) + l(9 * 32, 64) + l(9 * 64, 128) + l(128 * (h / 4) * (w / 4), 256) + 4 * 256
-    }
-    fn prototype(&self) -> bool {
-        self.latent_dim == self.channels * self.height * self.width
-    }
-    /// `W_embed` and the head `f_out`.
-    pub fn shared(&self) -> u128 {
-        let (d, m) = (self.latent_dim as u128, self.classes as u128);
-        Self::linear(d, m) + m * d
-    }
-    /// One NoProp-DT block (Figure 6, left).
-    pub fn dt_block(&self) -> u128 {
-        let l = Self::linear;
-        let label = if self.prototype() {
-            self.image_path()
-        } else {
-            l(self.latent_dim as u128, 256) + 2 * l(256, 256) + 3 * 4 * 256
-        };
-        self.image_path()
-            + label
-            + l(512, 256)
-            + l(256, 128)
-            + 4 * (256 + 128)
-            + l(128, self.classes as u128)
-    }
-    /// The continuous-time network (Figure 6, right), whose image path ends
-    /// in a ReLU, not a BatchNorm.
-    pub fn ct_net(&self, time_dim: usize) -> u128 {
-        let l = Self::linear;
-        let image = self.image_path() - 4 * 256;
-        image
-            + if self.prototype() {
-                image
-            } else {
-                l(self.latent_dim as u128, 256)
-            }
-            + l(time_dim as u128, 256)
-            + l(768, 256)
-            + l(256, 128)
-            + l(128, self.classes as u128)
     }
 }
 
