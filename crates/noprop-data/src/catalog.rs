@@ -257,23 +257,32 @@ const CIFAR100_SPEC: DatasetSpec = DatasetSpec {
     layout: Layout::Cifar(CIFAR100_LAYOUT),
 };
 
-impl DatasetKind {
-    /// All kinds, in a fixed order.
-    pub const ALL: [DatasetKind; 3] = [
-        DatasetKind::Mnist,
-        DatasetKind::Cifar10,
-        DatasetKind::Cifar100,
-    ];
+/// The catalogue: each line is a kind and its spec. [`DatasetKind::ALL`]
+/// and [`DatasetKind::spec`] are generated from it, so a kind added to the
+/// enum and not here does not compile.
+macro_rules! catalog {
+    ($($kind:ident => $spec:ident,)*) => {
+        impl DatasetKind {
+            /// All kinds, in a fixed order.
+            pub const ALL: [DatasetKind; [$(stringify!($kind)),*].len()] = [$(DatasetKind::$kind),*];
 
-    /// Everything this crate knows about the data set.
-    pub fn spec(self) -> &'static DatasetSpec {
-        match self {
-            DatasetKind::Mnist => &MNIST_SPEC,
-            DatasetKind::Cifar10 => &CIFAR10_SPEC,
-            DatasetKind::Cifar100 => &CIFAR100_SPEC,
+            /// Everything this crate knows about the data set.
+            pub fn spec(self) -> &'static DatasetSpec {
+                match self {
+                    $(DatasetKind::$kind => &$spec,)*
+                }
+            }
         }
-    }
+    };
+}
 
+catalog! {
+    Mnist => MNIST_SPEC,
+    Cifar10 => CIFAR10_SPEC,
+    Cifar100 => CIFAR100_SPEC,
+}
+
+impl DatasetKind {
     /// The short name, which is also the folder name under the data root.
     pub fn name(self) -> &'static str {
         self.spec().name
