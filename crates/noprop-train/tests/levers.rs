@@ -1,5 +1,5 @@
 //! The fidelity levers of issue 11: each config field has the paper's
-//! literal reading as its default, round-trips through `Config::to_raw`, is
+//! literal reading as its default, round-trips through `config.json` (the validated `RawConfig`), is
 //! rejected where it does not apply, and changes what it should (and only
 //! that) when set to the other value.
 
@@ -163,7 +163,7 @@ fn defaults_are_the_literal_reading_and_round_trip() {
             }
             _ => {}
         }
-        // to_raw writes every field, so config.json names them.
+        // The validated config writes every field, so config.json names them.
         let written = serde_json::to_value(&back).unwrap();
         assert_eq!(
             written["model"]["embedding"]["target_grad"],
