@@ -18,19 +18,6 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-use crate::value_of;
-
-pub const HELP: &str = "\
-cuda-env     fetch NVIDIA's CUDA 13.0 pip wheels into DIR, make a libcuda.so
-             link stub and the unversioned library links, and print the
-             shell lines to build the cuda feature:
-             eval \"$(cargo xtask cuda-env)\"
-             --dir DIR ($CARGO_TARGET_DIR or target, then /cuda-toolchain),
-             --compute-cap N (90)
-cuda-build   cuda-env, then cargo build --release -p noprop-cli --features
-             cuda (target dir target/cuda unless CARGO_TARGET_DIR is set)
-             --check (cargo check instead), --dir DIR, --compute-cap N (90)";
-
 /// The wheels that built the `cuda` feature, pinned together: nvcc with the
 /// headers (`crt`, `cccl`) and back end (`nvvm`) it needs, and the runtime
 /// libraries candle links.
@@ -150,11 +137,45 @@ pub fn stub_source(cuda_h: &str) -> String {
     src
 }
 
-#[derive(Debug)]
-struct Options {
-    dir: PathBuf,
+/// The options of `cuda-env` and `cuda-build`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Where the wheels go (default: `$CARGO_TARGET_DIR` or `target`, then `/cuda-toolchain`).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// The GPU's compute capability, such as 90 or 90a.
+    #[arg(long, value_name = "N", default_value = "90", value_parser = compute_cap)]
     compute_cap: String,
+}
+
+/// The options of `cuda-build`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct BuildOptions {
+    /// `cargo check` instead of `cargo build --release`.
+    #[arg(long)]
     check: bool,
+    #[command(flatten)]
+    env: Options,
+}
+
+impl BuildOptions {
+    /// A release build for `compute_cap`, the toolchain in its default folder.
+    pub fn release(compute_cap: &str) -> Self {
+        BuildOptions {
+            check: false,
+            env: Options {
+                dir: None,
+                compute_cap: compute_cap.to_string(),
+            },
+        }
+    }
+}
+
+fn compute_cap(v: &str) -> Result<String, String> {
+    if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(format!("expected a number such as 90 or 90a, got {v:?}"));
+    }
+    Ok(v.to_string())
 }
 
 /// The cargo target folder: `CARGO_TARGET_DIR`, else `target` in the
@@ -165,40 +186,25 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
-/// Parses the options of `cuda-env` (`allow_check` false) or `cuda-build`;
-/// the wheels go to `cuda-toolchain` in `target` unless `--dir` says.
-fn options(args: &[String], target: &Path, allow_check: bool) -> Result<Options> {
-    let mut o = Options {
-        dir: target.join("cuda-toolchain"),
-        compute_cap: "90".into(),
-        check: false,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--dir" => o.dir = PathBuf::from(value_of(&mut it, "--dir")?),
-            "--compute-cap" => {
-                let v = value_of(&mut it, "--compute-cap")?;
-                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric()) {
-                    bail!("--compute-cap {v:?}: expected a number such as 90 or 90a");
-                }
-                o.compute_cap = v;
-            }
-            "--check" if allow_check => o.check = true,
-            other => bail!("unknown option {other:?}\n{HELP}"),
-        }
+impl Options {
+    /// The wheels' folder, absolute (pip and the printed lines want one):
+    /// `--dir`, else `cuda-toolchain` in `target`.
+    fn dir(&self, target: &Path) -> Result<PathBuf> {
+        let dir = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| target.join("cuda-toolchain"));
+        Ok(if dir.is_absolute() {
+            dir
+        } else {
+            std::env::current_dir()?.join(dir)
+        })
     }
-    // pip and the printed lines want an absolute path.
-    if !o.dir.is_absolute() {
-        o.dir = std::env::current_dir()?.join(&o.dir);
-    }
-    Ok(o)
 }
 
 /// `cargo xtask cuda-env`.
-pub fn env(args: &[String], root: &Path) -> Result<()> {
-    let opts = options(args, &target_dir(root), false)?;
-    let env = prepare(&opts)?;
+pub fn env(opts: &Options, root: &Path) -> Result<()> {
+    let env = prepare(&opts.dir(&target_dir(root))?, &opts.compute_cap)?;
     print!("{}", env.shell_lines());
     Ok(())
 }
@@ -214,10 +220,9 @@ pub fn build_target(root: &Path) -> PathBuf {
 }
 
 /// `cargo xtask cuda-build`.
-pub fn build(args: &[String], root: &Path) -> Result<()> {
-    let opts = options(args, &target_dir(root), true)?;
+pub fn build(opts: &BuildOptions, root: &Path) -> Result<()> {
     let check = opts.check;
-    let env = prepare(&opts)?;
+    let env = prepare(&opts.env.dir(&target_dir(root))?, &opts.env.compute_cap)?;
     let path = std::env::var("PATH").unwrap_or_default();
     let rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
     let mut cmd = Command::new(env!("CARGO"));
@@ -266,11 +271,11 @@ pub fn build(args: &[String], root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes sure the wheels, the stub and the links are in `opts.dir`; a run
+/// Makes sure the wheels, the stub and the links are in `dir`; a run
 /// that finds them all downloads and compiles nothing.
-fn prepare(opts: &Options) -> Result<CudaEnv> {
-    let env = CudaEnv::new(&opts.dir, &opts.compute_cap);
-    install_wheels(&opts.dir, &env)?;
+fn prepare(dir: &Path, compute_cap: &str) -> Result<CudaEnv> {
+    let env = CudaEnv::new(dir, compute_cap);
+    install_wheels(dir, &env)?;
     make_stub(&env)?;
     make_links(&env)?;
     Ok(env)
@@ -461,30 +466,22 @@ extern cudaError_t cudaMalloc(void **p, size_t n);
 
     #[test]
     fn options_reject_unknown_and_check_for_env() {
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let o = options(
-            &args(&["--check", "--compute-cap", "80", "--dir", "/x"]),
-            Path::new("/r/target"),
-            true,
-        )
-        .unwrap();
+        let o: BuildOptions =
+            crate::parse_args(&["--check", "--compute-cap", "80", "--dir", "/x"]).unwrap();
         assert!(o.check);
         assert_eq!(
-            (o.dir, o.compute_cap),
-            (PathBuf::from("/x"), "80".to_string())
+            o.env.dir(Path::new("/r/target")).unwrap(),
+            PathBuf::from("/x")
         );
+        assert_eq!(o.env.compute_cap, "80");
+        let o: Options = crate::parse_args(&[]).unwrap();
         assert_eq!(
-            options(&[], Path::new("/r/target"), false).unwrap().dir,
+            o.dir(Path::new("/r/target")).unwrap(),
             PathBuf::from("/r/target/cuda-toolchain")
         );
-        assert!(options(&args(&["--check"]), Path::new("/r/target"), false).is_err());
-        assert!(options(&args(&["--compute-cap"]), Path::new("/r/target"), true).is_err());
-        assert!(options(
-            &args(&["--compute-cap", "9.0"]),
-            Path::new("/r/target"),
-            true
-        )
-        .is_err());
+        assert!(crate::parse_args::<Options>(&["--check"]).is_err());
+        assert!(crate::parse_args::<BuildOptions>(&["--compute-cap"]).is_err());
+        assert!(crate::parse_args::<BuildOptions>(&["--compute-cap", "9.0"]).is_err());
     }
 
     #[test]

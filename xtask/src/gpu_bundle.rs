@@ -22,21 +22,6 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::value_of;
-
-pub const HELP: &str = "\
-gpu-bundle   build the stripped CUDA binary (as cuda-build) and gather into
-             one folder what a GPU node without Rust or network needs for one
-             measured run: the binary, MNIST, the DT/CT/FM configs, a copy of
-             the PyTorch reference, run.sh and summarize.py. There:
-             bash DIR/run.sh [--out DIR]; a CPU dry run here:
-             bash DIR/run.sh --device cpu --quick
-             --out DIR (target/gpu-bundle), --binary FILE (bundle this noprop,
-             build nothing), --no-build (target/cuda/release/noprop as it is),
-             --data DIR (MNIST; else $NOPROP_DATA/mnist, ../shared/data/mnist,
-             data/mnist), --torch-script FILE (../shared/bench/torch_reference.py),
-             --compute-cap N (90)";
-
 /// What one command may carry to a lent machine: the bundle stays below it.
 pub const MAX_BYTES: u64 = 64 << 20;
 
@@ -67,38 +52,35 @@ pub const ESTIMATE: &[(&str, u32, u32, &str)] = &[
     ("fm", 40, 100, "as ct (Euler, 1000 steps)"),
 ];
 
-struct Options {
-    out: PathBuf,
+/// The options of `cargo xtask gpu-bundle`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct Options {
+    /// The bundle's folder (default: target/gpu-bundle).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Bundle this noprop and build nothing.
+    #[arg(long, value_name = "FILE")]
     binary: Option<PathBuf>,
+    /// Use target/cuda/release/noprop as it is.
+    #[arg(long = "no-build", action = clap::ArgAction::SetFalse)]
     build: bool,
+    /// MNIST's folder (else $NOPROP_DATA/mnist, ../shared/data/mnist, data/mnist).
+    #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// The PyTorch reference (default: ../shared/bench/torch_reference.py).
+    #[arg(long, value_name = "FILE")]
     torch_script: Option<PathBuf>,
+    /// The GPU's compute capability.
+    #[arg(long, value_name = "N", default_value = "90")]
     compute_cap: String,
 }
 
-fn parse(args: &[String], root: &Path) -> Result<Options> {
-    let mut o = Options {
-        out: root.join("target/gpu-bundle"),
-        binary: None,
-        build: true,
-        data: None,
-        torch_script: None,
-        compute_cap: "90".into(),
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--out" => o.out = value_of(&mut it, "--out")?.into(),
-            "--binary" => o.binary = Some(value_of(&mut it, "--binary")?.into()),
-            "--no-build" => o.build = false,
-            "--data" => o.data = Some(value_of(&mut it, "--data")?.into()),
-            "--torch-script" => o.torch_script = Some(value_of(&mut it, "--torch-script")?.into()),
-            "--compute-cap" => o.compute_cap = value_of(&mut it, "--compute-cap")?,
-            "-h" | "--help" => bail!("{HELP}"),
-            other => bail!("unknown option {other:?} for gpu-bundle\n{HELP}"),
-        }
+impl Options {
+    fn out(&self, root: &Path) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| root.join("target/gpu-bundle"))
     }
-    Ok(o)
 }
 
 /// The first folder holding MNIST's four gzipped files.
@@ -218,8 +200,7 @@ fn git_commit(root: &Path) -> Option<String> {
 }
 
 /// `cargo xtask gpu-bundle`.
-pub fn run(args: &[String], root: &Path) -> Result<()> {
-    let opts = parse(args, root)?;
+pub fn run(opts: &Options, root: &Path) -> Result<()> {
     let mnist = mnist_dir(opts.data.as_deref(), root)?;
     let torch = opts
         .torch_script
@@ -241,7 +222,7 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
         Some(b) => b.clone(),
         None => {
             if opts.build {
-                crate::cuda::build(&["--compute-cap".into(), opts.compute_cap.clone()], root)?;
+                crate::cuda::build(&crate::cuda::BuildOptions::release(&opts.compute_cap), root)?;
             }
             crate::cuda::build_target(root).join("release/noprop")
         }
@@ -253,7 +234,7 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
         );
     }
 
-    let out = &opts.out;
+    let out = &opts.out(root);
     fresh_folder(out)?;
     // Stripped, then gzipped: the CUDA kernels' PTX is text, and the
     // stripped binary alone is near the 64 MiB limit. run.sh unpacks it.
@@ -350,23 +331,27 @@ pub fn run(args: &[String], root: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
     #[test]
     fn options_parse_and_reject_unknown() {
         let root = Path::new("/r");
-        let o = parse(&args("--binary /b/noprop --out /o --compute-cap 80"), root).unwrap();
+        let o: Options = crate::parse_args(&[
+            "--binary",
+            "/b/noprop",
+            "--out",
+            "/o",
+            "--compute-cap",
+            "80",
+        ])
+        .unwrap();
         assert_eq!(o.binary.as_deref(), Some(Path::new("/b/noprop")));
-        assert_eq!(o.out, Path::new("/o"));
+        assert_eq!(o.out(root), Path::new("/o"));
         assert_eq!(o.compute_cap, "80");
         assert!(o.build);
-        let o = parse(&args("--no-build"), root).unwrap();
+        let o: Options = crate::parse_args(&["--no-build"]).unwrap();
         assert!(!o.build);
-        assert_eq!(o.out, Path::new("/r/target/gpu-bundle"));
-        assert!(parse(&args("--bogus"), root).is_err());
-        assert!(parse(&args("--out"), root).is_err());
+        assert_eq!(o.out(root), Path::new("/r/target/gpu-bundle"));
+        assert!(crate::parse_args::<Options>(&["--bogus"]).is_err());
+        assert!(crate::parse_args::<Options>(&["--out"]).is_err());
     }
 
     #[test]

@@ -1,23 +1,14 @@
 //! `cargo xtask`: project chores that orchestrate cargo and the `noprop`
 //! binary. Everything a user does is also a `noprop` subcommand; this only
-//! strings them together.
-//!
-//! ```text
-//! cargo xtask bench [--threads N] [--rounds R] [--torch-python PY] [--torch-script FILE] [--json]
-//! cargo xtask data [--dataset mnist|cifar10|cifar100] [--dir DIR]
-//! cargo xtask curve RUN_DIR [--out DIR] [--title TEXT]
-//! cargo xtask reproduce [--quick] [--only PATTERN] [--device cpu|cuda|metal] [--out DIR] [--data DIR]
-//! cargo xtask ci
-//! cargo xtask soak [--kills N] [--seed S] [--dir DIR] [--no-build]
-//! cargo xtask cuda-env [--dir DIR] [--compute-cap N]
-//! cargo xtask cuda-build [--check] [--dir DIR] [--compute-cap N]
-//! cargo xtask gpu-bundle [--out DIR] [--binary FILE] [--no-build] [--data DIR]
-//! ```
+//! strings them together. `cargo xtask --help` lists the commands and
+//! `cargo xtask COMMAND --help` their options (clap: a misspelt option is
+//! an error, never ignored).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::Parser;
 use serde_json::{json, Value};
 
 mod cuda;
@@ -32,62 +23,105 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// The help text of a command (several commands share one), or `None`
-/// for an unknown command.
-fn help_for(command: &str) -> Option<&'static str> {
-    Some(match command {
-        "bench" | "data" | "ci" => HELP,
-        "reproduce" => reproduce::HELP,
-        "curve" => reproduce::curve::HELP,
-        "soak" => soak::HELP,
-        "cuda-env" | "cuda-build" => cuda::HELP,
-        "gpu-bundle" => gpu_bundle::HELP,
-        _ => return None,
-    })
+/// `cargo xtask`: project chores.
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Project chores: benchmarks, the paper's tables and figures, the soak, the CUDA build"
+)]
+enum Cli {
+    /// Time the block's ops and steps against PyTorch's reference.
+    ///
+    /// The Figure-6 block's hot ops (forward and backward, GFLOP/s
+    /// against the FP32 peak), one block's training step (batch 128), the
+    /// fused all-block step per block and T = 10 inference (batch 1000), fast
+    /// and stock kernels, and PyTorch's reference if --torch-python (or
+    /// $NOPROP_TORCH_PYTHON) names a Python with torch; prints ratios.
+    Bench(BenchOptions),
+    /// Download a data set with checksums (noprop data download).
+    Data(DataOptions),
+    /// Run the test suite as CI does.
+    Ci,
+    /// Train the paper's Table 1 and ablations, write its tables and figures.
+    ///
+    /// Every Table 1 row (method x embedding x data set) and the ablations
+    /// of Figures 4-5, then tables 1-2 and figures 2-5.
+    Reproduce(reproduce::Options),
+    /// One run folder's learning curve: curve.csv and curve.svg.
+    Curve(reproduce::curve::Options),
+    /// Kill and resume training again and again; check nothing is lost.
+    ///
+    /// Kills `noprop train` at random moments and in the commit windows,
+    /// resumes after each kill, and checks every finished run: each epoch's
+    /// events exactly once, weights bit-identical to an uninterrupted run.
+    Soak(soak::Options),
+    /// Prepare the CUDA toolchain from NVIDIA's pip wheels.
+    ///
+    /// Fetches NVIDIA's CUDA 13.0 pip wheels into DIR, make a libcuda.so link
+    /// stub and the unversioned library links, and print the shell lines to
+    /// build the cuda feature: eval "$(cargo xtask cuda-env)".
+    CudaEnv(cuda::Options),
+    /// Build noprop with the cuda feature.
+    ///
+    /// cuda-env, then cargo build --release -p noprop-cli --features cuda
+    /// (target dir target/cuda unless CARGO_TARGET_DIR is set).
+    CudaBuild(cuda::BuildOptions),
+    /// Gather a self-contained GPU run: binary, MNIST, configs, scripts.
+    ///
+    /// Builds the stripped CUDA binary (as cuda-build) and gathers into one
+    /// folder what a GPU node without Rust or network needs for one measured
+    /// run: the binary, MNIST, the DT/CT/FM configs, a copy of the PyTorch
+    /// reference, run.sh and summarize.py. There: bash DIR/run.sh [--out
+    /// DIR]; a CPU dry run here: bash DIR/run.sh --device cpu --quick.
+    GpuBundle(gpu_bundle::Options),
 }
 
-const COMMANDS: &str = "bench|data|ci|reproduce|curve|soak|cuda-env|cuda-build|gpu-bundle";
+/// The options of `cargo xtask bench`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+struct BenchOptions {
+    /// Worker threads of each implementation.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    threads: usize,
+    /// Interleaved rounds; medians are reported.
+    #[arg(long, value_name = "R", default_value_t = 3)]
+    rounds: usize,
+    /// A Python with torch, for PyTorch's reference (else $NOPROP_TORCH_PYTHON).
+    #[arg(long, value_name = "PY")]
+    torch_python: Option<String>,
+    /// The PyTorch reference script (default: ../shared/bench/torch_reference.py).
+    #[arg(long, value_name = "FILE")]
+    torch_script: Option<PathBuf>,
+    /// Time the build with AVX-512 GEMM kernels (<target>/avx512).
+    #[arg(long)]
+    avx512: bool,
+    /// One JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+}
 
-fn usage() -> String {
-    format!(
-        "usage: cargo xtask <{COMMANDS}> [options]\n\n{}\n{}\n{}\n{}\n{}\n{}",
-        HELP,
-        reproduce::HELP,
-        reproduce::curve::HELP,
-        soak::HELP,
-        cuda::HELP,
-        gpu_bundle::HELP
-    )
+/// The options of `cargo xtask data`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+struct DataOptions {
+    /// mnist, cifar10 or cifar100.
+    #[arg(long, default_value = "mnist")]
+    dataset: String,
+    /// The data set's folder (default: noprop's).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let wants_help = |a: &String| a == "--help" || a == "-h";
-    if args.first().is_some_and(|a| wants_help(a) || a == "help") {
-        println!("{}", usage());
-        return std::process::ExitCode::SUCCESS;
-    }
-    // `cargo xtask bench --help` prints help; it never runs the command.
-    if let (Some(command), true) = (args.first(), args.iter().skip(1).any(wants_help)) {
-        if let Some(help) = help_for(command) {
-            println!("{help}");
-            return std::process::ExitCode::SUCCESS;
-        }
-    }
-    let result = match args.first().map(String::as_str) {
-        Some("bench") => bench(&args[1..]),
-        Some("data") => data(&args[1..]),
-        Some("ci") => ci(),
-        Some("reproduce") => reproduce::run(&args[1..], &root()),
-        Some("curve") => reproduce::curve::run(&args[1..]),
-        Some("soak") => soak::run(&args[1..]),
-        Some("cuda-env") => cuda::env(&args[1..], &root()),
-        Some("cuda-build") => cuda::build(&args[1..], &root()),
-        Some("gpu-bundle") => gpu_bundle::run(&args[1..], &root()),
-        _ => {
-            eprintln!("{}", usage());
-            return std::process::ExitCode::from(2);
-        }
+    let result = match Cli::parse() {
+        Cli::Bench(o) => bench(&o),
+        Cli::Data(o) => data(&o),
+        Cli::Ci => ci(),
+        Cli::Reproduce(o) => reproduce::run(&o, &root()),
+        Cli::Curve(o) => reproduce::curve::run(o),
+        Cli::Soak(o) => soak::run(&o),
+        Cli::CudaEnv(o) => cuda::env(&o, &root()),
+        Cli::CudaBuild(o) => cuda::build(&o, &root()),
+        Cli::GpuBundle(o) => gpu_bundle::run(&o, &root()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -98,34 +132,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-const HELP: &str = "\
-bench   time the Figure-6 block's hot ops (forward and backward, GFLOP/s
-        against the FP32 peak), one block's training step (batch 128), the
-        fused all-block step per block and T = 10 inference (batch 1000), fast
-        and stock kernels, and PyTorch's reference if --torch-python (or
-        $NOPROP_TORCH_PYTHON) names a Python with torch; prints ratios.
-        --threads N (2), --rounds R (3, interleaved; medians reported),
-        --torch-script FILE (default ../shared/bench/torch_reference.py),
-        --avx512 (time the build with AVX-512 GEMM kernels, <target>/avx512),
-        --json (one JSON object as the last line)
-data    download a data set with checksums (noprop data download)
-ci      run the test suite as CI does";
-
-/// The value after the flag `name` that the walk `it` over the arguments has
-/// just passed, or the one-line error "`name` needs a value" when the
-/// arguments end there (reproduce, cuda-env, cuda-build and gpu-bundle parse
-/// this way, rejecting unknown options, where [`flag`] ignores them).
-fn value_of<'a>(it: &mut impl Iterator<Item = &'a String>, name: &str) -> Result<String> {
-    it.next()
-        .cloned()
-        .with_context(|| format!("{name} needs a value"))
-}
-
-fn flag(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+/// Parses `args` as one command's options `A` (what follows the command's name).
+#[cfg(test)]
+fn parse_args<A: clap::Args>(args: &[&str]) -> Result<A, clap::Error> {
+    #[derive(Parser)]
+    struct One<A: clap::Args> {
+        #[command(flatten)]
+        options: A,
+    }
+    One::<A>::try_parse_from(std::iter::once("xtask").chain(args.iter().copied()))
+        .map(|o| o.options)
 }
 
 fn run_json(cmd: &mut Command) -> Result<Value> {
@@ -228,19 +244,19 @@ fn op_medians(rounds: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-fn bench(args: &[String]) -> Result<()> {
-    let threads = flag(args, "--threads").unwrap_or_else(|| "2".into());
-    let rounds: usize = flag(args, "--rounds")
-        .map(|r| r.parse())
-        .transpose()?
-        .unwrap_or(3);
-    let as_json = args.iter().any(|a| a == "--json");
-    let torch_python =
-        flag(args, "--torch-python").or_else(|| std::env::var("NOPROP_TORCH_PYTHON").ok());
-    let torch_script = flag(args, "--torch-script")
-        .map(PathBuf::from)
+fn bench(o: &BenchOptions) -> Result<()> {
+    let threads = o.threads.to_string();
+    let rounds = o.rounds;
+    let as_json = o.json;
+    let torch_python = o
+        .torch_python
+        .clone()
+        .or_else(|| std::env::var("NOPROP_TORCH_PYTHON").ok());
+    let torch_script = o
+        .torch_script
+        .clone()
         .unwrap_or_else(|| root().join("../shared/bench/torch_reference.py"));
-    let noprop = build_noprop_with(args.iter().any(|a| a == "--avx512"))?;
+    let noprop = build_noprop_with(o.avx512)?;
     let (mut fast, mut stock, mut torch) = (vec![], vec![], vec![]);
     // Interleave the implementations so that machine noise hits them alike.
     for round in 0..rounds {
@@ -406,13 +422,12 @@ fn bench(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn data(args: &[String]) -> Result<()> {
-    let dataset = flag(args, "--dataset").unwrap_or_else(|| "mnist".into());
+fn data(o: &DataOptions) -> Result<()> {
     let noprop = build_noprop()?;
     let mut cmd = Command::new(noprop);
-    cmd.args(["data", "download", "--dataset", &dataset]);
-    if let Some(dir) = flag(args, "--dir") {
-        cmd.args(["--dir", &dir]);
+    cmd.args(["data", "download", "--dataset", &o.dataset]);
+    if let Some(dir) = &o.dir {
+        cmd.arg("--dir").arg(dir);
     }
     if !cmd.status()?.success() {
         bail!("download failed");
@@ -436,22 +451,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_command_has_help() {
-        for command in COMMANDS.split('|') {
-            let help = help_for(command).unwrap_or_else(|| panic!("{command} has no help"));
-            assert!(help.contains(command), "{command}'s help does not name it");
+    fn the_commands_are_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        for name in [
+            "bench",
+            "data",
+            "ci",
+            "reproduce",
+            "curve",
+            "soak",
+            "cuda-env",
+            "cuda-build",
+            "gpu-bundle",
+        ] {
+            assert!(Cli::command().find_subcommand(name).is_some(), "{name}");
         }
-        assert!(help_for("bogus").is_none());
     }
 
     #[test]
-    fn flag_values_and_the_one_line_error() {
-        let args: Vec<String> = ["--out", "dir", "--dir"].map(String::from).into();
-        let mut it = args.iter();
-        it.next();
-        assert_eq!(value_of(&mut it, "--out").unwrap(), "dir");
-        it.next();
-        let err = value_of(&mut it, "--dir").unwrap_err();
-        assert_eq!(format!("{err:#}"), "--dir needs a value");
+    fn typos_and_missing_values_are_errors() {
+        assert!(Cli::try_parse_from(["xtask", "bench", "--thraeds", "2"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "soak", "--kils", "3"]).is_err());
+        assert!(Cli::try_parse_from(["xtask", "data", "--dir"]).is_err());
+        let o: BenchOptions = parse_args(&["--threads", "1", "--json"]).unwrap();
+        assert_eq!((o.threads, o.rounds, o.json), (1, 3, true));
     }
 }

@@ -40,56 +40,66 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::value_of;
-
 use rows::{Dataset, Quick, Row, Variant};
 use runs::State;
 use table::{fmt_duration, RowResult};
 
-pub const HELP: &str = "\
-reproduce
-        train every Table 1 row (method x embedding x data set) and the
-        ablations of Figures 4-5 with `noprop train`, 3 seeds each, then write
-        tables 1-2 and figures 2-5 into the results folder. Finished runs are
-        skipped, interrupted ones resumed.
-        --quick            MNIST only, one seed, a data subset and a few epochs
-                           (a CPU smoke run of about half an hour on 2 cores)
-        --only PATTERN     rows to run (repeatable, or comma-separated): a glob
-                           over row names (`mnist-*-onehot`), an exact name
-                           (`mnist-dt-onehot`), or whole dash-separated words
-                           (`mnist`, `dt-onehot`, `radial`, `init`)
-        --device D         cpu (default), cuda or metal; builds noprop with that feature
-        --avx512           on the CPU, build noprop with its `avx512` feature
-                           (into <target>/avx512): AVX-512 GEMM kernels where
-                           the CPU has them (1.2-1.7x faster training on an
-                           Intel Xeon), results not bit-identical to the
-                           default build's; each run's meta.json names its
-                           kernels (cpu_gemm)
-        --out DIR          results folder (default: results/ in the workspace)
-        --data DIR         data root holding mnist/, cifar10/, cifar100/ (or one
-                           data set's own folder); default $NOPROP_DATA, else ./data
-        --seeds N          seeds 0..N-1 (default 3, quick 1)
-        --threads N        worker threads for each `noprop train`
-        --plan             print the runs, their state and an estimate of each
-                           one's time on the device (a short `noprop bench`
-                           of each model here), run nothing
-        --report           only rewrite the tables and figures from the runs there are
-        --no-build         use the noprop binary as it is (no cargo build)";
-
-/// The options of `cargo xtask reproduce`.
-#[derive(Debug, Clone, PartialEq)]
-struct Options {
+/// The options of `cargo xtask reproduce`: train every Table 1 row (method
+/// x embedding x data set) and the ablations of Figures 4-5 with `noprop
+/// train`, 3 seeds each, then write tables 1-2 and figures 2-5 into the
+/// results folder. Finished runs are skipped, interrupted ones resumed.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct Options {
+    /// MNIST only, one seed, a data subset and a few epochs (a CPU smoke run
+    /// of about half an hour on 2 cores).
+    #[arg(long)]
     quick: bool,
+    /// Rows to run (repeatable, or comma-separated): a glob over row names
+    /// (`mnist-*-onehot`), an exact name (`mnist-dt-onehot`), or whole
+    /// dash-separated words (`mnist`, `dt-onehot`, `radial`, `init`).
+    #[arg(long, value_name = "PATTERN")]
     only: Vec<String>,
+    /// The device; builds noprop with that feature.
+    #[arg(long, value_name = "D", default_value = "cpu", value_parser = ["cpu", "cuda", "metal"])]
     device: String,
+    /// Results folder (default: results/ in the workspace).
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Data root holding mnist/, cifar10/, cifar100/ (or one data set's own
+    /// folder); default $NOPROP_DATA, else ./data.
+    #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Seeds 0..N-1 (default 3, quick 1).
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     seeds: Option<usize>,
+    /// Worker threads for each `noprop train`.
+    #[arg(long, value_name = "N", value_parser = at_least_one)]
     threads: Option<usize>,
+    /// Print the runs, their state and an estimate of each one's time on the
+    /// device (a short `noprop bench` of each model here); run nothing.
+    #[arg(long)]
     plan: bool,
+    /// Only rewrite the tables and figures from the runs there are.
+    #[arg(long = "report")]
     report_only: bool,
+    /// Use the noprop binary as it is (no cargo build).
+    #[arg(long = "no-build", action = clap::ArgAction::SetFalse)]
     build: bool,
+    /// On the CPU, build noprop with its `avx512` feature (into
+    /// <target>/avx512): AVX-512 GEMM kernels where the CPU has them
+    /// (1.2-1.7x faster training on an Intel Xeon), results not
+    /// bit-identical to the default build's; each run's meta.json names its
+    /// kernels (cpu_gemm).
+    #[arg(long)]
     avx512: bool,
+}
+
+/// A count of at least 1.
+fn at_least_one(v: &str) -> Result<usize, String> {
+    v.parse()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("expected a number >= 1, got {v:?}"))
 }
 
 impl Options {
@@ -101,67 +111,17 @@ impl Options {
             &self.device
         }
     }
-}
 
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        quick: false,
-        only: vec![],
-        device: "cpu".into(),
-        out: None,
-        data: None,
-        seeds: None,
-        threads: None,
-        plan: false,
-        report_only: false,
-        build: true,
-        avx512: false,
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--only" => o.only.push(value_of(&mut it, "--only")?),
-            "--device" => o.device = value_of(&mut it, "--device")?,
-            "--out" => o.out = Some(value_of(&mut it, "--out")?.into()),
-            "--data" => o.data = Some(value_of(&mut it, "--data")?.into()),
-            "--seeds" => {
-                let v = value_of(&mut it, "--seeds")?;
-                o.seeds = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n >= 1)
-                        .with_context(|| format!("--seeds {v:?}: expected a number >= 1"))?,
-                );
-            }
-            "--threads" => {
-                let v = value_of(&mut it, "--threads")?;
-                o.threads = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|n| *n >= 1)
-                        .with_context(|| format!("--threads {v:?}: expected a number >= 1"))?,
-                );
-            }
-            "--plan" => o.plan = true,
-            "--report" => o.report_only = true,
-            "--no-build" => o.build = false,
-            "--avx512" => o.avx512 = true,
-            other => bail!("unknown option {other:?} for reproduce\n{HELP}"),
+    /// The rules across options.
+    fn check(&self) -> Result<()> {
+        if self.avx512 && self.device != "cpu" {
+            bail!("--avx512 is for --device cpu (a GPU build does not train with the CPU's GEMM kernels)");
         }
+        if self.avx512 && !crate::cpu_has_avx512() {
+            eprintln!("[--] this CPU has no AVX-512F: an --avx512 build runs the same FMA kernels as the default one");
+        }
+        Ok(())
     }
-    if !["cpu", "cuda", "metal"].contains(&o.device.as_str()) {
-        bail!("--device {:?}: expected cpu, cuda or metal", o.device);
-    }
-    if o.avx512 && o.device != "cpu" {
-        bail!(
-            "--avx512 is for --device cpu (a GPU build does not train with the CPU's GEMM kernels)"
-        );
-    }
-    if o.avx512 && !crate::cpu_has_avx512() {
-        eprintln!("[--] this CPU has no AVX-512F: an --avx512 build runs the same FMA kernels as the default one");
-    }
-    Ok(o)
 }
 
 /// The data folder of a data set: `--data DIR` itself if it holds the data
@@ -282,7 +242,7 @@ fn build(root: &Path, device: &str) -> Result<()> {
     // Without a system CUDA (no nvcc on PATH), from NVIDIA's pip wheels.
     if device == "cuda" && Command::new("nvcc").arg("--version").output().is_err() {
         eprintln!("building noprop: no nvcc on PATH, so with cargo xtask cuda-build");
-        return crate::cuda::build(&[], root);
+        return crate::cuda::build(&crate::cuda::BuildOptions::release("90"), root);
     }
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root)
@@ -369,12 +329,8 @@ fn log(out: &Path, v: serde_json::Value) {
         .and_then(|mut f| f.write_all(line.as_bytes()));
 }
 
-pub fn run(args: &[String], root: &Path) -> Result<()> {
-    if args.iter().any(|a| a == "-h" || a == "--help") {
-        println!("cargo xtask {HELP}");
-        return Ok(());
-    }
-    let opts = parse(args)?;
+pub fn run(opts: &Options, root: &Path) -> Result<()> {
+    opts.check()?;
     let started = Instant::now();
     let all = rows::all_rows(opts.quick);
     let selected = rows::select(&all, &opts.only)?;
@@ -895,13 +851,17 @@ fn report(
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    /// The options of `cargo xtask reproduce ARGS`, checked.
+    fn parse(args: &str) -> Result<Options> {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let o: Options = crate::parse_args(&args)?;
+        o.check()?;
+        Ok(o)
     }
 
     #[test]
     fn options() {
-        let o = parse(&args("--quick --only mnist-dt-onehot --only mnist-fm-* --device cuda --out /tmp/r --seeds 2 --threads 2 --no-build")).unwrap();
+        let o = parse("--quick --only mnist-dt-onehot --only mnist-fm-* --device cuda --out /tmp/r --seeds 2 --threads 2 --no-build").unwrap();
         assert!(o.quick && !o.build && !o.plan);
         assert_eq!(o.only, ["mnist-dt-onehot", "mnist-fm-*"]);
         assert_eq!(
@@ -909,16 +869,14 @@ mod tests {
             ("cuda", Some(2), Some(2))
         );
         assert_eq!(o.out, Some(PathBuf::from("/tmp/r")));
-        assert!(parse(&args("--device tpu")).is_err());
-        assert!(parse(&args("--seeds 0")).is_err());
-        assert!(parse(&args("--only")).is_err());
-        assert!(parse(&args("--frobnicate")).is_err());
-        let o = parse(&args("--avx512")).unwrap();
+        assert!(parse("--device tpu").is_err());
+        assert!(parse("--seeds 0").is_err());
+        assert!(parse("--only").is_err());
+        assert!(parse("--frobnicate").is_err());
+        let o = parse("--avx512").unwrap();
         assert_eq!((o.device.as_str(), o.build_kind()), ("cpu", "avx512"));
-        assert_eq!(parse(&args("--quick")).unwrap().build_kind(), "cpu");
-        let e = parse(&args("--avx512 --device cuda"))
-            .unwrap_err()
-            .to_string();
+        assert_eq!(parse("--quick").unwrap().build_kind(), "cpu");
+        let e = parse("--avx512 --device cuda").unwrap_err().to_string();
         assert!(e.contains("--avx512 is for --device cpu"), "{e}");
     }
 
@@ -931,14 +889,14 @@ mod tests {
         let root = std::env::temp_dir().join(format!("xtask-plan-{}", std::process::id()));
         fs::create_dir_all(&root).unwrap();
         for device in ["cpu", "cuda"] {
-            let o = parse(&args(&format!("--plan --no-build --device {device}"))).unwrap();
+            let o = parse(&format!("--plan --no-build --device {device}")).unwrap();
             assert_eq!(plan_binary(&root, &o), None);
         }
         // With --no-build and --device cuda, `cargo xtask cuda-build`'s binary is used.
         let cuda = root.join("target/cuda/release");
         fs::create_dir_all(&cuda).unwrap();
         fs::write(cuda.join("noprop"), b"").unwrap();
-        let o = parse(&args("--plan --no-build --device cuda")).unwrap();
+        let o = parse("--plan --no-build --device cuda").unwrap();
         assert_eq!(plan_binary(&root, &o), Some(cuda.join("noprop")));
         fs::remove_dir_all(&root).unwrap();
     }

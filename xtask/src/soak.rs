@@ -11,12 +11,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-pub const HELP: &str = "\
-soak    kill `noprop train` at random moments and in the commit windows,
-        resume after each kill, and check every finished run: each epoch's
-        events exactly once, weights bit-identical to an uninterrupted run.
-        --kills N (200), --seed S (1), --dir DIR (a temporary folder,
-        removed on success), --no-build";
+/// The options of `cargo xtask soak`.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct Options {
+    /// How many times `noprop train` is killed.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    kills: usize,
+    /// The seed of the kill times.
+    #[arg(long, value_name = "S", default_value_t = 1)]
+    seed: u64,
+    /// The work folder (default: a temporary folder, removed on success).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Use target/release/noprop as it is.
+    #[arg(long)]
+    no_build: bool,
+}
 
 /// A small xorshift generator: the soak's kill times, reproducible by seed.
 struct Rng(u64);
@@ -124,34 +134,16 @@ fn check(run: &Path, reference: &[u8]) -> Result<Vec<String>> {
     Ok(problems)
 }
 
-fn flag_value(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
-
-pub fn run(args: &[String]) -> Result<()> {
-    let kills: usize = flag_value(args, "--kills")
-        .map(|v| v.parse())
-        .transpose()
-        .context("--kills")?
-        .unwrap_or(200);
-    let seed: u64 = flag_value(args, "--seed")
-        .map(|v| v.parse())
-        .transpose()
-        .context("--seed")?
-        .unwrap_or(1);
-    let noprop = if args.iter().any(|a| a == "--no-build") {
+pub fn run(opts: &Options) -> Result<()> {
+    let (kills, seed) = (opts.kills, opts.seed);
+    let noprop = if opts.no_build {
         crate::root().join("target/release/noprop")
     } else {
         crate::build_noprop()?
     };
-    let dir = flag_value(args, "--dir")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("noprop-soak-{}", std::process::id()))
-        });
+    let dir = opts.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("noprop-soak-{}", std::process::id()))
+    });
     if dir.exists() {
         bail!("{} exists; pass another --dir", dir.display());
     }
@@ -256,7 +248,7 @@ pub fn run(args: &[String]) -> Result<()> {
             failures.join("\n")
         );
     }
-    if flag_value(args, "--dir").is_none() {
+    if opts.dir.is_none() {
         fs::remove_dir_all(&dir)?;
     }
     println!("soak: every run resumable, every epoch's events exactly once, final weights identical ({done} kills, {runs} runs)");

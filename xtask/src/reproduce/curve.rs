@@ -14,17 +14,6 @@ use super::rows::{Dataset, Embedding, Method, Row};
 use super::runs::{as_usize, summarise, Eval};
 use super::table::{mean_se, paper_epochs, paper_test};
 
-pub const HELP: &str = "\
-curve RUN_DIR [--out DIR] [--title TEXT]
-        one run folder's learning curve: curve.csv (per finished epoch: the
-        training losses averaged over the epoch's passes, seconds, and the
-        accuracies where the epoch was evaluated) and curve.svg (accuracy
-        against epoch, with the paper's Table 1 figure where the run is a
-        Table 1 configuration). --out DIR writes there instead of into the
-        run folder and copies the finished epochs' metrics.jsonl and
-        config.json beside (never checkpoints); it refuses a run folder and
-        a record of another run.";
-
 /// One finished epoch of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochPoint {
@@ -223,27 +212,24 @@ pub fn svg(points: &[EpochPoint], title: &str, paper: Option<(f64, usize)>) -> S
     .to_svg()
 }
 
-struct Options {
+/// The options of `cargo xtask curve`: one run folder's learning curve,
+/// curve.csv (per finished epoch: the training losses averaged over the
+/// epoch's passes, seconds, and the accuracies where the epoch was
+/// evaluated) and curve.svg (accuracy against epoch, with the paper's
+/// Table 1 figure where the run is a Table 1 configuration).
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct Options {
+    /// The run folder.
+    #[arg(value_name = "RUN_DIR")]
     run: PathBuf,
+    /// Write there instead of into the run folder, and copy the finished
+    /// epochs' metrics.jsonl and config.json beside (never checkpoints);
+    /// refuses a run folder and a record of another run.
+    #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// The figure's title.
+    #[arg(long, value_name = "TEXT")]
     title: Option<String>,
-}
-
-fn parse(args: &[String]) -> Result<Options> {
-    let mut run = None;
-    let (mut out, mut title) = (None, None);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--out" => out = Some(PathBuf::from(crate::value_of(&mut it, "--out")?)),
-            "--title" => title = Some(crate::value_of(&mut it, "--title")?),
-            s if s.starts_with('-') => bail!("unknown option {s} (see `cargo xtask`)"),
-            s if run.is_none() => run = Some(PathBuf::from(s)),
-            s => bail!("unexpected argument {s}: curve takes one run folder"),
-        }
-    }
-    let run = run.context("curve needs a run folder: cargo xtask curve RUN_DIR")?;
-    Ok(Options { run, out, title })
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -298,8 +284,7 @@ fn check_out(out: &Path, config: &str, metrics: &str) -> Result<()> {
 }
 
 /// `cargo xtask curve RUN_DIR [--out DIR] [--title TEXT]`.
-pub fn run(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+pub fn run(o: Options) -> Result<()> {
     let metrics_path = o.run.join("metrics.jsonl");
     if !metrics_path.is_file() {
         bail!(
@@ -508,13 +493,19 @@ mod tests {
         assert!(!s.contains(">0.5<"));
     }
 
+    /// `cargo xtask curve ARGS`.
+    fn run_args(args: &[String]) -> Result<()> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        super::run(crate::parse_args(&args)?)
+    }
+
     #[test]
     fn options_need_one_run_folder() {
-        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(parse(&args(&[])).is_err());
-        assert!(parse(&args(&["a", "b"])).is_err());
-        assert!(parse(&args(&["a", "--bogus"])).is_err());
-        let o = parse(&args(&["a", "--out", "d"])).unwrap();
+        let parse = crate::parse_args::<Options>;
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["a", "b"]).is_err());
+        assert!(parse(&["a", "--bogus"]).is_err());
+        let o = parse(&["a", "--out", "d"]).unwrap();
         assert_eq!(o.out, Some(PathBuf::from("d")));
     }
 
@@ -542,7 +533,7 @@ mod tests {
         assert!(out.join("curve.svg").is_file() && out.join("curve.csv").is_file());
         // Another run's record, or a run folder, is refused and left alone.
         fs::write(out.join("metrics.jsonl"), "precious\n").unwrap();
-        let e = super::run(&args(&out)).unwrap_err().to_string();
+        let e = run_args(&args(&out)).unwrap_err().to_string();
         assert!(e.contains("not an earlier part"), "{e}");
         assert_eq!(
             fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
@@ -550,7 +541,7 @@ mod tests {
         );
         let other = dir.join("other");
         fs::create_dir_all(other.join("checkpoints")).unwrap();
-        let e = super::run(&args(&other)).unwrap_err().to_string();
+        let e = run_args(&args(&other)).unwrap_err().to_string();
         assert!(e.contains("is a run folder"), "{e}");
         // --out naming the run folder itself writes the curve there, copies nothing.
         run_ok(&args(&run.join("checkpoints").join("..")));
@@ -562,7 +553,7 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
 
         fn run_ok(args: &[String]) {
-            if let Err(e) = super::run(args) {
+            if let Err(e) = run_args(args) {
                 panic!("{e:#}");
             }
         }
