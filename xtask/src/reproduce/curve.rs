@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 
 use super::plot::{LinePlot, Series};
-use super::rows::{Dataset, Embedding, Method, Row};
+use super::rows::{Dataset, Embedding, PaperMethod, Row};
 use super::runs::{as_usize, summarise, Eval};
 use super::table::{mean_se, paper_epochs, paper_test};
 
@@ -145,20 +145,10 @@ pub fn table1_row(config: &Json) -> Option<Row> {
     if !softmax {
         return None;
     }
-    let dataset = match config["data"]["dataset"].as_str()? {
-        "mnist" => Dataset::Mnist,
-        "cifar10" => Dataset::Cifar10,
-        "cifar100" => Dataset::Cifar100,
-        _ => return None,
-    };
-    let method = match config["method"]["kind"].as_str()? {
-        "dt" => Method::Dt,
-        "ct" => Method::Ct,
-        "fm" => Method::Fm,
-        "backprop" => Method::Backprop,
-        "adjoint" => Method::Adjoint,
-        _ => return None,
-    };
+    let dataset = config["data"]["dataset"].as_str()?;
+    let dataset = *Dataset::ALL.iter().find(|d| d.name() == dataset)?;
+    let method = config["method"]["kind"].as_str()?;
+    let method = *PaperMethod::ALL.iter().find(|m| m.name() == method)?;
     let embedding = &model["embedding"];
     let embedding = match embedding["kind"].as_str()? {
         "one-hot" => Embedding::OneHot,

@@ -16,7 +16,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use toml::{Table, Value};
 
-use super::rows::{Dataset, Method};
+use super::rows::{Dataset, PaperMethod};
 
 /// Timed training steps of the plan's benchmark, after `BENCH_WARMUP` untimed ones.
 pub const BENCH_STEPS: usize = 5;
@@ -129,11 +129,11 @@ fn flag(t: &Table, section: &str, key: &str, default: bool) -> Result<bool> {
 }
 
 /// The method a config trains (`method.kind`).
-fn method(t: &Table) -> Result<Method> {
+fn method(t: &Table) -> Result<PaperMethod> {
     let kind = get(t, "method", "kind")
         .and_then(Value::as_str)
         .context("the config has no method.kind")?;
-    Method::ALL
+    PaperMethod::ALL
         .into_iter()
         .find(|m| m.name() == kind)
         .with_context(|| {
@@ -176,8 +176,8 @@ pub fn estimate(
     // minibatch (sequential: T passes; fused: one pass of T lanes); every
     // other method steps one network.
     let lanes = match method {
-        Method::Dt => count(config, "method", "blocks", 0)?,
-        _ => 1,
+        PaperMethod::Dt => count(config, "method", "blocks", 0)?,
+        PaperMethod::Ct | PaperMethod::Fm | PaperMethod::Backprop | PaperMethod::Adjoint => 1,
     };
     let left = epochs.saturating_sub(epochs_done);
     let train = (left * lanes * batches_per_pass(n_train, batch)) as f64 * bench.step_seconds;
@@ -186,23 +186,23 @@ pub fn estimate(
     // deterministic run where the sampler has noise (dt.rs, ct.rs
     // `deterministic_run`).
     let (stacked, separate) = match method {
-        Method::Dt => (runs + usize::from(deterministic), 0),
-        Method::Ct => {
+        PaperMethod::Dt => (runs + usize::from(deterministic), 0),
+        PaperMethod::Ct => {
             let eq3 = get(config, "method", "sampler")
                 .and_then(Value::as_str)
                 .is_none_or(|s| s == "eq3");
             (runs, usize::from(deterministic && eq3))
         }
-        Method::Fm | Method::Backprop | Method::Adjoint => (runs, 0),
+        PaperMethod::Fm | PaperMethod::Backprop | PaperMethod::Adjoint => (runs, 0),
     };
     let shared = match method {
-        Method::Dt => bench.dt_shared_fraction.with_context(|| {
+        PaperMethod::Dt => bench.dt_shared_fraction.with_context(|| {
             format!(
                 "noprop bench's JSON has no {DT_SHARED_FRACTION} between 0 and 1 \
                  (from a noprop built before it reported one?)"
             )
         })?,
-        _ => 0.0,
+        PaperMethod::Ct | PaperMethod::Fm | PaperMethod::Backprop | PaperMethod::Adjoint => 0.0,
     };
     let runs_cost = |k: usize| {
         if k == 0 {

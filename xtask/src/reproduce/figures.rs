@@ -2,7 +2,7 @@
 //! (Figure 2, the prototype images, is drawn by `noprop inspect embeddings`.)
 
 use super::plot::{BarGroup, BarPlot, LinePlot, Series};
-use super::rows::{Dataset, Embedding, Init, Method, Row, Variant};
+use super::rows::{Dataset, Embedding, Init, PaperMethod, Row, Variant};
 use super::table::{csv, mean_se, RowResult};
 
 /// A file to write into the results folder.
@@ -75,7 +75,7 @@ pub fn figure3(results: &[RowResult]) -> Vec<Output> {
     for ds in Dataset::ALL {
         let mut series = vec![];
         let mut lines = vec![];
-        for m in [Method::Ct, Method::Fm, Method::Adjoint] {
+        for m in [PaperMethod::Ct, PaperMethod::Fm, PaperMethod::Adjoint] {
             let Some(r) = find(results, &Row::table1(ds, m, Embedding::OneHot)) else {
                 continue;
             };
@@ -230,7 +230,7 @@ pub fn figure5(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
         .map(|ds| {
             let init = |i| Row {
                 dataset: ds,
-                method: Method::Dt,
+                method: PaperMethod::Dt,
                 embedding: Embedding::Prototype,
                 variant: Variant::Init(i),
             };
@@ -239,7 +239,7 @@ pub fn figure5(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
                 vec![
                     init(Init::Orthogonal),
                     init(Init::Normal),
-                    Row::table1(ds, Method::Dt, Embedding::Prototype),
+                    Row::table1(ds, PaperMethod::Dt, Embedding::Prototype),
                 ],
             )
         })
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn curve_averages_seeds_per_epoch() {
         let r = result(
-            Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
+            Row::table1(Dataset::Mnist, PaperMethod::Ct, Embedding::OneHot),
             vec![
                 (0, summary(&[(10.0, 90.0), (20.0, 94.0)])),
                 (1, summary(&[(12.0, 92.0)])),
@@ -310,15 +310,15 @@ mod tests {
     fn figure3_has_a_point_per_epoch_and_matching_csv() {
         let results = vec![
             result(
-                Row::table1(Dataset::Mnist, Method::Ct, Embedding::OneHot),
+                Row::table1(Dataset::Mnist, PaperMethod::Ct, Embedding::OneHot),
                 vec![(0, summary(&[(5.0, 80.0), (10.0, 90.0), (15.0, 93.0)]))],
             ),
             result(
-                Row::table1(Dataset::Mnist, Method::Fm, Embedding::OneHot),
+                Row::table1(Dataset::Mnist, PaperMethod::Fm, Embedding::OneHot),
                 vec![(0, summary(&[(6.0, 85.0), (12.0, 95.0)]))],
             ),
             result(
-                Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot),
+                Row::table1(Dataset::Mnist, PaperMethod::Adjoint, Embedding::OneHot),
                 vec![],
             ),
         ];
@@ -340,7 +340,7 @@ mod tests {
     #[test]
     fn ablation_bars() {
         let rows = all_rows(true);
-        let dim20 = Row::table1(Dataset::Mnist, Method::Dt, Embedding::Dim20);
+        let dim20 = Row::table1(Dataset::Mnist, PaperMethod::Dt, Embedding::Dim20);
         let results = vec![
             result(dim20, vec![(0, summary(&[(1.0, 97.0)]))]),
             result(
@@ -357,7 +357,7 @@ mod tests {
         assert_eq!(out[0].contents.matches("<rect class=\"bar\"").count(), 2);
         assert_eq!(out[1].contents.lines().count(), 3);
         assert!(figure5(&rows, &results).is_empty());
-        let proto = Row::table1(Dataset::Mnist, Method::Dt, Embedding::Prototype);
+        let proto = Row::table1(Dataset::Mnist, PaperMethod::Dt, Embedding::Prototype);
         let normal = Row {
             variant: Variant::Init(Init::Normal),
             ..proto

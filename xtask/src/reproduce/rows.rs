@@ -34,16 +34,11 @@ impl Dataset {
             Dataset::Cifar100 => "CIFAR-100",
         }
     }
-
-    /// Position in the paper's tables (MNIST, CIFAR-10, CIFAR-100).
-    pub fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// A training method of Table 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Method {
+pub enum PaperMethod {
     Backprop,
     Dt,
     Adjoint,
@@ -51,49 +46,54 @@ pub enum Method {
     Fm,
 }
 
-impl Method {
+impl PaperMethod {
     /// Table 1's order: the discrete-time rows, then the continuous-time ones.
-    pub const ALL: [Method; 5] = [
-        Method::Backprop,
-        Method::Dt,
-        Method::Adjoint,
-        Method::Ct,
-        Method::Fm,
+    pub const ALL: [PaperMethod; 5] = [
+        PaperMethod::Backprop,
+        PaperMethod::Dt,
+        PaperMethod::Adjoint,
+        PaperMethod::Ct,
+        PaperMethod::Fm,
     ];
 
     /// The name used in config file names (and in `method.kind`).
     pub fn name(self) -> &'static str {
         match self {
-            Method::Backprop => "backprop",
-            Method::Dt => "dt",
-            Method::Adjoint => "adjoint",
-            Method::Ct => "ct",
-            Method::Fm => "fm",
+            PaperMethod::Backprop => "backprop",
+            PaperMethod::Dt => "dt",
+            PaperMethod::Adjoint => "adjoint",
+            PaperMethod::Ct => "ct",
+            PaperMethod::Fm => "fm",
         }
     }
 
     /// The name printed in tables and figures.
     pub fn title(self) -> &'static str {
         match self {
-            Method::Backprop => "Backprop",
-            Method::Dt => "NoProp-DT",
-            Method::Adjoint => "Adjoint",
-            Method::Ct => "NoProp-CT",
-            Method::Fm => "NoProp-FM",
+            PaperMethod::Backprop => "Backprop",
+            PaperMethod::Dt => "NoProp-DT",
+            PaperMethod::Adjoint => "Adjoint",
+            PaperMethod::Ct => "NoProp-CT",
+            PaperMethod::Fm => "NoProp-FM",
         }
     }
 
     /// The embeddings Table 1 reports for this method.
     pub fn embeddings(self) -> &'static [Embedding] {
         match self {
-            Method::Adjoint => &[Embedding::OneHot],
-            _ => &Embedding::ALL,
+            PaperMethod::Adjoint => &[Embedding::OneHot],
+            PaperMethod::Backprop | PaperMethod::Dt | PaperMethod::Ct | PaperMethod::Fm => {
+                &Embedding::ALL
+            }
         }
     }
 
     /// Whether inference integrates over continuous time (`method.steps` applies).
     pub fn continuous(self) -> bool {
-        matches!(self, Method::Adjoint | Method::Ct | Method::Fm)
+        matches!(
+            self,
+            PaperMethod::Adjoint | PaperMethod::Ct | PaperMethod::Fm
+        )
     }
 }
 
@@ -124,10 +124,6 @@ impl Embedding {
             Embedding::Dim20 => "dim=20",
             Embedding::Prototype => "prototype",
         }
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
     }
 }
 
@@ -170,13 +166,13 @@ pub const RADIAL_SIGMA: f64 = 1.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Row {
     pub dataset: Dataset,
-    pub method: Method,
+    pub method: PaperMethod,
     pub embedding: Embedding,
     pub variant: Variant,
 }
 
 impl Row {
-    pub fn table1(dataset: Dataset, method: Method, embedding: Embedding) -> Self {
+    pub fn table1(dataset: Dataset, method: PaperMethod, embedding: Embedding) -> Self {
         Self {
             dataset,
             method,
@@ -231,7 +227,7 @@ fn ablation_rows(dataset: Dataset, quick: bool) -> Vec<Row> {
         .iter()
         .map(|&embedding| Row {
             dataset,
-            method: Method::Dt,
+            method: PaperMethod::Dt,
             embedding,
             variant: Variant::Radial,
         })
@@ -239,7 +235,7 @@ fn ablation_rows(dataset: Dataset, quick: bool) -> Vec<Row> {
     for init in [Init::Orthogonal, Init::Normal] {
         rows.push(Row {
             dataset,
-            method: Method::Dt,
+            method: PaperMethod::Dt,
             embedding: Embedding::Prototype,
             variant: Variant::Init(init),
         });
@@ -257,7 +253,7 @@ pub fn all_rows(quick: bool) -> Vec<Row> {
     };
     let mut rows = vec![];
     for &dataset in datasets {
-        for method in Method::ALL {
+        for method in PaperMethod::ALL {
             for &embedding in method.embeddings() {
                 rows.push(Row::table1(dataset, method, embedding));
             }
@@ -381,10 +377,10 @@ pub const QUICK_TEST_IMAGE_SIZED: usize = 500;
 impl Quick {
     pub fn for_row(row: &Row) -> Self {
         let epochs = match row.method {
-            Method::Dt | Method::Backprop | Method::Adjoint => 2,
+            PaperMethod::Dt | PaperMethod::Backprop | PaperMethod::Adjoint => 2,
             // One network for all t: about a tenth of a DT epoch, so more
             // epochs give Figure 3 a curve.
-            Method::Ct | Method::Fm => 6,
+            PaperMethod::Ct | PaperMethod::Fm => 6,
         };
         let test = if row.image_sized() {
             QUICK_TEST_IMAGE_SIZED
@@ -400,7 +396,7 @@ impl Quick {
             // for every stochastic run and integration step: only at the end.
             eval_every: if row.image_sized() { epochs } else { 1 },
             eval_steps: row.method.continuous().then_some(20),
-            ode_steps: (row.method == Method::Adjoint).then_some(20),
+            ode_steps: (row.method == PaperMethod::Adjoint).then_some(20),
         }
     }
 
@@ -641,7 +637,7 @@ mod tests {
 
     #[test]
     fn effective_config_full() {
-        let row = Row::table1(Dataset::Mnist, Method::Dt, Embedding::OneHot);
+        let row = Row::table1(Dataset::Mnist, PaperMethod::Dt, Embedding::OneHot);
         let t = effective_config(&base(), &row, 2, false, "cuda").unwrap();
         assert_eq!(t["train"]["seed"].as_integer(), Some(2));
         assert_eq!(config_epochs(&t).unwrap(), 100);
@@ -653,7 +649,7 @@ mod tests {
     fn effective_config_quick_and_variants() {
         let row = Row {
             dataset: Dataset::Mnist,
-            method: Method::Dt,
+            method: PaperMethod::Dt,
             embedding: Embedding::Prototype,
             variant: Variant::Init(Init::Normal),
         };
@@ -678,7 +674,7 @@ mod tests {
 
         let row = Row {
             dataset: Dataset::Mnist,
-            method: Method::Dt,
+            method: PaperMethod::Dt,
             embedding: Embedding::Dim20,
             variant: Variant::Radial,
         };
@@ -692,7 +688,7 @@ mod tests {
             Some(RADIAL_SIGMA)
         );
 
-        let row = Row::table1(Dataset::Mnist, Method::Adjoint, Embedding::OneHot);
+        let row = Row::table1(Dataset::Mnist, PaperMethod::Adjoint, Embedding::OneHot);
         let t = effective_config(&base(), &row, 0, true, "cpu").unwrap();
         assert_eq!(t["method"]["train_steps"].as_integer(), Some(20));
         assert_eq!(t["method"]["steps"].as_integer(), Some(20));

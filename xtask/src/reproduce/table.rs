@@ -1,92 +1,89 @@
 //! Tables 1 and 2 as Markdown and CSV: our numbers, aggregated over seeds,
 //! beside the paper's (spec section 12).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::OnceLock;
 
-use super::rows::{Dataset, Embedding, Method, Row, Variant};
+use super::rows::{Dataset, Embedding, PaperMethod, Row, Variant};
 use super::runs::{Eval, Summary};
 
-/// Table 1 of the paper: test accuracy (%), `[method][embedding][dataset]`
-/// with methods in [`Method::ALL`] order and embeddings one-hot, dim=20,
-/// prototype (adjoint: one-hot only).
-const PAPER_TEST: [[[f64; 3]; 3]; 5] = [
-    // Backprop
-    [
-        [99.46, 79.92, 45.85],
-        [99.43, 79.30, 46.57],
-        [99.44, 79.58, 47.80],
-    ],
-    // NoProp-DT
-    [
-        [99.47, 79.25, 45.93],
-        [99.49, 79.12, 45.19],
-        [99.54, 80.54, 46.06],
-    ],
-    // Adjoint (one-hot only)
-    [[98.62, 66.78, 25.03], [f64::NAN; 3], [f64::NAN; 3]],
-    // NoProp-CT
-    [
-        [97.84, 73.35, 33.66],
-        [97.70, 71.77, 33.99],
-        [97.17, 66.54, 21.31],
-    ],
-    // NoProp-FM
-    [
-        [99.21, 73.14, 6.38],
-        [99.29, 73.50, 31.14],
-        [98.52, 75.18, 37.57],
-    ],
-];
+/// The paper's numbers (Tables 1-3), as `xtask/data/paper.toml` states them.
+struct Paper {
+    test: BTreeMap<String, f64>,
+    train: BTreeMap<String, f64>,
+    memory_gb: BTreeMap<String, f64>,
+    epochs: BTreeMap<String, usize>,
+}
 
-/// Train accuracy (%) the paper gives, for NoProp-DT with one-hot embeddings only.
-const PAPER_TRAIN_DT_ONEHOT: [f64; 3] = [99.92, 95.02, 84.97];
+fn paper() -> &'static Paper {
+    static PAPER: OnceLock<Paper> = OnceLock::new();
+    PAPER.get_or_init(|| {
+        let t: toml::Table = include_str!("../../data/paper.toml")
+            .parse()
+            .expect("xtask/data/paper.toml is TOML");
+        let section = |name: &str| -> BTreeMap<String, f64> {
+            t[name]
+                .as_table()
+                .expect("a table")
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        v.as_float()
+                            .or(v.as_integer().map(|i| i as f64))
+                            .expect("a number"),
+                    )
+                })
+                .collect()
+        };
+        Paper {
+            test: section("test"),
+            train: section("train"),
+            memory_gb: section("memory_gb"),
+            epochs: section("epochs")
+                .into_iter()
+                .map(|(k, v)| (k, v as usize))
+                .collect(),
+        }
+    })
+}
 
-/// Table 2 of the paper: peak GPU memory in training (GB), `[method][dataset]`.
-const PAPER_MEMORY_GB: [[f64; 3]; 5] = [
-    [0.87, 1.17, 1.73],
-    [0.49, 0.64, 1.23],
-    [2.32, 6.23, 6.45],
-    [1.05, 0.45, 0.50],
-    [1.06, 0.44, 0.49],
-];
-
-fn method_index(m: Method) -> usize {
-    Method::ALL.iter().position(|&x| x == m).unwrap_or(0)
+/// `<dataset>-<method>`, the key of Tables 2 and 3.
+fn method_key(method: PaperMethod, dataset: Dataset) -> String {
+    format!("{}-{}", dataset.name(), method.name())
 }
 
 /// The paper's Table 1 test accuracy of a row, if it has one.
 pub fn paper_test(row: &Row) -> Option<f64> {
-    if row.variant != Variant::Table1 {
-        return None;
-    }
-    let v = PAPER_TEST[method_index(row.method)][row.embedding.index()][row.dataset.index()];
-    v.is_finite().then_some(v)
+    (row.variant == Variant::Table1)
+        .then(|| paper().test.get(&row.name()).copied())
+        .flatten()
 }
 
 /// The paper's train accuracy of a row, if it gives one.
 pub fn paper_train(row: &Row) -> Option<f64> {
-    (row.variant == Variant::Table1
-        && row.method == Method::Dt
-        && row.embedding == Embedding::OneHot)
-        .then(|| PAPER_TRAIN_DT_ONEHOT[row.dataset.index()])
+    (row.variant == Variant::Table1)
+        .then(|| paper().train.get(&row.name()).copied())
+        .flatten()
 }
 
 /// The paper's Table 2 peak memory of a method on a data set, in GB.
-pub fn paper_memory_gb(method: Method, dataset: Dataset) -> f64 {
-    PAPER_MEMORY_GB[method_index(method)][dataset.index()]
+pub fn paper_memory_gb(method: PaperMethod, dataset: Dataset) -> f64 {
+    paper()
+        .memory_gb
+        .get(&method_key(method, dataset))
+        .copied()
+        .unwrap_or(f64::NAN)
 }
 
 /// The epochs the paper trains for (Table 3 / spec sections 4, 8, 10).
-pub fn paper_epochs(method: Method, dataset: Dataset) -> usize {
-    match (method, dataset) {
-        (Method::Dt | Method::Backprop, Dataset::Mnist) => 100,
-        (Method::Dt | Method::Backprop, _) => 150,
-        (Method::Ct | Method::Fm, Dataset::Mnist) => 100,
-        (Method::Ct | Method::Fm, Dataset::Cifar10) => 500,
-        (Method::Ct | Method::Fm, Dataset::Cifar100) => 1000,
-        (Method::Adjoint, Dataset::Mnist) => 2,
-        (Method::Adjoint, _) => 4,
-    }
+pub fn paper_epochs(method: PaperMethod, dataset: Dataset) -> usize {
+    paper()
+        .epochs
+        .get(&method_key(method, dataset))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Mean and standard error (sample standard deviation over `sqrt(n)`) of
@@ -694,7 +691,7 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
     let columns: Vec<_> = datasets
         .iter()
         .map(|d| {
-            let cells: Vec<_> = Method::ALL
+            let cells: Vec<_> = PaperMethod::ALL
                 .into_iter()
                 .map(|m| {
                     let r = results
@@ -722,7 +719,7 @@ pub fn table2_markdown(ctx: &Context, results: &[RowResult]) -> String {
         header.push(format!("{} (paper, GPU)", d.title()));
     }
     let mut rows = vec![];
-    for (i, m) in Method::ALL.into_iter().enumerate() {
+    for (i, m) in PaperMethod::ALL.into_iter().enumerate() {
         let mut cells = vec![m.title().to_string()];
         for (d, (col, one)) in datasets.iter().zip(&columns) {
             cells.push(gb(col[i], one.is_none()));
@@ -796,6 +793,29 @@ mod tests {
     use super::super::runs::summarise;
     use super::*;
 
+    /// The data file names every Table 1 row, method and data set, and nothing else.
+    #[test]
+    fn the_paper_file_covers_every_row() {
+        let rows = super::super::rows::all_rows(false);
+        let table1: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.variant == Variant::Table1)
+            .collect();
+        assert_eq!(paper().test.len(), table1.len());
+        for r in &table1 {
+            assert!(paper_test(r).is_some(), "{}", r.name());
+            assert!(paper_epochs(r.method, r.dataset) > 0, "{}", r.name());
+            assert!(
+                paper_memory_gb(r.method, r.dataset).is_finite(),
+                "{}",
+                r.name()
+            );
+        }
+        assert_eq!(paper().train.len(), 3);
+        assert_eq!(paper().memory_gb.len(), 15);
+        assert_eq!(paper().epochs.len(), 15);
+    }
+
     /// The summary of a run with `epochs` evaluated epochs, each scoring
     /// `accs` on its stochastic test runs and `train` on the training set,
     /// 10 s apart, with `rss` bytes of peak memory if given.
@@ -840,7 +860,7 @@ mod tests {
     }
 
     /// Table 1's MNIST row of `method` with the one-hot embedding.
-    fn mnist(method: Method) -> Row {
+    fn mnist(method: PaperMethod) -> Row {
         Row::table1(Dataset::Mnist, method, Embedding::OneHot)
     }
 
@@ -918,7 +938,7 @@ mod tests {
 
     #[test]
     fn pooled_over_seeds_and_runs() {
-        let r = result(mnist(Method::Dt))
+        let r = result(mnist(PaperMethod::Dt))
             .with_finished(run(&[99.0, 99.2], 99.5, 2, Some(5)))
             .with_finished(run(&[99.4, 99.6], 99.7, 2, Some(7)));
         let a = r.aggregate();
@@ -942,13 +962,17 @@ mod tests {
 
     #[test]
     fn table1_lists_rows_notes_and_paper_numbers() {
-        let ok = result(Row::table1(Dataset::Mnist, Method::Fm, Embedding::Dim20))
-            .with_finished(run(&[97.0, 98.0], 98.0, 3, None));
-        let mut missing = result(mnist(Method::Backprop));
+        let ok = result(Row::table1(
+            Dataset::Mnist,
+            PaperMethod::Fm,
+            Embedding::Dim20,
+        ))
+        .with_finished(run(&[97.0, 98.0], 98.0, 3, None));
+        let mut missing = result(mnist(PaperMethod::Backprop));
         missing.note = Some("configs/mnist-backprop-onehot.toml does not exist yet".into());
         let ablation = result(Row {
             dataset: Dataset::Mnist,
-            method: Method::Dt,
+            method: PaperMethod::Dt,
             embedding: Embedding::Dim20,
             variant: Variant::Radial,
         });
@@ -972,7 +996,7 @@ mod tests {
         for line in md.lines().filter(|l| l.starts_with("| ")) {
             assert_eq!(line.matches(" | ").count(), T1_HEADER.len() - 1, "{line}");
         }
-        let csv = table1_csv(&[result(mnist(Method::Dt)).with_finished(run(
+        let csv = table1_csv(&[result(mnist(PaperMethod::Dt)).with_finished(run(
             &[99.0],
             99.0,
             1,
@@ -990,10 +1014,14 @@ mod tests {
 
     #[test]
     fn table2_prints_na_without_memory() {
-        let with =
-            result(mnist(Method::Dt)).with_finished(run(&[99.0], 99.0, 1, Some(1_234_000_000)));
-        let without = result(mnist(Method::Ct)).with_finished(run(&[97.0], 97.0, 1, None));
-        let not_run = result(mnist(Method::Fm));
+        let with = result(mnist(PaperMethod::Dt)).with_finished(run(
+            &[99.0],
+            99.0,
+            1,
+            Some(1_234_000_000),
+        ));
+        let without = result(mnist(PaperMethod::Ct)).with_finished(run(&[97.0], 97.0, 1, None));
+        let not_run = result(mnist(PaperMethod::Fm));
         let cuda = Context {
             device: "cuda".into(),
             ..ctx()
@@ -1018,7 +1046,7 @@ mod tests {
     #[test]
     fn table2_uses_the_first_epoch() {
         // Epoch 1 at 1 GB, epoch 2 (after an evaluation) at 1 GB + 2 GB.
-        let r = result(mnist(Method::Dt))
+        let r = result(mnist(PaperMethod::Dt))
             .with_finished(memory(&[(1_000_000_000, None), (3_000_000_000, None)]));
         let quick = Context {
             quick: true,
@@ -1035,7 +1063,7 @@ mod tests {
 
     #[test]
     fn finished_row_is_shown_as_before() {
-        let mut r = result(mnist(Method::Dt))
+        let mut r = result(mnist(PaperMethod::Dt))
             .with_finished(run(&[99.0, 99.2], 99.5, 2, None))
             .with_finished(run(&[99.4, 99.6], 99.7, 2, None));
         let cells = t1_cells(&r);
@@ -1071,7 +1099,7 @@ mod tests {
     #[test]
     fn unfinished_row_shows_latest_evaluations_marked() {
         // Two of three seeds started, evaluated up to epochs 3 and 5 of 100.
-        let mut r = result(mnist(Method::Dt))
+        let mut r = result(mnist(PaperMethod::Dt))
             .with_unfinished(run(&[96.0, 97.0], 97.5, 3, Some(100)))
             .with_unfinished(run(&[98.0, 99.0], 98.5, 5, Some(300)));
         let shown = r.shown();
@@ -1095,7 +1123,7 @@ mod tests {
             ]
         );
         // One seed: `5 / 100 (unfinished)`.
-        let one = result(mnist(Method::Dt)).with_unfinished(r.unfinished[1].clone());
+        let one = result(mnist(PaperMethod::Dt)).with_unfinished(r.unfinished[1].clone());
         let cells = t1_cells(&one);
         assert_eq!(
             (cells[2].as_str(), cells[7].as_str()),
@@ -1129,12 +1157,12 @@ mod tests {
         assert_eq!(cell(&row, "test_mean"), "97.5");
         assert_eq!(cell(&row, "peak_rss_bytes"), "300");
         // A row without unfinished runs shows nothing.
-        assert_eq!(result(mnist(Method::Fm)).shown().seeds, 0);
+        assert_eq!(result(mnist(PaperMethod::Fm)).shown().seeds, 0);
     }
 
     #[test]
     fn unfinished_run_without_evaluation_shows_as_before() {
-        let r = result(mnist(Method::Dt)).with_unfinished(not_evaluated());
+        let r = result(mnist(PaperMethod::Dt)).with_unfinished(not_evaluated());
         let cells = t1_cells(&r);
         assert_eq!(
             cells[2..],
@@ -1161,7 +1189,7 @@ mod tests {
     fn table2_prefers_gpu_memory() {
         // A CUDA run: 0.5 GB of GPU memory in epoch 1, 0.6 GB later, beside
         // 2 GB and 3 GB of process RSS.
-        let gpu = result(mnist(Method::Dt)).with_finished(memory(&[
+        let gpu = result(mnist(PaperMethod::Dt)).with_finished(memory(&[
             (2_000_000_000, Some(500_000_000)),
             (3_000_000_000, Some(600_000_000)),
         ]));
@@ -1186,8 +1214,12 @@ mod tests {
             "{md}"
         );
         // Beside a CPU run in the same column, each figure says which it is.
-        let cpu =
-            result(mnist(Method::Ct)).with_finished(run(&[97.0], 97.0, 1, Some(1_234_000_000)));
+        let cpu = result(mnist(PaperMethod::Ct)).with_finished(run(
+            &[97.0],
+            97.0,
+            1,
+            Some(1_234_000_000),
+        ));
         let md = table2_markdown(&cuda, &[gpu.clone(), cpu]);
         assert!(
             md.contains("| method | MNIST (ours, GPU or host RSS) |"),
