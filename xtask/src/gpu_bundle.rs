@@ -28,13 +28,14 @@ pub const MAX_BYTES: u64 = 64 << 20;
 /// The configs the run trains, from `configs/`.
 const CONFIGS: &[&str] = &["mnist-dt-onehot", "mnist-ct-onehot", "mnist-fm-onehot"];
 
-/// MNIST's files as the loaders read them.
-const MNIST: &[&str] = &[
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-];
+/// MNIST's files as published (gzipped), from noprop-data's catalogue.
+fn mnist_files() -> Vec<String> {
+    noprop_data::DatasetKind::Mnist
+        .files()
+        .into_iter()
+        .map(|f| f.name)
+        .collect()
+}
 
 const RUN_SH: &str = include_str!("../bundle/run.sh");
 const SUMMARIZE_PY: &str = include_str!("../bundle/summarize.py");
@@ -85,7 +86,8 @@ impl Options {
 
 /// The first folder holding MNIST's four gzipped files.
 fn mnist_dir(flag: Option<&Path>, root: &Path) -> Result<PathBuf> {
-    let has = |d: &Path| MNIST.iter().all(|f| d.join(f).is_file());
+    let files = mnist_files();
+    let has = |d: &Path| files.iter().all(|f| d.join(f).is_file());
     let mut tried = vec![];
     if let Some(d) = flag {
         for c in [d.to_path_buf(), d.join("mnist")] {
@@ -96,7 +98,7 @@ fn mnist_dir(flag: Option<&Path>, root: &Path) -> Result<PathBuf> {
         }
         bail!(
             "no gzipped MNIST ({}) in {}",
-            MNIST.join(", "),
+            files.join(", "),
             tried
                 .iter()
                 .map(|p| p.display().to_string())
@@ -105,7 +107,7 @@ fn mnist_dir(flag: Option<&Path>, root: &Path) -> Result<PathBuf> {
         );
     }
     let mut candidates = vec![];
-    if let Some(d) = std::env::var_os("NOPROP_DATA") {
+    if let Some(d) = std::env::var_os(noprop_data::DATA_ENV) {
         candidates.push(PathBuf::from(d).join("mnist"));
     }
     candidates.push(root.join("../shared/data/mnist"));
@@ -262,8 +264,8 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
         bail!("gzip -9 {} failed ({gzip})", stripped.display());
     }
     fs::remove_file(&stripped).with_context(|| format!("cannot remove {}", stripped.display()))?;
-    for f in MNIST {
-        copy(&mnist.join(f), &out.join("data/mnist").join(f))?;
+    for f in mnist_files() {
+        copy(&mnist.join(&f), &out.join("data/mnist").join(&f))?;
     }
     for c in CONFIGS {
         let name = format!("{c}.toml");
@@ -397,7 +399,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("no gzipped MNIST"), "{err}");
-        for f in MNIST {
+        for f in mnist_files() {
             fs::write(dir.join("mnist").join(f), "").unwrap();
         }
         assert_eq!(

@@ -141,41 +141,10 @@ fn data_dir(ds: Dataset, flag: Option<&Path>) -> PathBuf {
     }
 }
 
-/// Whether `dir` holds a data set in one of the layouts noprop-data reads
-/// (the canonical file names; see noprop-data's `DatasetKind::is_present`).
+/// Whether `dir` holds a data set in one of the layouts noprop-data reads,
+/// or is the data set's archive file itself.
 fn data_present(ds: Dataset, dir: &Path) -> bool {
-    let all = |dir: &Path, names: &[&str]| names.iter().all(|n| dir.join(n).is_file());
-    match ds {
-        Dataset::Mnist => [
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-        ]
-        .iter()
-        .all(|n| dir.join(n).is_file() || dir.join(format!("{n}.gz")).is_file()),
-        Dataset::Cifar10 => {
-            let files = [
-                "data_batch_1.bin",
-                "data_batch_2.bin",
-                "data_batch_3.bin",
-                "data_batch_4.bin",
-                "data_batch_5.bin",
-                "test_batch.bin",
-            ];
-            dir.is_file()
-                || dir.join("cifar-10-binary.tar.gz").is_file()
-                || all(&dir.join("cifar-10-batches-bin"), &files)
-                || all(dir, &files)
-        }
-        Dataset::Cifar100 => {
-            let files = ["train.bin", "test.bin"];
-            dir.is_file()
-                || dir.join("cifar-100-binary.tar.gz").is_file()
-                || all(&dir.join("cifar-100-binary"), &files)
-                || all(dir, &files)
-        }
-    }
+    dir.is_file() || ds.is_present(dir)
 }
 
 /// One (row, seed) to train.

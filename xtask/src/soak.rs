@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use noprop_data::{DatasetKind, Split};
 use serde_json::Value;
 
 /// The options of `cargo xtask soak`.
@@ -43,21 +44,10 @@ impl Rng {
     }
 }
 
-/// An IDX file: magic, dimensions, bytes.
-fn idx(path: &Path, magic: u32, dims: &[u32], data: &[u8]) -> Result<()> {
-    let mut out = magic.to_be_bytes().to_vec();
-    for d in dims {
-        out.extend(d.to_be_bytes());
-    }
-    out.extend(data);
-    fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// A tiny MNIST in the canonical layout: each class brightens its own band of rows.
 fn write_mnist(dir: &Path, train: u32, test: u32) -> Result<()> {
-    fs::create_dir_all(dir)?;
-    for (prefix, n) in [("train", train), ("t10k", test)] {
-        let labels: Vec<u8> = (0..n).map(|i| (i * 7 % 10) as u8).collect();
+    for (split, n) in [(Split::Train, train), (Split::Test, test)] {
+        let labels: Vec<u32> = (0..n).map(|i| i * 7 % 10).collect();
         let mut pixels = vec![0u8; n as usize * 784];
         for (i, &y) in labels.iter().enumerate() {
             for r in (y as usize * 2)..(y as usize * 2 + 4) {
@@ -67,18 +57,7 @@ fn write_mnist(dir: &Path, train: u32, test: u32) -> Result<()> {
             }
             pixels[i * 784 + (i * 31) % 784] = 255;
         }
-        idx(
-            &dir.join(format!("{prefix}-images-idx3-ubyte")),
-            0x0803,
-            &[n, 28, 28],
-            &pixels,
-        )?;
-        idx(
-            &dir.join(format!("{prefix}-labels-idx1-ubyte")),
-            0x0801,
-            &[n],
-            &labels,
-        )?;
+        DatasetKind::Mnist.write(dir, split, &pixels, &labels)?;
     }
     Ok(())
 }

@@ -403,7 +403,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let peak = threads as f64 * args.clock_ghz * per_cycle;
     let gflops = |flop: f64, s: f64| flop / s / 1e9;
     let step_flop = block_step_flop(args.batch, shape, d, m);
-    let batches_per_epoch = 60_000usize.div_ceil(args.batch);
+    let batches_per_epoch = cfg
+        .dataset()
+        .examples(noprop_data::Split::Train)
+        .div_ceil(args.batch);
     let op_json: Vec<Value> = ops
         .iter()
         .map(|o| {

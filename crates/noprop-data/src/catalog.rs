@@ -49,7 +49,7 @@ pub const MNIST_FILES: [&str; 4] = [
 /// also the name of its folder under the data root, and [`FromStr`] accepts
 /// it in any case, as well as the aliases of its [`DatasetSpec`] (`cifar-10`,
 /// `cifar-100`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DatasetKind {
     /// MNIST: 28x28 grey handwritten digits, 10 classes.
     Mnist,
@@ -79,6 +79,8 @@ pub struct DatasetSpec {
     pub width: usize,
     /// The number of classes.
     pub num_classes: usize,
+    /// The examples of the published training and test splits.
+    pub examples: [usize; 2],
     /// The per-channel mean of the training images on the `[0, 1]` scale.
     pub mean: &'static [f32],
     /// The per-channel standard deviation of the training images on the
@@ -194,6 +196,7 @@ const MNIST_SPEC: DatasetSpec = DatasetSpec {
     height: 28,
     width: 28,
     num_classes: 10,
+    examples: [60_000, 10_000],
     mean: &MNIST_MEAN,
     std: &MNIST_STD,
     layout: Layout::Idx(MNIST_LAYOUT),
@@ -226,6 +229,7 @@ const CIFAR10_SPEC: DatasetSpec = DatasetSpec {
     height: 32,
     width: 32,
     num_classes: 10,
+    examples: [50_000, 10_000],
     mean: &CIFAR10_MEAN,
     std: &CIFAR10_STD,
     layout: Layout::Cifar(CIFAR10_LAYOUT),
@@ -252,6 +256,7 @@ const CIFAR100_SPEC: DatasetSpec = DatasetSpec {
     height: 32,
     width: 32,
     num_classes: 100,
+    examples: [50_000, 10_000],
     mean: &CIFAR100_MEAN,
     std: &CIFAR100_STD,
     layout: Layout::Cifar(CIFAR100_LAYOUT),
@@ -288,9 +293,22 @@ impl DatasetKind {
         self.spec().name
     }
 
+    /// The name used in messages, tables and figures, as its authors write it.
+    pub fn title(self) -> &'static str {
+        self.spec().title
+    }
+
     /// One line saying what the data set is.
     pub fn description(self) -> &'static str {
         self.spec().description
+    }
+
+    /// The examples of the published `split`.
+    pub fn examples(self, split: crate::Split) -> usize {
+        self.spec().examples[match split {
+            crate::Split::Train => 0,
+            crate::Split::Test => 1,
+        }]
     }
 
     /// The number of classes.

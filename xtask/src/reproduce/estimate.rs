@@ -31,10 +31,8 @@ const CPU_INFER_BATCH: usize = 200;
 
 /// Training and test images of a whole data set.
 fn sizes(ds: Dataset) -> (usize, usize) {
-    match ds {
-        Dataset::Mnist => (60_000, 10_000),
-        Dataset::Cifar10 | Dataset::Cifar100 => (50_000, 10_000),
-    }
+    use noprop_data::Split;
+    (ds.examples(Split::Train), ds.examples(Split::Test))
 }
 
 /// The key of [`Bench::dt_shared_fraction`] in `noprop bench --json`.

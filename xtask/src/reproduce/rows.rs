@@ -6,35 +6,8 @@
 use anyhow::{bail, Context, Result};
 use toml::{Table, Value};
 
-/// A data set of the paper.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Dataset {
-    Mnist,
-    Cifar10,
-    Cifar100,
-}
-
-impl Dataset {
-    pub const ALL: [Dataset; 3] = [Dataset::Mnist, Dataset::Cifar10, Dataset::Cifar100];
-
-    /// The name used in config file names and data folders.
-    pub fn name(self) -> &'static str {
-        match self {
-            Dataset::Mnist => "mnist",
-            Dataset::Cifar10 => "cifar10",
-            Dataset::Cifar100 => "cifar100",
-        }
-    }
-
-    /// The name printed in tables and figures.
-    pub fn title(self) -> &'static str {
-        match self {
-            Dataset::Mnist => "MNIST",
-            Dataset::Cifar10 => "CIFAR-10",
-            Dataset::Cifar100 => "CIFAR-100",
-        }
-    }
-}
+/// A data set of the paper, as noprop-data's catalogue knows it.
+pub use noprop_data::DatasetKind as Dataset;
 
 /// A training method of Table 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
