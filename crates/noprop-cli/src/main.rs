@@ -416,6 +416,13 @@ pub(crate) fn set_up_cpu(threads: Option<usize>) -> Result<usize> {
         if !(1..=1024).contains(&n) {
             bail!("--threads must lie in 1..=1024, got {n}");
         }
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        if n > cores {
+            eprintln!(
+                "warning: --threads {n} is more than the {cores} cores this process may use; \
+                 the threads will take turns and run slower than --threads {cores}"
+            );
+        }
         // candle's CPU matmul reads RAYON_NUM_THREADS; our kernels use rayon's global pool.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }

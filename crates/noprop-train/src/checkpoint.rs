@@ -110,11 +110,18 @@ impl ModelRecord {
             .map_err(|e| bad(format!("config in metadata: {e}")))?;
         let config = RawConfig::from_json_value(value)
             .map_err(|e| bad(format!("config in metadata: {e}")))?;
-        let schedule = m
+        let schedule: Option<Vec<f64>> = m
             .get("schedule")
             .map(|s| serde_json::from_str(s))
             .transpose()
             .map_err(|e| bad(format!("schedule in metadata: {e}")))?;
+        // The table is derived from the config; one that disagrees was
+        // edited, and would be shown (inspect) while the config's is used (eval).
+        if schedule != config.method.params().alpha_bars() {
+            return Err(bad(
+                "schedule in metadata disagrees with its config's method.schedule (edited?)".into(),
+            ));
+        }
         let norm: serde_json::Value = serde_json::from_str(get("normalization")?)
             .map_err(|e| bad(format!("normalization in metadata: {e}")))?;
         let channel = |key: &str| -> Result<Vec<f32>, TrainError> {

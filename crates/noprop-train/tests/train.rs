@@ -680,3 +680,39 @@ fn embedding_lr_zero_freezes_a_learned_embedding() {
         }
     }
 }
+
+/// A checkpoint whose schedule table is not its config's (too long,
+/// decreasing, above 1, NaN, or on a method without one) is refused when
+/// read, so `eval` and `inspect` see the same schedule.
+#[test]
+fn a_schedule_table_that_disagrees_with_the_config_is_refused() {
+    let trainer = dt_trainer(tiny_config(1), &Device::Cpu);
+    let record = trainer.record();
+    let meta = record.to_metadata().unwrap();
+    let path = std::path::Path::new("m.safetensors");
+    assert_eq!(
+        checkpoint::ModelRecord::from_metadata(path, &meta).unwrap(),
+        record
+    );
+    let good: Vec<f64> = serde_json::from_str(&meta["schedule"]).unwrap();
+    let mut longer = good.clone();
+    longer.push(0.5);
+    let mut decreasing = good.clone();
+    decreasing.reverse();
+    for bad in [
+        serde_json::to_string(&longer).unwrap(),
+        serde_json::to_string(&decreasing).unwrap(),
+        serde_json::to_string(&vec![1.5; good.len()]).unwrap(),
+        "[null, 0.5, 0.9, 0.99]".to_string(),
+    ] {
+        let mut m = meta.clone();
+        m.insert("schedule".into(), bad.clone());
+        let e = checkpoint::ModelRecord::from_metadata(path, &m)
+            .expect_err(&bad)
+            .to_string();
+        assert!(e.contains("schedule") && !e.contains('\n'), "{bad}: {e}");
+    }
+    let mut m = meta.clone();
+    m.remove("schedule");
+    assert!(checkpoint::ModelRecord::from_metadata(path, &m).is_err());
+}
