@@ -354,7 +354,7 @@ mod tests {
         let out = figure4(&rows, &results);
         assert_eq!(out.len(), 2);
         well_formed(&out[0].contents).unwrap();
-        assert_eq!(out[0].contents.matches("<rect class=\"bar\"").count(), 2);
+        assert_eq!(super::super::plot::tests::bars(&out[0].contents), 2);
         assert_eq!(out[1].contents.lines().count(), 3);
         assert!(figure5(&rows, &results).is_empty());
         let proto = Row::table1(Dataset::Mnist, PaperMethod::Dt, Embedding::Prototype);
@@ -367,7 +367,7 @@ mod tests {
             result(normal, vec![(0, summary(&[(1.0, 95.0)]))]),
         ];
         let out = figure5(&rows, &results);
-        assert_eq!(out[0].contents.matches("<rect class=\"bar\"").count(), 2);
+        assert_eq!(super::super::plot::tests::bars(&out[0].contents), 2);
         assert!(out[1]
             .contents
             .contains("MNIST,normal,mnist-dt-init-normal,1,95,"));
