@@ -697,7 +697,7 @@ fn job_cost(
             b
         }
     }?;
-    estimate::estimate(&job.config, job.row.dataset, &bench, done).map_err(unreadable)
+    estimate::estimate(&job.config, &bench, done).map_err(unreadable)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -18,13 +18,14 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng};
-use noprop_data::Dataset;
+use noprop_data::{Batcher, Dataset, Split};
 use noprop_models::ops::{
     batch_norm1d_train_with, conv2d_flops, conv_stage_with, linear_with, ConvAlgo, ConvStage,
     Kernels, WINOGRAD_MIN_CIN,
 };
 use noprop_models::{BlockFlops, NetShape, FIGURE6};
-use noprop_train::{build_trainer, Config, DeviceData};
+use noprop_train::method::DeterministicRun;
+use noprop_train::{build_trainer, Config, DeviceData, Method};
 use serde_json::{json, Value};
 
 use crate::{device, parse_config, parse_config_text, set_up_cpu, BenchArgs, DEFAULT_CONFIG};
@@ -304,6 +305,47 @@ fn dt_shared_fraction(shape: (usize, usize, usize), d: usize, m: usize) -> f64 {
     image / (image + f.label + f.fuse + f.embed)
 }
 
+/// One epoch and one evaluation of `cfg`'s run in seconds, from a measured
+/// step of one lane (`step_s`) and one stochastic inference run per image
+/// (`infer_s`), counted as the trainer runs them: each pass of the method's
+/// epoch plan steps each of its lanes once per minibatch of the (limited)
+/// training set, whose last batch is dropped below 2 examples
+/// (`Trainer::train_epoch`); an evaluation stacks the stochastic runs (and
+/// NoProp-DT's deterministic run), of which `shared` is paid once, makes
+/// NoProp-CT's deterministic eq. 3 run on its own, and one run on the train
+/// subset (`Trainer::evaluate`). Data loading and checkpoints are left out.
+pub(crate) fn run_costs(
+    cfg: &Config,
+    method: &dyn Method,
+    step_s: f64,
+    infer_s: f64,
+    shared: f64,
+) -> Result<(f64, f64)> {
+    let kind = cfg.dataset();
+    let limit = |n: Option<usize>, split| n.unwrap_or(usize::MAX).min(kind.examples(split));
+    let n_train = limit(cfg.data.train_limit, Split::Train);
+    let n_test = limit(cfg.data.test_limit, Split::Test);
+    let batches = Batcher::new(n_train, cfg.train.batch_size, 0, 0)?
+        .min_batch_len(2)
+        .num_batches();
+    let lanes: usize = method.epoch_plan()?.iter().map(|p| p.lanes.len()).sum();
+    let runs = cfg.eval.runs;
+    let det = if cfg.eval.deterministic {
+        method.deterministic_run()
+    } else {
+        DeterministicRun::None
+    };
+    let (stacked, separate) = match det {
+        DeterministicRun::Stacked => (runs + 1, 0),
+        DeterministicRun::Separate => (runs, 1),
+        DeterministicRun::None => (runs, 0),
+    };
+    let stacked_cost = shared + stacked as f64 * (1.0 - shared);
+    let subset = cfg.eval.train_subset.min(n_train);
+    let eval = infer_s * (n_test as f64 * (stacked_cost + separate as f64) + subset as f64);
+    Ok(((lanes * batches) as f64 * step_s, eval))
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
     let threads = set_up_cpu(args.common.threads)?;
     // Sizes are checked before anything is allocated for them.
@@ -339,6 +381,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     // The timed inference passes all `infer_batch` images at once.
     raw.eval.batch_size = args.infer_batch.max(1);
+    // The timed steps train minibatches of `--batch`; so do the epochs counted.
+    raw.train.batch_size = args.batch;
     let cfg = raw.validate()?;
     let kernels = cfg.model.kernels;
     let shape = cfg.dataset().shape();
@@ -398,6 +442,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
 
+    let shared = dt_shared_fraction(shape, d, m);
+    let (epoch_s, eval_s) = run_costs(
+        &cfg,
+        trainer.method(),
+        step_ms / 1000.0,
+        infer_s / args.infer_batch as f64,
+        shared,
+    )?;
     let cpu_gemm = dev.is_cpu().then(noprop_kernels::gemm_isa);
     let per_cycle = flop_per_cycle(cpu_gemm.unwrap_or(""));
     let peak = threads as f64 * args.clock_ghz * per_cycle;
@@ -447,7 +499,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "block_step_gflop": round(step_flop / 1e9, 3),
         "block_step_gflops": round(gflops(step_flop, step_ms / 1000.0), 1),
         "block_step_pct_peak": round(100.0 * gflops(step_flop, step_ms / 1000.0) / peak, 1),
-        "dt_shared_fraction": dt_shared_fraction(shape, d, m),
+        "dt_shared_fraction": shared,
+        "epoch_s": round(epoch_s, 2),
+        "eval_s": round(eval_s, 2),
         "infer_batch": args.infer_batch,
         "infer_images_per_s": round(args.infer_batch as f64 / infer_s, 1),
         "peak_gflops": round(peak, 1),
@@ -504,9 +558,18 @@ fn bench_method(args: &BenchArgs, cfg: Config, dev: &Device, threads: usize) -> 
     trainer.accuracy(&infer, &[Inference::Stochastic], &mut r)?;
     dev.synchronize()?;
     let infer_s = t0.elapsed().as_secs_f64();
+    let (epoch_s, eval_s) = run_costs(
+        trainer.config(),
+        trainer.method(),
+        step_ms / 1000.0,
+        infer_s / args.infer_batch as f64,
+        0.0,
+    )?;
     let summary = json!({
         "impl": "noprop",
         "method": method,
+        "epoch_s": round(epoch_s, 2),
+        "eval_s": round(eval_s, 2),
         "kernels": trainer.config().model.kernels.to_string(),
         "device": format!("{:?}", args.common.device).to_lowercase(),
         "threads": threads,
@@ -575,6 +638,55 @@ mod tests {
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() <= 1e-9 * b.abs().max(1.0)
+    }
+
+    /// `run_costs` of a config (the model built with no data).
+    fn costs(raw: noprop_train::RawConfig, shared: f64) -> (f64, f64) {
+        let cfg = raw.validate().unwrap();
+        let t = build_trainer(cfg.clone(), Device::Cpu, None).unwrap();
+        run_costs(&cfg, t.method(), 1.0, 1.0, shared).unwrap()
+    }
+
+    #[test]
+    fn an_epoch_and_an_evaluation_as_the_trainer_runs_them() {
+        use noprop_data::DatasetKind;
+        use noprop_train::config::{CtSampler, DtParams, RawMethod, TrainOrder};
+        use noprop_train::RawConfig;
+        let mut dt = RawConfig::paper_dt(DatasetKind::Mnist);
+        dt.eval.train_subset = 0;
+        // 60000 = 468 x 128 + 96: 469 minibatches, each stepping 10 blocks;
+        // 10000 test images, 5 stochastic runs and the deterministic one stacked.
+        let s = 0.985;
+        let (epoch, eval) = costs(dt.clone(), s);
+        assert!(close(epoch, 10.0 * 469.0), "{epoch}");
+        assert!(close(eval, 10_000.0 * (s + 6.0 * (1.0 - s))), "{eval}");
+        // The fused order steps the same blocks on the same minibatches.
+        let mut fused = dt.clone();
+        fused.method = RawMethod::Dt(DtParams {
+            order: TrainOrder::Fused,
+            ..Default::default()
+        });
+        assert!(close(costs(fused, s).0, epoch));
+        // Limits: 257 = 2 x 128 + 1, the last example dropped; the train
+        // subset clipped to the training set.
+        let mut small = dt.clone();
+        small.data.train_limit = Some(257);
+        small.data.test_limit = Some(100);
+        small.eval.train_subset = 10_000;
+        small.eval.deterministic = false;
+        let (epoch, eval) = costs(small, 0.0);
+        assert!(close(epoch, 10.0 * 2.0), "{epoch}");
+        assert!(close(eval, 100.0 * 5.0 + 257.0), "{eval}");
+        // NoProp-CT steps one network; its eq. 3 deterministic run is its own.
+        let mut ct = RawConfig::paper_ct(DatasetKind::Cifar10);
+        ct.eval.train_subset = 0;
+        let (epoch, eval) = costs(ct.clone(), 0.0);
+        assert!(close(epoch, 391.0), "{epoch}");
+        assert!(close(eval, 10_000.0 * 6.0), "{eval}");
+        if let RawMethod::Ct(p) = &mut ct.method {
+            p.sampler = CtSampler::Flow(noprop_core::OdeSolver::Heun);
+        }
+        assert!(close(costs(ct, 0.0).1, 10_000.0 * 5.0));
     }
 
     #[test]
