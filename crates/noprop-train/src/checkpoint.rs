@@ -110,14 +110,17 @@ impl ModelRecord {
             .map_err(|e| bad(format!("config in metadata: {e}")))?;
         let config = RawConfig::from_json_value(value)
             .map_err(|e| bad(format!("config in metadata: {e}")))?;
-        let schedule: Option<Vec<f64>> = m
-            .get("schedule")
-            .map(|s| serde_json::from_str(s))
+        // The table is derived from the config, and written as the shortest
+        // decimals of its values; one that reads otherwise was edited, and
+        // would be shown (inspect) while the config's is used (eval). The
+        // text is compared, since parsing decimals back may miss the last bit.
+        let schedule = config.method.params().alpha_bars();
+        let written = schedule
+            .as_ref()
+            .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| bad(format!("schedule in metadata: {e}")))?;
-        // The table is derived from the config; one that disagrees was
-        // edited, and would be shown (inspect) while the config's is used (eval).
-        if schedule != config.method.params().alpha_bars() {
+            .map_err(|e| bad(format!("schedule: {e}")))?;
+        if m.get("schedule") != written.as_ref() {
             return Err(bad(
                 "schedule in metadata disagrees with its config's method.schedule (edited?)".into(),
             ));

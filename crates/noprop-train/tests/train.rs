@@ -716,3 +716,32 @@ fn a_schedule_table_that_disagrees_with_the_config_is_refused() {
     m.remove("schedule");
     assert!(checkpoint::ModelRecord::from_metadata(path, &m).is_err());
 }
+
+/// Honest checkpoints read back for every depth: the schedule table, written
+/// as the shortest decimals, parses to exactly the config's values (a
+/// parser within a unit in the last place refused T = 10, the paper's).
+#[test]
+fn every_schedule_table_reads_back_exactly() {
+    use noprop_train::config::{DtParams, RawMethod};
+    let path = std::path::Path::new("m.safetensors");
+    for blocks in [1, 2, 3, 5, 8, 10, 15, 16, 20, 30, 50, 100] {
+        let mut raw = RawConfig::paper_dt(DatasetKind::Mnist);
+        raw.method = RawMethod::Dt(DtParams {
+            blocks,
+            ..Default::default()
+        });
+        let cfg = raw.validate().unwrap();
+        let record = checkpoint::ModelRecord {
+            epoch: 1,
+            train_seconds: 1.0,
+            config: cfg.raw().clone(),
+            schedule: cfg.method.params().alpha_bars(),
+            normalization: (vec![0.1307], vec![0.3081]),
+            seed_streams: BTreeMap::new(),
+        };
+        let meta = record.to_metadata().unwrap();
+        let back = checkpoint::ModelRecord::from_metadata(path, &meta)
+            .unwrap_or_else(|e| panic!("T = {blocks}: {e}"));
+        assert_eq!(back, record, "T = {blocks}");
+    }
+}
