@@ -171,7 +171,8 @@ impl BuildOptions {
     }
 }
 
-fn compute_cap(v: &str) -> Result<String, String> {
+/// A compute capability such as 90 or 90a.
+pub(crate) fn compute_cap(v: &str) -> Result<String, String> {
     if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric()) {
         return Err(format!("expected a number such as 90 or 90a, got {v:?}"));
     }

@@ -72,7 +72,7 @@ pub struct Options {
     #[arg(long, value_name = "FILE")]
     torch_script: Option<PathBuf>,
     /// The GPU's compute capability.
-    #[arg(long, value_name = "N", default_value = "90")]
+    #[arg(long, value_name = "N", default_value = "90", value_parser = crate::cuda::compute_cap)]
     compute_cap: String,
 }
 
@@ -354,6 +354,7 @@ mod tests {
         assert_eq!(o.out(root), Path::new("/r/target/gpu-bundle"));
         assert!(crate::parse_args::<Options>(&["--bogus"]).is_err());
         assert!(crate::parse_args::<Options>(&["--out"]).is_err());
+        assert!(crate::parse_args::<Options>(&["--compute-cap", "9.0"]).is_err());
     }
 
     #[test]

@@ -142,9 +142,13 @@ fn data_dir(ds: Dataset, flag: Option<&Path>) -> PathBuf {
 }
 
 /// Whether `dir` holds a data set in one of the layouts noprop-data reads,
-/// or is the data set's archive file itself.
+/// or is a CIFAR data set's archive file itself.
 fn data_present(ds: Dataset, dir: &Path) -> bool {
-    dir.is_file() || ds.is_present(dir)
+    let archive = match ds {
+        Dataset::Mnist => false,
+        Dataset::Cifar10 | Dataset::Cifar100 => dir.is_file(),
+    };
+    archive || ds.is_present(dir)
 }
 
 /// One (row, seed) to train.
@@ -894,6 +898,12 @@ mod tests {
             fs::write(mnist.join(name), b"").unwrap();
         }
         assert!(data_present(Dataset::Mnist, &mnist));
+        // A file named as --data is a CIFAR archive, never MNIST.
+        let archive = dir.join("cifar-10-binary.tar.gz");
+        fs::write(&archive, b"").unwrap();
+        assert!(data_present(Dataset::Cifar10, &archive));
+        assert!(!data_present(Dataset::Mnist, &archive));
+        fs::remove_file(&archive).unwrap();
         // --data names the root, or the data set's own folder.
         assert_eq!(data_dir(Dataset::Mnist, Some(&dir)), mnist);
         assert_eq!(data_dir(Dataset::Mnist, Some(&mnist)), mnist);
