@@ -100,9 +100,15 @@ impl ModelRecord {
         if format != FORMAT {
             return Err(bad(format!("metadata format {format:?}, this noprop reads {FORMAT:?} (written by an older version: retrain, or evaluate it with the version that wrote it)")));
         }
-        let epoch = get("epoch")?
+        let epoch: usize = get("epoch")?
             .parse()
             .map_err(|_| bad("epoch is not a number".into()))?;
+        if epoch > crate::config::limits::EPOCHS {
+            return Err(bad(format!(
+                "epoch {epoch} is above the {} a run can train (edited?)",
+                crate::config::limits::EPOCHS
+            )));
+        }
         let train_seconds: f64 = get("train_seconds")?
             .parse()
             .map_err(|_| bad("train_seconds is not a number".into()))?;

@@ -715,6 +715,13 @@ fn a_schedule_table_that_disagrees_with_the_config_is_refused() {
     let mut m = meta.clone();
     m.remove("schedule");
     assert!(checkpoint::ModelRecord::from_metadata(path, &m).is_err());
+    // An epoch no run can reach is refused too.
+    let mut m = meta.clone();
+    m.insert("epoch".into(), u64::MAX.to_string());
+    let e = checkpoint::ModelRecord::from_metadata(path, &m)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("epoch") && !e.contains('\n'), "{e}");
 }
 
 /// Honest checkpoints read back for every depth: the schedule table, written
