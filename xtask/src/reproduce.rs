@@ -25,11 +25,7 @@
 
 pub mod curve;
 mod estimate;
-mod figures;
-mod plot;
 mod rows;
-mod runs;
-mod table;
 
 use std::fs;
 use std::io::Write as _;
@@ -40,6 +36,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use noprop_report::{figures, runs, table};
 use rows::{Dataset, Quick, Row, Variant};
 use runs::State;
 use table::{fmt_duration, RowResult};
@@ -760,19 +757,19 @@ fn report(
         seeds,
     };
     let mut outputs = vec![
-        figures::Output {
+        noprop_report::Output {
             name: "table1.md".into(),
             contents: table::table1_markdown(&ctx, &results),
         },
-        figures::Output {
+        noprop_report::Output {
             name: "table1.csv".into(),
             contents: table::table1_csv(&results),
         },
-        figures::Output {
+        noprop_report::Output {
             name: "table2.md".into(),
             contents: table::table2_markdown(&ctx, &results),
         },
-        figures::Output {
+        noprop_report::Output {
             name: "table2.csv".into(),
             contents: table::table2_csv(&results),
         },

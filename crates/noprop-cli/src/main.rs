@@ -12,7 +12,8 @@ use noprop_data::DatasetKind;
 use noprop_models::Kernels;
 use noprop_train::config::CtSampler;
 use noprop_train::{
-    build_trainer, fit, load_for_eval, InferenceChange, RawConfig, RunData, RunDir, RunMeta,
+    build_trainer, fit, load_for_eval, Collective, Config, InferenceChange, RawConfig, RunData,
+    RunDir, RunMeta, Silent, ThreadCollective,
 };
 use serde_json::json;
 
@@ -200,6 +201,12 @@ struct TrainArgs {
     /// differ from what its checkpoint was trained on (recorded in meta.json).
     #[arg(long, requires = "resume")]
     accept_changes: bool,
+    /// Train NoProp-DT's blocks on K workers at once (threads of this
+    /// process, each with --threads compute threads; by default the cores
+    /// shared out). The run is the same, bit for bit, for any K; a run
+    /// resumes with any K.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
     #[command(flatten)]
     common: Common,
 }
@@ -437,6 +444,17 @@ pub(crate) fn set_up_cpu(threads: Option<usize>) -> Result<usize> {
     Ok(rayon::current_num_threads())
 }
 
+/// The compute threads of one worker of a parallel run.
+fn worker_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .start_handler(|_| {
+            noprop_kernels::flush_denormals();
+        })
+        .build()
+        .context("cannot start a worker's threads")
+}
+
 pub(crate) fn parse_config(path: &Path) -> Result<RawConfig> {
     let text = read_bounded(path, MAX_CONFIG_BYTES)
         .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -590,7 +608,13 @@ enum Target {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let threads = set_up_cpu(args.common.threads)?;
+    let workers = usize::from(args.workers);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let per_worker = args
+        .common
+        .threads
+        .or((workers > 1).then(|| (cores / workers).max(1)));
+    let threads = set_up_cpu(per_worker)?;
     let dev = device(args.common.device)?;
     let command: Vec<String> = std::env::args().collect();
     let (target, mut raw) = match &args.resume {
@@ -657,6 +681,10 @@ fn train(args: TrainArgs) -> Result<()> {
     let loaded = RunData::load(&cfg, args.common.data.as_deref(), args.download, &dev)?;
     let mut trainer = build_trainer(cfg, dev.clone(), Some(&loaded.host_train))?;
     let identity = loaded.identity(trainer.config().dataset().name())?;
+    if workers > 1 {
+        // Refuses a configuration that cannot be split before any folder is made.
+        trainer.set_worker(0, workers)?;
+    }
     let data = loaded.device;
     let run = match target {
         Target::Resume(run) => {
@@ -691,7 +719,48 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));
-    let report = fit(&mut trainer, &data, Some(&run), &mut obs)?;
+    let report = if workers > 1 {
+        let host = &loaded.host_train;
+        let spawn = |cfg: Config, c: ThreadCollective| -> Result<()> {
+            let pool = worker_pool(threads)?;
+            pool.install(|| {
+                let mut t = build_trainer(cfg, dev.clone(), Some(host))?;
+                noprop_train::run::fit_parallel(&mut t, &data, None, &mut Silent, &c)
+            })
+            .map_err(|e| {
+                c.abort(&e.to_string());
+                e.into()
+            })
+            .map(|_| ())
+        };
+        let mut comms = ThreadCollective::group(workers).into_iter();
+        let first = comms.next().context("a group has a worker 0")?;
+        let cfg = trainer.config().clone();
+        std::thread::scope(|s| -> Result<_> {
+            let others: Vec<_> = comms
+                .map(|c| {
+                    let cfg = cfg.clone();
+                    s.spawn(move || spawn(cfg, c))
+                })
+                .collect();
+            // Worker 0 computes on the global pool, the others on their own.
+            let mine =
+                noprop_train::run::fit_parallel(&mut trainer, &data, Some(&run), &mut obs, &first);
+            let theirs: Vec<Result<()>> = others
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+                })
+                .collect();
+            // Worker 0's own error names the worker that failed first.
+            let report = mine?;
+            theirs.into_iter().collect::<Result<Vec<()>>>()?;
+            Ok(report)
+        })?
+    } else {
+        fit(&mut trainer, &data, Some(&run), &mut obs)?
+    };
     obs.0.finish();
     if args.common.json {
         let epochs: Vec<_> = run

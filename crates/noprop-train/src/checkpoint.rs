@@ -331,3 +331,38 @@ pub fn load_safetensors(
     }
     Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
+
+/// `tensors` with `metadata` as the bytes of a safetensors file (to send
+/// between the workers of a parallel run).
+pub fn to_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>, TrainError> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_, candle_core::Error>>()?;
+    safetensors::serialize(cpu, Some(metadata)).map_err(|e| TrainError::Worker {
+        worker: 0,
+        reason: format!("cannot serialise a state: {e}"),
+    })
+}
+
+/// The tensors (onto `device`) and metadata of [`to_bytes`]'s output.
+pub fn from_bytes(
+    bytes: &[u8],
+    device: &Device,
+) -> Result<(BTreeMap<String, Tensor>, Metadata), TrainError> {
+    let bad = |e: String| TrainError::Worker {
+        worker: 0,
+        reason: format!("a state received from another worker is unreadable: {e}"),
+    };
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)
+        .map_err(|e| bad(e.to_string()))?
+        .into_iter()
+        .collect();
+    Ok((tensors, meta))
+}

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use noprop_core::{
     cross_entropy, denoise_loss, dt_step, kl_prior, q_sample, DiscreteSchedule, Inference,
     NoiseRng, ScheduleSpec,
@@ -297,5 +297,59 @@ impl Method for Dt {
 
     fn params_mut(&mut self) -> &mut dyn MethodParams {
         &mut self.params
+    }
+
+    /// Every block, in either order, when `W_embed` is fixed (one-hot): a
+    /// block's step changes only the block and the head, and the head's
+    /// gradient (through the cross-entropy on `z_T`) needs no block, so a
+    /// worker replays the head's updates for the blocks it does not train
+    /// and nothing is exchanged during an epoch. A learned embedding takes
+    /// a gradient from every block through its denoising term.
+    fn split_lanes(&self) -> Result<Vec<usize>, String> {
+        if self.model.embedding().var().is_some() {
+            return Err(
+                "a learned or prototype embedding learns from every block's loss, so its \
+                 blocks cannot train on separate workers yet; use a one-hot embedding"
+                    .into(),
+            );
+        }
+        Ok((1..=self.model.config().blocks).collect())
+    }
+
+    fn lane_vars(&self, t: usize) -> Vec<(String, Var)> {
+        let data = self.model.block_vars(t).data().lock();
+        let mut vars: Vec<(String, Var)> = match data {
+            Ok(d) => d.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => vec![],
+        };
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    /// Block `t`'s step without the block: the same two draws of `z_{t-1}`
+    /// and `z_T` as [`Self::gradients`], and the cross-entropy's gradient,
+    /// which is the whole step's gradient for the head (the loss's other
+    /// terms do not depend on it).
+    fn shared_gradients(
+        &self,
+        t: usize,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
+        let sched = &self.schedule;
+        let u = self.model.embed().index_select(y, 0)?;
+        q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
+        let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
+        let logp = class_log_probs(
+            &self.setup,
+            &self.model.classify(&z_last)?,
+            self.model.embed(),
+        )?;
+        let ce = cross_entropy(&logp, y)?;
+        Ok(StepGrads {
+            grads: ce.backward()?,
+            losses: [f64::NAN; 4],
+            groups: vec![0],
+        })
     }
 }

@@ -151,6 +151,14 @@ pub enum TrainError {
         /// What is missing.
         what: String,
     },
+    /// Another worker of a parallel run failed, or the workers disagree.
+    #[error("worker {worker}: {reason}")]
+    Worker {
+        /// The worker that failed.
+        worker: usize,
+        /// What happened.
+        reason: String,
+    },
     /// The loss became NaN or infinite.
     #[error("training diverged at epoch {epoch}, block {block}: loss {loss}")]
     Diverged {

@@ -117,6 +117,21 @@ impl Optimizers {
         Ok(found.into_iter().min())
     }
 
+    /// Group `g`'s moments (under the variables' names) and step count.
+    pub fn group_state(&self, g: usize) -> (BTreeMap<String, Tensor>, u64) {
+        (self.groups[g].opt.state(""), self.groups[g].opt.steps())
+    }
+
+    /// Restores what [`Self::group_state`] returned for group `g`.
+    pub fn load_group_state(
+        &mut self,
+        g: usize,
+        tensors: &BTreeMap<String, Tensor>,
+        steps: u64,
+    ) -> Result<(), String> {
+        self.groups[g].opt.load_state("", tensors, steps)
+    }
+
     /// Restores what [`Self::state`] returned.
     pub fn load_state(
         &mut self,

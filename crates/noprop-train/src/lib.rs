@@ -22,6 +22,7 @@
 pub mod adjoint;
 pub mod backprop;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 mod continuous;
 pub mod ct;
@@ -40,6 +41,7 @@ pub mod trainer;
 
 pub use adjoint::Adjoint;
 pub use backprop::Backprop;
+pub use collective::{Collective, ThreadCollective};
 pub use config::{Config, InferenceChange, RawConfig};
 pub use ct::Ct;
 pub use data::{DataIdentity, DeviceData, LoadedData, RunData};

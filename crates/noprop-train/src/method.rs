@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::{Dataset, DatasetKind};
 use noprop_models::{
@@ -97,6 +97,31 @@ pub trait Method {
     /// The method's own parameters, to change its inference settings
     /// ([`MethodParams::set_inference`]).
     fn params_mut(&mut self) -> &mut dyn MethodParams;
+    /// The lanes that workers of a parallel run may train apart (each
+    /// lane's parameter group is the group of the same index), or why
+    /// this configuration cannot be split.
+    fn split_lanes(&self) -> Result<Vec<usize>, String> {
+        Err("only NoProp-DT's blocks train on separate workers".into())
+    }
+    /// Every variable of lane `lane` (parameters and buffers), by name.
+    fn lane_vars(&self, _lane: usize) -> Vec<(String, Var)> {
+        vec![]
+    }
+    /// The shared parameters' part of lane `lane`'s step, on a worker that
+    /// does not train the lane: the same draws from `noise` as
+    /// [`Self::gradients`] and the gradients of the shared group (0) alone,
+    /// equal bit for bit to those of the whole step.
+    fn shared_gradients(
+        &self,
+        _lane: usize,
+        _y: &Tensor,
+        _noise: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
+        Err(TrainError::Worker {
+            worker: 0,
+            reason: "this method has no lanes to train apart".into(),
+        })
+    }
 }
 
 impl Method for Box<dyn Method> {
@@ -133,6 +158,20 @@ impl Method for Box<dyn Method> {
     }
     fn params_mut(&mut self) -> &mut dyn MethodParams {
         (**self).params_mut()
+    }
+    fn split_lanes(&self) -> Result<Vec<usize>, String> {
+        (**self).split_lanes()
+    }
+    fn lane_vars(&self, lane: usize) -> Vec<(String, Var)> {
+        (**self).lane_vars(lane)
+    }
+    fn shared_gradients(
+        &self,
+        lane: usize,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+    ) -> Result<StepGrads, TrainError> {
+        (**self).shared_gradients(lane, y, noise)
     }
 }
 

@@ -23,6 +23,36 @@ pub struct PassMetrics {
     pub seconds: f64,
 }
 
+impl PassMetrics {
+    /// The record as 8 numbers, exactly (JSON text would round some).
+    pub fn to_numbers(&self) -> [f64; 8] {
+        [
+            self.epoch as f64,
+            self.block as f64,
+            self.loss,
+            self.ce,
+            self.kl,
+            self.denoise,
+            self.batches as f64,
+            self.seconds,
+        ]
+    }
+
+    /// The record [`Self::to_numbers`] returned.
+    pub fn from_numbers(n: [f64; 8]) -> Self {
+        Self {
+            epoch: n[0] as usize,
+            block: n[1] as usize,
+            loss: n[2],
+            ce: n[3],
+            kl: n[4],
+            denoise: n[5],
+            batches: n[6] as usize,
+            seconds: n[7],
+        }
+    }
+}
+
 /// Accuracies after an epoch, in percent.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {

@@ -13,10 +13,11 @@
 //! An epoch folder is written under a temporary name and renamed into place,
 //! so a killed run leaves either a whole checkpoint or none.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use noprop_core::Stream;
@@ -24,14 +25,15 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::checkpoint::{
-    load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord,
+    self, load_safetensors, save_safetensors, sync_dir, ModelRecord, OptimizerRecord,
 };
+use crate::collective::Collective;
 use crate::config::{Config, RawConfig};
 use crate::data::{DataIdentity, RunData};
 use crate::error::TrainError;
 use crate::groups::EMBED;
 use crate::method::Method;
-use crate::observer::{EvalReport, Event, Observer};
+use crate::observer::{EvalReport, Event, Observer, PassMetrics};
 use crate::trainer::{CheckpointData, Trainer};
 
 /// What `meta.json` records about the process that started a run.
@@ -718,6 +720,167 @@ pub fn fit<M: Method>(
     run: Option<&RunDir>,
     observer: &mut dyn Observer,
 ) -> Result<Option<EvalReport>, TrainError> {
+    fit_on(trainer, data, run, observer, None)
+}
+
+/// [`fit`] as one worker of a parallel run (see [`crate::collective`]).
+///
+/// Every worker starts from worker 0's state (its newest checkpoint when
+/// resuming), so a run can resume with any number of workers. Each trains
+/// its own blocks and replays the head's updates for the others' blocks;
+/// at the end of an epoch worker 0 gathers every block's state and the
+/// pass records, then evaluates and commits the epoch as [`fit`] does,
+/// alone. `run` is worker 0's run folder (`None` on the others). A worker
+/// that fails tells the others, which stop with an error naming it.
+pub fn fit_parallel<M: Method>(
+    trainer: &mut Trainer<M>,
+    data: &RunData,
+    run: Option<&RunDir>,
+    observer: &mut dyn Observer,
+    comm: &dyn Collective,
+) -> Result<Option<EvalReport>, TrainError> {
+    let out = start_parallel(trainer, comm)
+        .and_then(|()| fit_on(trainer, data, run, observer, Some(comm)));
+    if let Err(e) = &out {
+        comm.abort(&e.to_string());
+    }
+    out
+}
+
+/// Checks that every worker has the same config and copies worker 0's
+/// state (model, optimizers, clock) to all.
+fn start_parallel<M: Method>(
+    trainer: &mut Trainer<M>,
+    comm: &dyn Collective,
+) -> Result<(), TrainError> {
+    let rank = comm.rank();
+    trainer.set_worker(rank, comm.size())?;
+    let config = serde_json::to_vec(&trainer.raw_config()).unwrap_or_default();
+    let configs = comm.all_gather(config.clone())?;
+    if let Some(w) = configs.iter().position(|c| **c != config) {
+        return Err(TrainError::Worker {
+            worker: w,
+            reason: format!("its config differs from worker {rank}'s"),
+        });
+    }
+    let state = if rank == 0 {
+        let ckpt = trainer.checkpoint();
+        let mut tensors: BTreeMap<String, Tensor> = ckpt
+            .model
+            .into_iter()
+            .map(|(k, v)| (format!("model/{k}"), v))
+            .collect();
+        tensors.extend(
+            ckpt.optimizer
+                .into_iter()
+                .map(|(k, v)| (format!("opt/{k}"), v)),
+        );
+        let mut meta = ckpt.record.to_metadata()?;
+        meta.extend(
+            ckpt.optimizer_record
+                .to_metadata()
+                .into_iter()
+                .map(|(k, v)| (format!("opt/{k}"), v)),
+        );
+        checkpoint::to_bytes(&tensors, meta)?
+    } else {
+        vec![]
+    };
+    let state = comm.broadcast(0, state)?;
+    if rank != 0 {
+        let (tensors, meta) = checkpoint::from_bytes(&state, trainer.device())?;
+        let part = |prefix: &str| -> BTreeMap<String, Tensor> {
+            tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(prefix).map(|k| (k.to_string(), v.clone())))
+                .collect()
+        };
+        let opt_meta = meta
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("opt/").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let from = Path::new("worker 0");
+        trainer.restore(&CheckpointData {
+            model: part("model/"),
+            record: ModelRecord::from_metadata(from, &meta)?,
+            optimizer: part("opt/"),
+            optimizer_record: OptimizerRecord::from_metadata(from, &opt_meta)?,
+        })?;
+    }
+    Ok(())
+}
+
+/// On worker 0, every block's state from the others and every worker's
+/// pass records (with the worker's index), in block order, and the bytes
+/// it received; on the others, nothing.
+fn gather_epoch<M: Method>(
+    trainer: &mut Trainer<M>,
+    comm: &dyn Collective,
+    passes: Vec<PassMetrics>,
+) -> Result<(Vec<(usize, PassMetrics)>, u64), TrainError> {
+    let lanes: Vec<usize> = passes.iter().map(|p| p.block).collect();
+    let mut tensors = BTreeMap::new();
+    let numbers: Vec<f64> = passes.iter().flat_map(|p| p.to_numbers()).collect();
+    tensors.insert(
+        "passes".to_string(),
+        Tensor::from_vec(numbers, (passes.len(), 8), &candle_core::Device::Cpu)?,
+    );
+    if comm.rank() != 0 {
+        for &lane in &lanes {
+            let state = trainer.lane_state(lane)?;
+            tensors.insert(
+                format!("lane{lane}"),
+                Tensor::from_vec(state.clone(), state.len(), &candle_core::Device::Cpu)?,
+            );
+        }
+    }
+    let all = comm.all_gather(checkpoint::to_bytes(&tensors, HashMap::new())?)?;
+    if comm.rank() != 0 {
+        return Ok((vec![], 0));
+    }
+    let received = all.iter().skip(1).map(|b| b.len() as u64).sum();
+    let mut merged = Vec::new();
+    for (w, blob) in all.iter().enumerate() {
+        let (tensors, _) = checkpoint::from_bytes(blob, &candle_core::Device::Cpu)?;
+        let theirs: Vec<PassMetrics> = tensors
+            .get("passes")
+            .and_then(|t| t.to_vec2::<f64>().ok())
+            .ok_or_else(|| TrainError::Worker {
+                worker: w,
+                reason: "sent no pass records".into(),
+            })?
+            .into_iter()
+            .map(|row| {
+                let mut n = [0.0; 8];
+                n.iter_mut().zip(row).for_each(|(a, b)| *a = b);
+                PassMetrics::from_numbers(n)
+            })
+            .collect();
+        if w != 0 {
+            for p in &theirs {
+                let state = tensors
+                    .get(&format!("lane{}", p.block))
+                    .ok_or_else(|| TrainError::Worker {
+                        worker: w,
+                        reason: format!("sent no state for block {}", p.block),
+                    })?
+                    .to_vec1::<u8>()?;
+                trainer.set_lane_state(p.block, &state)?;
+            }
+        }
+        merged.extend(theirs.into_iter().map(|p| (w, p)));
+    }
+    merged.sort_by_key(|(_, p)| p.block);
+    Ok((merged, received))
+}
+
+fn fit_on<M: Method>(
+    trainer: &mut Trainer<M>,
+    data: &RunData,
+    run: Option<&RunDir>,
+    observer: &mut dyn Observer,
+    comm: Option<&dyn Collective>,
+) -> Result<Option<EvalReport>, TrainError> {
     let cfg = trainer.config().clone();
     let epochs = cfg.train.epochs;
     let batches = data.train.len().div_ceil(cfg.train.batch_size);
@@ -737,9 +900,24 @@ pub fn fit<M: Method>(
     while trainer.epochs_done() < epochs {
         crate::memory::reset_peak_rss();
         trainer.take_peak_device_bytes();
-        let passes = trainer.train_epoch(&data.train, observer)?;
+        let (clock, started) = (trainer.train_seconds(), Instant::now());
+        let mut passes = trainer.train_epoch(&data.train, observer)?;
         let train_peak_rss = crate::memory::peak_rss_bytes();
         let train_peak_device = trainer.take_peak_device_bytes();
+        let mut workers = None;
+        if let Some(comm) = comm {
+            let (merged, received) = gather_epoch(trainer, comm, passes)?;
+            if comm.rank() != 0 {
+                continue;
+            }
+            passes = merged.iter().map(|(_, p)| p.clone()).collect();
+            workers = Some((
+                merged.into_iter().map(|(w, _)| w).collect::<Vec<_>>(),
+                received,
+            ));
+            // The epoch took as long as its slowest worker.
+            trainer.set_train_seconds(clock + started.elapsed().as_secs_f64());
+        }
         let epoch = trainer.epochs_done();
         // A loss can stay finite while a BatchNorm statistic or a moment
         // overflows; such a state is never evaluated or saved.
@@ -752,9 +930,16 @@ pub fn fit<M: Method>(
         }
         let mut events = passes
             .iter()
-            .map(|p| event("pass", p, &[]))
+            .enumerate()
+            .map(|(i, p)| match &workers {
+                Some((w, _)) => event("pass", p, &[("worker", json!(w[i]))]),
+                None => event("pass", p, &[]),
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let epoch_seconds: f64 = passes.iter().map(|p| p.seconds).sum();
+        let epoch_seconds = match comm {
+            Some(_) => trainer.train_seconds() - clock,
+            None => passes.iter().map(|p| p.seconds).sum(),
+        };
         if epoch.is_multiple_of(cfg.eval.every) || epoch == epochs {
             observer.on_event(&Event::EvalStart { epoch });
             let report = trainer.evaluate(&data.test, data.train_subset.as_ref(), epoch)?;
@@ -769,7 +954,7 @@ pub fn fit<M: Method>(
         if let Some(run) = run {
             // The epoch line comes last: its presence marks a finished, saved epoch.
             let rel = Path::new("checkpoints").join(format!("epoch-{epoch:04}"));
-            events.push(json!({
+            let mut line = json!({
                 "event": "epoch",
                 "epoch": epoch,
                 "epoch_seconds": epoch_seconds,
@@ -777,7 +962,14 @@ pub fn fit<M: Method>(
                 "train_peak_rss_bytes": train_peak_rss,
                 "train_peak_device_bytes": train_peak_device,
                 "checkpoint": rel,
-            }));
+            });
+            if let (Some(comm), Some((_, received))) = (comm, &workers) {
+                line["workers"] = json!(comm.size());
+                // What worker 0 received at the epoch's end (blocks' state
+                // and pass records); nothing else crosses between workers.
+                line["exchanged_bytes"] = json!(received);
+            }
+            events.push(line);
             let path = run.commit_epoch(trainer, cfg.checkpoint.keep_last, &events)?;
             observer.on_event(&Event::Checkpoint { epoch, path: &path });
         }

@@ -30,6 +30,8 @@ pub struct Trainer<M = Box<dyn Method>> {
     /// The most device memory seen in use after a step since the last
     /// [`Trainer::take_peak_device_bytes`] (CUDA only).
     peak_device_bytes: Option<u64>,
+    /// In a parallel run, the lanes this worker trains (`None`: all).
+    owned: Option<Vec<usize>>,
 }
 
 /// A model checkpoint and an optimizer checkpoint, in memory.
@@ -65,18 +67,6 @@ pub fn load_for_eval(path: &Path, device: &Device) -> Result<Trainer, TrainError
     Ok(trainer)
 }
 
-/// Mean and standard error of per-run accuracies.
-fn mean_se(runs: &[f64]) -> (f64, f64) {
-    let k = runs.len() as f64;
-    let mean = runs.iter().sum::<f64>() / k.max(1.0);
-    let se = if runs.len() > 1 {
-        (runs.iter().map(|a| (a - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt() / k.sqrt()
-    } else {
-        0.0
-    };
-    (mean, se)
-}
-
 impl<M: Method> Trainer<M> {
     /// A trainer around `method`, whose model was built from `cfg`.
     pub fn new(cfg: Config, device: Device, method: M) -> Result<Self, TrainError> {
@@ -90,6 +80,7 @@ impl<M: Method> Trainer<M> {
             epochs_done: 0,
             train_seconds: 0.0,
             peak_device_bytes: None,
+            owned: None,
         })
     }
 
@@ -156,10 +147,14 @@ impl<M: Method> Trainer<M> {
         let (seed, batch) = (self.cfg.train.seed, self.cfg.train.batch_size);
         let mut out = Vec::new();
         for pass in self.method.epoch_plan()? {
-            observer.on_event(&Event::PassStart {
-                epoch,
-                block: pass.key,
-            });
+            // In a parallel run, the lanes of this pass that this worker trains.
+            let mine = pass.lanes.iter().filter(|&&l| self.owns(l)).count();
+            if mine > 0 {
+                observer.on_event(&Event::PassStart {
+                    epoch,
+                    block: pass.key,
+                });
+            }
             let start = Instant::now();
             let stream = noprop_data::pass_stream(epoch as u64, pass.key as u64);
             let batcher = noprop_data::Batcher::new(
@@ -187,6 +182,11 @@ impl<M: Method> Trainer<M> {
                 for ((&lane, (noise, drop)), sum) in
                     pass.lanes.iter().zip(rngs.iter_mut()).zip(sums.iter_mut())
                 {
+                    if !self.owns(lane) {
+                        let mut step = self.method.shared_gradients(lane, &y, noise)?;
+                        self.optims.step(&mut step.grads, &step.groups)?;
+                        continue;
+                    }
                     let l = self.train_step(lane, &x, &y, noise, drop)?;
                     if !l[0].is_finite() {
                         return Err(TrainError::Diverged {
@@ -201,13 +201,15 @@ impl<M: Method> Trainer<M> {
                     total += l[0];
                 }
                 count += 1;
-                observer.on_event(&Event::Step {
-                    loss: if pass.lanes.len() == 1 {
-                        total
-                    } else {
-                        total / pass.lanes.len() as f64
-                    },
-                });
+                if mine > 0 {
+                    observer.on_event(&Event::Step {
+                        loss: if mine == 1 {
+                            total
+                        } else {
+                            total / mine as f64
+                        },
+                    });
+                }
             }
             if count == 0 {
                 return Err(TrainError::NotEnoughData {
@@ -220,6 +222,9 @@ impl<M: Method> Trainer<M> {
             let seconds = start.elapsed().as_secs_f64();
             let n = count as f64;
             for (&lane, s) in pass.lanes.iter().zip(&sums) {
+                if !self.owns(lane) {
+                    continue;
+                }
                 let p = PassMetrics {
                     epoch,
                     block: lane,
@@ -228,7 +233,7 @@ impl<M: Method> Trainer<M> {
                     kl: s[2] / n,
                     denoise: s[3] / n,
                     batches: count,
-                    seconds: seconds / pass.lanes.len() as f64,
+                    seconds: seconds / mine as f64,
                 };
                 observer.on_event(&Event::PassEnd(&p));
                 out.push(p);
@@ -311,7 +316,8 @@ impl<M: Method> Trainer<M> {
             }
             DeterministicRun::None => (self.accuracy(test, &stochastic, &mut stream(0))?, None),
         };
-        let (mean, se) = mean_se(&runs);
+        let (mean, se) =
+            noprop_report::mean_se(&runs).map_or((0.0, 0.0), |(m, se)| (m, se.unwrap_or(0.0)));
         let train_acc = match train_subset {
             Some(d) if !d.is_empty() => {
                 Some(self.accuracy(d, &[Inference::Stochastic], &mut stream(2))?[0])
@@ -413,5 +419,84 @@ impl<M: Method> Trainer<M> {
     /// The configuration as a file would say it.
     pub fn raw_config(&self) -> RawConfig {
         self.cfg.raw().clone()
+    }
+
+    /// Makes this trainer worker `rank` of `workers`: it trains its share
+    /// of the method's lanes ([`crate::collective::owner`]) and, for the
+    /// others, only the shared parameters' part of each step. Returns the
+    /// lanes it trains.
+    pub fn set_worker(&mut self, rank: usize, workers: usize) -> Result<Vec<usize>, TrainError> {
+        let lanes = self
+            .method
+            .split_lanes()
+            .map_err(|reason| TrainError::Worker {
+                worker: rank,
+                reason,
+            })?;
+        if workers == 0 || workers > lanes.len() {
+            return Err(TrainError::Worker {
+                worker: rank,
+                reason: format!(
+                    "{workers} workers for {} blocks: each worker needs at least one block",
+                    lanes.len()
+                ),
+            });
+        }
+        let mine: Vec<usize> = lanes
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| crate::collective::owner(i, lanes.len(), workers) == rank)
+            .map(|(_, &l)| l)
+            .collect();
+        self.owned = (workers > 1).then(|| mine.clone());
+        Ok(mine)
+    }
+
+    /// Whether this worker trains lane `lane`.
+    fn owns(&self, lane: usize) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(&lane))
+    }
+
+    /// Lane `lane`'s variables (parameters and buffers) and its optimizer's
+    /// moments and step count, as safetensors bytes.
+    pub fn lane_state(&self, lane: usize) -> Result<Vec<u8>, TrainError> {
+        let mut tensors: BTreeMap<String, Tensor> = self
+            .method
+            .lane_vars(lane)
+            .into_iter()
+            .map(|(k, v)| (format!("var/{k}"), v.as_tensor().clone()))
+            .collect();
+        let (moments, steps) = self.optims.group_state(lane);
+        tensors.extend(moments.into_iter().map(|(k, v)| (format!("opt/{k}"), v)));
+        let meta = [("steps".to_string(), steps.to_string())].into();
+        crate::checkpoint::to_bytes(&tensors, meta)
+    }
+
+    /// Sets lane `lane` to what [`Self::lane_state`] returned on another worker.
+    pub fn set_lane_state(&mut self, lane: usize, bytes: &[u8]) -> Result<(), TrainError> {
+        let bad = |reason: String| TrainError::Worker { worker: 0, reason };
+        let (tensors, meta) = crate::checkpoint::from_bytes(bytes, &self.device)?;
+        for (name, var) in self.method.lane_vars(lane) {
+            let t = tensors
+                .get(&format!("var/{name}"))
+                .ok_or_else(|| bad(format!("block {lane}'s state lacks {name}")))?;
+            var.set(t)?;
+        }
+        let moments: BTreeMap<String, Tensor> = tensors
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("opt/").map(|k| (k.to_string(), v)))
+            .collect();
+        let steps = meta
+            .get("steps")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("block {lane}'s state has no step count")))?;
+        self.optims
+            .load_group_state(lane, &moments, steps)
+            .map_err(|reason| bad(format!("block {lane}: {reason}")))
+    }
+
+    /// Sets the training clock (a parallel run's wall time across workers).
+    pub fn set_train_seconds(&mut self, seconds: f64) {
+        self.train_seconds = seconds;
     }
 }

@@ -10,7 +10,9 @@ use noprop_models::Mode;
 use noprop_train::config::{
     BackpropParams, CtParams, DtParams, FmParams, RawEmbedding, RawMethod, TrainOrder,
 };
-use noprop_train::{checkpoint, fit, DeviceData, Dt, RawConfig, RunData, RunDir, Silent, Trainer};
+use noprop_train::{
+    checkpoint, fit, Collective, DeviceData, Dt, RawConfig, RunData, RunDir, Silent, Trainer,
+};
 
 #[macro_use]
 mod common;
@@ -751,4 +753,123 @@ fn every_schedule_table_reads_back_exactly() {
             .unwrap_or_else(|e| panic!("T = {blocks}: {e}"));
         assert_eq!(back, record, "T = {blocks}");
     }
+}
+
+/// `raw` trained by `k` workers on threads into a new run folder at `dir`
+/// (resumed when `resume`); returns worker 0's model tensors.
+fn train_on_workers(
+    raw: &RawConfig,
+    k: usize,
+    run: &RunDir,
+    resume: bool,
+    d: &RunData,
+) -> Result<BTreeMap<String, Tensor>, String> {
+    let comms = noprop_train::ThreadCollective::group(k);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let mut t = dt_trainer(raw.clone(), &Device::Cpu);
+                    let mine = (c.rank() == 0).then_some(run);
+                    if let (Some(run), true) = (mine, resume) {
+                        run.restore_latest(&mut t).map_err(|e| e.to_string())?;
+                    }
+                    noprop_train::run::fit_parallel(&mut t, d, mine, &mut Silent, &c)
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(t.method().model().named_tensors())
+                })
+            })
+            .collect();
+        let mut out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        out.swap_remove(0)
+    })
+}
+
+/// Each pass's losses and each evaluation's accuracies, as logged.
+fn logged(run: &RunDir) -> Vec<serde_json::Value> {
+    run.metrics()
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| match v["event"].as_str() {
+            Some("pass") => Some(serde_json::json!([
+                v["epoch"],
+                v["block"],
+                v["loss"],
+                v["ce"],
+                v["kl"],
+                v["denoise"]
+            ])),
+            Some("eval") => Some(serde_json::json!([v["test_acc_runs"], v["train_acc"]])),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn any_number_of_workers_trains_exactly_the_sequential_run() {
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    let tmp = tempfile::tempdir().unwrap();
+    for order in [TrainOrder::Sequential, TrainOrder::Fused] {
+        let mut cfg = tiny_config(2);
+        set_blocks(&mut cfg, 10);
+        if let RawMethod::Dt(p) = &mut cfg.method {
+            p.order = order;
+        }
+        let base = tmp.path().join(format!("{order:?}"));
+        let run = run_dir(&base.join("one"), &cfg);
+        let mut one = dt_trainer(cfg.clone(), &dev);
+        fit(&mut one, &d, Some(&run), &mut Silent).unwrap();
+        let want = one.method().model().named_tensors();
+        let want_log = logged(&run);
+        let ks: &[usize] = match order {
+            TrainOrder::Sequential => &[1, 2, 3, 5, 10],
+            TrainOrder::Fused => &[3],
+        };
+        for &k in ks {
+            let run = run_dir(&base.join(format!("k{k}")), &cfg);
+            let got = train_on_workers(&cfg, k, &run, false, &d).unwrap();
+            assert_same_tensors(&want, &got);
+            assert_eq!(want_log, logged(&run), "{order:?}, {k} workers");
+        }
+        // Two workers, then resumed with three: still the same run.
+        let run = run_dir(&base.join("resumed"), &tiny_config_blocks(1, 10, order));
+        train_on_workers(&tiny_config_blocks(1, 10, order), 2, &run, false, &d).unwrap();
+        let got = train_on_workers(&cfg, 3, &run, true, &d).unwrap();
+        assert_same_tensors(&want, &got);
+    }
+}
+
+fn tiny_config_blocks(epochs: usize, blocks: usize, order: TrainOrder) -> RawConfig {
+    let mut cfg = tiny_config(epochs);
+    set_blocks(&mut cfg, blocks);
+    if let RawMethod::Dt(p) = &mut cfg.method {
+        p.order = order;
+    }
+    cfg
+}
+
+#[test]
+fn a_split_that_cannot_hold_is_refused_and_a_failed_worker_is_named() {
+    let dev = Device::Cpu;
+    let d = data(&dev);
+    let tmp = tempfile::tempdir().unwrap();
+    // More workers than blocks.
+    let cfg = tiny_config(1);
+    let run = run_dir(&tmp.path().join("many"), &cfg);
+    let e = train_on_workers(&cfg, 4, &run, false, &d).unwrap_err();
+    assert!(e.contains("4 workers for 3 blocks"), "{e}");
+    // A learned embedding learns from every block.
+    let mut cfg = tiny_config(1);
+    cfg.model.embedding = RawEmbedding::Learned {
+        dim: 20,
+        init: None,
+        lr: None,
+        target_grad: true,
+    };
+    let run = run_dir(&tmp.path().join("learned"), &cfg);
+    let e = train_on_workers(&cfg, 2, &run, false, &d).unwrap_err();
+    assert!(e.contains("learned or prototype embedding"), "{e}");
+    assert_eq!(run.checkpoint_epochs().unwrap(), Vec::<usize>::new());
 }

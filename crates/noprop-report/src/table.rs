@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::OnceLock;
 
-use super::rows::{Dataset, Embedding, PaperMethod, Row, Variant};
-use super::runs::{Eval, Summary};
+use crate::rows::{Dataset, Embedding, PaperMethod, Row, Variant};
+use crate::runs::{Eval, Summary};
 
-/// The paper's numbers (Tables 1-3), as `xtask/data/paper.toml` states them.
+/// The paper's numbers (Tables 1-3), as `data/paper.toml` states them.
 struct Paper {
     test: BTreeMap<String, f64>,
     train: BTreeMap<String, f64>,
@@ -19,7 +19,7 @@ struct Paper {
 fn paper() -> &'static Paper {
     static PAPER: OnceLock<Paper> = OnceLock::new();
     PAPER.get_or_init(|| {
-        let t: toml::Table = include_str!("../../data/paper.toml")
+        let t: toml::Table = include_str!("../data/paper.toml")
             .parse()
             .expect("xtask/data/paper.toml is TOML");
         let section = |name: &str| -> BTreeMap<String, f64> {
@@ -86,8 +86,10 @@ pub fn paper_epochs(method: PaperMethod, dataset: Dataset) -> usize {
         .unwrap_or(0)
 }
 
-/// Mean and standard error (sample standard deviation over `sqrt(n)`) of
-/// `xs`; the error is `None` for fewer than two values.
+/// Mean and standard error (the sample standard deviation over `sqrt(n)`)
+/// of `xs`; the error is `None` for fewer than two values. The trainer's
+/// evaluation reports its `test_acc_se` with this function, so the tables
+/// aggregate exactly as a run records.
 pub fn mean_se(xs: &[f64]) -> Option<(f64, Option<f64>)> {
     if xs.is_empty() {
         return None;
@@ -98,7 +100,7 @@ pub fn mean_se(xs: &[f64]) -> Option<(f64, Option<f64>)> {
         return Some((mean, None));
     }
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    Some((mean, Some((var / n).sqrt())))
+    Some((mean, Some(var.sqrt() / n.sqrt())))
 }
 
 /// `99.12 ± 0.03`, `99.12` without an error, `—` without a value.
@@ -790,8 +792,8 @@ pub fn table2_csv(results: &[RowResult]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::runs::summarise;
     use super::*;
+    use crate::runs::summarise;
 
     /// The data file names every Table 1 row, method and data set, and nothing else.
     #[test]

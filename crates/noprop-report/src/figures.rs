@@ -1,15 +1,10 @@
 //! Figures 3, 4 and 5 as SVG, each with the CSV it was drawn from.
 //! (Figure 2, the prototype images, is drawn by `noprop inspect embeddings`.)
 
-use super::plot::{BarGroup, BarPlot, LinePlot, Series};
-use super::rows::{Dataset, Embedding, Init, PaperMethod, Row, Variant};
-use super::table::{csv, mean_se, RowResult};
-
-/// A file to write into the results folder.
-pub struct Output {
-    pub name: String,
-    pub contents: String,
-}
+use crate::plot::{BarGroup, BarPlot, LinePlot, Series};
+use crate::rows::{Dataset, Embedding, Init, PaperMethod, Row, Variant};
+use crate::table::{csv, mean_se, RowResult};
+use crate::Output;
 
 fn find<'a>(results: &'a [RowResult], row: &Row) -> Option<&'a RowResult> {
     results.iter().find(|r| r.row == *row)
@@ -255,10 +250,10 @@ pub fn figure5(rows: &[Row], results: &[RowResult]) -> Vec<Output> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::plot::tests::well_formed;
-    use super::super::rows::all_rows;
-    use super::super::runs::summarise;
     use super::*;
+    use crate::plot::tests::well_formed;
+    use crate::rows::all_rows;
+    use crate::runs::summarise;
 
     fn summary(points: &[(f64, f64)]) -> super::super::runs::Summary {
         let mut text = String::new();
