@@ -69,9 +69,26 @@ pub struct Options {
     /// Seeds 0..N-1 (default 3, quick 1).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     seeds: Option<usize>,
-    /// Worker threads for each `noprop train`.
+    /// Worker threads for each `noprop train` (with --workers: per worker).
     #[arg(long, value_name = "N", value_parser = at_least_one)]
     threads: Option<usize>,
+    /// Runs of `noprop train` at once on this machine (each child's output
+    /// then goes to logs/<run>.log).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = at_least_one)]
+    jobs: usize,
+    /// Write a SLURM job array (slurm/array.sbatch, one task per run, each
+    /// safe to run again: it resumes) instead of training here.
+    #[arg(long)]
+    slurm: bool,
+    /// With --slurm: submit the array with sbatch.
+    #[arg(long, requires = "slurm")]
+    submit: bool,
+    /// Train the blocks of each NoProp-DT one-hot run on K workers at once
+    /// (`noprop train --workers K`; the same result as one worker). Rows
+    /// that cannot be split (a learned embedding, other methods) train on
+    /// one; K above a run's number of blocks uses one worker per block.
+    #[arg(long, value_name = "K", value_parser = at_least_one)]
+    workers: Option<usize>,
     /// Print the runs, their state and an estimate of each one's time on the
     /// device (a short `noprop bench` of each model here); run nothing.
     #[arg(long)]
@@ -430,7 +447,61 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
                 noprop.display()
             );
         }
+        if opts.slurm {
+            let script = write_slurm(root, &out, &jobs, &noprop, opts)?;
+            if opts.submit {
+                let status = Command::new("sbatch")
+                    .arg(&script)
+                    .status()
+                    .context("cannot run sbatch (is this a SLURM login node?)")?;
+                if !status.success() {
+                    bail!("sbatch {} failed ({status})", script.display());
+                }
+            } else {
+                eprintln!(
+                    "reproduce: wrote {} ({} tasks); submit it with `sbatch {}` (or pass --submit), \
+                     then gather the tables with `cargo xtask reproduce --report`",
+                    script.display(),
+                    jobs.len(),
+                    script.display()
+                );
+            }
+            return Ok(());
+        }
         let n = jobs.len();
+        // Up to --jobs children at once; with more than one, each child's
+        // output goes to logs/<run>.log rather than the shared terminal.
+        // Children still running when this returns early (an error) are ended.
+        let mut running = Children(vec![]);
+        let finish = |(i, child, t0, resumed): Running, failed: &mut Vec<String>| -> Result<bool> {
+            let job = &jobs[i];
+            let tag = format!("[{}/{n}] {}", i + 1, job.label());
+            let status = wait_child(child)?;
+            let wall = t0.elapsed().as_secs_f64();
+            log(
+                &out,
+                json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
+                             "resumed": resumed, "quick": opts.quick, "avx512": opts.avx512}),
+            );
+            if status.success() {
+                let s = read_summary(&job.run_dir);
+                let acc = s.final_eval().map_or("no final evaluation".into(), |e| {
+                    format!("test {:.2}%", e.test_acc)
+                });
+                eprintln!(
+                    "{tag}: done, {} epochs, {acc}, {} wall",
+                    s.epochs_done,
+                    fmt_duration(wall)
+                );
+                return Ok(true);
+            }
+            eprintln!(
+                "{tag}: noprop train failed ({status}) after {}",
+                fmt_duration(wall)
+            );
+            failed.push(format!("{}: noprop train failed ({status})", job.label()));
+            Ok(false)
+        };
         for (i, job) in jobs.iter().enumerate() {
             let tag = format!("[{}/{n}] {}", i + 1, job.label());
             let state = match job_state(job)? {
@@ -447,9 +518,7 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
                 JobState::Ready(s) => s,
             };
             let epochs = rows::config_epochs(&job.config)?;
-            let mut cmd = Command::new(&noprop);
-            cmd.arg("train");
-            match state {
+            let resume = match state {
                 State::Finished { epochs_done } => {
                     eprintln!("{tag}: finished ({epochs_done} epochs), skipped");
                     skipped += 1;
@@ -457,9 +526,7 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
                 }
                 State::Partial { epochs_done } => {
                     eprintln!("{tag}: resuming after epoch {epochs_done} of {epochs}");
-                    cmd.arg("--resume")
-                        .arg(&job.run_dir)
-                        .args(["--epochs", &epochs.to_string()]);
+                    true
                 }
                 State::New => {
                     eprintln!("{tag}: {epochs} epochs");
@@ -469,47 +536,33 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
                         let _ = fs::remove_dir(job.run_dir.join("checkpoints"));
                         let _ = fs::remove_dir(&job.run_dir);
                     }
-                    cmd.arg("--config")
-                        .arg(&job.config_path)
-                        .arg("--out")
-                        .arg(&job.run_dir);
+                    false
                 }
+            };
+            while running.0.len() >= opts.jobs {
+                let done = wait_any(&mut running.0)?;
+                trained += usize::from(finish(done, &mut failed)?);
             }
-            cmd.args(["--device", &opts.device])
-                .arg("--data")
-                .arg(data_dir(job.row.dataset, opts.data.as_deref()));
-            if let Some(t) = opts.threads {
-                cmd.args(["--threads", &t.to_string()]);
+            let mut cmd = Command::new(&noprop);
+            cmd.args(train_args(job, resume, opts)?);
+            if opts.jobs > 1 {
+                let logs = out.join("logs");
+                fs::create_dir_all(&logs)
+                    .with_context(|| format!("cannot create {}", logs.display()))?;
+                let path = logs.join(format!("{}-seed{}.log", job.row.name(), job.seed));
+                let file = fs::File::create(&path)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                cmd.stdout(file.try_clone()?).stderr(file);
             }
-            let t0 = Instant::now();
-            // The child draws its own progress on the inherited stderr.
-            let status = cmd
-                .status()
+            // Alone, the child draws its own progress on the inherited stderr.
+            let child = cmd
+                .spawn()
                 .with_context(|| format!("cannot run {}", noprop.display()))?;
-            let wall = t0.elapsed().as_secs_f64();
-            log(
-                &out,
-                json!({"row": job.row.name(), "seed": job.seed, "exit": status.code(), "wall_seconds": wall,
-                             "resumed": matches!(state, State::Partial { .. }), "quick": opts.quick, "avx512": opts.avx512}),
-            );
-            if status.success() {
-                trained += 1;
-                let s = read_summary(&job.run_dir);
-                let acc = s.final_eval().map_or("no final evaluation".into(), |e| {
-                    format!("test {:.2}%", e.test_acc)
-                });
-                eprintln!(
-                    "{tag}: done, {} epochs, {acc}, {} wall",
-                    s.epochs_done,
-                    fmt_duration(wall)
-                );
-            } else {
-                eprintln!(
-                    "{tag}: noprop train failed ({status}) after {}",
-                    fmt_duration(wall)
-                );
-                failed.push(format!("{}: noprop train failed ({status})", job.label()));
-            }
+            running.0.push((i, child, Instant::now(), resume));
+        }
+        while !running.0.is_empty() {
+            let done = wait_any(&mut running.0)?;
+            trained += usize::from(finish(done, &mut failed)?);
         }
     }
 
@@ -526,6 +579,161 @@ pub fn run(opts: &Options, root: &Path) -> Result<()> {
         bail!("{} run(s) failed:\n  {}", failed.len(), failed.join("\n  "));
     }
     Ok(())
+}
+
+/// The arguments of `noprop train` for `job`: a new run from its config
+/// file, or (`resume`) the run folder continued to the configured epochs.
+fn train_args(job: &Job, resume: bool, opts: &Options) -> Result<Vec<std::ffi::OsString>> {
+    let mut a: Vec<std::ffi::OsString> = vec!["train".into()];
+    if resume {
+        a.extend(["--resume".into(), job.run_dir.clone().into()]);
+        a.extend([
+            "--epochs".into(),
+            rows::config_epochs(&job.config)?.to_string().into(),
+        ]);
+    } else {
+        a.extend(["--config".into(), job.config_path.clone().into()]);
+        a.extend(["--out".into(), job.run_dir.clone().into()]);
+    }
+    a.extend(["--device".into(), opts.device.clone().into()]);
+    a.extend([
+        "--data".into(),
+        data_dir(job.row.dataset, opts.data.as_deref()).into(),
+    ]);
+    if let Some(t) = opts.threads {
+        a.extend(["--threads".into(), t.to_string().into()]);
+    }
+    if let Some(k) = opts
+        .workers
+        .and_then(|k| rows::split_workers(&job.config, k))
+    {
+        a.extend(["--workers".into(), k.to_string().into()]);
+    }
+    Ok(a)
+}
+
+/// A running `noprop train`: its job's index, the child, its start, and
+/// whether it resumes a run.
+type Running = (usize, std::process::Child, Instant, bool);
+
+/// The running children, ended (killed and waited for) when dropped.
+struct Children(Vec<Running>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child, _, _) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for one of the running children and takes it out.
+fn wait_any(running: &mut Vec<Running>) -> Result<Running> {
+    loop {
+        for k in 0..running.len() {
+            if running[k]
+                .1
+                .try_wait()
+                .context("cannot wait for noprop train")?
+                .is_some()
+            {
+                return Ok(running.swap_remove(k));
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn wait_child(mut child: std::process::Child) -> Result<std::process::ExitStatus> {
+    child.wait().context("cannot wait for noprop train")
+}
+
+/// `'text'` for a POSIX shell.
+fn shell_quote(text: &std::ffi::OsStr) -> String {
+    format!("'{}'", text.to_string_lossy().replace('\'', "'\\''"))
+}
+
+/// The shell line of one SLURM array task: continues the run when its
+/// folder has a config, else starts it, so a task can be run again (after
+/// a time limit or a node failure) and a finished run trains nothing more.
+fn slurm_task(job: &Job, noprop: &Path, opts: &Options) -> Result<String> {
+    let cmd = |resume: bool| -> Result<String> {
+        let mut words = vec![shell_quote(noprop.as_os_str())];
+        words.extend(
+            train_args(job, resume, opts)?
+                .iter()
+                .map(|a| shell_quote(a)),
+        );
+        Ok(words.join(" "))
+    };
+    Ok(format!(
+        "if [ -f {}/config.json ]; then {}; else {}; fi",
+        shell_quote(job.run_dir.as_os_str()),
+        cmd(true)?,
+        cmd(false)?
+    ))
+}
+
+/// Writes `slurm/tasks.sh` (one line per run) and `slurm/array.sbatch`, a
+/// job array with one task per run; returns the batch script's path.
+fn write_slurm(
+    root: &Path,
+    out: &Path,
+    jobs: &[Job],
+    noprop: &Path,
+    opts: &Options,
+) -> Result<PathBuf> {
+    let dir = out.join("slurm");
+    // sbatch reads `#SBATCH` lines without a shell, and `%` starts its patterns.
+    let plain = dir.to_string_lossy();
+    if plain.contains(|c: char| c.is_whitespace() || "\"'%\\".contains(c)) {
+        bail!(
+            "--slurm needs a results folder whose path has no spaces, quotes or %: {}",
+            dir.display()
+        );
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut tasks = String::new();
+    for job in jobs {
+        tasks.push_str(&slurm_task(job, noprop, opts)?);
+        tasks.push('\n');
+    }
+    let tasks_path = dir.join("tasks.sh");
+    fs::write(&tasks_path, &tasks)
+        .with_context(|| format!("cannot write {}", tasks_path.display()))?;
+    let workers = jobs
+        .iter()
+        .filter_map(|j| opts.workers.and_then(|k| rows::split_workers(&j.config, k)))
+        .max()
+        .unwrap_or(1);
+    let cpus = opts.threads.unwrap_or(4) * workers;
+    let gpu = if opts.device == "cuda" {
+        "#SBATCH --gpus-per-task=1\n"
+    } else {
+        ""
+    };
+    let script = format!(
+        "#!/bin/bash\n\
+         # Written by `cargo xtask reproduce --slurm`: one array task per run.\n\
+         # A task can be submitted again; it continues its run (--resume).\n\
+         #SBATCH --job-name=noprop-reproduce\n\
+         #SBATCH --array=0-{last}\n\
+         #SBATCH --ntasks=1\n\
+         #SBATCH --cpus-per-task={cpus}\n\
+         {gpu}\
+         #SBATCH --output={plain}/task-%a.log\n\
+         set -euo pipefail\n\
+         cd {root}\n\
+         line=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {tasks})\n\
+         exec bash -c \"$line\"\n",
+        last = jobs.len().saturating_sub(1),
+        root = shell_quote(root.as_os_str()),
+        tasks = shell_quote(tasks_path.as_os_str()),
+    );
+    let path = dir.join("array.sbatch");
+    fs::write(&path, script).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
 }
 
 /// The binary `--plan` benchmarks with, or `None` (said in one line) when
@@ -827,6 +1035,80 @@ mod tests {
         let o: Options = crate::parse_args(&args)?;
         o.check()?;
         Ok(o)
+    }
+
+    #[test]
+    fn a_slurm_task_starts_its_run_then_resumes_it() {
+        let dir = std::env::temp_dir().join(format!("xtask-slurm-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        // A stand-in for noprop that records its arguments and, for a new
+        // run, creates the run folder's config.json as noprop does.
+        let noprop = dir.join("noprop it's");
+        fs::write(
+            &noprop,
+            "#!/bin/bash\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\n\
+             while [ $# -gt 0 ]; do if [ \"$1\" = --out ]; then mkdir -p \"$2\" && echo '{}' > \"$2/config.json\"; fi; shift; done\n",
+        )
+        .unwrap();
+        std::process::Command::new("chmod")
+            .arg("+x")
+            .arg(&noprop)
+            .status()
+            .unwrap();
+        let row = rows::all_rows(true)[1];
+        let config: toml::Table = "[method]\nkind = \"dt\"\nblocks = 10\n[model]\nembedding = { kind = \"one-hot\" }\n[train]\nepochs = 3\n"
+            .parse()
+            .unwrap();
+        let job = Job {
+            row,
+            seed: 0,
+            config,
+            config_path: dir.join("configs/a b.toml"),
+            run_dir: dir.join("runs/a b"),
+        };
+        let opts = parse(&format!(
+            "--slurm --workers 2 --threads 1 --data {}",
+            dir.display()
+        ))
+        .unwrap();
+        let script = write_slurm(
+            &dir,
+            &dir.join("out"),
+            std::slice::from_ref(&job),
+            &noprop,
+            &opts,
+        )
+        .unwrap();
+        let text = fs::read_to_string(&script).unwrap();
+        assert!(
+            text.contains("#SBATCH --array=0-0") && text.contains("--cpus-per-task=2"),
+            "{text}"
+        );
+        // The task, run twice as SLURM would run it (array index 0).
+        for _ in 0..2 {
+            let ok = std::process::Command::new("bash")
+                .arg(&script)
+                .env("SLURM_ARRAY_TASK_ID", "0")
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let calls = fs::read_to_string(dir.join("calls")).unwrap();
+        let calls: Vec<&str> = calls.lines().collect();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(
+            calls[0].starts_with("train --config") && calls[0].contains("--workers 2"),
+            "{}",
+            calls[0]
+        );
+        assert!(
+            calls[1].starts_with("train --resume") && calls[1].contains("--epochs 3"),
+            "{}",
+            calls[1]
+        );
+        assert!(calls[1].contains("runs/a b"));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

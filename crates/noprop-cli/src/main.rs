@@ -404,12 +404,37 @@ impl<O: noprop_train::Observer> noprop_train::Observer for ReleaseAfterEval<O> {
 }
 
 pub(crate) fn device(arg: DeviceArg) -> Result<Device> {
+    worker_device(arg, 0)
+}
+
+/// The device of worker `k` of a parallel run: GPU `k mod G` of the `G`
+/// this process sees (worker 0: GPU 0).
+fn worker_device(arg: DeviceArg, k: usize) -> Result<Device> {
+    let gpus = |open: &dyn Fn(usize) -> candle_core::Result<Device>| {
+        (0..=k).take_while(|&i| open(i).is_ok()).count().max(1)
+    };
     match arg {
         DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda => Device::new_cuda(0)
-            .context("cannot open CUDA device 0 (was noprop built with --features cuda?)"),
-        DeviceArg::Metal => Device::new_metal(0)
-            .context("cannot open Metal device 0 (was noprop built with --features metal?)"),
+        DeviceArg::Cuda => {
+            let i = if k == 0 {
+                0
+            } else {
+                k % gpus(&Device::new_cuda)
+            };
+            Device::new_cuda(i).with_context(|| {
+                format!("cannot open CUDA device {i} (was noprop built with --features cuda?)")
+            })
+        }
+        DeviceArg::Metal => {
+            let i = if k == 0 {
+                0
+            } else {
+                k % gpus(&Device::new_metal)
+            };
+            Device::new_metal(i).with_context(|| {
+                format!("cannot open Metal device {i} (was noprop built with --features metal?)")
+            })
+        }
     }
 }
 
@@ -442,6 +467,50 @@ pub(crate) fn set_up_cpu(threads: Option<usize>) -> Result<usize> {
         .build_global()
         .ok();
     Ok(rayon::current_num_threads())
+}
+
+/// An MPI rank other than 0: trains its blocks with rank 0's config (from
+/// the config file, or the run folder it resumes), on its own copy of the
+/// data; rank 0 alone touches the run folder.
+fn follow_rank_0(args: &TrainArgs, comm: &dyn Collective) -> Result<()> {
+    set_up_cpu(threads_per_worker(args, Some(comm)))?;
+    let text = comm.broadcast(0, vec![])?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).context("rank 0 sent a config that is not JSON")?;
+    let cfg = RawConfig::from_json_value(value)?.validate()?;
+    let dev = worker_device(args.common.device, comm.local().0)?;
+    let loaded = RunData::load(&cfg, args.common.data.as_deref(), args.download, &dev)?;
+    let mut trainer = build_trainer(cfg, dev, Some(&loaded.host_train))?;
+    same_data_everywhere(comm, &loaded.identity(trainer.config().dataset().name())?)?;
+    noprop_train::run::fit_parallel(&mut trainer, &loaded.device, None, &mut Silent, comm)?;
+    Ok(())
+}
+
+/// `--threads`, or for one of several workers the cores of its machine
+/// shared out among the workers there.
+fn threads_per_worker(args: &TrainArgs, ranks: Option<&dyn Collective>) -> Option<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let here = ranks.map_or(usize::from(args.workers), |c| c.local().1);
+    args.common
+        .threads
+        .or((here > 1).then(|| (cores / here).max(1)))
+}
+
+/// Refuses a run whose MPI ranks read different data (another folder or
+/// another copy on another node): each rank trains on its own copy.
+fn same_data_everywhere(
+    comm: &dyn Collective,
+    identity: &noprop_train::DataIdentity,
+) -> Result<()> {
+    let mine = serde_json::to_vec(identity)?;
+    let all = comm.all_gather(mine)?;
+    if let Some(k) = all.iter().position(|d| **d != *all[0]) {
+        bail!(
+            "worker {k} reads other data than worker 0 ({}); give every rank the same data set",
+            String::from_utf8_lossy(&all[k])
+        );
+    }
+    Ok(())
 }
 
 /// The compute threads of one worker of a parallel run.
@@ -608,14 +677,32 @@ enum Target {
 }
 
 fn train(args: TrainArgs) -> Result<()> {
-    let workers = usize::from(args.workers);
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let per_worker = args
-        .common
-        .threads
-        .or((workers > 1).then(|| (cores / workers).max(1)));
-    let threads = set_up_cpu(per_worker)?;
-    let dev = device(args.common.device)?;
+    // Under `mpirun -n K` (a build with the `mpi` feature), each rank is a worker.
+    #[cfg(feature = "mpi")]
+    {
+        let comm = noprop_train::collective::MpiCollective::init()?;
+        if comm.size() > 1 {
+            if args.workers > 1 {
+                bail!("--workers runs threads in one process; under mpirun each rank is a worker, so leave --workers out");
+            }
+            // A rank that fails ends them all (MPI_Abort) with its reason.
+            if let Err(e) = train_on(args, Some(&comm)) {
+                comm.abort(&one_line(&e));
+            }
+            return Ok(());
+        }
+    }
+    train_on(args, None)
+}
+
+/// `noprop train` alone (`ranks = None`) or as one MPI rank of a parallel run.
+fn train_on(args: TrainArgs, ranks: Option<&dyn Collective>) -> Result<()> {
+    if let Some(comm) = ranks.filter(|c| c.rank() != 0) {
+        return follow_rank_0(&args, comm);
+    }
+    let workers = ranks.map_or(usize::from(args.workers), |c| c.size());
+    let threads = set_up_cpu(threads_per_worker(&args, ranks))?;
+    let dev = worker_device(args.common.device, ranks.map_or(0, |c| c.local().0))?;
     let command: Vec<String> = std::env::args().collect();
     let (target, mut raw) = match &args.resume {
         Some(dir) => {
@@ -677,10 +764,17 @@ fn train(args: TrainArgs) -> Result<()> {
             }
         }
     }
+    if let Some(comm) = ranks {
+        // The other ranks train with exactly this config (see `follow_rank_0`).
+        comm.broadcast(0, serde_json::to_vec(&raw)?)?;
+    }
     let cfg = raw.validate()?;
     let loaded = RunData::load(&cfg, args.common.data.as_deref(), args.download, &dev)?;
     let mut trainer = build_trainer(cfg, dev.clone(), Some(&loaded.host_train))?;
     let identity = loaded.identity(trainer.config().dataset().name())?;
+    if let Some(comm) = ranks {
+        same_data_everywhere(comm, &identity)?;
+    }
     if workers > 1 {
         // Refuses a configuration that cannot be split before any folder is made.
         trainer.set_worker(0, workers)?;
@@ -719,19 +813,27 @@ fn train(args: TrainArgs) -> Result<()> {
     };
     eprintln!("run folder: {}", run.path().display());
     let mut obs = ReleaseAfterEval(progress::Progress::new(std::io::stderr().is_terminal()));
-    let report = if workers > 1 {
+    let report = if let Some(comm) = ranks {
+        noprop_train::run::fit_parallel(&mut trainer, &data, Some(&run), &mut obs, comm)?
+    } else if workers > 1 {
         let host = &loaded.host_train;
+        let dev_of_data = dev.clone();
         let spawn = |cfg: Config, c: ThreadCollective| -> Result<()> {
-            let pool = worker_pool(threads)?;
-            pool.install(|| {
-                let mut t = build_trainer(cfg, dev.clone(), Some(host))?;
-                noprop_train::run::fit_parallel(&mut t, &data, None, &mut Silent, &c)
-            })
-            .map_err(|e| {
-                c.abort(&e.to_string());
-                e.into()
-            })
-            .map(|_| ())
+            let work = || -> Result<()> {
+                let pool = worker_pool(threads)?;
+                pool.install(|| -> Result<()> {
+                    let dev = worker_device(args.common.device, c.rank())?;
+                    // A worker on a device of its own reads its own copy.
+                    let copy = (!dev.same_device(&dev_of_data))
+                        .then(|| data.for_worker(&dev))
+                        .transpose()?;
+                    let mut t = build_trainer(cfg, dev, Some(host))?;
+                    let d = copy.as_ref().unwrap_or(&data);
+                    noprop_train::run::fit_parallel(&mut t, d, None, &mut Silent, &c)?;
+                    Ok(())
+                })
+            };
+            work().inspect_err(|e| c.abort(&one_line(e)))
         };
         let mut comms = ThreadCollective::group(workers).into_iter();
         let first = comms.next().context("a group has a worker 0")?;

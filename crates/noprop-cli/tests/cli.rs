@@ -907,3 +907,154 @@ fn inspect_schedule_reads_the_checkpoint() {
     assert_one_line_error(&inspect(&ct, &["--points", "1"]), "--points");
     assert_one_line_error(&inspect(&f.root.join("none"), &[]), "none");
 }
+
+/// The pass records of a run without their times and worker indices.
+fn passes(run: &Path) -> Vec<serde_json::Value> {
+    metrics(run)
+        .into_iter()
+        .filter(|v| v["event"] == "pass" || v["event"] == "eval")
+        .map(|mut v| {
+            for k in ["seconds", "worker", "train_seconds"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+/// `mpirun -n N noprop ARGS...`, when this build has the `mpi` feature and
+/// `mpirun` is installed.
+fn mpirun(n: usize) -> Option<Command> {
+    if !cfg!(feature = "mpi") || Command::new("mpirun").arg("--version").output().is_err() {
+        return None;
+    }
+    let mut c = Command::new("mpirun");
+    c.args(["-n", &n.to_string()])
+        .arg(assert_cmd::cargo::cargo_bin("noprop"))
+        .env_remove("NOPROP_DATA");
+    Some(c)
+}
+
+/// Runs `c` (a `noprop` or `mpirun` command) with `args`, which must succeed.
+fn succeed(mut c: Command, args: &[&std::ffi::OsStr]) {
+    let out = c.args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The arguments as `OsStr`s.
+fn refs(v: &[std::ffi::OsString]) -> Vec<&std::ffi::OsStr> {
+    v.iter().map(|a| a.as_os_str()).collect()
+}
+
+/// Whether two runs' checkpoints of `epoch` hold the same tensors.
+fn same_checkpoints(a: &Path, b: &Path, epoch: usize) -> bool {
+    ["model", "optimizer"].iter().all(|file| {
+        let path = |r: &Path| r.join(format!("checkpoints/epoch-{epoch:04}/{file}.safetensors"));
+        checkpoint_tensors(&path(a)) == checkpoint_tensors(&path(b))
+    })
+}
+
+#[test]
+fn workers_and_mpi_ranks_train_exactly_the_single_worker_run() {
+    let f = fixture(64);
+    let data = f.root.join("mnist");
+    let (cfg, cfg1) = (f.root.join("two.toml"), f.root.join("one.toml"));
+    write_config(&cfg, 2, "");
+    write_config(&cfg1, 1, "");
+    let one = f.root.join("one-worker");
+    train_into(&cfg, &data, &one);
+    // `train --config CFG --data DATA --out RUN`, then `train --resume RUN --epochs 2`.
+    let start = |cfg: &Path, run: &Path| -> Vec<std::ffi::OsString> {
+        ["train", "--config"]
+            .map(Into::into)
+            .into_iter()
+            .chain([
+                cfg.into(),
+                "--data".into(),
+                data.clone().into(),
+                "--out".into(),
+                run.into(),
+            ])
+            .collect()
+    };
+    let resume = |run: &Path| -> Vec<std::ffi::OsString> {
+        ["train", "--resume"]
+            .map(Into::into)
+            .into_iter()
+            .chain([
+                run.into(),
+                "--epochs".into(),
+                "2".into(),
+                "--data".into(),
+                data.clone().into(),
+            ])
+            .collect()
+    };
+    for k in ["2", "3"] {
+        let run = f.root.join(format!("threads-{k}"));
+        let mut args = start(&cfg, &run);
+        args.extend(["--workers".into(), k.into()]);
+        succeed(noprop(), &refs(&args));
+        assert!(same_checkpoints(&one, &run, 2), "--workers {k}");
+        assert_eq!(passes(&one), passes(&run), "--workers {k}");
+        let last = metrics(&run).pop().unwrap();
+        assert_eq!(last["workers"], k.parse::<u64>().unwrap());
+        assert!(last["exchanged_bytes"].as_u64().unwrap() > 0);
+    }
+    // Started on 3 workers, resumed on 2.
+    let run = f.root.join("three-then-two");
+    let mut args = start(&cfg1, &run);
+    args.extend(["--workers".into(), "3".into()]);
+    succeed(noprop(), &refs(&args));
+    let mut args = resume(&run);
+    args.extend(["--workers".into(), "2".into()]);
+    succeed(noprop(), &refs(&args));
+    assert!(same_checkpoints(&one, &run, 2));
+    // MPI ranks: the same run under mpirun -n 2 and -n 3, and a resume with
+    // another number of ranks.
+    let Some(_) = mpirun(2) else { return };
+    for n in [2, 3] {
+        let run = f.root.join(format!("mpi-{n}"));
+        succeed(mpirun(n).unwrap(), &refs(&start(&cfg, &run)));
+        assert!(same_checkpoints(&one, &run, 2), "mpirun -n {n}");
+        assert_eq!(passes(&one), passes(&run), "mpirun -n {n}");
+    }
+    let run = f.root.join("mpi-2-then-3");
+    succeed(mpirun(2).unwrap(), &refs(&start(&cfg1, &run)));
+    succeed(mpirun(3).unwrap(), &refs(&resume(&run)));
+    assert!(same_checkpoints(&one, &run, 2));
+}
+
+#[test]
+fn a_run_that_cannot_be_split_is_refused_before_a_folder_is_made() {
+    let f = fixture(32);
+    let data = f.root.join("mnist");
+    let cfg = f.root.join("c.toml");
+    write_config(&cfg, 1, "");
+    let run = f.root.join("run");
+    let out = train_cmd(&cfg, &data)
+        .args(["--workers", "4", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "4 workers for 3 blocks");
+    assert!(!run.exists());
+    let learned = f.root.join("learned.toml");
+    write_config(&learned, 1, "");
+    let text = std::fs::read_to_string(&learned).unwrap().replace(
+        r#"{ kind = "one-hot" }"#,
+        r#"{ kind = "learned", dim = 20 }"#,
+    );
+    std::fs::write(&learned, text).unwrap();
+    let out = train_cmd(&learned, &data)
+        .args(["--workers", "2", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "learned or prototype embedding");
+    assert!(!run.exists());
+}

@@ -17,13 +17,29 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::TrainError;
 
 /// The operations a worker of a parallel run uses to talk to the others.
-pub trait Collective: Send {
+pub trait Collective {
     /// This worker's index, `0..size()`; worker 0 writes the run folder.
     fn rank(&self) -> usize;
     /// How many workers there are.
     fn size(&self) -> usize;
+    /// Whether each worker is a process of its own (so that a process's
+    /// peak memory is one worker's).
+    fn own_process(&self) -> bool {
+        false
+    }
+    /// This worker's index among the workers on its machine, and how many
+    /// there are (to share out its cores and GPUs).
+    fn local(&self) -> (usize, usize) {
+        (self.rank(), self.size())
+    }
     /// Every worker's `bytes`, in rank order, on every worker.
     fn all_gather(&self, bytes: Vec<u8>) -> Result<Vec<Arc<Vec<u8>>>, TrainError>;
+    /// Every worker's `bytes`, in rank order, on worker `root` (`None` on
+    /// the others).
+    fn gather(&self, root: usize, bytes: Vec<u8>) -> Result<Option<Vec<Arc<Vec<u8>>>>, TrainError> {
+        let all = self.all_gather(bytes)?;
+        Ok((self.rank() == root).then_some(all))
+    }
     /// Worker `root`'s `bytes` on every worker (the others' `bytes` are ignored).
     fn broadcast(&self, root: usize, bytes: Vec<u8>) -> Result<Arc<Vec<u8>>, TrainError> {
         let mine = if self.rank() == root { bytes } else { vec![] };
@@ -166,6 +182,167 @@ impl Collective for ThreadCollective {
             s.failed = Some((self.rank, reason.to_string()));
         }
         self.shared.1.notify_all();
+    }
+}
+
+#[cfg(feature = "mpi")]
+pub use mpi_backend::MpiCollective;
+
+#[cfg(feature = "mpi")]
+mod mpi_backend {
+    use std::sync::Arc;
+
+    use mpi::datatype::PartitionMut;
+    use mpi::environment::Universe;
+    use mpi::topology::SimpleCommunicator;
+    use mpi::traits::*;
+    use mpi::Count;
+
+    use super::Collective;
+    use crate::error::TrainError;
+
+    /// The ranks of `MPI_COMM_WORLD` as the workers of a parallel run
+    /// (`mpirun -n K noprop train ...`, `srun -n K ...`): one process per
+    /// rank, on one node or many. MPI is finalised when this is dropped.
+    pub struct MpiCollective {
+        world: SimpleCommunicator,
+        /// The ranks on this node: (this rank's index among them, how many).
+        local: (usize, usize),
+        _universe: Universe,
+    }
+
+    impl MpiCollective {
+        /// Initialises MPI (once per process).
+        pub fn init() -> Result<Self, TrainError> {
+            let universe = mpi::initialize().ok_or_else(|| TrainError::Worker {
+                worker: 0,
+                reason: "MPI was initialised already in this process".into(),
+            })?;
+            let world = universe.world();
+            let node = world.split_shared(world.rank());
+            let local = (node.rank() as usize, node.size() as usize);
+            Ok(Self {
+                world,
+                local,
+                _universe: universe,
+            })
+        }
+
+        fn too_big(&self, bytes: u64) -> TrainError {
+            TrainError::Worker {
+                worker: self.rank(),
+                reason: format!(
+                    "{bytes} bytes in one exchange, more than MPI's {} ",
+                    Count::MAX
+                ),
+            }
+        }
+
+        /// Every rank's length, and the counts and offsets of the
+        /// concatenation, checked against MPI's `int` counts.
+        fn layout(&self, len: usize) -> Result<(Vec<Count>, Vec<Count>, usize), TrainError> {
+            let mut lens = vec![0u64; self.size()];
+            self.world.all_gather_into(&(len as u64), &mut lens[..]);
+            let total: u64 = lens.iter().sum();
+            if total > Count::MAX as u64 {
+                return Err(self.too_big(total));
+            }
+            let counts: Vec<Count> = lens.iter().map(|&l| l as Count).collect();
+            let offsets: Vec<Count> = counts
+                .iter()
+                .scan(0, |acc, &c| {
+                    let at = *acc;
+                    *acc += c;
+                    Some(at)
+                })
+                .collect();
+            Ok((counts, offsets, total as usize))
+        }
+    }
+
+    fn split(buf: Vec<u8>, counts: &[Count], offsets: &[Count]) -> Vec<Arc<Vec<u8>>> {
+        counts
+            .iter()
+            .zip(offsets)
+            .map(|(&c, &o)| Arc::new(buf[o as usize..(o + c) as usize].to_vec()))
+            .collect()
+    }
+
+    impl Collective for MpiCollective {
+        fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+
+        fn size(&self) -> usize {
+            self.world.size() as usize
+        }
+
+        fn own_process(&self) -> bool {
+            true
+        }
+
+        fn local(&self) -> (usize, usize) {
+            self.local
+        }
+
+        fn all_gather(&self, bytes: Vec<u8>) -> Result<Vec<Arc<Vec<u8>>>, TrainError> {
+            let (counts, offsets, total) = self.layout(bytes.len())?;
+            let mut buf = vec![0u8; total];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &offsets[..]);
+                self.world.all_gather_varcount_into(&bytes[..], &mut part);
+            }
+            Ok(split(buf, &counts, &offsets))
+        }
+
+        fn gather(
+            &self,
+            root: usize,
+            bytes: Vec<u8>,
+        ) -> Result<Option<Vec<Arc<Vec<u8>>>>, TrainError> {
+            let (counts, offsets, total) = self.layout(bytes.len())?;
+            let proc = self.world.process_at_rank(root as i32);
+            if self.rank() != root {
+                proc.gather_varcount_into(&bytes[..]);
+                return Ok(None);
+            }
+            let mut buf = vec![0u8; total];
+            {
+                let mut part = PartitionMut::new(&mut buf[..], &counts[..], &offsets[..]);
+                proc.gather_varcount_into_root(&bytes[..], &mut part);
+            }
+            Ok(Some(split(buf, &counts, &offsets)))
+        }
+
+        fn broadcast(&self, root: usize, bytes: Vec<u8>) -> Result<Arc<Vec<u8>>, TrainError> {
+            let proc = self.world.process_at_rank(root as i32);
+            let mut len = bytes.len() as u64;
+            proc.broadcast_into(&mut len);
+            if len > Count::MAX as u64 {
+                return Err(self.too_big(len));
+            }
+            let mut buf = if self.rank() == root {
+                bytes
+            } else {
+                vec![0u8; len as usize]
+            };
+            proc.broadcast_into(&mut buf[..]);
+            Ok(Arc::new(buf))
+        }
+
+        fn barrier(&self) -> Result<(), TrainError> {
+            self.world.barrier();
+            Ok(())
+        }
+
+        /// Prints the reason and ends every rank (`MPI_Abort`): an MPI
+        /// collective cannot be left half-done. Nothing committed is lost;
+        /// the run resumes from its newest checkpoint.
+        fn abort(&self, reason: &str) {
+            let first = reason.lines().next().unwrap_or("");
+            eprintln!("error: worker {}: {first}", self.rank());
+            self.world.abort(1)
+        }
     }
 }
 

@@ -18,6 +18,15 @@ pub struct DeviceData {
 }
 
 impl DeviceData {
+    /// The same examples on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self, TrainError> {
+        Ok(Self {
+            images: self.images.to_device(device)?,
+            labels: self.labels.to_device(device)?,
+            host_labels: self.host_labels.clone(),
+        })
+    }
+
     /// Copies `ds` to `device` in `dtype`.
     pub fn new(ds: &Dataset, dtype: DType, device: &Device) -> Result<Self, TrainError> {
         let n = ds.len();
@@ -81,6 +90,18 @@ pub struct RunData {
     pub test: DeviceData,
     /// First examples of the training set, for train accuracy.
     pub train_subset: Option<DeviceData>,
+}
+
+impl RunData {
+    /// The training set on `device`, for a worker of a parallel run on a
+    /// device of its own (it never evaluates: the test set stays where it is).
+    pub fn for_worker(&self, device: &Device) -> Result<Self, TrainError> {
+        Ok(Self {
+            train: self.train.to_device(device)?,
+            test: self.test.to_device(&self.test.images.device().clone())?,
+            train_subset: None,
+        })
+    }
 }
 
 /// What identifies a run's data: the data set, the sizes used, and a digest

@@ -56,6 +56,14 @@ pub enum TrainOrder {
     /// minibatch (each on its own noisy `z_{t-1}`), the head after each
     /// block: every parameter gets as many updates as in `Sequential`.
     Fused,
+    /// One pass per epoch in which every block steps on each minibatch from
+    /// the same head and embedding, and those shared parameters step once
+    /// per minibatch with the sum of the blocks' gradients, added in block
+    /// order. Blocks then need nothing of each other within a step, so a
+    /// parallel run can split them whatever the embedding, exchanging only
+    /// the shared parameters' gradients; the head and a learned embedding
+    /// get one update per minibatch instead of `T`.
+    Synchronous,
 }
 
 impl DtParams {
@@ -135,6 +143,32 @@ impl Dt {
     pub fn model(&self) -> &DtModel {
         &self.model
     }
+
+    /// Block `t`'s draws on a minibatch with labels `y`, in this order:
+    /// `u_y`, `z_{t-1} ~ q(z_{t-1} | y)` and `z_T ~ q(z_T | y)`.
+    fn draw(
+        &self,
+        t: usize,
+        y: &Tensor,
+        noise: &mut NoiseRng,
+    ) -> Result<(Tensor, Tensor, Tensor), TrainError> {
+        let sched = &self.schedule;
+        let u = self.model.embed().index_select(y, 0)?;
+        let z_prev = q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
+        let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
+        Ok((u, z_prev, z_last))
+    }
+
+    /// The cross-entropy of the head's class probabilities from `z_T`.
+    fn head_loss(&self, z_last: &Tensor, y: &Tensor) -> Result<Tensor, TrainError> {
+        // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
+        let logp = class_log_probs(
+            &self.setup,
+            &self.model.classify(z_last)?,
+            self.model.embed(),
+        )?;
+        Ok(cross_entropy(&logp, y)?)
+    }
 }
 
 impl Method for Dt {
@@ -167,11 +201,13 @@ impl Method for Dt {
                 .map(|t| Pass {
                     key: t,
                     lanes: vec![t],
+                    summed: false,
                 })
                 .collect(),
-            TrainOrder::Fused => vec![Pass {
+            TrainOrder::Fused | TrainOrder::Synchronous => vec![Pass {
                 key: 0,
                 lanes: (1..=blocks).collect(),
+                summed: self.params.order == TrainOrder::Synchronous,
             }],
         })
     }
@@ -188,19 +224,11 @@ impl Method for Dt {
         dropout: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
         let sched = &self.schedule;
-        let u = self.model.embed().index_select(y, 0)?;
-        let z_prev = q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
-        let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
+        let (u, z_prev, z_last) = self.draw(t, y, noise)?;
         let uhat = self
             .model
             .denoise_mode(t, &z_prev, x, &mut Mode::Train(dropout))?;
-        // log p(y | z_T) as "logits": log_softmax leaves log-probabilities unchanged.
-        let logp = class_log_probs(
-            &self.setup,
-            &self.model.classify(&z_last)?,
-            self.model.embed(),
-        )?;
-        let ce = cross_entropy(&logp, y)?;
+        let ce = self.head_loss(&z_last, y)?;
         let kl = kl_prior(&u, sched.alpha_bar(0)?)?;
         let denoise = denoise_loss(
             &uhat,
@@ -306,10 +334,11 @@ impl Method for Dt {
     /// and nothing is exchanged during an epoch. A learned embedding takes
     /// a gradient from every block through its denoising term.
     fn split_lanes(&self) -> Result<Vec<usize>, String> {
-        if self.model.embedding().var().is_some() {
+        let summed = self.params.order == TrainOrder::Synchronous;
+        if self.model.embedding().var().is_some() && !summed {
             return Err(
-                "a learned or prototype embedding learns from every block's loss, so its \
-                 blocks cannot train on separate workers yet; use a one-hot embedding"
+                "a learned or prototype embedding learns from every block's loss in turn, so \
+                 its blocks train on separate workers only with method.order = \"synchronous\""
                     .into(),
             );
         }
@@ -336,16 +365,8 @@ impl Method for Dt {
         y: &Tensor,
         noise: &mut NoiseRng,
     ) -> Result<StepGrads, TrainError> {
-        let sched = &self.schedule;
-        let u = self.model.embed().index_select(y, 0)?;
-        q_sample(&u, sched.alpha_bar(t - 1)?, noise)?;
-        let z_last = q_sample(&u, sched.alpha_bar(sched.blocks())?, noise)?;
-        let logp = class_log_probs(
-            &self.setup,
-            &self.model.classify(&z_last)?,
-            self.model.embed(),
-        )?;
-        let ce = cross_entropy(&logp, y)?;
+        let (_, _, z_last) = self.draw(t, y, noise)?;
+        let ce = self.head_loss(&z_last, y)?;
         Ok(StepGrads {
             grads: ce.backward()?,
             losses: [f64::NAN; 4],

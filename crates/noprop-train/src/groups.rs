@@ -117,6 +117,11 @@ impl Optimizers {
         Ok(found.into_iter().min())
     }
 
+    /// Group `g`'s variables, in the optimizer's (name) order.
+    pub fn group_vars(&self, g: usize) -> Vec<Var> {
+        self.groups[g].opt.vars().cloned().collect()
+    }
+
     /// Group `g`'s moments (under the variables' names) and step count.
     pub fn group_state(&self, g: usize) -> (BTreeMap<String, Tensor>, u64) {
         (self.groups[g].opt.state(""), self.groups[g].opt.steps())

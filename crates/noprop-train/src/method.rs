@@ -35,6 +35,9 @@ pub struct Pass {
     pub key: usize,
     /// The lanes trained on each minibatch.
     pub lanes: Vec<usize>,
+    /// Whether the lanes step the shared group (0) once per minibatch, with
+    /// the sum of their gradients in lane order, rather than each in turn.
+    pub summed: bool,
 }
 
 /// The gradients of one training step.
@@ -73,6 +76,7 @@ pub trait Method {
         Ok(vec![Pass {
             key: 0,
             lanes: vec![0],
+            summed: false,
         }])
     }
     /// The loss of lane `lane` on a minibatch and its gradients.

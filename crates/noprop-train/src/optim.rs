@@ -147,6 +147,11 @@ impl AdamW {
             > 0
     }
 
+    /// The variables, in their (name) order.
+    pub fn vars(&self) -> impl Iterator<Item = &Var> {
+        self.slots.iter().map(|s| &s.var)
+    }
+
     /// The number of steps taken.
     pub fn steps(&self) -> u64 {
         self.step

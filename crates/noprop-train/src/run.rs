@@ -739,6 +739,16 @@ pub fn fit_parallel<M: Method>(
     observer: &mut dyn Observer,
     comm: &dyn Collective,
 ) -> Result<Option<EvalReport>, TrainError> {
+    // A worker that panics still releases the others.
+    struct OnPanic<'a>(&'a dyn Collective);
+    impl Drop for OnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.abort("panicked");
+            }
+        }
+    }
+    let _guard = OnPanic(comm);
     let out = start_parallel(trainer, comm)
         .and_then(|()| fit_on(trainer, data, run, observer, Some(comm)));
     if let Err(e) = &out {
@@ -817,9 +827,15 @@ fn gather_epoch<M: Method>(
     trainer: &mut Trainer<M>,
     comm: &dyn Collective,
     passes: Vec<PassMetrics>,
-) -> Result<(Vec<(usize, PassMetrics)>, u64), TrainError> {
+    peak_rss: Option<u64>,
+) -> Result<Gathered, TrainError> {
     let lanes: Vec<usize> = passes.iter().map(|p| p.block).collect();
     let mut tensors = BTreeMap::new();
+    let rss = peak_rss.map_or(-1.0, |b| b as f64);
+    tensors.insert(
+        "peak_rss".to_string(),
+        Tensor::from_vec(vec![rss], 1, &candle_core::Device::Cpu)?,
+    );
     let numbers: Vec<f64> = passes.iter().flat_map(|p| p.to_numbers()).collect();
     tensors.insert(
         "passes".to_string(),
@@ -834,14 +850,21 @@ fn gather_epoch<M: Method>(
             );
         }
     }
-    let all = comm.all_gather(checkpoint::to_bytes(&tensors, HashMap::new())?)?;
-    if comm.rank() != 0 {
-        return Ok((vec![], 0));
-    }
-    let received = all.iter().skip(1).map(|b| b.len() as u64).sum();
-    let mut merged = Vec::new();
+    let mut out = Gathered::default();
+    let Some(all) = comm.gather(0, checkpoint::to_bytes(&tensors, HashMap::new())?)? else {
+        return Ok(out);
+    };
+    out.received = all.iter().skip(1).map(|b| b.len() as u64).sum();
     for (w, blob) in all.iter().enumerate() {
         let (tensors, _) = checkpoint::from_bytes(blob, &candle_core::Device::Cpu)?;
+        let rss = tensors
+            .get("peak_rss")
+            .and_then(|t| t.to_vec1::<f64>().ok());
+        out.peak_rss.push(
+            rss.and_then(|r| r.first().copied())
+                .filter(|&r| r >= 0.0)
+                .map(|r| r as u64),
+        );
         let theirs: Vec<PassMetrics> = tensors
             .get("passes")
             .and_then(|t| t.to_vec2::<f64>().ok())
@@ -868,10 +891,21 @@ fn gather_epoch<M: Method>(
                 trainer.set_lane_state(p.block, &state)?;
             }
         }
-        merged.extend(theirs.into_iter().map(|p| (w, p)));
+        out.passes.extend(theirs.into_iter().map(|p| (w, p)));
     }
-    merged.sort_by_key(|(_, p)| p.block);
-    Ok((merged, received))
+    out.passes.sort_by_key(|(_, p)| p.block);
+    Ok(out)
+}
+
+/// What worker 0 gathers at the end of an epoch.
+#[derive(Default)]
+struct Gathered {
+    /// Every pass record with the worker that trained it, in block order.
+    passes: Vec<(usize, PassMetrics)>,
+    /// The bytes received.
+    received: u64,
+    /// Each worker's peak resident set in the epoch (its process's).
+    peak_rss: Vec<Option<u64>>,
 }
 
 fn fit_on<M: Method>(
@@ -901,19 +935,21 @@ fn fit_on<M: Method>(
         crate::memory::reset_peak_rss();
         trainer.take_peak_device_bytes();
         let (clock, started) = (trainer.train_seconds(), Instant::now());
-        let mut passes = trainer.train_epoch(&data.train, observer)?;
+        let mut passes = trainer.train_epoch_on(&data.train, observer, comm)?;
         let train_peak_rss = crate::memory::peak_rss_bytes();
         let train_peak_device = trainer.take_peak_device_bytes();
         let mut workers = None;
         if let Some(comm) = comm {
-            let (merged, received) = gather_epoch(trainer, comm, passes)?;
+            let g = gather_epoch(trainer, comm, passes, train_peak_rss)?;
             if comm.rank() != 0 {
                 continue;
             }
-            passes = merged.iter().map(|(_, p)| p.clone()).collect();
+            passes = g.passes.iter().map(|(_, p)| p.clone()).collect();
+            let received = g.received + trainer.take_received_bytes();
             workers = Some((
-                merged.into_iter().map(|(w, _)| w).collect::<Vec<_>>(),
+                g.passes.into_iter().map(|(w, _)| w).collect::<Vec<_>>(),
                 received,
+                g.peak_rss,
             ));
             // The epoch took as long as its slowest worker.
             trainer.set_train_seconds(clock + started.elapsed().as_secs_f64());
@@ -932,7 +968,7 @@ fn fit_on<M: Method>(
             .iter()
             .enumerate()
             .map(|(i, p)| match &workers {
-                Some((w, _)) => event("pass", p, &[("worker", json!(w[i]))]),
+                Some((w, _, _)) => event("pass", p, &[("worker", json!(w[i]))]),
                 None => event("pass", p, &[]),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -963,10 +999,14 @@ fn fit_on<M: Method>(
                 "train_peak_device_bytes": train_peak_device,
                 "checkpoint": rel,
             });
-            if let (Some(comm), Some((_, received))) = (comm, &workers) {
+            if let (Some(comm), Some((_, received, rss))) = (comm, &workers) {
+                if comm.own_process() {
+                    line["worker_peak_rss_bytes"] = json!(rss);
+                }
                 line["workers"] = json!(comm.size());
-                // What worker 0 received at the epoch's end (blocks' state
-                // and pass records); nothing else crosses between workers.
+                // What worker 0 received: the blocks' state and pass records
+                // at the epoch's end, and with order = "synchronous" the
+                // shared gradients of every step.
                 line["exchanged_bytes"] = json!(received);
             }
             events.push(line);

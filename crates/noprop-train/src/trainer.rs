@@ -11,6 +11,7 @@ use noprop_core::{Inference, NoiseRng, Stream};
 use noprop_data::Dataset;
 
 use crate::checkpoint::{first_non_finite, load_safetensors, ModelRecord, OptimizerRecord};
+use crate::collective::Collective;
 use crate::config::{Config, InferenceChange, RawConfig};
 use crate::data::DeviceData;
 use crate::error::TrainError;
@@ -32,6 +33,9 @@ pub struct Trainer<M = Box<dyn Method>> {
     peak_device_bytes: Option<u64>,
     /// In a parallel run, the lanes this worker trains (`None`: all).
     owned: Option<Vec<usize>>,
+    /// Bytes received from other workers since the last
+    /// [`Trainer::take_received_bytes`].
+    received_bytes: u64,
 }
 
 /// A model checkpoint and an optimizer checkpoint, in memory.
@@ -81,6 +85,7 @@ impl<M: Method> Trainer<M> {
             train_seconds: 0.0,
             peak_device_bytes: None,
             owned: None,
+            received_bytes: 0,
         })
     }
 
@@ -123,11 +128,85 @@ impl<M: Method> Trainer<M> {
         dropout: &mut NoiseRng,
     ) -> Result<[f64; 4], TrainError> {
         let mut step = self.method.gradients(lane, x, y, noise, dropout)?;
+        self.sample_device_memory();
+        self.optims.step(&mut step.grads, &step.groups)?;
+        Ok(step.losses)
+    }
+
+    fn sample_device_memory(&mut self) {
         if let Some(used) = crate::memory::device_bytes_in_use(&self.device) {
             self.peak_device_bytes = Some(self.peak_device_bytes.map_or(used, |p| p.max(used)));
         }
-        self.optims.step(&mut step.grads, &step.groups)?;
-        Ok(step.losses)
+    }
+
+    /// Steps the shared group (0) once with the sum, in lane order, of
+    /// every lane's gradient for it: `mine` holds this worker's lanes' (in
+    /// `store`, one of their gradient stores), the others' arrive through
+    /// `comm`. Every worker adds the same tensors in the same order.
+    fn step_summed(
+        &mut self,
+        lanes: &[usize],
+        mine: Vec<(usize, Vec<Option<Tensor>>)>,
+        mut store: candle_core::backprop::GradStore,
+        comm: Option<&dyn Collective>,
+    ) -> Result<(), TrainError> {
+        let vars = self.optims.group_vars(0);
+        let mut by_lane: BTreeMap<usize, Vec<Option<Tensor>>> = BTreeMap::new();
+        if let Some(comm) = comm {
+            let mut tensors = BTreeMap::new();
+            for (lane, grads) in &mine {
+                for (i, g) in grads.iter().enumerate() {
+                    if let Some(g) = g {
+                        tensors.insert(format!("{lane}/{i}"), g.clone());
+                    }
+                }
+            }
+            let all =
+                comm.all_gather(crate::checkpoint::to_bytes(&tensors, Default::default())?)?;
+            self.received_bytes += all
+                .iter()
+                .enumerate()
+                .filter(|&(r, _)| r != comm.rank())
+                .map(|(_, b)| b.len() as u64)
+                .sum::<u64>();
+            for bytes in all {
+                let (received, _) = crate::checkpoint::from_bytes(&bytes, &self.device)?;
+                for (key, t) in received {
+                    let (lane, i) = key
+                        .split_once('/')
+                        .and_then(|(l, i)| Some((l.parse().ok()?, i.parse::<usize>().ok()?)))
+                        .filter(|&(_, i)| i < vars.len())
+                        .ok_or_else(|| TrainError::Worker {
+                            worker: comm.rank(),
+                            reason: format!("received an unknown gradient {key:?}"),
+                        })?;
+                    by_lane
+                        .entry(lane)
+                        .or_insert_with(|| vec![None; vars.len()])[i] = Some(t);
+                }
+            }
+        } else {
+            by_lane.extend(mine);
+        }
+        let mut total: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for lane in lanes {
+            for (acc, g) in total
+                .iter_mut()
+                .zip(by_lane.remove(lane).unwrap_or_default())
+            {
+                *acc = match (acc.take(), g) {
+                    (Some(a), Some(g)) => Some((a + g)?),
+                    (a, g) => a.or(g),
+                };
+            }
+        }
+        for (var, g) in vars.iter().zip(total) {
+            match g {
+                Some(g) => store.insert(var.as_tensor(), g),
+                None => store.remove(var.as_tensor()),
+            };
+        }
+        self.optims.step(&mut store, &[0])
     }
 
     /// Trains epoch `epochs_done() + 1`; returns one entry per lane (block).
@@ -142,6 +221,17 @@ impl<M: Method> Trainer<M> {
         &mut self,
         data: &DeviceData,
         observer: &mut dyn Observer,
+    ) -> Result<Vec<PassMetrics>, TrainError> {
+        self.train_epoch_on(data, observer, None)
+    }
+
+    /// [`Self::train_epoch`] as one worker of a parallel run: a pass whose
+    /// lanes sum their shared gradients exchanges them through `comm`.
+    pub fn train_epoch_on(
+        &mut self,
+        data: &DeviceData,
+        observer: &mut dyn Observer,
+        comm: Option<&dyn Collective>,
     ) -> Result<Vec<PassMetrics>, TrainError> {
         let epoch = self.epochs_done + 1;
         let (seed, batch) = (self.cfg.train.seed, self.cfg.train.batch_size);
@@ -179,15 +269,36 @@ impl<M: Method> Trainer<M> {
             for idx in batcher.batches() {
                 let (x, y) = data.batch(idx)?;
                 let mut total = 0.0;
+                let (mut shared, mut store) = (Vec::new(), None);
                 for ((&lane, (noise, drop)), sum) in
                     pass.lanes.iter().zip(rngs.iter_mut()).zip(sums.iter_mut())
                 {
                     if !self.owns(lane) {
-                        let mut step = self.method.shared_gradients(lane, &y, noise)?;
-                        self.optims.step(&mut step.grads, &step.groups)?;
+                        if !pass.summed {
+                            let mut step = self.method.shared_gradients(lane, &y, noise)?;
+                            self.optims.step(&mut step.grads, &step.groups)?;
+                        }
                         continue;
                     }
-                    let l = self.train_step(lane, &x, &y, noise, drop)?;
+                    let l = if pass.summed {
+                        // The block steps now; the shared group after every lane.
+                        let mut step = self.method.gradients(lane, &x, &y, noise, drop)?;
+                        self.sample_device_memory();
+                        let own: Vec<usize> =
+                            step.groups.iter().copied().filter(|&g| g != 0).collect();
+                        self.optims.step(&mut step.grads, &own)?;
+                        let grads = self
+                            .optims
+                            .group_vars(0)
+                            .iter()
+                            .map(|v| step.grads.get(v.as_tensor()).cloned())
+                            .collect();
+                        shared.push((lane, grads));
+                        store.get_or_insert(step.grads);
+                        step.losses
+                    } else {
+                        self.train_step(lane, &x, &y, noise, drop)?
+                    };
                     if !l[0].is_finite() {
                         return Err(TrainError::Diverged {
                             epoch,
@@ -199,6 +310,9 @@ impl<M: Method> Trainer<M> {
                         *s += v;
                     }
                     total += l[0];
+                }
+                if let Some(store) = store {
+                    self.step_summed(&pass.lanes, shared, store, comm)?;
                 }
                 count += 1;
                 if mine > 0 {
@@ -493,6 +607,12 @@ impl<M: Method> Trainer<M> {
         self.optims
             .load_group_state(lane, &moments, steps)
             .map_err(|reason| bad(format!("block {lane}: {reason}")))
+    }
+
+    /// The bytes this worker received from the others during its steps
+    /// since the last call (a pass that sums its shared gradients).
+    pub fn take_received_bytes(&mut self) -> u64 {
+        std::mem::take(&mut self.received_bytes)
     }
 
     /// Sets the training clock (a parallel run's wall time across workers).

@@ -807,16 +807,23 @@ fn logged(run: &RunDir) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn any_number_of_workers_trains_exactly_the_sequential_run() {
+fn any_number_of_workers_trains_exactly_the_single_worker_run() {
     let dev = Device::Cpu;
     let d = data(&dev);
     let tmp = tempfile::tempdir().unwrap();
-    for order in [TrainOrder::Sequential, TrainOrder::Fused] {
-        let mut cfg = tiny_config(2);
-        set_blocks(&mut cfg, 10);
-        if let RawMethod::Dt(p) = &mut cfg.method {
-            p.order = order;
-        }
+    let learned = RawEmbedding::Learned {
+        dim: 20,
+        init: None,
+        lr: None,
+        target_grad: true,
+    };
+    for (order, embedding) in [
+        (TrainOrder::Sequential, RawEmbedding::OneHot),
+        (TrainOrder::Fused, RawEmbedding::OneHot),
+        (TrainOrder::Synchronous, learned),
+    ] {
+        let mut cfg = tiny_config_blocks(2, 10, order);
+        cfg.model.embedding = embedding.clone();
         let base = tmp.path().join(format!("{order:?}"));
         let run = run_dir(&base.join("one"), &cfg);
         let mut one = dt_trainer(cfg.clone(), &dev);
@@ -824,7 +831,7 @@ fn any_number_of_workers_trains_exactly_the_sequential_run() {
         let want = one.method().model().named_tensors();
         let want_log = logged(&run);
         let ks: &[usize] = match order {
-            TrainOrder::Sequential => &[1, 2, 3, 5, 10],
+            TrainOrder::Sequential | TrainOrder::Synchronous => &[1, 2, 3, 5, 10],
             TrainOrder::Fused => &[3],
         };
         for &k in ks {
@@ -834,8 +841,10 @@ fn any_number_of_workers_trains_exactly_the_sequential_run() {
             assert_eq!(want_log, logged(&run), "{order:?}, {k} workers");
         }
         // Two workers, then resumed with three: still the same run.
-        let run = run_dir(&base.join("resumed"), &tiny_config_blocks(1, 10, order));
-        train_on_workers(&tiny_config_blocks(1, 10, order), 2, &run, false, &d).unwrap();
+        let mut first = tiny_config_blocks(1, 10, order);
+        first.model.embedding = embedding;
+        let run = run_dir(&base.join("resumed"), &first);
+        train_on_workers(&first, 2, &run, false, &d).unwrap();
         let got = train_on_workers(&cfg, 3, &run, true, &d).unwrap();
         assert_same_tensors(&want, &got);
     }

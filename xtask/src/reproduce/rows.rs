@@ -260,6 +260,32 @@ pub fn config_epochs(t: &Table) -> Result<usize> {
         .context("the config has no train.epochs")
 }
 
+/// The workers a run of `config` trains on when `--workers k` is asked:
+/// NoProp-DT splits its blocks (at most one worker per block) with a
+/// one-hot embedding (the default), or any embedding with `order =
+/// "synchronous"`; `None` for a run that cannot be split.
+pub fn split_workers(config: &Table, k: usize) -> Option<usize> {
+    let get = |section: &str, key: &str| config.get(section)?.get(key).cloned();
+    let text = |v: Option<Value>, default: &str| {
+        v.and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| default.to_string())
+    };
+    let embedding = config
+        .get("model")
+        .and_then(|m| m.get("embedding"))
+        .and_then(|e| e.get("kind"))
+        .cloned();
+    let splits = text(embedding, "one-hot") == "one-hot"
+        || text(get("method", "order"), "sequential") == "synchronous";
+    if get("method", "kind")?.as_str() != Some("dt") || !splits || k < 2 {
+        return None;
+    }
+    let blocks = get("method", "blocks")
+        .and_then(|b| b.as_integer())
+        .map_or(10, |b| b.max(1) as usize);
+    Some(k.min(blocks))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,5 +439,24 @@ mod tests {
         // The written TOML reads back to the same table.
         let text = toml::to_string(&t).unwrap();
         assert_eq!(toml::from_str::<Table>(&text).unwrap(), t);
+    }
+
+    #[test]
+    fn only_dt_one_hot_runs_split_their_blocks() {
+        let cfg = |text: &str| -> Table { text.parse().unwrap() };
+        let dt = cfg(
+            "[method]\nkind = \"dt\"\nblocks = 10\n[model]\nembedding = { kind = \"one-hot\" }\n",
+        );
+        assert_eq!(split_workers(&dt, 4), Some(4));
+        assert_eq!(split_workers(&dt, 40), Some(10));
+        assert_eq!(split_workers(&dt, 1), None);
+        let learned =
+            cfg("[method]\nkind = \"dt\"\n[model]\nembedding = { kind = \"learned\", dim = 20 }\n");
+        assert_eq!(split_workers(&learned, 4), None);
+        let synchronous = cfg("[method]\nkind = \"dt\"\norder = \"synchronous\"\n[model]\nembedding = { kind = \"learned\", dim = 20 }\n");
+        assert_eq!(split_workers(&synchronous, 4), Some(4));
+        assert_eq!(split_workers(&cfg("[method]\nkind = \"dt\"\n"), 3), Some(3));
+        let fm = cfg("[method]\nkind = \"fm\"\n[model]\nembedding = { kind = \"one-hot\" }\n");
+        assert_eq!(split_workers(&fm, 4), None);
     }
 }
